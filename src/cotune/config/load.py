@@ -1,0 +1,123 @@
+"""Loading configs: TOML file + `--set a.b=c` overrides -> validated `Config`."""
+
+from __future__ import annotations
+
+import tomllib
+import warnings
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+from pydantic import BaseModel, ValidationError
+
+from cotune.config.schema import Config, unused_sections
+from cotune.errors import ConfigError
+
+
+def parse_value(text: str) -> Any:
+    """A `--set` value as TOML (numbers, booleans, lists, inline tables), else a string."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def apply_override(data: dict[str, Any], assignment: str) -> None:
+    """Apply one `section.key=value` to the raw config dict in place."""
+    if "=" not in assignment:
+        raise ConfigError(
+            f"--set expects key=value (e.g. train.lr=1e-3), got {assignment!r}."
+        )
+    key, _, raw = assignment.partition("=")
+    parts = [p.strip() for p in key.strip().split(".") if p.strip()]
+    if not parts:
+        raise ConfigError(f"--set {assignment!r} names no key.")
+    node = data
+    for part in parts[:-1]:
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        elif not isinstance(child, dict):
+            raise ConfigError(f"--set {key}: {part!r} is a value, not a section.")
+        node = child
+    node[parts[-1]] = parse_value(raw.strip())
+
+
+def _fields_of(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str] | None:
+    """The valid keys of the section at `loc` (for 'unknown key' messages)."""
+    current: Any = model
+    for part in loc:
+        if not (isinstance(current, type) and issubclass(current, BaseModel)):
+            return None
+        field = current.model_fields.get(str(part))
+        if field is None:
+            return None
+        ann = field.annotation
+        args = getattr(ann, "__args__", ())
+        nested = [a for a in args if isinstance(a, type) and issubclass(a, BaseModel)]
+        current = nested[0] if nested else ann
+    if isinstance(current, type) and issubclass(current, BaseModel):
+        return list(current.model_fields)
+    return None
+
+
+def format_validation_error(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        loc = tuple(p for p in e["loc"] if not isinstance(p, int) or True)
+        # pydantic puts the union member name (e.g. 'LoraConfig') into loc: drop it
+        loc = tuple(p for p in loc if not (isinstance(p, str) and p[:1].isupper()))
+        key = ".".join(str(p) for p in loc) or "(top level)"
+        if e["type"] == "extra_forbidden":
+            valid = _fields_of(Config, loc[:-1])
+            where = ".".join(str(p) for p in loc[:-1])
+            section = f"[{where}]" if where else "the top level"
+            hint = f"; valid keys in {section}: {', '.join(valid)}" if valid else ""
+            lines.append(f"unknown key '{key}'{hint}")
+        else:
+            got = e.get("input")
+            got_s = f" (got {got!r})" if not isinstance(got, dict) else ""
+            lines.append(f"{key}: {e['msg']}{got_s}")
+    return "invalid config: " + "; ".join(lines) + "."
+
+
+def build_config(data: dict[str, Any], overrides: list[str] | None = None) -> Config:
+    data = dict(data)
+    for assignment in overrides or []:
+        apply_override(data, assignment)
+    try:
+        cfg = Config.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(format_validation_error(err)) from None
+    for section in unused_sections(set(data), cfg.method):
+        warnings.warn(
+            f"[{section}] is not read by method '{cfg.method}' and is ignored.",
+            UserWarning,
+            stacklevel=2,
+        )
+    return cfg
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
+    """Read a TOML file (or start from defaults if `path` is None) and apply overrides."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {str(p)!r} does not exist.")
+        try:
+            data = tomllib.loads(p.read_text())
+        except tomllib.TOMLDecodeError as err:
+            raise ConfigError(f"config file {str(p)!r} is not valid TOML: {err}.") from None
+    return build_config(data, overrides)
+
+
+def to_toml(cfg: Config) -> str:
+    """The fully resolved config as TOML (None values are omitted: they mean 'default')."""
+    data = cfg.model_dump(mode="json", exclude_none=True)
+    data.setdefault("train", {})["lr"] = cfg.resolved_lr()
+    return tomli_w.dumps(data)
+
+
+def write_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(to_toml(cfg))

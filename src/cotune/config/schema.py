@@ -1,0 +1,172 @@
+"""The typed config schema (DESIGN.md, "The config file").
+
+Every key has a default, so a config names only what it changes. Unknown keys are
+errors. Sections a method does not read draw a warning (see `unused_sections`).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+METHODS = ("centralized", "split", "splitfed", "fedavg", "fedlora", "fedkd", "fedpft")
+Method = Literal["centralized", "split", "splitfed", "fedavg", "fedlora", "fedkd", "fedpft"]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class TaskConfig(_Section):
+    name: str = "bbc-news"
+    data_dir: str | None = None
+    max_train_examples: int | None = Field(default=None, ge=1)
+    max_eval_examples: int | None = Field(default=None, ge=1)
+    test_fraction: float = Field(default=0.2, gt=0.0, lt=1.0)  # tasks with no eval split
+
+
+class LoraConfig(_Section):
+    r: int = Field(default=8, ge=1)
+    alpha: float = Field(default=16.0, gt=0)
+    dropout: float = Field(default=0.1, ge=0.0, lt=1.0)
+    target_modules: list[str] | None = None  # None: the family's default
+
+
+class ModelConfig(_Section):
+    name: str = "minilm"
+    lora: LoraConfig | None = None
+    pooling: Literal["auto", "mean", "cls", "last"] = "auto"
+
+
+class TrainConfig(_Section):
+    steps: int | None = Field(default=None, ge=1)
+    epochs: float | None = Field(default=None, gt=0)
+    batch_size: int = Field(default=16, ge=1)
+    eval_batch_size: int = Field(default=64, ge=1)
+    lr: float | None = Field(default=None, gt=0)  # None: 5e-5 full fine-tuning, 2e-3 LoRA
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    weight_decay: float = Field(default=0.01, ge=0)
+    warmup_ratio: float = Field(default=0.06, ge=0, lt=1)
+    schedule: Literal["linear", "constant"] = "linear"
+    max_grad_norm: float | None = Field(default=1.0, gt=0)
+    max_seq_len: int = Field(default=128, ge=8)
+    precision: Literal["fp32", "bf16"] = "fp32"
+    eval_every: int | None = Field(default=None, ge=1)  # None: evaluate at the end only
+    label_smoothing: float = Field(default=0.0, ge=0, lt=1)
+    threads: int | None = Field(default=None, ge=1)  # torch intra-op threads; None: torch default
+
+    @model_validator(mode="after")
+    def _steps_or_epochs(self) -> TrainConfig:
+        if self.steps is not None and self.epochs is not None:
+            raise ValueError("give train.steps or train.epochs, not both")
+        return self
+
+
+class SplitConfig(_Section):
+    cut: int = Field(default=3, ge=1)
+    labels: Literal["cloud", "device"] = "cloud"
+    server: Literal["shared", "per_client"] = "shared"
+
+
+class LinkConfig(_Section):
+    codec: Literal["identity", "fp16", "bf16", "int8", "topk", "pca", "sft"] = "identity"
+    rank: int = Field(default=8, ge=1)
+    keep: float = Field(default=0.1, gt=0, le=1)  # topk
+    calibration_batches: int = Field(default=4, ge=1)  # pca
+
+
+class FederatedConfig(_Section):
+    clients: int = Field(default=4, ge=1)
+    rounds: int = Field(default=10, ge=1)
+    fraction: float = Field(default=1.0, gt=0, le=1)
+    local_epochs: float = Field(default=1.0, gt=0)
+    local_steps: int | None = Field(default=None, ge=1)  # overrides local_epochs when set
+    partition: Literal["iid", "dirichlet", "shards"] = "iid"
+    alpha: float = Field(default=1.0, gt=0)
+    shards_per_client: int = Field(default=2, ge=1)
+    aggregate_every: int = Field(default=100, ge=1)
+    round_timeout: float | None = Field(default=None, gt=0)  # seconds
+
+
+class MemoryConfig(_Section):
+    backward: Literal["none", "random", "norm", "backrazor"] = "none"
+    keep: float = Field(default=0.5, gt=0, le=1)
+    rescale: bool = True
+    norm: Literal["linf", "l1", "l2"] = "linf"
+    ops: list[Literal["linear", "matmul", "softmax", "layernorm", "activation"]] = Field(
+        default_factory=lambda: ["linear", "matmul", "softmax", "layernorm", "activation"]
+    )
+
+
+class RuntimeConfig(_Section):
+    transport: Literal["inprocess", "grpc"] = "inprocess"
+    engine: Literal["simulation", "deployment"] = "simulation"
+    checkpoint: bool = True
+
+
+class KDConfig(_Section):
+    teacher: str = "minilm"
+    teacher_lora: LoraConfig | None = None
+    public_fraction: float = Field(default=0.2, gt=0, lt=1)
+    temperature: float = Field(default=2.0, gt=0)
+    server_epochs: float = Field(default=1.0, gt=0)
+    server_steps: int | None = Field(default=None, ge=1)
+
+
+class ProxyConfig(_Section):
+    kind: Literal["neuron", "layer_drop"] = "neuron"
+    keep_layers: list[int] | None = None  # None: first and last
+    ffn_keep: float = Field(default=0.25, gt=0)  # fraction (<= 1) or count (> 1)
+    align_every: int = Field(default=10, ge=1)
+    align_keep: float = Field(default=0.5, ge=0, le=1)
+    align_steps: int = Field(default=200, ge=0)
+    public_corpus: str = "bbc-news"
+
+    @field_validator("ffn_keep")
+    @classmethod
+    def _count_is_whole(cls, v: float) -> float:
+        if v > 1 and v != int(v):
+            raise ValueError("ffn_keep is a fraction in (0, 1] or a whole neuron count")
+        return v
+
+
+class Config(_Section):
+    name: str = "run"
+    method: Method = "centralized"
+    seed: int = 0
+    task: TaskConfig = Field(default_factory=TaskConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    split: SplitConfig = Field(default_factory=SplitConfig)
+    link: LinkConfig = Field(default_factory=LinkConfig)
+    federated: FederatedConfig = Field(default_factory=FederatedConfig)
+    memory: MemoryConfig = Field(default_factory=MemoryConfig)
+    runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
+    kd: KDConfig = Field(default_factory=KDConfig)
+    proxy: ProxyConfig = Field(default_factory=ProxyConfig)
+
+    def resolved_lr(self) -> float:
+        """The learning rate: explicit, or the default for the regime (full vs LoRA)."""
+        if self.train.lr is not None:
+            return self.train.lr
+        return 2e-3 if self.model.lora is not None else 5e-5
+
+
+# Which sections each method reads; a section given for a method outside this list warns.
+SECTIONS_READ: dict[str, set[str]] = {
+    "centralized": {"task", "model", "train", "memory", "runtime"},
+    "split": {"task", "model", "train", "split", "link", "memory", "runtime"},
+    "splitfed": {"task", "model", "train", "split", "link", "federated", "memory", "runtime"},
+    "fedavg": {"task", "model", "train", "federated", "memory", "runtime"},
+    "fedlora": {"task", "model", "train", "federated", "memory", "runtime"},
+    "fedkd": {"task", "model", "train", "federated", "kd", "memory", "runtime"},
+    "fedpft": {"task", "model", "train", "federated", "proxy", "memory", "runtime"},
+}
+OPTIONAL_SECTIONS = ("split", "link", "federated", "memory", "runtime", "kd", "proxy")
+
+
+def unused_sections(given: set[str], method: str) -> list[str]:
+    """Sections present in the user's file that `method` does not read."""
+    read = SECTIONS_READ.get(method, set())
+    return sorted(s for s in given if s in OPTIONAL_SECTIONS and s not in read)
