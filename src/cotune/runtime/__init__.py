@@ -1,1 +1,1 @@
-"""cotune.runtime"""
+"""Running methods: in-process simulation, services, checkpoints."""

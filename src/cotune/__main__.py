@@ -1,0 +1,5 @@
+import sys
+
+from cotune.cli.main import main
+
+sys.exit(main())

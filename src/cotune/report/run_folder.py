@@ -1,0 +1,97 @@
+"""The run folder contract (DESIGN.md): config.toml, metrics.jsonl, summary.json,
+train.jsonl (dense training loss), plots and report.html."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+SUMMARY_KEYS = (
+    "method",
+    "task",
+    "model",
+    "metrics",
+    "comm",
+    "wall_s",
+    "device_peak_bytes",
+    "trainable_params",
+    "saved_activation_bytes",
+)
+
+
+def default_run_dir(name: str, root: str | Path = "runs") -> Path:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    base = Path(root) / f"{stamp}-{name}"
+    path, i = base, 1
+    while path.exists():
+        path = base.with_name(f"{base.name}-{i}")
+        i += 1
+    return path
+
+
+def _clean(value: Any) -> Any:
+    """JSON-safe values: NaN/inf become null, numpy scalars become Python numbers."""
+    if isinstance(value, dict):
+        return {str(k): _clean(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_clean(v) for v in value]
+    if hasattr(value, "item") and not isinstance(value, str):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+class RunFolder:
+    """Writes one run's files. Methods see it only as a recorder (`log_eval`, `log_train`)."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.metrics_path = self.path / "metrics.jsonl"
+        self.train_path = self.path / "train.jsonl"
+
+    def write_config(self, toml_text: str) -> None:
+        (self.path / "config.toml").write_text(toml_text)
+
+    def _append(self, path: Path, record: dict[str, Any]) -> None:
+        with path.open("a") as f:
+            f.write(json.dumps(_clean(record)) + "\n")
+
+    def log_eval(self, record: dict[str, Any]) -> None:
+        """One evaluation (step or round): task metrics, cumulative bytes, wall_s."""
+        missing = {"bytes_up", "bytes_down", "wall_s"} - set(record)
+        if missing or not ({"step", "round"} & set(record)):
+            raise ValueError(f"eval record lacks {sorted(missing) or ['step or round']}")
+        self._append(self.metrics_path, record)
+
+    def log_train(self, record: dict[str, Any]) -> None:
+        """Training progress (step, loss, lr, ...), denser than evaluations."""
+        self._append(self.train_path, record)
+
+    def write_summary(self, summary: dict[str, Any]) -> None:
+        missing = [k for k in SUMMARY_KEYS if k not in summary]
+        if missing:
+            raise ValueError(f"summary lacks {missing}")
+        (self.path / "summary.json").write_text(json.dumps(_clean(summary), indent=2) + "\n")
+
+    def truncate_after(self, key: str, last: int) -> None:
+        """Drop records past `last` (resuming a run from a checkpoint)."""
+        for path in (self.metrics_path, self.train_path):
+            if path.exists():
+                keep = [r for r in read_jsonl(path) if r.get(key, -1) <= last]
+                path.write_text("".join(json.dumps(r) + "\n" for r in keep))
+
+
+def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
+    p = Path(path)
+    if not p.exists():
+        return []
+    return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+
+
+def read_summary(run_dir: str | Path) -> dict[str, Any]:
+    return json.loads((Path(run_dir) / "summary.json").read_text())
