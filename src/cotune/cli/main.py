@@ -61,7 +61,9 @@ def cmd_models(args: argparse.Namespace) -> int:
             m.get("origin", ""),
         )
     Console().print(table)
-    print("Also accepted: a local folder holding a transformers checkpoint, or a hub id when online.")
+    print(
+        "Also accepted: a local folder holding a transformers checkpoint, or a hub id when online."
+    )
     return 0
 
 

@@ -25,9 +25,7 @@ def parse_value(text: str) -> Any:
 def apply_override(data: dict[str, Any], assignment: str) -> None:
     """Apply one `section.key=value` to the raw config dict in place."""
     if "=" not in assignment:
-        raise ConfigError(
-            f"--set expects key=value (e.g. train.lr=1e-3), got {assignment!r}."
-        )
+        raise ConfigError(f"--set expects key=value (e.g. train.lr=1e-3), got {assignment!r}.")
     key, _, raw = assignment.partition("=")
     parts = [p.strip() for p in key.strip().split(".") if p.strip()]
     if not parts:

@@ -107,7 +107,9 @@ def run(cfg: Config, recorder: Recorder, run_dir=None) -> MethodResult:  # type:
         progress=f"{cfg.method} {task.name}",
     )
     if run_dir is not None:
-        trainable = {n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+        trainable = {
+            n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad
+        }
         save_file(trainable, str(run_dir / "trainable.safetensors"))
     return MethodResult(
         metrics=dict(last),

@@ -39,9 +39,7 @@ class StepStats:
         self.loss_sum += other.loss_sum
         self.train_s += other.train_s
         self.peak_rss_bytes = max(self.peak_rss_bytes, other.peak_rss_bytes)
-        self.saved_activation_bytes = max(
-            self.saved_activation_bytes, other.saved_activation_bytes
-        )
+        self.saved_activation_bytes = max(self.saved_activation_bytes, other.saved_activation_bytes)
         self.losses.extend(other.losses)
 
 

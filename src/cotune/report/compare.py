@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -66,7 +67,7 @@ def primary_metric(runs: list[dict[str, Any]]) -> str:
 
 def compare(run_dirs: list[str | Path], plot_path: str | Path | None = None) -> Path:
     runs = load_runs(run_dirs)
-    console = Console()
+    console = Console(width=None if sys.stdout.isatty() else 200)
     console.print(compare_table(runs))
     out = Path(plot_path) if plot_path else Path(runs[0]["path"]).parent / "compare.png"
     out.parent.mkdir(parents=True, exist_ok=True)
