@@ -1,0 +1,79 @@
+"""Task metrics with scikit-learn and scipy (HF `evaluate` cannot load offline)."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Sequence
+
+import numpy as np
+from scipy import stats
+from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
+
+METRIC_KEYS = ("accuracy", "accuracy_mm", "f1", "mcc", "pearson", "spearman")
+
+
+def _accuracy(preds: np.ndarray, labels: np.ndarray, num_labels: int) -> float:
+    return float(accuracy_score(labels, preds))
+
+
+def _f1(preds: np.ndarray, labels: np.ndarray, num_labels: int) -> float:
+    # Binary tasks (MRPC, QQP): F1 of the positive class 1, as GLUE reports it.
+    # More classes: macro F1 over all label indices.
+    if num_labels == 2:
+        return float(f1_score(labels, preds, pos_label=1, average="binary", zero_division=0))
+    return float(
+        f1_score(labels, preds, labels=list(range(num_labels)), average="macro", zero_division=0)
+    )
+
+
+def _mcc(preds: np.ndarray, labels: np.ndarray, num_labels: int) -> float:
+    return float(matthews_corrcoef(labels, preds))
+
+
+def _correlation(fn: Callable) -> Callable[[np.ndarray, np.ndarray, int], float]:
+    def metric(preds: np.ndarray, labels: np.ndarray, num_labels: int) -> float:
+        if len(preds) < 2:
+            return float("nan")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # constant input: the result is nan, said once here
+            return float(fn(preds, labels)[0])
+
+    return metric
+
+
+_FNS: dict[str, Callable[[np.ndarray, np.ndarray, int], float]] = {
+    "accuracy": _accuracy,
+    "accuracy_mm": _accuracy,  # MNLI mismatched: accuracy under its own key
+    "f1": _f1,
+    "mcc": _mcc,
+    "pearson": _correlation(stats.pearsonr),
+    "spearman": _correlation(stats.spearmanr),
+}
+
+
+def compute(
+    keys: Sequence[str],
+    preds: np.ndarray,
+    labels: np.ndarray,
+    kind: str,
+    num_labels: int,
+) -> dict[str, float]:
+    """Compute the metrics named in `keys` for one evaluation split."""
+    preds = np.asarray(preds)
+    labels = np.asarray(labels)
+    if kind == "classification":
+        if preds.ndim == 2:  # logits or probabilities
+            preds = preds.argmax(axis=-1)
+        preds = preds.astype(np.int64).reshape(-1)
+        labels = labels.astype(np.int64).reshape(-1)
+    else:
+        preds = preds.astype(np.float64).reshape(-1)
+        labels = labels.astype(np.float64).reshape(-1)
+    if preds.shape != labels.shape:
+        raise ValueError(f"{len(preds)} predictions for {len(labels)} labels")
+    if len(labels) == 0:
+        raise ValueError("no examples to compute metrics on")
+    unknown = [k for k in keys if k not in _FNS]
+    if unknown:
+        raise ValueError(f"unknown metric(s) {unknown}; valid: {', '.join(METRIC_KEYS)}")
+    return {k: _FNS[k](preds, labels, num_labels) for k in keys}
