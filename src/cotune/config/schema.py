@@ -103,6 +103,11 @@ class RuntimeConfig(_Section):
     transport: Literal["inprocess", "grpc"] = "inprocess"
     engine: Literal["simulation", "deployment"] = "simulation"
     checkpoint: bool = True
+    # federated, simulation engine: clients training at once (None: one per CPU core)
+    parallel_clients: int | None = Field(default=None, ge=1)
+    # federated, deployment engine: address (host:port) of a SuperLink started by the
+    # user; None starts a SuperLink and federated.clients SuperNodes on loopback
+    superlink: str | None = None
 
 
 class KDConfig(_Section):
@@ -112,6 +117,7 @@ class KDConfig(_Section):
     temperature: float = Field(default=2.0, gt=0)
     server_epochs: float = Field(default=1.0, gt=0)
     server_steps: int | None = Field(default=None, ge=1)
+    teacher_lr: float | None = Field(default=None, gt=0)  # None: 5e-5 full, 2e-3 LoRA teacher
 
 
 class ProxyConfig(_Section):
@@ -145,6 +151,18 @@ class Config(_Section):
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
     kd: KDConfig = Field(default_factory=KDConfig)
     proxy: ProxyConfig = Field(default_factory=ProxyConfig)
+
+    @model_validator(mode="after")
+    def _federated_regime(self) -> Config:
+        """fedavg moves full weights; fedlora and fedkd move LoRA adapters (default r=8)."""
+        if self.method == "fedavg" and self.model.lora is not None:
+            raise ValueError(
+                "method 'fedavg' fine-tunes and averages full weights; remove model.lora "
+                "or use method = 'fedlora'"
+            )
+        if self.method in ("fedlora", "fedkd") and self.model.lora is None:
+            self.model.lora = LoraConfig()
+        return self
 
     def resolved_lr(self) -> float:
         """The learning rate: explicit, or the default for the regime (full vs LoRA)."""

@@ -12,6 +12,9 @@ from cotune.methods.result import MethodResult, NullRecorder, Recorder
 # method name -> module implementing `run(cfg, recorder, run_dir) -> MethodResult`
 _MODULES: dict[str, str] = {
     "centralized": "cotune.methods.centralized",
+    "fedavg": "cotune.methods.fedavg",
+    "fedlora": "cotune.methods.fedlora",
+    "fedkd": "cotune.methods.fedkd",
 }
 
 

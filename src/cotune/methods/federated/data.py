@@ -1,0 +1,78 @@
+"""Who holds which training examples in a federated run.
+
+Every party (server, each client) derives the same split from the config and seed, so
+no index list ever travels: the server keeps a public share (fedkd's
+`kd.public_fraction`, none for the other methods) and the rest is partitioned across
+`federated.clients` by `cotune.data.partition`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+
+from cotune.config import Config
+from cotune.data import Task, load_task, partition
+from cotune.data.sampling import rng_for
+
+# Methods whose server holds a public share of the training data.
+PUBLIC_SHARE_METHODS = {"fedkd"}
+
+
+@dataclass(frozen=True)
+class FederatedSplit:
+    """Indices into `task.train`: the server's public share and one list per client."""
+
+    public: list[int]
+    clients: list[list[int]]
+
+    def sizes(self) -> list[int]:
+        return [len(c) for c in self.clients]
+
+
+def public_fraction(cfg: Config) -> float:
+    return cfg.kd.public_fraction if cfg.method in PUBLIC_SHARE_METHODS else 0.0
+
+
+def split_train(labels: list[int | float], cfg: Config) -> FederatedSplit:
+    """The seeded public share and the client partitions of `len(labels)` examples."""
+    n = len(labels)
+    order = rng_for(cfg.seed, "federated/public").permutation(n)
+    n_public = int(round(public_fraction(cfg) * n))
+    public = sorted(int(i) for i in order[:n_public])
+    rest = np.sort(order[n_public:])
+    fed = cfg.federated
+    parts = partition(
+        [labels[i] for i in rest],
+        fed.clients,
+        scheme=fed.partition,
+        alpha=fed.alpha,
+        shards_per_client=fed.shards_per_client,
+        seed=cfg.seed,
+    )
+    return FederatedSplit(public=public, clients=[[int(rest[j]) for j in p] for p in parts])
+
+
+@lru_cache(maxsize=4)
+def _cached_task(task_json: str, seed: int) -> Task:
+    from cotune.config.schema import TaskConfig
+
+    return load_task(TaskConfig.model_validate_json(task_json), seed)
+
+
+def task_for(cfg: Config) -> Task:
+    """The task, loaded once per process (clients serve many rounds)."""
+    return _cached_task(cfg.task.model_dump_json(), cfg.seed)
+
+
+@lru_cache(maxsize=4)
+def _cached_split(cfg_json: str) -> FederatedSplit:
+    cfg = Config.model_validate_json(cfg_json)
+    return split_train([ex.label for ex in task_for(cfg).train], cfg)
+
+
+def split_for(cfg: Config) -> FederatedSplit:
+    """`split_train` on the task's training labels, cached per process."""
+    return _cached_split(cfg.model_dump_json())

@@ -1,0 +1,111 @@
+"""Running a federated method on the engine its config names and collecting the result.
+
+`run_federated` is what `cotune.methods.fedavg/fedlora/fedkd.run` call: it starts the
+Flower engine (simulation or deployment), which runs the same ServerApp and
+ClientApp, then reads what the ServerApp wrote into the run folder.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from flwr.clientapp import ClientApp
+
+from cotune.config import Config, to_toml
+from cotune.methods.result import MethodResult, Recorder
+from cotune.report import RunFolder
+from cotune.report.run_folder import read_jsonl
+from cotune.runtime.federated.keys import ERROR_FILE, RESULT_FILE
+from cotune.runtime.federated.server import ServerOptions
+
+
+def _same_folder(recorder: Recorder, run_dir: Path) -> bool:
+    return isinstance(recorder, RunFolder) and recorder.path.resolve() == run_dir
+
+
+def run_federated(
+    cfg: Config,
+    recorder: Recorder,
+    run_dir: str | Path | None = None,
+    *,
+    resume: bool = False,
+    stop_after: int = 0,
+    client_app: ClientApp | None = None,
+    deployment_timeout: float | None = None,
+    engine: str | None = None,
+) -> MethodResult:
+    """Run `cfg` (a federated method) to the end, or to round `stop_after`.
+
+    With `resume`, the ServerApp continues from the run folder's checkpoint. A
+    `client_app` replaces the standard ClientApp (tests wrap it with fault-injecting
+    mods). `engine` overrides `runtime.engine`; "inline" runs the clients in this
+    process without Ray (`inline.py`, for tests and debugging).
+    """
+    engine = engine or cfg.runtime.engine
+    if run_dir is None:
+        with tempfile.TemporaryDirectory(prefix="cotune-fed-") as tmp:
+            return run_federated(
+                cfg, recorder, tmp, resume=resume, stop_after=stop_after,
+                client_app=client_app, deployment_timeout=deployment_timeout, engine=engine,
+            )  # fmt: skip
+    run_path = Path(run_dir).resolve()
+    run_path.mkdir(parents=True, exist_ok=True)
+    (run_path / "config.toml").write_text(to_toml(cfg))
+    for name in (RESULT_FILE, ERROR_FILE):
+        (run_path / name).unlink(missing_ok=True)
+    first_new = 0
+    if not _same_folder(recorder, run_path):
+        first_new = len(read_jsonl(run_path / "metrics.jsonl"))
+    options = ServerOptions(run_dir=run_path, resume=resume, stop_after=stop_after)
+    if engine == "simulation":
+        from cotune.runtime.federated.simulation import run_in_simulation
+
+        run_in_simulation(cfg, options, client_app)
+    elif engine == "inline":
+        from cotune.runtime.federated.inline import run_inline
+
+        run_inline(cfg, options, client_app)
+    else:
+        from cotune.runtime.federated.deployment import run_in_deployment
+
+        if client_app is not None:
+            raise ValueError("a custom client_app cannot be sent to SuperNodes")
+        run_in_deployment(cfg, options, timeout=deployment_timeout)
+    result = read_result(run_path)
+    if not _same_folder(recorder, run_path):
+        for record in read_jsonl(run_path / "metrics.jsonl")[first_new:]:
+            recorder.log_eval(record)
+    return to_method_result(engine, result)
+
+
+def read_result(run_dir: Path) -> dict[str, Any]:
+    path = run_dir / RESULT_FILE
+    if not path.exists():
+        error = run_dir / ERROR_FILE
+        detail = error.read_text() if error.exists() else "(no error report)"
+        raise RuntimeError(f"the federated ServerApp ended without a result:\n{detail}")
+    return json.loads(path.read_text())
+
+
+def to_method_result(engine: str, result: dict[str, Any]) -> MethodResult:
+    rounds = max(int(result["rounds_completed"]), 1)
+    return MethodResult(
+        metrics=dict(result["metrics"]),
+        bytes_up=int(result["bytes_up"]),
+        bytes_down=int(result["bytes_down"]),
+        device_peak_bytes=result.get("client_peak_rss_bytes"),
+        saved_activation_bytes=result.get("client_saved_activation_bytes"),
+        trainable_device=int(result["trainable_device"]),
+        trainable_cloud=int(result["trainable_cloud"]),
+        extra={
+            "engine": engine,
+            "rounds": int(result["rounds"]),
+            "rounds_completed": int(result["rounds_completed"]),
+            "bytes_per_round": (int(result["bytes_up"]) + int(result["bytes_down"])) / rounds,
+            "server_peak_rss_bytes": result.get("server_peak_rss_bytes"),
+            "federated_wall_s": result.get("wall_s"),
+        },
+    )

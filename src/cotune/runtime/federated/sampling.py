@@ -1,0 +1,31 @@
+"""Which clients train in a round: a seeded sample of partitions, not of node ids.
+
+Node ids are random per launch (and per SuperNode restart), partition ids are not; so
+sampling partitions with a generator seeded by (seed, round) picks the same clients
+in a resumed run as in an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from cotune.methods.federated.seeds import derive_seed
+
+
+def sample_size(n_available: int, fraction: float) -> int:
+    """`fraction` of the clients, rounded to nearest, at least one."""
+    return max(1, min(n_available, int(math.floor(fraction * n_available + 0.5))))
+
+
+def sample_partitions(
+    partitions: list[int], fraction: float, seed: int, server_round: int
+) -> list[int]:
+    """A sorted seeded sample of `partitions` for `server_round`."""
+    pool = sorted(partitions)
+    k = sample_size(len(pool), fraction)
+    if k == len(pool):
+        return pool
+    rng = np.random.default_rng(derive_seed(seed, "sample", server_round))
+    return sorted(int(p) for p in rng.choice(pool, size=k, replace=False))

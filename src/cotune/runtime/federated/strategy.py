@@ -1,0 +1,177 @@
+"""cotune's FedAvg on Flower's message API: seeded client sampling by partition,
+updates checked before they are averaged, weighted by examples in a fixed order.
+
+It is a `flwr.serverapp.strategy.FedAvg` (so Flower's `Strategy.start` can drive it
+too); cotune's server loop calls `configure_train` / `aggregate_train` itself to add
+checkpoints, server hooks and evaluation between rounds.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
+
+from cotune.methods.federated.aggregation import check_update, weighted_average
+from cotune.methods.federated.models import State
+from cotune.runtime.federated.keys import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, WEIGHT_KEY
+from cotune.runtime.federated.sampling import sample_partitions
+from cotune.runtime.federated.wire import from_arrays, to_arrays
+
+log = logging.getLogger("cotune.federated")
+
+
+@dataclass
+class RoundOutcome:
+    """What happened to each sampled client in one round."""
+
+    sampled: list[int] = field(default_factory=list)  # partition ids
+    accepted: list[int] = field(default_factory=list)
+    failed: dict[int, str] = field(default_factory=dict)  # partition -> error reason
+    rejected: dict[int, str] = field(default_factory=dict)  # partition -> why not aggregated
+    timed_out: list[int] = field(default_factory=list)
+
+    def counts(self) -> dict[str, int]:
+        return {
+            "clients_sampled": len(self.sampled),
+            "clients_ok": len(self.accepted),
+            "clients_failed": len(self.failed),
+            "clients_rejected": len(self.rejected),
+            "clients_timed_out": len(self.timed_out),
+        }
+
+
+class _QuietFlower:
+    """Raise the flwr logger to ERROR inside a `with` block."""
+
+    def __enter__(self) -> None:
+        self.logger = logging.getLogger("flwr")
+        self.level = self.logger.level
+        self.logger.setLevel(logging.ERROR)
+
+    def __exit__(self, *exc: object) -> None:
+        self.logger.setLevel(self.level)
+
+
+class CotuneFedAvg(FedAvg):
+    """FedAvg over partitions: sample `fraction` of them per round (seeded), send the
+    global arrays, drop replies that are errors or fail `check_update`, and average the
+    rest weighted by `num-examples`, summed in partition order."""
+
+    def __init__(self, fraction: float, seed: int) -> None:
+        # FedAvg warns that client-side evaluation is off: the server evaluates instead.
+        with _QuietFlower():
+            self._init_fedavg(fraction)
+        self.seed = seed
+        self.node_of: dict[int, int] = {}  # partition -> node id
+        self._reference: State = {}
+        self._sent: dict[int, int] = {}  # node id -> partition, this round
+        self.outcome = RoundOutcome()
+
+    def _init_fedavg(self, fraction: float) -> None:
+        super().__init__(
+            fraction_train=fraction,
+            fraction_evaluate=0.0,  # the server evaluates the global model itself
+            min_train_nodes=1,
+            min_evaluate_nodes=0,
+            min_available_nodes=1,
+            weighted_by_key=WEIGHT_KEY,
+            arrayrecord_key=ARRAYS_KEY,
+            configrecord_key=CONFIG_KEY,
+        )
+
+    def set_partitions(self, node_of: dict[int, int]) -> None:
+        """Which node holds each partition (from the start-up handshake)."""
+        self.node_of = dict(node_of)
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        partitions = sample_partitions(
+            list(self.node_of), self.fraction_train, self.seed, server_round
+        )
+        self._reference = from_arrays(arrays)
+        self._sent = {self.node_of[p]: p for p in partitions}
+        self.outcome = RoundOutcome(sampled=partitions)
+        config["server-round"] = server_round
+        record = RecordDict({ARRAYS_KEY: arrays, CONFIG_KEY: config})
+        return self._construct_messages(
+            record, [self.node_of[p] for p in partitions], MessageType.TRAIN
+        )
+
+    def _screen(self, replies: Iterable[Message]) -> list[tuple[int, State, float, MetricRecord]]:
+        """Accepted (partition, state, weight, metrics), sorted by partition."""
+        out = self.outcome
+        accepted = []
+        seen: set[int] = set()
+        for msg in replies:
+            part = self._sent.get(msg.metadata.src_node_id)
+            if part is None or part in seen:
+                continue
+            seen.add(part)
+            if msg.has_error():
+                out.failed[part] = msg.error.reason
+                log.warning("round client %d failed: %s", part, msg.error.reason)
+                continue
+            reason = _reply_problem(msg, self._reference)
+            if reason is None:
+                state = from_arrays(msg.content[ARRAYS_KEY])
+                metrics = msg.content[METRICS_KEY]
+                accepted.append((part, state, float(metrics[WEIGHT_KEY]), metrics))
+            else:
+                out.rejected[part] = reason
+                log.warning("update of client %d rejected: %s", part, reason)
+        out.timed_out = sorted(set(self._sent.values()) - seen)
+        for part in out.timed_out:
+            log.warning("client %d sent no reply before the round timeout", part)
+        accepted.sort(key=lambda a: a[0])
+        out.accepted = [a[0] for a in accepted]
+        return accepted
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        accepted = self._screen(replies)
+        if not accepted:
+            return None, None
+        weights = [w for _, _, w, _ in accepted]
+        state = weighted_average([s for _, s, _, _ in accepted], weights)
+        return to_arrays(state), _client_metrics([(w, m) for _, _, w, m in accepted])
+
+
+PEAK_KEYS = ("peak_rss_bytes", "saved_activation_bytes")
+
+
+def _client_metrics(replies: list[tuple[float, MetricRecord]]) -> MetricRecord:
+    """Example-weighted means of the clients' metrics; maxima of their peak memory."""
+    total = sum(w for w, _ in replies)
+    out: dict[str, float] = {}
+    keys = set.intersection(*(set(m) for _, m in replies)) - {WEIGHT_KEY, "partition-id"}
+    for key in sorted(keys):
+        values = [(w, m[key]) for w, m in replies if isinstance(m[key], int | float)]
+        if len(values) != len(replies):
+            continue
+        if key in PEAK_KEYS:
+            out[key] = float(max(v for _, v in values))
+        else:
+            out[key] = float(sum(w * v for w, v in values) / total)
+    out["examples"] = float(total)
+    return MetricRecord(out)
+
+
+def _reply_problem(msg: Message, reference: State) -> str | None:
+    content = msg.content
+    if ARRAYS_KEY not in content.array_records or METRICS_KEY not in content.metric_records:
+        return f"reply lacks the {ARRAYS_KEY!r} ArrayRecord or the {METRICS_KEY!r} MetricRecord"
+    weight = content[METRICS_KEY].get(WEIGHT_KEY)
+    if not isinstance(weight, int | float) or not weight > 0:
+        return f"{WEIGHT_KEY} must be a positive number, got {weight!r}"
+    try:
+        state = from_arrays(content[ARRAYS_KEY])
+    except (TypeError, ValueError) as err:
+        return f"arrays cannot be decoded: {err}"
+    return check_update(state, reference)
