@@ -88,6 +88,45 @@ def cmd_tasks(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_cloud(args: argparse.Namespace) -> int:
+    from cotune.config import load_config
+    from cotune.runtime.local import offline_env
+    from cotune.runtime.split_cloud import serve_forever
+
+    offline_env()
+    cfg = load_config(args.config, args.set)
+    if cfg.method != "split":
+        from cotune.errors import ConfigError
+
+        raise ConfigError(f"`cotune cloud` serves method 'split'; the config says {cfg.method!r}")
+    return serve_forever(cfg, args.listen, out=args.out, port_file=args.port_file)
+
+
+def cmd_device(args: argparse.Namespace) -> int:
+    from cotune.config import load_config
+    from cotune.link.errors import LinkError
+    from cotune.report import read_summary
+    from cotune.runtime.local import run_experiment
+
+    sets = [*args.set, f'runtime.cloud="{args.cloud}"', f"runtime.device_id={args.device_id}"]
+    sets.append('runtime.transport="grpc"')
+    cfg = load_config(args.config, sets)
+    try:
+        path = run_experiment(cfg, args.out)
+    except LinkError as err:
+        print(f"cotune: link error ({err.code}): {err.message}", file=sys.stderr)
+        return 1
+    summary = read_summary(path)
+    metrics = ", ".join(
+        f"{k}={v:.4f}" for k, v in summary["metrics"].items() if isinstance(v, float)
+    )
+    comm = summary["comm"]
+    up, down = comm["bytes_up"], comm["bytes_down"]
+    print(f"device {args.device_id}: {metrics}; bytes up {up:,}, down {down:,}")
+    print(f"run folder: {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="cotune",
@@ -117,6 +156,33 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("tasks", help="list the tasks and their metrics")
     p.set_defaults(func=cmd_tasks)
+
+    p = sub.add_parser("cloud", help="serve the cloud side of split training over gRPC")
+    p.add_argument("--config", help="TOML config (the same file the devices use)")
+    p.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key"
+    )
+    p.add_argument(
+        "--listen",
+        required=True,
+        metavar="HOST:PORT",
+        help="address to serve on, e.g. 0.0.0.0:50051",
+    )
+    p.add_argument(
+        "--out", help="folder for the cloud's trained tensors and byte counts (written on exit)"
+    )
+    p.add_argument("--port-file", help=argparse.SUPPRESS)
+    p.set_defaults(func=cmd_cloud)
+
+    p = sub.add_parser("device", help="train as a device of a split cloud over gRPC")
+    p.add_argument("--config", help="TOML config (the same file the cloud uses)")
+    p.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key"
+    )
+    p.add_argument("--cloud", required=True, metavar="HOST:PORT", help="address of `cotune cloud`")
+    p.add_argument("--device-id", type=int, default=0, help="this device's id in the token file")
+    p.add_argument("--out", help="run folder (default runs/<timestamp>-<name>)")
+    p.set_defaults(func=cmd_device)
 
     return parser
 

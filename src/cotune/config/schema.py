@@ -103,6 +103,18 @@ class RuntimeConfig(_Section):
     transport: Literal["inprocess", "grpc"] = "inprocess"
     engine: Literal["simulation", "deployment"] = "simulation"
     checkpoint: bool = True
+    # split methods over gRPC (see docs/split.md). `cloud`: address (host:port) of a
+    # running `cotune cloud`; None with transport="grpc" starts one on loopback.
+    cloud: str | None = None
+    device_id: int = Field(default=0, ge=0)
+    tokens: str | None = None  # token file: one "<device id> <token>" line per device
+    tls_cert: str | None = None  # cloud: PEM certificate (with tls_key) turns TLS on
+    tls_key: str | None = None
+    tls_ca: str | None = None  # device: PEM certificate/CA to trust (turns TLS on)
+    tls_server_name: str | None = None  # device: name to check in the cloud's certificate
+    max_message_mb: float = Field(default=64.0, gt=0)
+    timeout_s: float = Field(default=600.0, gt=0)  # device: longest wait for an answer
+    reconnect: int = Field(default=3, ge=0)  # device: reconnection attempts after a drop
     # federated, simulation engine: clients training at once (None: one per CPU core)
     parallel_clients: int | None = Field(default=None, ge=1)
     # federated, deployment engine: address (host:port) of a SuperLink started by the

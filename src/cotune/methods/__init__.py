@@ -12,6 +12,7 @@ from cotune.methods.result import MethodResult, NullRecorder, Recorder
 # method name -> module implementing `run(cfg, recorder, run_dir) -> MethodResult`
 _MODULES: dict[str, str] = {
     "centralized": "cotune.methods.centralized",
+    "split": "cotune.methods.split",
     "fedavg": "cotune.methods.fedavg",
     "fedlora": "cotune.methods.fedlora",
     "fedkd": "cotune.methods.fedkd",

@@ -1,0 +1,232 @@
+"""The device side of split training: its segment (and the head when U-shaped), its own
+optimiser and LR schedule, and the exchange with the cloud over a `Transport`.
+
+`SplitDevice` is also callable like a classifier (`device(**inputs, labels=...)` ->
+`.loss`, `.logits`, with `.train()` / `.eval()`), so evaluation runs through the same
+split path as training with the shared `evaluate`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from cotune.config import Config
+from cotune.link.codecs import Codec
+from cotune.link.errors import ProtocolError
+from cotune.link.pca import PcaProjection
+from cotune.link.proto import pb
+from cotune.link.transport import Transport
+from cotune.link.wire import from_wire, pack_mask, to_wire
+from cotune.memory.measure import SavedTensorMeter
+from cotune.methods.split.common import (
+    DEVICE_STREAM,
+    PROTOCOL,
+    RngStream,
+    fingerprint,
+    pack_rows,
+    trainable,
+)
+from cotune.methods.training import autocast, make_optimizer, make_schedule, model_inputs
+from cotune.models.cut import DeviceSegment, HeadSegment, SplitClassifier
+
+
+@dataclass
+class DeviceOutput:
+    loss: torch.Tensor
+    logits: torch.Tensor
+
+
+class SplitDevice:
+    """One device: `connect`, optionally `calibrate`, then `train_step` per batch."""
+
+    def __init__(
+        self,
+        cfg: Config,
+        split: SplitClassifier,
+        codec: Codec,
+        transport: Transport,
+        *,
+        num_labels: int,
+        problem: str,
+        rng: RngStream | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.codec = codec
+        self.transport = transport
+        self.num_labels = num_labels
+        self.problem = problem
+        self.labels_on_device = split.labels == "device"
+        self.segment: DeviceSegment = split.device
+        self.head: HeadSegment | None = split.head if self.labels_on_device else None
+        self.width = split.width
+        self.hidden_size = split.hidden_size
+        self.modules: list[nn.Module] = [self.segment] + ([self.head] if self.head else [])
+        self.params = trainable(self.modules)
+        self.optimizer = make_optimizer(self.params, cfg)
+        self.schedule: torch.optim.lr_scheduler.LambdaLR | None = None
+        self.rng = rng or RngStream(cfg.seed, DEVICE_STREAM)
+        self.pca = (
+            PcaProjection(split.width, codec.projection_rank)
+            if codec.projection_rank is not None
+            else None
+        )
+        self.steps_done = 0
+        self.total_steps = 0
+        self.training = True
+        self.saved_bytes = 0  # largest saved-for-backward bytes of one step (device side)
+        self.timeout = cfg.runtime.timeout_s
+
+    # -------------------------------------------------------------- connection
+
+    def connect(self, total_steps: int, transport: Transport | None = None) -> None:
+        """Say hello (first time or after a reconnect) and agree on the step count."""
+        if transport is not None:
+            self.transport = transport
+        if self.schedule is None:
+            self.total_steps = total_steps
+            self.schedule = make_schedule(self.optimizer, total_steps, self.cfg.train)
+        hello = pb.Hello(
+            protocol=PROTOCOL,
+            fingerprint=fingerprint(self.cfg),
+            total_steps=total_steps,
+            num_labels=self.num_labels,
+            problem=self.problem,
+            steps_done=self.steps_done,
+        )
+        self._phase("control")
+        reply = self.transport.request(pb.DeviceMessage(hello=hello), self.timeout)
+        if reply.WhichOneof("kind") != "welcome":
+            raise ProtocolError(f"expected welcome, the cloud sent {reply.WhichOneof('kind')}")
+        # A step the cloud finished but whose answer was lost counts as done on both
+        # sides: the device skips its update for that batch and keeps the LR in step.
+        while self.steps_done < reply.welcome.steps_done:
+            self._advance_schedule()
+
+    def calibrate(self, batches: Iterable[dict[str, torch.Tensor]]) -> None:
+        """`pca`: fit the projection on a few batches' cut activations; send it once."""
+        if self.pca is None:
+            return
+        rows = []
+        was = self.segment.training
+        self.segment.eval()
+        with torch.no_grad():
+            for batch in batches:
+                hidden, mask = self.segment(**model_inputs(batch))
+                rows.append(pack_rows(hidden.float(), mask))
+        self.segment.train(was)
+        self.pca.calibrate(torch.cat(rows))
+        self._phase("control")
+        msg = pb.DeviceMessage(calibrate=pb.Calibrate(state=self.pca.state()))
+        self.transport.request(msg, self.timeout)
+
+    # -------------------------------------------------------------- one step
+
+    def _phase(self, phase: str) -> None:
+        self.transport.meter.phase = phase
+
+    def _advance_schedule(self) -> None:
+        assert self.schedule is not None
+        self.schedule.step()
+        self.steps_done += 1
+
+    def _forward_message(
+        self, batch: dict[str, torch.Tensor], train: bool
+    ) -> tuple[pb.DeviceMessage, torch.Tensor]:
+        """Run the device segment and build the Forward message; returns the rows sent
+        (still attached to the graph when training)."""
+        meter = SavedTensorMeter(self.params) if train else None
+        with self.rng.scope(), autocast(self.cfg.train.precision):
+            if meter is not None:
+                with meter:
+                    hidden, mask = self.segment(**model_inputs(batch))
+            else:
+                hidden, mask = self.segment(**model_inputs(batch))
+            rows = pack_rows(hidden, mask).float()
+            if self.pca is not None:
+                rows = self.pca.project(rows)
+        if meter is not None:
+            self.saved_bytes = max(self.saved_bytes, meter.bytes)
+        fwd = pb.Forward(
+            step=self.steps_done,
+            train=train,
+            batch_shape=list(hidden.shape[:2]),
+            activations=self.codec.forward.encode(rows),
+        )
+        if mask is not None:
+            fwd.mask.CopyFrom(pack_mask(mask))
+        if not self.labels_on_device:
+            fwd.labels.CopyFrom(to_wire(batch["labels"]))
+        return pb.DeviceMessage(forward=fwd), rows
+
+    def _cut_grad(self, result: pb.Result, rows: torch.Tensor) -> torch.Tensor:
+        return self.codec.backward.decode(result.grad, "grad", rows.shape[0], rows.shape[1])
+
+    def _head(self, result: pb.Result, batch: dict[str, torch.Tensor], grad: bool):  # type: ignore[no-untyped-def]
+        assert self.head is not None
+        n = batch["labels"].shape[0]
+        pooled = self.codec.top_forward.decode(result.output, "output", n, self.hidden_size)
+        pooled.requires_grad_(grad)
+        with self.rng.scope(), autocast(self.cfg.train.precision):
+            out = self.head(pooled, batch["labels"])
+        return pooled, out
+
+    def train_step(self, batch: dict[str, torch.Tensor]) -> float:
+        """One optimiser step on both sides; returns the loss."""
+        for m in self.modules:
+            m.train()
+        self._phase("train")
+        msg, rows = self._forward_message(batch, train=True)
+        reply = self.transport.request(msg, self.timeout).result
+        if self.labels_on_device:
+            pooled, out = self._head(reply, batch, grad=True)
+            out.loss.backward()
+            back = pb.Backward(
+                step=self.steps_done, grad=self.codec.top_backward.encode(pooled.grad)
+            )
+            reply = self.transport.request(pb.DeviceMessage(backward=back), self.timeout).result
+            loss = float(out.loss.detach())
+        else:
+            loss = float(reply.loss)
+        rows.backward(self._cut_grad(reply, rows))
+        if self.cfg.train.max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(self.params, self.cfg.train.max_grad_norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self._advance_schedule()
+        return loss
+
+    # -------------------------------------------------------------- as a model
+
+    def train(self, mode: bool = True) -> SplitDevice:
+        self.training = mode
+        for m in self.modules:
+            m.train(mode)
+        return self
+
+    def eval(self) -> SplitDevice:
+        return self.train(False)
+
+    def __call__(self, labels: torch.Tensor, **inputs: torch.Tensor) -> DeviceOutput:
+        """Evaluation forward through the split path (no gradients, eval mode on both
+        sides unless `train()` was called)."""
+        batch = {**inputs, "labels": labels}
+        self._phase("eval")
+        with torch.no_grad():
+            msg, _ = self._forward_message(batch, train=False)
+            msg.forward.train = self.training
+            reply = self.transport.request(msg, self.timeout).result
+            if self.labels_on_device:
+                _, out = self._head(reply, batch, grad=False)
+                return DeviceOutput(loss=out.loss, logits=out.logits)
+            n = labels.shape[0]
+            logits = from_wire(
+                reply.logits, "logits", dtypes=("float32",), shape=(n, self.num_labels)
+            )
+            return DeviceOutput(loss=torch.tensor(reply.loss), logits=logits)
+
+
+TransportFactory = Callable[[], Transport]
