@@ -30,7 +30,7 @@ vit. Valid cuts: 1 <= cut < number of layers.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
@@ -555,11 +555,23 @@ class SplitClassifier:
     cut: int
     family: str
 
+    names: dict[int, str] = field(default_factory=dict)  # id(parameter) -> model's name
+
     def device_modules(self) -> list[nn.Module]:
         return [self.device, self.head] if self.labels == "device" else [self.device]
 
     def cloud_modules(self) -> list[nn.Module]:
         return [self.cloud, self.head] if self.labels == "cloud" else [self.cloud]
+
+    def named_trainable(self, modules: list[nn.Module]) -> dict[str, nn.Parameter]:
+        """Trainable parameters of `modules` under the uncut model's names (SFT factors,
+        which the uncut model lacks, as `<layer>.sft.<V|S|U|bias>`)."""
+        out: dict[str, nn.Parameter] = {}
+        for module in modules:
+            for name, p in module.named_parameters():
+                if p.requires_grad:
+                    out[self.names.get(id(p), name)] = p
+        return out
 
 
 def num_layers(model: nn.Module) -> int:
@@ -612,7 +624,15 @@ def cut_classifier(
         family, backbone.config, shared, cloud_sft, cloud_layers, family.final_modules(backbone),
         clf.pooling,
     )  # fmt: skip
+    names = {id(p): n for n, p in model.named_parameters()}
+    if sft_rank is not None:
+        layer_name = next(n for n, m in model.named_modules() if m is layers[cut])
+        for half in (device_sft, cloud_sft):
+            assert half is not None
+            for n, p in half.named_parameters(recurse=False):
+                names[id(p)] = f"{layer_name}.sft.{n}"
     return SplitClassifier(
+        names=names,
         device=device,
         cloud=cloud,
         head=HeadSegment(clf),

@@ -34,7 +34,6 @@ from cotune.methods.split.common import (
     RngStream,
     build_split,
     fingerprint,
-    trainable,
     unpack_rows,
 )
 from cotune.methods.training import autocast, make_optimizer, make_schedule
@@ -94,7 +93,8 @@ class SplitCloud:
             getattr(split.cloud.config, "max_position_embeddings", None) or MAX_LENGTH
         )
         modules = [self.segment] + ([self.head] if self.head is not None else [])
-        self.params = trainable(modules)
+        self.named = split.named_trainable(modules)  # the uncut model's names
+        self.params = list(self.named.values())
         self.modules = modules
         self.optimizer = make_optimizer(self.params, self.cfg)
         self.schedule = make_schedule(self.optimizer, total_steps, self.cfg.train)
@@ -117,13 +117,10 @@ class SplitCloud:
         return SplitSession(self, device_id)
 
     def trainable_state(self) -> dict[str, torch.Tensor]:
-        """The cloud's trainable tensors by name (for saving)."""
-        out: dict[str, torch.Tensor] = {}
-        for i, m in enumerate(self.modules if self.built else []):
-            for n, p in m.named_parameters():
-                if p.requires_grad:
-                    out[f"{i}.{n}"] = p.detach().contiguous()
-        return out
+        """The cloud's trainable tensors under the uncut model's names (for saving)."""
+        if not self.built:
+            return {}
+        return {n: p.detach().contiguous() for n, p in self.named.items()}
 
     # ------------------------------------------------------------------ steps
 
@@ -270,7 +267,7 @@ class SplitSession:
         labels = self._labels(fwd, b) if c.labels_on_cloud else None
         if not c.labels_on_cloud and fwd.HasField("labels"):
             raise MalformedMessage("forward.labels: labels stay on the device (U-shaped)")
-        train = fwd.train
+        train = fwd.backward  # a training step; fwd.train alone is a forward in train mode
         with self.state.lock:
             if train and fwd.step != self.state.steps_done:
                 raise ProtocolError(
@@ -281,7 +278,7 @@ class SplitSession:
         leaf = rows.requires_grad_(train)
         with c._model_lock:
             for m in c.modules:
-                m.train(train)
+                m.train(fwd.train or train)
             grad_ctx = torch.enable_grad() if train else torch.no_grad()
             with grad_ctx, self.state.rng.scope(), autocast(c.cfg.train.precision):
                 crossing = self.state.pca.reconstruct(leaf) if self.state.pca else leaf

@@ -28,7 +28,6 @@ from cotune.methods.split.common import (
     RngStream,
     fingerprint,
     pack_rows,
-    trainable,
 )
 from cotune.methods.training import autocast, make_optimizer, make_schedule, model_inputs
 from cotune.models.cut import DeviceSegment, HeadSegment, SplitClassifier
@@ -65,7 +64,8 @@ class SplitDevice:
         self.width = split.width
         self.hidden_size = split.hidden_size
         self.modules: list[nn.Module] = [self.segment] + ([self.head] if self.head else [])
-        self.params = trainable(self.modules)
+        self.named = split.named_trainable(self.modules)  # the uncut model's names
+        self.params = list(self.named.values())
         self.optimizer = make_optimizer(self.params, cfg)
         self.schedule: torch.optim.lr_scheduler.LambdaLR | None = None
         self.rng = rng or RngStream(cfg.seed, DEVICE_STREAM)
@@ -152,7 +152,8 @@ class SplitDevice:
             self.saved_bytes = max(self.saved_bytes, meter.bytes)
         fwd = pb.Forward(
             step=self.steps_done,
-            train=train,
+            train=train or self.training,
+            backward=train,
             batch_shape=list(hidden.shape[:2]),
             activations=self.codec.forward.encode(rows),
         )
@@ -176,8 +177,7 @@ class SplitDevice:
 
     def train_step(self, batch: dict[str, torch.Tensor]) -> float:
         """One optimiser step on both sides; returns the loss."""
-        for m in self.modules:
-            m.train()
+        self.train(True)
         self._phase("train")
         msg, rows = self._forward_message(batch, train=True)
         reply = self.transport.request(msg, self.timeout).result
@@ -217,7 +217,6 @@ class SplitDevice:
         self._phase("eval")
         with torch.no_grad():
             msg, _ = self._forward_message(batch, train=False)
-            msg.forward.train = self.training
             reply = self.transport.request(msg, self.timeout).result
             if self.labels_on_device:
                 _, out = self._head(reply, batch, grad=False)

@@ -158,12 +158,7 @@ def train_device(
     meter = device.transport.meter.snapshot()
     device.transport.close()
     if run_dir is not None:
-        state = {
-            f"{i}.{n}": p.detach().contiguous()
-            for i, m in enumerate(device.modules)
-            for n, p in m.named_parameters()
-            if p.requires_grad
-        }
+        state = {n: p.detach().contiguous() for n, p in device.named.items()}
         save_file(state, str(run_dir / "device_trainable.safetensors"))
     return MethodResult(
         metrics=dict(last),
