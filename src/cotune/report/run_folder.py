@@ -54,6 +54,11 @@ class RunFolder:
         self.metrics_path = self.path / "metrics.jsonl"
         self.train_path = self.path / "train.jsonl"
 
+    def start_fresh(self) -> None:
+        """Forget the records of an earlier run written to the same folder."""
+        for path in (self.metrics_path, self.train_path, self.path / "summary.json"):
+            path.unlink(missing_ok=True)
+
     def write_config(self, toml_text: str) -> None:
         (self.path / "config.toml").write_text(toml_text)
 
