@@ -22,8 +22,24 @@ def cmd_run(args: argparse.Namespace) -> int:
     from cotune.config import load_config
     from cotune.runtime.local import run_experiment
 
-    cfg = load_config(args.config, args.set)
-    path = run_experiment(cfg, args.out)
+    if args.resume:
+        from pathlib import Path
+
+        from cotune.errors import ConfigError
+
+        if args.config or args.out:
+            raise ConfigError(
+                "--resume RUN_DIR continues that run in place: give no CONFIG and no --out "
+                "(--set still overrides keys, e.g. federated.rounds to run longer)"
+            )
+        saved = Path(args.resume) / "config.toml"
+        if not saved.is_file():
+            raise ConfigError(f"--resume {args.resume}: no config.toml there; is it a run folder?")
+        cfg = load_config(saved, args.set)
+        path = run_experiment(cfg, args.resume, resume=True)
+    else:
+        cfg = load_config(args.config, args.set)
+        path = run_experiment(cfg, args.out)
     from cotune.report import read_summary
 
     summary = read_summary(path)
@@ -144,6 +160,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="override a config key, e.g. --set train.lr=1e-3 (repeatable)",
     )
     p.add_argument("--out", help="run folder (default runs/<timestamp>-<name>)")
+    p.add_argument(
+        "--resume",
+        metavar="RUN_DIR",
+        help="continue RUN_DIR from its last checkpoint (federated methods), with its config",
+    )
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("compare", help="compare finished runs")

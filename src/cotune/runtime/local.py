@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import inspect
 import os
 import time
 from pathlib import Path
 from typing import Any
 
 from cotune.config import Config, to_toml
+from cotune.errors import ConfigError
 from cotune.methods import get_method
 from cotune.report import RunFolder, default_run_dir, finish_run
 
@@ -19,14 +21,23 @@ def offline_env() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-def run_experiment(cfg: Config, out: str | Path | None = None) -> Path:
-    """Run `cfg` and write its run folder; returns the folder's path."""
+def run_experiment(cfg: Config, out: str | Path | None = None, resume: bool = False) -> Path:
+    """Run `cfg` and write its run folder; returns the folder's path.
+
+    With `resume`, `out` is an existing run folder and the method continues from its
+    last checkpoint (methods whose `run` takes `resume`: the federated ones).
+    """
     offline_env()
     method = get_method(cfg.method)
+    if resume and "resume" not in inspect.signature(method).parameters:
+        raise ConfigError(
+            f"method {cfg.method!r} cannot resume a run; resumable methods: "
+            "fedavg, fedlora, fedkd. Start it again without --resume."
+        )
     run = RunFolder(out if out is not None else default_run_dir(cfg.name))
     run.write_config(to_toml(cfg))
     t0 = time.perf_counter()
-    result = method(cfg, run, run_dir=run.path)
+    result = method(cfg, run, run_dir=run.path, **({"resume": True} if resume else {}))
     wall = time.perf_counter() - t0
     summary: dict[str, Any] = {
         "method": cfg.method,

@@ -93,12 +93,12 @@ def local_train(
     """Train the global model on partition `partition_id` for one round."""
     check_partition(cfg, partition_id)
     key = cfg.model_dump_json()
-    seed = derive_seed(cfg.seed, "client", server_round, partition_id)
-    seed_everything(seed)
     set_threads(cfg.train)
-    model, tokenizer = _client_model(key)
-    set_state(model, global_state)
+    model, tokenizer = _client_model(key)  # built (drawing random numbers) once per process
     data = _client_data(key, partition_id)
+    seed = derive_seed(cfg.seed, "client", server_round, partition_id)
+    seed_everything(seed)  # after the build: a cached model must not shift the stream
+    set_state(model, global_state)
     loader = make_loader(
         data, cfg.train.batch_size, shuffle=True, seed=seed, pad_token_id=tokenizer.pad_token_id
     )

@@ -130,6 +130,7 @@ class KDHook:
         self.cfg = cfg
         self.global_model = global_model
         self.student = global_model.model
+        seed_everything(derive_seed(cfg.seed, "teacher-init"))
         self.teacher, t_tok = build_model(cfg, teacher_model_config(cfg))
         task = global_model.task
         public = [task.train[i] for i in global_model.split.public]

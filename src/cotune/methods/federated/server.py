@@ -15,7 +15,8 @@ from cotune.data import Task
 from cotune.methods.centralized import eval_loaders
 from cotune.methods.federated.data import FederatedSplit, split_for, task_for
 from cotune.methods.federated.models import State, build_model, get_state, set_state
-from cotune.methods.training import evaluate, set_threads, trainable_count
+from cotune.methods.federated.seeds import derive_seed
+from cotune.methods.training import evaluate, seed_everything, set_threads, trainable_count
 
 
 class GlobalModel:
@@ -23,6 +24,9 @@ class GlobalModel:
 
     def __init__(self, cfg: Config) -> None:
         set_threads(cfg.train)
+        # peft initialises LoRA A from torch's global generator: seed it, so the initial
+        # global model (round 1's starting point) is the same in every run.
+        seed_everything(derive_seed(cfg.seed, "global-init"))
         self.cfg = cfg
         self.task: Task = task_for(cfg)
         self.split: FederatedSplit = split_for(cfg)

@@ -123,6 +123,8 @@ def run_inline(cfg: Config, options: ServerOptions, client_app: ClientApp | None
     saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
     TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 0, SUPERLINK_NODE_ID
     try:
-        server(grid, Context(run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config={}))
+        server(
+            grid, Context(run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config={})
+        )
     finally:
         TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
