@@ -20,7 +20,7 @@ from cotune.methods.federated.data import split_train
 from cotune.methods.federated.kd import mutual_distillation_losses
 from cotune.runtime.federated.checkpoint import ServerCheckpoint, load_checkpoint, save_checkpoint
 from cotune.runtime.federated.sampling import sample_partitions
-from cotune.runtime.federated.wire import message_bytes, to_arrays
+from cotune.runtime.federated.wire import message_bytes, messages_bytes, to_arrays
 
 POSITIVE = ["good", "great", "charming", "witty", "lovely", "brilliant", "moving", "fun"]
 NEGATIVE = ["bad", "dull", "boring", "awful", "lifeless", "clumsy", "tedious", "weak"]
@@ -180,6 +180,9 @@ def test_message_bytes_grow_with_the_payload_and_count_serialised_content(monkey
     b_small, b_large = message_bytes(msg(small)), message_bytes(msg(large))
     assert b_small > 40  # the 40 data bytes plus headers and names
     assert b_large - b_small == pytest.approx(4 * (10_000 - 10), rel=0.01)
+    # memoised sizes across messages give the same total as sizing each on its own
+    batch = [msg(large), msg(small), msg(large)]
+    assert messages_bytes(batch) == sum(message_bytes(m) for m in batch)
 
 
 # ------------------------------------------------------------------------ checkpoints

@@ -143,13 +143,17 @@ def write_flower_app(app_dir: Path, options: ServerOptions) -> Path:
     return app_dir
 
 
-def write_connection(flwr_home: Path, address: str, insecure: bool = True) -> None:
-    """The Flower CLI config naming the SuperLink `flwr run` submits to."""
+def write_connection(flwr_home: Path, address: str, root_certificates: str | None = None) -> None:
+    """The Flower CLI config naming the SuperLink `flwr run` submits to: TLS verified
+    against `root_certificates` (a PEM file) when given, plain otherwise."""
     flwr_home.mkdir(parents=True, exist_ok=True)
-    (flwr_home / "config.toml").write_text(
-        f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
-        f'address = "{address}"\ninsecure = {"true" if insecure else "false"}\n'
-    )
+    lines = ["[superlink]", f'default = "{CONNECTION}"', "", f"[superlink.{CONNECTION}]"]
+    lines.append(f"address = {json.dumps(address)}")
+    if root_certificates:
+        lines.append(f"root-certificates = {json.dumps(str(Path(root_certificates).resolve()))}")
+    else:
+        lines.append("insecure = true")
+    (flwr_home / "config.toml").write_text("\n".join(lines) + "\n")
 
 
 class LocalFederation:
@@ -271,7 +275,7 @@ def run_in_deployment(cfg: Config, options: ServerOptions, timeout: float | None
     app_dir = write_flower_app(run_dir / APP_DIR, options)
     if cfg.runtime.superlink:
         flwr_home = run_dir / FLWR_HOME_DIR
-        write_connection(flwr_home, cfg.runtime.superlink)
+        write_connection(flwr_home, cfg.runtime.superlink, cfg.runtime.tls_ca)
         submit(app_dir, flwr_home, options)
         wait_for_result(run_dir, timeout)
         return

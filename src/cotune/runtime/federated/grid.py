@@ -7,7 +7,7 @@ from collections.abc import Iterable
 from flwr.app import Message
 from flwr.serverapp import Grid
 
-from cotune.runtime.federated.wire import message_bytes
+from cotune.runtime.federated.wire import messages_bytes
 
 
 class CountingGrid:
@@ -32,6 +32,6 @@ class CountingGrid:
     ) -> list[Message]:
         sent = list(messages)
         replies = list(self.grid.send_and_receive(sent, timeout=timeout))
-        self.bytes_down += sum(message_bytes(m) for m in sent)
-        self.bytes_up += sum(message_bytes(m) for m in replies)
+        self.bytes_down += messages_bytes(sent)
+        self.bytes_up += messages_bytes(replies)
         return replies

@@ -19,13 +19,24 @@ from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 from cotune.methods.federated.models import State
 
 
-def message_bytes(message: Message) -> int:
-    """Serialised size of `message` (all its distinct objects, deflated)."""
-    return sum(len(obj.deflate()) for obj in get_all_nested_objects(message).values())
+def message_bytes(message: Message, sizes: dict[str, int] | None = None) -> int:
+    """Serialised size of `message` (all its distinct objects, deflated).
+
+    `sizes` memoises object id -> deflated size across calls (ids are content hashes),
+    so N messages carrying the same arrays serialise them once.
+    """
+    sizes = {} if sizes is None else sizes
+    total = 0
+    for object_id, obj in get_all_nested_objects(message).items():
+        if object_id not in sizes:
+            sizes[object_id] = len(obj.deflate())
+        total += sizes[object_id]
+    return total
 
 
 def messages_bytes(messages: Iterable[Message]) -> int:
-    return sum(message_bytes(m) for m in messages)
+    sizes: dict[str, int] = {}
+    return sum(message_bytes(m, sizes) for m in messages)
 
 
 def to_arrays(state: State) -> ArrayRecord:
