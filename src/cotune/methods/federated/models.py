@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from cotune.config import Config
 from cotune.config.schema import ModelConfig
@@ -45,11 +45,3 @@ def get_state(model: nn.Module) -> State:
 def set_state(model: nn.Module, state: State) -> None:
     """Load `state` into the model's trainable tensors (names and shapes must match)."""
     load_adapter_state_dict(model, {k: torch.from_numpy(np.asarray(v)) for k, v in state.items()})
-
-
-def as_tensors(state: State) -> dict[str, Tensor]:
-    return {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in state.items()}
-
-
-def state_nbytes(state: State) -> int:
-    return int(sum(v.nbytes for v in state.values()))
