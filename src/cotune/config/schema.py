@@ -132,13 +132,19 @@ class KDConfig(_Section):
     teacher_lr: float | None = Field(default=None, gt=0)  # None: 5e-5 full, 2e-3 LoRA teacher
 
 
+# fedpft's default LoRA targets (BERT-style names): the attention projections.
+FEDPFT_TARGETS = ("query", "key", "value", "attention.output.dense")
+
+
 class ProxyConfig(_Section):
     kind: Literal["neuron", "layer_drop"] = "neuron"
     keep_layers: list[int] | None = None  # None: first and last
     ffn_keep: float = Field(default=0.25, gt=0)  # fraction (<= 1) or count (> 1)
     align_every: int = Field(default=10, ge=1)
     align_keep: float = Field(default=0.5, ge=0, le=1)
-    align_steps: int = Field(default=200, ge=0)
+    align_steps: int = Field(default=200, ge=0)  # layer-level alignment before FL
+    realign_steps: int = Field(default=50, ge=0)  # neuron-level alignment, every align_every
+    align_lr: float = Field(default=3e-4, gt=0)
     public_corpus: str = "bbc-news"
 
     @field_validator("ffn_keep")
@@ -174,6 +180,12 @@ class Config(_Section):
             )
         if self.method in ("fedlora", "fedkd") and self.model.lora is None:
             self.model.lora = LoraConfig()
+        if self.method == "fedpft":
+            # LoRA on the proxy's attention projections (Q, K, V, attention output)
+            if self.model.lora is None:
+                self.model.lora = LoraConfig()
+            if self.model.lora.target_modules is None:
+                self.model.lora.target_modules = list(FEDPFT_TARGETS)
         return self
 
     def resolved_lr(self) -> float:

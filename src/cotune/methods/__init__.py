@@ -16,6 +16,7 @@ _MODULES: dict[str, str] = {
     "fedavg": "cotune.methods.fedavg",
     "fedlora": "cotune.methods.fedlora",
     "fedkd": "cotune.methods.fedkd",
+    "fedpft": "cotune.methods.fedpft",
 }
 
 

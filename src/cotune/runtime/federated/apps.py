@@ -108,21 +108,29 @@ def query(message: Message, context: Context) -> Message:
 
 def train(message: Message, context: Context) -> Message:
     """One round of local training on this node's partition."""
-    from cotune.methods.federated import local_train
+    from cotune.methods.federated.registry import client_trainer
     from cotune.runtime.federated.wire import from_arrays, to_arrays
 
-    config = message.content[CONFIG_KEY]
+    content = message.content
+    config = content[CONFIG_KEY]
     cfg = _config(str(config[CONFIG_TEXT_KEY]))
     partition = _partition(context, cfg)
-    update = local_train(
-        cfg, partition, from_arrays(message.content[ARRAYS_KEY]), int(config["server-round"])
+    # ArrayRecords besides the global state: method-specific extras (fedpft's proxy)
+    extras = {k: from_arrays(v) for k, v in content.array_records.items() if k != ARRAYS_KEY}
+    trainer = client_trainer(cfg)
+    state = from_arrays(content[ARRAYS_KEY])
+    rnd = int(config["server-round"])
+    update = (
+        trainer(cfg, partition, state, rnd, extras)
+        if extras
+        else trainer(cfg, partition, state, rnd)
     )
     metrics = MetricRecord(
         {WEIGHT_KEY: update.num_examples, PARTITION_KEY: partition, **update.metrics}
     )
-    return Message(
-        RecordDict({ARRAYS_KEY: to_arrays(update.state), METRICS_KEY: metrics}), reply_to=message
-    )
+    records = {ARRAYS_KEY: to_arrays(update.state), METRICS_KEY: metrics}
+    records.update({k: to_arrays(v) for k, v in getattr(update, "extras", {}).items()})
+    return Message(RecordDict(records), reply_to=message)
 
 
 def build_client_app(mods: Sequence[Mod] = ()) -> ClientApp:

@@ -26,7 +26,14 @@ from cotune.methods.federated import GlobalModel, server_hook
 from cotune.report import RunFolder
 from cotune.runtime.federated.checkpoint import ServerCheckpoint, load_checkpoint, save_checkpoint
 from cotune.runtime.federated.grid import CountingGrid
-from cotune.runtime.federated.keys import CONFIG_TEXT_KEY, METRICS_KEY, PARTITION_KEY, RESULT_FILE
+from cotune.runtime.federated.keys import (
+    ARRAYS_KEY,
+    CONFIG_TEXT_KEY,
+    METRICS_KEY,
+    PARTITION_KEY,
+    RESULT_FILE,
+    WEIGHT_KEY,
+)
 from cotune.runtime.federated.strategy import CotuneFedAvg
 from cotune.runtime.federated.wire import from_arrays, to_arrays
 
@@ -162,9 +169,11 @@ class FederatedServer:
             messages = strategy.configure_train(
                 rnd, to_arrays(model.state()), ConfigRecord({CONFIG_TEXT_KEY: config_text}), grid
             )
+            messages = _add_extras(hook, rnd, list(messages), strategy.node_of)
             replies = counting.send_and_receive(messages, timeout=timeout)
             arrays, client_metrics = strategy.aggregate_train(rnd, replies)
             outcome = strategy.outcome
+            _observe_replies(hook, rnd, replies, outcome.accepted)
             for part, reason in sorted({**outcome.failed, **outcome.rejected}.items()):
                 kind = "client_failed" if part in outcome.failed else "update_rejected"
                 self.run.log_train(
@@ -222,3 +231,37 @@ class FederatedServer:
         }
         (self.options.run_dir / RESULT_FILE).write_text(json.dumps(result, indent=2) + "\n")
         return result
+
+
+def _add_extras(
+    hook: Any, rnd: int, messages: list[Message], node_of: dict[int, int]
+) -> list[Message]:
+    """Per-client ArrayRecords from hooks that have `extras_for(partition, round)` (fedpft's
+    proxy weights), added to each train message before it is sent (and counted)."""
+    extras_for = getattr(hook, "extras_for", None)
+    if extras_for is None:
+        return messages
+    part_of = {node: part for part, node in node_of.items()}
+    for msg in messages:
+        extras = extras_for(part_of[msg.metadata.dst_node_id], rnd)
+        if extras:
+            records = dict(msg.content.items())
+            records.update({k: to_arrays(v) for k, v in extras.items()})
+            msg.content = RecordDict(records)
+    return messages
+
+
+def _observe_replies(hook: Any, rnd: int, replies: list[Message], accepted: list[int]) -> None:
+    """Hand hooks that have `observe_reply` each successful reply's extra ArrayRecords."""
+    observe = getattr(hook, "observe_reply", None)
+    if observe is None:
+        return
+    for msg in replies:
+        if msg.has_error() or METRICS_KEY not in msg.content.metric_records:
+            continue
+        metrics = msg.content[METRICS_KEY]
+        part = int(metrics[PARTITION_KEY])
+        extras = {
+            k: from_arrays(v) for k, v in msg.content.array_records.items() if k != ARRAYS_KEY
+        }
+        observe(rnd, part, extras, float(metrics.get(WEIGHT_KEY, 0.0)), part in accepted)

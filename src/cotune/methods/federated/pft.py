@@ -1,0 +1,418 @@
+"""fedpft on the federated apps: the cloud's proxy hook and the device's training.
+
+Cloud (`ProxyHook`, the server hook of method fedpft):
+1. builds the proxy from the full model (FM) the server holds (`cotune.models.proxy`),
+   and aligns it layer by layer on a public corpus (`proxy.public_corpus`, default
+   bbc-news article text; clients train on the task's data, never on it);
+2. sends each sampled device the proxy weights it does not hold yet (all of them the
+   first time, afterwards only the tensors re-aligned since its last round), inside
+   its train message, so they are counted with the round's bytes;
+3. every `proxy.align_every` rounds asks the devices for per-neuron activation
+   statistics (mean |activation| of the compressed FFNs over their local tokens),
+   averages them (weighted by examples) and re-aligns the least-used
+   `1 - proxy.align_keep` of each compressed layer's neurons against the FM carrying
+   the current aggregated adapter;
+4. the aggregated adapter and head are plugged into the FM, which the server evaluates
+   every round (the global model of the federated apps *is* the FM with LoRA).
+The FM's own weights never go into a message: only the proxy's.
+
+Device (`proxy_local_train`): keeps the proxy it received in its store (a folder,
+content-addressed), trains LoRA on the proxy's attention projections plus the head,
+and returns the adapter under the FM's tensor names (and the statistics if asked).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tempfile
+from collections.abc import Iterator
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from cotune.config import Config
+from cotune.config.schema import TaskConfig
+from cotune.data import EncodedDataset, Example, encode, load_task, make_loader
+from cotune.errors import ConfigError
+from cotune.memory import apply_memory_option
+from cotune.methods.federated.client import (
+    ClientUpdate,
+    check_partition,
+    local_steps,
+    round_schedule,
+)
+from cotune.methods.federated.data import split_for, task_for
+from cotune.methods.federated.models import State, build_model, get_state, set_state
+from cotune.methods.federated.seeds import derive_seed
+from cotune.methods.federated.server import GlobalModel
+from cotune.methods.loop import fit
+from cotune.methods.training import (
+    cycle,
+    make_optimizer,
+    model_inputs,
+    seed_everything,
+    set_threads,
+)
+from cotune.models.proxy import (
+    AlignStats,
+    NeuronStats,
+    ProxyPlan,
+    align,
+    build_proxy,
+    ffn_param_names,
+    layer_gaps,
+    least_used,
+    load_proxy_weights,
+    neuron_masks,
+    non_embedding_params,
+    plan_proxy,
+    proxy_skeleton,
+    proxy_weights,
+    to_fm_names,
+    to_proxy_names,
+)
+
+PROXY_KEY = "proxy"  # ArrayRecord (down): proxy tensors the device does not hold yet
+META_KEY = "proxy-meta"  # ArrayRecord (down): version, whether to report statistics
+STATS_KEY = "neuron-stats"  # ArrayRecord (up): mean |activation| per neuron, per layer
+GAP_BATCHES = 4  # held-out public batches on which layer gaps are measured
+
+
+# ----------------------------------------------------------------------------- public text
+
+
+def public_examples(cfg: Config) -> tuple[list[Example], list[Example]]:
+    """(alignment text, held-out text) of the cloud's public corpus; labels unused."""
+    if cfg.proxy.public_corpus == cfg.task.name:
+        raise ConfigError(
+            f"proxy.public_corpus = {cfg.proxy.public_corpus!r} is the task the clients train "
+            "on; the cloud aligns on a public corpus the clients do not hold (e.g. bbc-news)"
+        )
+    task = load_task(TaskConfig(name=cfg.proxy.public_corpus), cfg.seed)
+    held_out = next(iter(task.eval.values()), [])
+    text = [Example(ex.text_a, ex.text_b, 0) for ex in task.train]
+    return text, [Example(ex.text_a, ex.text_b, 0) for ex in held_out]
+
+
+def _batches(ds: EncodedDataset, tokenizer: Any, cfg: Config, seed: int) -> Iterator[dict]:
+    loader = make_loader(ds, cfg.train.batch_size, shuffle=True, seed=seed,
+                         pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+    return (model_inputs(b) for b in cycle(loader))
+
+
+# ----------------------------------------------------------------------------- cloud
+
+
+def _np(t: Tensor) -> np.ndarray:
+    return t.detach().cpu().numpy().copy()
+
+
+class ProxyHook:
+    """The cloud side of fedpft (see the module docstring)."""
+
+    def __init__(self, cfg: Config, global_model: GlobalModel) -> None:
+        if global_model.task.kind != "classification":
+            raise ConfigError("fedpft supports classification tasks (the proxy's head is linear)")
+        self.cfg = cfg
+        self.fm = global_model.model
+        self.tokenizer = global_model.tokenizer
+        self.proxy, self.plan, self.neurons = build_proxy(self.fm, cfg.proxy)
+        self.align_names = ffn_param_names(self.proxy, self.plan)
+        text, held_out = public_examples(cfg)
+        self.public = encode(text, self.tokenizer, cfg.train.max_seq_len)
+        gap_set = encode(held_out or text, self.tokenizer, cfg.train.max_seq_len)
+        gap_iter = _batches(gap_set, self.tokenizer, cfg, derive_seed(cfg.seed, "gap"))
+        self.gap_batches = [next(gap_iter) for _ in range(GAP_BATCHES)]
+        self.info: dict[str, Any] = {
+            "proxy_kind": self.plan.kind,
+            "proxy_layers": list(self.plan.layer_map),
+            "proxy_ffn": list(self.plan.ffn_keep),
+            "fm_non_embedding_params": non_embedding_params(self.fm),
+            "proxy_non_embedding_params": non_embedding_params(self.proxy),
+            "fm_params": sum(p.numel() for p in self.fm.parameters()),
+            "proxy_params": sum(p.numel() for p in self.proxy.parameters()),
+        }
+        self.info["gap_before"] = self.gaps()
+        stats = self._align_before_fl()
+        self.info["gap_after"] = self.gaps()
+        self.info["align_first_loss"], self.info["align_last_loss"] = (
+            stats.first_loss, stats.last_loss,
+        )  # fmt: skip
+        self.version = 1
+        names = list(proxy_weights(self.proxy))
+        self.changed_at: dict[str, int] = dict.fromkeys(names, 1)
+        self.held: dict[int, int] = {}  # partition -> proxy version it holds
+        self._sent: dict[int, int] = {}  # partition -> version sent this round
+        self._usage: dict[int, Tensor] = {}
+        self._usage_weight = 0.0
+        self._metrics: dict[str, float] = {}
+        self._first_round_logged = False
+
+    # -- alignment
+    def gaps(self) -> list[float]:
+        """Per proxy layer: normalised MSE to the FM's matching layer (held-out public text)."""
+        return layer_gaps(self.proxy, self.fm, self.plan, self.gap_batches)
+
+    def _align_before_fl(self) -> AlignStats:
+        cfg = self.cfg
+        seed_everything(derive_seed(cfg.seed, "proxy/align"))
+        batches = _batches(self.public, self.tokenizer, cfg, derive_seed(cfg.seed, "proxy/align"))
+        return align(self.proxy, self.fm, self.plan, batches, cfg.proxy.align_steps,
+                     cfg.proxy.align_lr, params=self.align_names)  # fmt: skip
+
+    def wants_stats(self, server_round: int) -> bool:
+        p = self.cfg.proxy
+        return (
+            self.plan.kind == "neuron"
+            and p.realign_steps > 0
+            and p.align_keep < 1
+            and server_round % p.align_every == 0
+        )
+
+    # -- messages
+    def extras_for(self, partition: int, server_round: int) -> dict[str, State]:
+        """The proxy tensors `partition` lacks, and this round's proxy version and requests."""
+        held = self.held.get(partition, 0)
+        weights = proxy_weights(self.proxy)
+        send = {n: _np(w) for n, w in weights.items() if self.changed_at[n] > held}
+        self._sent[partition] = self.version
+        meta = {
+            "version": np.array([self.version], dtype=np.int64),
+            "stats": np.array([int(self.wants_stats(server_round))], dtype=np.int64),
+        }
+        return {PROXY_KEY: send, META_KEY: meta} if send else {META_KEY: meta}
+
+    def observe_reply(
+        self, server_round: int, partition: int, extras: dict[str, State], weight: float,
+        accepted: bool,
+    ) -> None:  # fmt: skip
+        if partition in self._sent:
+            self.held[partition] = self._sent[partition]  # the device stored what it got
+        if accepted and STATS_KEY in extras and weight > 0:
+            for key, usage in extras[STATS_KEY].items():
+                j = int(key.rsplit(".", 1)[-1])
+                u = torch.from_numpy(np.asarray(usage, dtype=np.float64)) * weight
+                self._usage[j] = self._usage.get(j, torch.zeros_like(u)) + u
+            self._usage_weight += weight
+
+    def after_aggregate(self, server_round: int, state: State) -> State:
+        self._sent.clear()
+        self._metrics = {}
+        if not self._first_round_logged:
+            self._first_round_logged = True
+            gb, ga = self.info["gap_before"], self.info["gap_after"]
+            self._metrics.update(
+                {"proxy_gap_before": float(np.mean(gb)), "proxy_gap_after": float(np.mean(ga))}
+            )
+        if self._usage and self.wants_stats(server_round):
+            self._metrics.update(self._realign(server_round, state))
+        self._usage, self._usage_weight = {}, 0.0
+        return state
+
+    def _realign(self, server_round: int, state: State) -> dict[str, float]:
+        """Neuron-level alignment against the FM carrying the aggregated adapter."""
+        cfg = self.cfg
+        set_state(self.fm, state)
+        set_state(self.proxy, to_proxy_names(state, self.plan))
+        usage = {j: u / self._usage_weight for j, u in self._usage.items()}
+        realign = least_used(usage, cfg.proxy.align_keep)
+        names, masks = neuron_masks(self.proxy, self.plan, realign)
+        before = self.gaps()
+        seed = derive_seed(cfg.seed, "proxy/realign", server_round)
+        seed_everything(seed)
+        stats = align(self.proxy, self.fm, self.plan, _batches(self.public, self.tokenizer, cfg, seed),
+                      cfg.proxy.realign_steps, cfg.proxy.align_lr, params=names,
+                      grad_masks=masks)  # fmt: skip
+        after = self.gaps()
+        self.version += 1
+        for n in names:
+            self.changed_at[n] = self.version
+        return {
+            "realign_neurons": float(sum(len(v) for v in realign.values())),
+            "realign_gap_before": float(np.mean(before)),
+            "realign_gap_after": float(np.mean(after)),
+            "realign_loss_first": stats.first_loss,
+            "realign_loss_last": stats.last_loss,
+            "proxy_version": float(self.version),
+        }
+
+    def round_metrics(self) -> dict[str, float]:
+        return dict(self._metrics)
+
+    # -- checkpoint: the aligned tensors and who holds which version
+    def state_dict(self) -> State:
+        named = dict(self.proxy.named_parameters())
+        out: State = {f"proxy/{n}": _np(named[n]) for n in self.align_names}
+        names = sorted(self.changed_at)
+        out["meta/changed_at"] = np.array([self.changed_at[n] for n in names], dtype=np.int64)
+        parts = sorted(self.held)
+        out["meta/held"] = np.array([[p, self.held[p]] for p in parts], dtype=np.int64).reshape(
+            -1, 2
+        )
+        out["meta/version"] = np.array([self.version], dtype=np.int64)
+        return out
+
+    def load_state_dict(self, state: State) -> None:
+        if not state:
+            return
+        named = dict(self.proxy.named_parameters())
+        with torch.no_grad():
+            for n in self.align_names:
+                named[n].copy_(torch.from_numpy(np.asarray(state[f"proxy/{n}"])))
+        names = sorted(self.changed_at)
+        self.changed_at = {n: int(v) for n, v in zip(names, state["meta/changed_at"], strict=True)}
+        self.held = {int(p): int(v) for p, v in np.asarray(state["meta/held"]).reshape(-1, 2)}
+        self.version = int(state["meta/version"][0])
+        self._first_round_logged = True
+
+    @property
+    def trainable(self) -> int:
+        named = dict(self.proxy.named_parameters())
+        return sum(named[n].numel() for n in self.align_names)
+
+
+# ----------------------------------------------------------------------------- device
+
+
+@dataclass
+class ProxyUpdate(ClientUpdate):
+    extras: dict[str, State] = field(default_factory=dict)
+
+
+def _digest(a: np.ndarray) -> str:
+    h = hashlib.sha256()
+    h.update(f"{a.dtype.str}{a.shape}".encode())
+    h.update(np.ascontiguousarray(a).tobytes())
+    return h.hexdigest()[:32]
+
+
+class DeviceStore:
+    """A device's copy of the proxy: tensors stored by content hash in a folder, and a
+    manifest (version, name -> hash). Devices sharing a machine (simulation) share the
+    content-addressed blobs, never each other's manifests."""
+
+    def __init__(self, root: Path, device: int) -> None:
+        self.blobs = root / "blobs"
+        self.manifest_path = root / f"device-{device}.json"
+
+    def manifest(self) -> dict[str, Any]:
+        if not self.manifest_path.exists():
+            return {"version": 0, "tensors": {}}
+        return json.loads(self.manifest_path.read_text())
+
+    def update(self, version: int, tensors: State) -> None:
+        self.blobs.mkdir(parents=True, exist_ok=True)
+        man = self.manifest()
+        for name, arr in tensors.items():
+            digest = _digest(arr)
+            blob = self.blobs / f"{digest}.npy"
+            if not blob.exists():
+                tmp = blob.with_suffix(f".{id(arr)}.tmp")
+                with tmp.open("wb") as f:
+                    np.save(f, np.ascontiguousarray(arr))
+                tmp.replace(blob)
+            man["tensors"][name] = digest
+        man["version"] = version
+        tmp = self.manifest_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(man))
+        tmp.replace(self.manifest_path)
+
+    def load(self) -> tuple[int, dict[str, Tensor]]:
+        man = self.manifest()
+        return int(man["version"]), {
+            n: torch.from_numpy(np.load(self.blobs / f"{d}.npy")) for n, d in man["tensors"].items()
+        }
+
+
+def device_store_root(cfg: Config) -> Path:
+    key = hashlib.sha256(cfg.model_dump_json().encode()).hexdigest()[:16]
+    return Path(tempfile.gettempdir()) / "cotune-devices" / key
+
+
+@lru_cache(maxsize=2)
+def _proxy_model(cfg_json: str) -> tuple[nn.Module, Any, ProxyPlan]:
+    """The proxy's skeleton (shapes from the config); every frozen tensor is overwritten by
+    the proxy weights the cloud sent before each use."""
+    cfg = Config.model_validate_json(cfg_json)
+    model, tokenizer = build_model(cfg)
+    plan = plan_proxy(model, cfg.proxy)
+    model = proxy_skeleton(model, plan)
+    apply_memory_option(model, cfg.memory)
+    return model, tokenizer, plan
+
+
+@lru_cache(maxsize=4)
+def _proxy_data(cfg_json: str, partition_id: int) -> EncodedDataset:
+    cfg = Config.model_validate_json(cfg_json)
+    _, tokenizer, _ = _proxy_model(cfg_json)
+    task = task_for(cfg)
+    indices = split_for(cfg).clients[partition_id]
+    return encode([task.train[i] for i in indices], tokenizer, cfg.train.max_seq_len)
+
+
+def proxy_local_train(
+    cfg: Config,
+    partition_id: int,
+    global_state: State,
+    server_round: int,
+    extras: dict[str, State] | None = None,
+) -> ProxyUpdate:
+    """One round on the device: refresh the stored proxy, train LoRA + head on local data."""
+    check_partition(cfg, partition_id)
+    extras = extras or {}
+    if META_KEY not in extras:
+        raise ValueError("a fedpft train message must carry the proxy-meta record")
+    version = int(extras[META_KEY]["version"][0])
+    want_stats = bool(extras[META_KEY]["stats"][0])
+    key = cfg.model_dump_json()
+    set_threads(cfg.train)
+    model, tokenizer, plan = _proxy_model(key)
+    data = _proxy_data(key, partition_id)
+    store = DeviceStore(device_store_root(cfg), partition_id)
+    if PROXY_KEY in extras:
+        store.update(version, extras[PROXY_KEY])
+    held, weights = store.load()
+    if held != version:
+        raise RuntimeError(
+            f"device {partition_id} holds proxy version {held}, the cloud trains version {version}"
+        )
+    load_proxy_weights(model, weights)
+    seed = derive_seed(cfg.seed, "client", server_round, partition_id)
+    seed_everything(seed)
+    set_state(model, to_proxy_names(global_state, plan))
+    loader = make_loader(
+        data, cfg.train.batch_size, shuffle=True, seed=seed, pad_token_id=tokenizer.pad_token_id
+    )
+    n_steps = local_steps(cfg, len(loader))
+    optimizer = make_optimizer(model.parameters(), cfg)
+    schedule = round_schedule(optimizer, cfg.train, n_steps, cfg.federated.rounds, server_round)
+    recorder = NeuronStats(model, plan)
+    with recorder.attached() if want_stats else nullcontext():
+        stats = fit(model, cycle(loader), n_steps, optimizer, schedule,
+                    precision=cfg.train.precision, max_grad_norm=cfg.train.max_grad_norm)  # fmt: skip
+    state = {**global_state, **to_fm_names(get_state(model), plan)}  # dropped layers: unchanged
+    out_extras: dict[str, State] = {}
+    if want_stats:
+        out_extras[STATS_KEY] = {
+            f"layer.{j}": u.numpy().astype(np.float32) for j, u in recorder.means().items()
+        }
+    return ProxyUpdate(
+        state={k: state[k] for k in global_state},
+        num_examples=len(data),
+        metrics={
+            "train_loss": stats.mean_loss,
+            "steps": float(stats.steps),
+            "train_s": stats.train_s,
+            "peak_rss_bytes": float(stats.peak_rss_bytes),
+            "saved_activation_bytes": float(stats.saved_activation_bytes),
+            "proxy_version": float(version),
+        },
+        extras=out_extras,
+    )
