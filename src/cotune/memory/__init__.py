@@ -1,21 +1,48 @@
-"""Memory-efficient backward (sparse saved activations) and exact memory measurement."""
+"""Memory-efficient backward (sparse saved activations) and exact memory measurement.
+
+The forward pass stays exact; only what autograd keeps for backward is pruned to a
+`memory.keep` share of token rows (`random`, `norm`) or elements (`backrazor`). See
+`cotune.memory.swap` for what is swapped and the op modules for each approximation.
+"""
 
 from __future__ import annotations
 
 from torch import nn
 
 from cotune.config import MemoryConfig
-from cotune.errors import ConfigError
 from cotune.memory.measure import PeakRSS, SavedTensorMeter, report_saved_bytes
+from cotune.memory.pack import Policy, pack_bits, token_mask, unpack_bits
+from cotune.memory.swap import make_policy, sparse_op_counts, swap_in
 
 
-def apply_memory_option(model: nn.Module, memory: MemoryConfig) -> nn.Module:
-    """Swap sparse-saving ops into the device-side `model` as `memory` asks."""
+def apply_memory_option(
+    model: nn.Module, memory: MemoryConfig, seed: int | None = None
+) -> nn.Module:
+    """Swap sparse-saving ops into the device-side `model` (any module subtree) in place.
+
+    `memory.backward = "none"` leaves the model untouched. Otherwise every Linear input,
+    attention operand and probability matrix, LayerNorm input and FFN activation input
+    named by `memory.ops` is saved sparsely, and dropout saves its generator state instead
+    of its mask. Row selection for `random` (and backrazor's threshold sampling) uses a
+    private generator seeded with `seed` (default: torch's current initial seed), so the
+    global RNG stream, and hence dropout, is the same as without the option.
+    Raises `ModelError` if nothing in `model` can be made sparse.
+    """
     if memory.backward == "none":
         return model
-    raise ConfigError(
-        f"memory.backward = {memory.backward!r} is not available in this build; valid: 'none'."
-    )
+    swap_in(model, make_policy(memory, seed))
+    return model
 
 
-__all__ = ["PeakRSS", "SavedTensorMeter", "apply_memory_option", "report_saved_bytes"]
+__all__ = [
+    "PeakRSS",
+    "Policy",
+    "SavedTensorMeter",
+    "apply_memory_option",
+    "make_policy",
+    "pack_bits",
+    "report_saved_bytes",
+    "sparse_op_counts",
+    "token_mask",
+    "unpack_bits",
+]

@@ -1,0 +1,403 @@
+"""Compact storage of a tensor saved for backward.
+
+A saved activation of shape `(..., L, F)` has `L` token rows (the contraction dimension
+of the weight gradients) of `F` features each. Three representations:
+
+- `dense`: the tensor itself (mode `none`, or `keep = 1`).
+- `rows` (modes `random` and `norm`): `k = ceil(keep * L)` token rows per leading slice
+  (per sample, or per sample and head), as the kept rows' values `(..., k, F)` and their
+  row indices `(..., k)` (int16 when `L` fits). `random` draws the rows uniformly among
+  the sample's real (non-padding) tokens; `norm` takes the rows of largest L-inf, L1 or
+  L2 norm. With `rescale`, each kept row carries `1 / P(kept)`, so the zero-filled
+  reconstruction is an unbiased estimate of the dense tensor.
+- `elems` (mode `backrazor`): per sample, the `keep` share of elements of largest
+  magnitude, as a bit-packed mask (1 bit per element) and the kept values in mask order.
+
+`pack` returns the metadata and the tensors to hand to `ctx.save_for_backward` (so the
+saved-tensor hooks of `SavedTensorMeter` count exactly what is kept); `Sparse` rebuilds
+what backward needs from them.
+"""
+
+from __future__ import annotations
+
+import math
+import weakref
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+import torch
+
+Mode = Literal["random", "norm", "backrazor"]
+NormKind = Literal["linf", "l1", "l2"]
+
+# Beyond this many elements per sample, backrazor estimates the k-th largest magnitude
+# from a random sample of _THRESHOLD_SAMPLE elements instead of an exact top-k (which
+# costs tens of milliseconds per FFN-sized tensor on a CPU).
+EXACT_TOPK_MAX = 1 << 14
+_THRESHOLD_SAMPLE = 1 << 12
+
+_SHIFTS = torch.arange(8, dtype=torch.uint8)
+
+
+def pack_bits(mask: torch.Tensor) -> torch.Tensor:
+    """Pack a bool tensor's last dimension into bytes (8 elements per uint8, LSB first)."""
+    if mask.device.type == "cpu":
+        packed = np.packbits(mask.contiguous().numpy(), axis=-1, bitorder="little")
+        return torch.from_numpy(packed)
+    n = mask.shape[-1]
+    pad = (-n) % 8
+    if pad:
+        mask = torch.cat([mask, mask.new_zeros(*mask.shape[:-1], pad)], dim=-1)
+    bits = mask.reshape(*mask.shape[:-1], -1, 8).to(torch.uint8)
+    return (bits << _SHIFTS.to(bits.device)).sum(-1, dtype=torch.uint8)
+
+
+def unpack_bits(packed: torch.Tensor, n: int) -> torch.Tensor:
+    """Inverse of `pack_bits`: the first `n` bits of each row as a bool tensor."""
+    if packed.device.type == "cpu":
+        bits = np.unpackbits(packed.numpy(), axis=-1, count=n, bitorder="little")
+        return torch.from_numpy(bits.view(np.bool_))
+    bits = (packed.unsqueeze(-1) >> _SHIFTS.to(packed.device)) & 1
+    return bits.reshape(*packed.shape[:-1], -1)[..., :n].bool()
+
+
+@dataclass
+class Policy:
+    """How sparse-saving ops choose what to keep (one object shared by a model's ops)."""
+
+    mode: Mode
+    keep: float
+    rescale: bool = True
+    norm: NormKind = "linf"
+    ops: frozenset[str] = frozenset({"linear", "matmul", "softmax", "layernorm", "activation"})
+    seed: int = 0
+    _generators: dict[str, torch.Generator] = field(default_factory=dict, repr=False)
+    _last_pack: tuple | None = field(default=None, repr=False)
+
+    def generator(self, device: torch.device) -> torch.Generator:
+        """A private generator per device, so selection never perturbs the global RNG
+        (dropout masks stay identical to the unpatched model's)."""
+        key = str(device)
+        if key not in self._generators:
+            self._generators[key] = torch.Generator(device=device).manual_seed(self.seed)
+        return self._generators[key]
+
+    @property
+    def scaled(self) -> bool:
+        return self.mode == "random" and self.rescale
+
+
+# Which tokens are real (not padding), (batch, seq) bool; set around a forward pass by
+# the hooks `apply_memory_option` installs, or by callers through `token_mask(...)`.
+_TOKEN_MASK: ContextVar[torch.Tensor | None] = ContextVar("cotune_token_mask", default=None)
+
+
+@contextmanager
+def token_mask(mask: torch.Tensor | None):  # type: ignore[no-untyped-def]
+    """Tell the sparse ops which tokens are real: `mask` is (batch, seq), nonzero = real."""
+    token = _TOKEN_MASK.set(normalize_token_mask(mask))
+    try:
+        yield
+    finally:
+        _TOKEN_MASK.reset(token)
+
+
+def normalize_token_mask(mask: torch.Tensor | None) -> torch.Tensor | None:
+    """A (batch, seq) mask as bool, or None when absent or when every token is real."""
+    if mask is None or mask.dim() != 2:
+        return None
+    mask = mask.bool()
+    return None if bool(mask.all()) else mask
+
+
+def current_token_mask() -> torch.Tensor | None:
+    return _TOKEN_MASK.get()
+
+
+def _valid_rows(x: torch.Tensor) -> torch.Tensor | None:
+    """Validity of the token rows of x (..., L, F) as a tensor broadcastable to x.shape[:-1]."""
+    mask = _TOKEN_MASK.get()
+    if mask is None or mask.dim() != 2 or x.dim() < 3:
+        return None
+    if mask.shape[0] != x.shape[0] or mask.shape[1] != x.shape[-2]:
+        return None
+    mask = mask.to(x.device)
+    return mask.view(mask.shape[0], *([1] * (x.dim() - 3)), mask.shape[1])
+
+
+def _row_priority(x: torch.Tensor, policy: Policy) -> torch.Tensor:
+    if policy.mode == "random":
+        u = torch.rand(x.shape[:-1], generator=policy.generator(torch.device("cpu")))
+        return u.to(x.device)
+    a = x.detach().float()
+    if policy.norm == "linf":
+        return a.abs().amax(-1)
+    if policy.norm == "l1":
+        return a.abs().sum(-1)
+    return torch.linalg.vector_norm(a, dim=-1)
+
+
+def rows_to_keep(x: torch.Tensor, keep: float) -> int:
+    return min(x.shape[-2], max(1, math.ceil(keep * x.shape[-2] - 1e-9)))
+
+
+@dataclass(frozen=True)
+class PackMeta:
+    kind: Literal["dense", "rows", "elems", "bits"]
+    shape: tuple[int, ...]
+    n_tensors: int
+    has_scale: bool = False
+
+
+@dataclass
+class Packed:
+    """What `pack` keeps (`tensors`, for save_for_backward) plus, during the forward pass,
+    the selection itself so a companion tensor can be packed the same way."""
+
+    meta: PackMeta
+    tensors: list[torch.Tensor]
+    index: torch.Tensor | None = None  # rows: (..., k) int64
+    mask: torch.Tensor | None = None  # elems: (B, n) bool
+
+    def select(self, other: torch.Tensor) -> torch.Tensor:
+        """The entries of `other` (shaped like the packed tensor) that this pack keeps, in
+        the pack's layout: rows (..., k, F), elems 1-D, dense unchanged."""
+        if self.index is not None:
+            idx = self.index
+            return other.gather(-2, idx.unsqueeze(-1).expand(*idx.shape, other.shape[-1]))
+        if self.mask is not None:
+            return _compress(other.reshape(self.mask.shape), self.mask)
+        return other
+
+
+def _index_dtype(n: int) -> torch.dtype:
+    return torch.int16 if n <= torch.iinfo(torch.int16).max else torch.int32
+
+
+def _compress(flat: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """flat[mask] (numpy's compress on CPU is several times faster than torch's)."""
+    if flat.device.type == "cpu" and flat.dtype in _NUMPY_DTYPES:
+        return torch.from_numpy(
+            np.compress(mask.numpy().ravel(), flat.contiguous().numpy().ravel())
+        )
+    return flat[mask]
+
+
+_NUMPY_DTYPES = {torch.float32, torch.float64, torch.float16, torch.bool, torch.uint8}
+
+
+def select_rows(
+    x: torch.Tensor, policy: Policy, priority: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Row indices (..., k) to keep from x (..., L, F) and, with rescale, the per-slice
+    inverse inclusion probability (...) of the kept rows."""
+    k = rows_to_keep(x, policy.keep)
+    if priority is None:
+        priority = _row_priority(x, policy)
+    valid = _valid_rows(x)
+    if valid is not None:
+        priority = priority.masked_fill(~valid.expand_as(priority), -math.inf)
+    idx = priority.topk(k, dim=-1, sorted=False).indices
+    scale = None
+    if policy.scaled:
+        n_valid = (
+            valid.expand(priority.shape).sum(-1).float()
+            if valid is not None
+            else torch.full(priority.shape[:-1], float(x.shape[-2]), device=x.device)
+        )
+        scale = (n_valid / k).clamp(min=1.0)
+    return idx, scale
+
+
+def pack_rows(x: torch.Tensor, idx: torch.Tensor, scale: torch.Tensor | None) -> Packed:
+    values = x.detach().gather(-2, idx.unsqueeze(-1).expand(*idx.shape, x.shape[-1]))
+    tensors = [values.contiguous(), idx.to(_index_dtype(x.shape[-2]))]
+    if scale is not None:
+        tensors.append(scale)
+    meta = PackMeta("rows", tuple(x.shape), len(tensors), scale is not None)
+    return Packed(meta, tensors, index=idx)
+
+
+def select_elems(
+    x: torch.Tensor, policy: Policy, magnitude: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Per-sample bool mask (B, n) of the `keep` share of elements of largest magnitude.
+
+    Exact top-k up to EXACT_TOPK_MAX elements per sample; beyond, the k-th largest
+    magnitude is estimated from a random sample and every element above it is kept (the
+    count is then within about 1% of k: the bytes saved are measured, not assumed)."""
+    b = x.shape[0]
+    a = (x.detach() if magnitude is None else magnitude.detach()).reshape(b, -1).abs()
+    n = a.shape[1]
+    valid = _valid_rows(x)
+    if valid is not None:
+        a = a.masked_fill(~valid.unsqueeze(-1).expand(x.shape).reshape(b, n), -1.0)
+    k = max(1, math.ceil(policy.keep * n - 1e-9))
+    if n <= EXACT_TOPK_MAX:
+        idx = a.topk(k, dim=1, sorted=False).indices
+        return torch.zeros(a.shape, dtype=torch.bool, device=a.device).scatter_(1, idx, True)
+    gen = policy.generator(torch.device("cpu"))
+    probe = torch.randint(n, (b, _THRESHOLD_SAMPLE), generator=gen).to(a.device)
+    sample = a.gather(1, probe)
+    rank = max(1, min(_THRESHOLD_SAMPLE, round((1 - policy.keep) * _THRESHOLD_SAMPLE)))
+    threshold = sample.kthvalue(rank, dim=1, keepdim=True).values.clamp(min=-0.5)
+    return a > threshold
+
+
+def pack_elems(x: torch.Tensor, mask: torch.Tensor) -> Packed:
+    values = _compress(x.detach().reshape(mask.shape), mask)
+    meta = PackMeta("elems", tuple(x.shape), 2)
+    return Packed(meta, [values, pack_bits(mask)], mask=mask)
+
+
+def pack_dense(x: torch.Tensor) -> Packed:
+    """x itself; a view of a larger storage is copied so that storage is not kept alive."""
+    x = x.detach()
+    if x.untyped_storage().nbytes() > x.numel() * x.element_size():
+        x = x.clone(memory_format=torch.contiguous_format)
+    return Packed(PackMeta("dense", tuple(x.shape), 1), [x])
+
+
+def pack_bool(t: torch.Tensor) -> Packed:
+    """A bool tensor as bits (1 bit per element)."""
+    return Packed(PackMeta("bits", tuple(t.shape), 1), [pack_bits(t.reshape(-1))])
+
+
+def pack(x: torch.Tensor, policy: Policy | None) -> Packed:
+    """Choose and pack what to keep of x (..., L, F) under `policy` (None: dense).
+
+    Tensors without a token dimension (fewer than 3 dims, e.g. pooled features) are kept
+    dense."""
+    if policy is None or policy.keep >= 1.0 or x.dim() < 3:
+        return pack_dense(x)
+    if policy.mode == "backrazor":
+        return pack_elems(x, select_elems(x, policy))
+    idx, scale = select_rows(x, policy)
+    if idx.shape[-1] >= x.shape[-2]:
+        return pack_dense(x)
+    return pack_rows(x, idx, scale)
+
+
+def pack_shared(x: torch.Tensor, policy: Policy) -> Packed:
+    """`pack`, reusing the previous pack when called again on the very same tensor object
+    (the Q, K and V projections, or gate and up, all read one input: it is kept once)."""
+    hit = policy._last_pack
+    if hit is not None:
+        ref, version, meta, tensor_refs = hit
+        tensors = [r() for r in tensor_refs]
+        if ref() is x and x._version == version and all(t is not None for t in tensors):
+            return Packed(meta, tensors)  # type: ignore[arg-type]
+    packed = pack(x, policy)
+    policy._last_pack = (
+        weakref.ref(x),
+        x._version,
+        packed.meta,
+        [weakref.ref(t) for t in packed.tensors],
+    )
+    return packed
+
+
+class Sparse:
+    """A packed tensor rebuilt in backward."""
+
+    def __init__(self, meta: PackMeta, tensors: tuple[torch.Tensor, ...]) -> None:
+        self.meta = meta
+        self.kind = meta.kind
+        self.shape = meta.shape
+        self.tensors = tensors
+
+    # -- rows -------------------------------------------------------------------------
+    @property
+    def values(self) -> torch.Tensor:
+        return self.tensors[0]
+
+    @property
+    def index(self) -> torch.Tensor:
+        """Row indices (..., k) as int64 (rows kind only)."""
+        return self.tensors[1].long()
+
+    def row_scale(self) -> torch.Tensor | None:
+        """Inverse inclusion probability per slice, shaped (..., 1, 1), or None."""
+        if self.kind != "rows" or not self.meta.has_scale:
+            return None
+        return self.tensors[2].unsqueeze(-1).unsqueeze(-1)
+
+    def scaled_values(self) -> torch.Tensor:
+        scale = self.row_scale()
+        return self.values if scale is None else self.values * scale.to(self.values.dtype)
+
+    def gather_rows(self, t: torch.Tensor) -> torch.Tensor:
+        """The rows of t (..., L, G) at this pack's kept row indices (rows kind)."""
+        idx = self.index
+        return t.gather(-2, idx.unsqueeze(-1).expand(*idx.shape, t.shape[-1]))
+
+    def scatter_rows(self, rows: torch.Tensor, into: torch.Tensor) -> torch.Tensor:
+        """Write rows (..., k, G) into `into` (..., L, G) at the kept row indices."""
+        idx = self.index
+        return into.scatter_(-2, idx.unsqueeze(-1).expand(*idx.shape, rows.shape[-1]), rows)
+
+    # -- elems ------------------------------------------------------------------------
+    def elem_mask(self) -> torch.Tensor | None:
+        """Kept elements as bool in the tensor's shape (elems kind), else None."""
+        if self.kind != "elems":
+            return None
+        n = math.prod(self.shape[1:])
+        return unpack_bits(self.tensors[1], n).reshape(self.shape)
+
+    # -- any --------------------------------------------------------------------------
+    def dense(self, scaled: bool = False) -> torch.Tensor:
+        """Zero-filled reconstruction; `scaled` applies the rescale of random rows."""
+        if self.kind == "dense":
+            return self.tensors[0]
+        if self.kind == "bits":
+            return unpack_bits(self.tensors[0], math.prod(self.shape)).reshape(self.shape)
+        if self.kind == "rows":
+            values = self.scaled_values() if scaled else self.values
+            return self.scatter_rows(values, values.new_zeros(self.shape))
+        return self.place(self.values)
+
+    def place(self, kept: torch.Tensor) -> torch.Tensor:
+        """A zero-filled tensor of this pack's shape with `kept` (in the pack's layout, as
+        `Packed.select` made it) at the kept positions."""
+        if self.kind == "rows":
+            return self.scatter_rows(kept, kept.new_zeros(self.shape))
+        if self.kind == "elems":
+            mask = self.elem_mask()
+            assert mask is not None
+            return kept.new_zeros(self.shape).masked_scatter_(mask, kept)
+        return kept.reshape(self.shape)
+
+
+class SaveList:
+    """Collects packs for one `ctx.save_for_backward` call and rebuilds them afterwards."""
+
+    def __init__(self) -> None:
+        self.metas: list[PackMeta | None] = []
+        self.tensors: list[torch.Tensor] = []
+
+    def add(self, packed: Packed | None) -> None:
+        if packed is None:
+            self.metas.append(None)
+            return
+        self.metas.append(packed.meta)
+        self.tensors.extend(packed.tensors)
+
+    def add_tensor(self, t: torch.Tensor | None) -> None:
+        self.add(None if t is None else Packed(PackMeta("dense", tuple(t.shape), 1), [t]))
+
+    @staticmethod
+    def restore(
+        metas: list[PackMeta | None], saved: tuple[torch.Tensor, ...]
+    ) -> list[Sparse | None]:
+        out: list[Sparse | None] = []
+        pos = 0
+        for meta in metas:
+            if meta is None:
+                out.append(None)
+                continue
+            out.append(Sparse(meta, saved[pos : pos + meta.n_tensors]))
+            pos += meta.n_tensors
+        return out
