@@ -122,6 +122,19 @@ class RuntimeConfig(_Section):
     superlink: str | None = None
 
 
+class GenerationConfig(_Section):
+    """Decoding for generation tasks (e2e): beam search and the metrics to report."""
+
+    num_beams: int = Field(default=4, ge=1)
+    length_penalty: float = 0.8
+    no_repeat_ngram_size: int = Field(default=4, ge=0)
+    max_new_tokens: int = Field(default=64, ge=1)
+    batch_size: int = Field(default=8, ge=1)
+    metrics: list[Literal["bleu", "nist", "meteor", "rouge_l", "cider"]] = Field(
+        default_factory=lambda: ["bleu", "nist", "meteor", "rouge_l", "cider"]
+    )
+
+
 class KDConfig(_Section):
     teacher: str = "minilm"
     teacher_lora: LoraConfig | None = None
@@ -169,6 +182,7 @@ class Config(_Section):
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
     kd: KDConfig = Field(default_factory=KDConfig)
     proxy: ProxyConfig = Field(default_factory=ProxyConfig)
+    generation: GenerationConfig = Field(default_factory=GenerationConfig)
 
     @model_validator(mode="after")
     def _federated_regime(self) -> Config:
@@ -197,15 +211,27 @@ class Config(_Section):
 
 # Which sections each method reads; a section given for a method outside this list warns.
 SECTIONS_READ: dict[str, set[str]] = {
-    "centralized": {"task", "model", "train", "memory", "runtime"},
+    "centralized": {"task", "model", "train", "generation", "memory", "runtime"},
     "split": {"task", "model", "train", "split", "link", "memory", "runtime"},
-    "splitfed": {"task", "model", "train", "split", "link", "federated", "memory", "runtime"},
+    "splitfed": {
+        "task",
+        "model",
+        "train",
+        "generation",
+        "split",
+        "link",
+        "federated",
+        "memory",
+        "runtime",
+    },  # fmt: skip
     "fedavg": {"task", "model", "train", "federated", "memory", "runtime"},
-    "fedlora": {"task", "model", "train", "federated", "memory", "runtime"},
+    "fedlora": {"task", "model", "train", "generation", "federated", "memory", "runtime"},
     "fedkd": {"task", "model", "train", "federated", "kd", "memory", "runtime"},
     "fedpft": {"task", "model", "train", "federated", "proxy", "memory", "runtime"},
 }
-OPTIONAL_SECTIONS = ("split", "link", "federated", "memory", "runtime", "kd", "proxy")
+OPTIONAL_SECTIONS = (
+    "split", "link", "federated", "memory", "runtime", "kd", "proxy", "generation",
+)  # fmt: skip
 
 
 def unused_sections(given: set[str], method: str) -> list[str]:

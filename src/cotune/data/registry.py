@@ -5,7 +5,7 @@ from __future__ import annotations
 import difflib
 
 from cotune.config.schema import TaskConfig
-from cotune.data import bbc
+from cotune.data import bbc, e2e
 from cotune.data.glue import GLUE_SPECS, GlueSpec, load_folder, load_hub
 from cotune.data.sampling import subsample
 from cotune.data.task import Task
@@ -16,7 +16,7 @@ GLUE_SOURCE = "task.data_dir (folder in GLUE TSV layout) or HF hub nyu-mll/glue 
 
 def task_names() -> list[str]:
     """Canonical names of every task `load_task` knows."""
-    return [bbc.NAME, *(spec.name for spec in GLUE_SPECS.values())]
+    return [bbc.NAME, *(spec.name for spec in GLUE_SPECS.values()), e2e.NAME]
 
 
 def _squash(name: str) -> str:
@@ -30,6 +30,7 @@ for _key in GLUE_SPECS:
     _ALIASES[f"glue/{_key}"] = f"glue/{_key}"
     _ALIASES[f"glue{_key}"] = f"glue/{_key}"
 _ALIASES["glue/sts"] = _ALIASES["sts"] = "glue/stsb"
+_ALIASES["e2e"] = _ALIASES["e2enlg"] = e2e.NAME
 
 
 def canonical_name(name: str) -> str:
@@ -62,6 +63,11 @@ def load_task(cfg: TaskConfig, seed: int, *, require_train: bool = True) -> Task
         return bbc.load_bbc(
             cfg.data_dir, seed, cfg.test_fraction, cfg.max_train_examples, cfg.max_eval_examples
         )
+    if name == e2e.NAME:
+        return e2e.load_e2e(
+            cfg.data_dir, seed, cfg.max_train_examples, cfg.max_eval_examples,
+            require_train=require_train,
+        )  # fmt: skip
     spec = _glue_spec(name)
     if cfg.data_dir is not None:
         train, evals = load_folder(spec, cfg.data_dir, require_train)
@@ -102,4 +108,12 @@ def list_tasks() -> list[dict]:
         rows.append(
             {"name": spec.name, "kind": spec.kind, "metrics": metrics, "source": GLUE_SOURCE}
         )
+    rows.append(
+        {
+            "name": e2e.NAME,
+            "kind": "generation",
+            "metrics": list(e2e.METRIC_KEYS),
+            "source": e2e.SOURCE,
+        }
+    )
     return rows

@@ -13,6 +13,7 @@ from cotune.methods.result import MethodResult, NullRecorder, Recorder
 _MODULES: dict[str, str] = {
     "centralized": "cotune.methods.centralized",
     "split": "cotune.methods.split",
+    "splitfed": "cotune.methods.splitfed",
     "fedavg": "cotune.methods.fedavg",
     "fedlora": "cotune.methods.fedlora",
     "fedkd": "cotune.methods.fedkd",

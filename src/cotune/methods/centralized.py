@@ -40,6 +40,12 @@ def eval_loaders(task, tokenizer, cfg: Config) -> dict:  # type: ignore[no-untyp
 
 
 def run(cfg: Config, recorder: Recorder, run_dir=None) -> MethodResult:  # type: ignore[no-untyped-def]
+    from cotune.data import canonical_name
+
+    if canonical_name(cfg.task.name) == "e2e":  # generation: causal LM, beam-search eval
+        from cotune.methods.lm import run_centralized
+
+        return run_centralized(cfg, recorder, run_dir)
     seed_everything(cfg.seed)
     set_threads(cfg.train)
     task = load_task(cfg.task, cfg.seed)

@@ -596,41 +596,11 @@ def cut_classifier(
         )
     if labels not in ("cloud", "device"):
         raise ModelError(f"split.labels must be 'cloud' or 'device', not {labels!r}")
-    family = FAMILY_OPS[clf.family]
-    backbone = clf.backbone
-    layers = list(family.layers(backbone))
-    if not 1 <= cut < len(layers):
-        raise ModelError(
-            f"split.cut = {cut} is outside this {len(layers)}-layer model; valid cuts: "
-            f"1 to {len(layers) - 1} (layers < cut run on the device)"
-        )
-    shared = family.shared_modules(backbone)
-    hidden_size = int(backbone.config.hidden_size)
-    device_sft = cloud_sft = None
-    cloud_layers = layers[cut:]
-    width = hidden_size
-    if sft_rank is not None:
-        weight, bias = family.sft_ffn_in(layers[cut])
-        factors = SftFactors(weight, bias, sft_rank)
-        device_sft = _SftDeviceHalf(family, layers[cut], factors)
-        cloud_sft = _SftCloudHalf(family, layers[cut], factors)
-        cloud_layers = layers[cut + 1 :]
-        width = sft_rank
-    device = DeviceSegment(
-        family, backbone.config, family.embed_modules(backbone), shared, layers[:cut],
-        device_sft, clf.uses_token_type_ids,
+    device, cloud, width, names = cut_parts(
+        model, FAMILY_OPS[clf.family], clf.backbone, cut, sft_rank=sft_rank,
+        uses_token_type_ids=clf.uses_token_type_ids, pooling=clf.pooling,
     )  # fmt: skip
-    cloud = CloudSegment(
-        family, backbone.config, shared, cloud_sft, cloud_layers, family.final_modules(backbone),
-        clf.pooling,
-    )  # fmt: skip
-    names = {id(p): n for n, p in model.named_parameters()}
-    if sft_rank is not None:
-        layer_name = next(n for n, m in model.named_modules() if m is layers[cut])
-        for half in (device_sft, cloud_sft):
-            assert half is not None
-            for n, p in half.named_parameters(recurse=False):
-                names[id(p)] = f"{layer_name}.sft.{n}"
+    hidden_size = int(clf.backbone.config.hidden_size)
     return SplitClassifier(
         names=names,
         device=device,
@@ -642,3 +612,51 @@ def cut_classifier(
         cut=cut,
         family=clf.family,
     )
+
+
+def cut_parts(
+    model: nn.Module,
+    family: _Family,
+    backbone: nn.Module,
+    cut: int,
+    *,
+    sft_rank: int | None,
+    uses_token_type_ids: bool,
+    pooling: str,
+    cloud_cls: type[CloudSegment] = CloudSegment,
+) -> tuple[DeviceSegment, CloudSegment, int, dict[int, str]]:
+    """The device and cloud segments of `backbone` cut at `cut` (shared by classifiers
+    and causal LMs), the width crossing the cut, and parameter names under `model`."""
+    layers = list(family.layers(backbone))
+    if not 1 <= cut < len(layers):
+        raise ModelError(
+            f"split.cut = {cut} is outside this {len(layers)}-layer model; valid cuts: "
+            f"1 to {len(layers) - 1} (layers < cut run on the device)"
+        )
+    shared = family.shared_modules(backbone)
+    device_sft = cloud_sft = None
+    cloud_layers = layers[cut:]
+    width = int(backbone.config.hidden_size)
+    if sft_rank is not None:
+        weight, bias = family.sft_ffn_in(layers[cut])
+        factors = SftFactors(weight, bias, sft_rank)
+        device_sft = _SftDeviceHalf(family, layers[cut], factors)
+        cloud_sft = _SftCloudHalf(family, layers[cut], factors)
+        cloud_layers = layers[cut + 1 :]
+        width = sft_rank
+    device = DeviceSegment(
+        family, backbone.config, family.embed_modules(backbone), shared, layers[:cut],
+        device_sft, uses_token_type_ids,
+    )  # fmt: skip
+    cloud = cloud_cls(
+        family, backbone.config, shared, cloud_sft, cloud_layers, family.final_modules(backbone),
+        pooling,
+    )  # fmt: skip
+    names = {id(p): n for n, p in model.named_parameters()}
+    if sft_rank is not None:
+        layer_name = next(n for n, m in model.named_modules() if m is layers[cut])
+        for half in (device_sft, cloud_sft):
+            assert half is not None
+            for n, p in half.named_parameters(recurse=False):
+                names[id(p)] = f"{layer_name}.sft.{n}"
+    return device, cloud, width, names

@@ -21,7 +21,7 @@ _sym_db = _symbol_database.Default()
 
 
 DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(
-    b'\n\x11\x63otune_link.proto\x12\x0e\x63otune.link.v1"4\n\x06Tensor\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c"\xa1\x01\n\x07\x45ncoded\x12\x0e\n\x06\x66ormat\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x31\n\x05parts\x18\x03 \x03(\x0b\x32".cotune.link.v1.Encoded.PartsEntry\x1a\x44\n\nPartsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12%\n\x05value\x18\x02 \x01(\x0b\x32\x16.cotune.link.v1.Tensor:\x02\x38\x01"|\n\x05Hello\x12\x10\n\x08protocol\x18\x01 \x01(\t\x12\x13\n\x0b\x66ingerprint\x18\x02 \x01(\t\x12\x13\n\x0btotal_steps\x18\x03 \x01(\x03\x12\x12\n\nnum_labels\x18\x04 \x01(\x05\x12\x0f\n\x07problem\x18\x05 \x01(\t\x12\x12\n\nsteps_done\x18\x06 \x01(\x03"\x1d\n\x07Welcome\x12\x12\n\nsteps_done\x18\x01 \x01(\x03"\x86\x01\n\tCalibrate\x12\x33\n\x05state\x18\x01 \x03(\x0b\x32$.cotune.link.v1.Calibrate.StateEntry\x1a\x44\n\nStateEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12%\n\x05value\x18\x02 \x01(\x0b\x32\x16.cotune.link.v1.Tensor:\x02\x38\x01"\xc9\x01\n\x07\x46orward\x12\x0c\n\x04step\x18\x01 \x01(\x03\x12\r\n\x05train\x18\x02 \x01(\x08\x12\x13\n\x0b\x62\x61tch_shape\x18\x03 \x03(\x03\x12$\n\x04mask\x18\x04 \x01(\x0b\x32\x16.cotune.link.v1.Tensor\x12,\n\x0b\x61\x63tivations\x18\x05 \x01(\x0b\x32\x17.cotune.link.v1.Encoded\x12&\n\x06labels\x18\x06 \x01(\x0b\x32\x16.cotune.link.v1.Tensor\x12\x10\n\x08\x62\x61\x63kward\x18\x07 \x01(\x08"?\n\x08\x42\x61\x63kward\x12\x0c\n\x04step\x18\x01 \x01(\x03\x12%\n\x04grad\x18\x02 \x01(\x0b\x32\x17.cotune.link.v1.Encoded"\xc9\x01\n\rDeviceMessage\x12&\n\x05hello\x18\x01 \x01(\x0b\x32\x15.cotune.link.v1.HelloH\x00\x12.\n\tcalibrate\x18\x02 \x01(\x0b\x32\x19.cotune.link.v1.CalibrateH\x00\x12*\n\x07\x66orward\x18\x03 \x01(\x0b\x32\x17.cotune.link.v1.ForwardH\x00\x12,\n\x08\x62\x61\x63kward\x18\x04 \x01(\x0b\x32\x18.cotune.link.v1.BackwardH\x00\x42\x06\n\x04kind"\x05\n\x03\x41\x63k"\x9c\x01\n\x06Result\x12\x0c\n\x04step\x18\x01 \x01(\x03\x12\x0c\n\x04loss\x18\x02 \x01(\x02\x12%\n\x04grad\x18\x03 \x01(\x0b\x32\x17.cotune.link.v1.Encoded\x12\'\n\x06output\x18\x04 \x01(\x0b\x32\x17.cotune.link.v1.Encoded\x12&\n\x06logits\x18\x05 \x01(\x0b\x32\x16.cotune.link.v1.Tensor"&\n\x05\x45rror\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t"\xb8\x01\n\x0c\x43loudMessage\x12*\n\x07welcome\x18\x01 \x01(\x0b\x32\x17.cotune.link.v1.WelcomeH\x00\x12"\n\x03\x61\x63k\x18\x02 \x01(\x0b\x32\x13.cotune.link.v1.AckH\x00\x12(\n\x06result\x18\x03 \x01(\x0b\x32\x16.cotune.link.v1.ResultH\x00\x12&\n\x05\x65rror\x18\x04 \x01(\x0b\x32\x15.cotune.link.v1.ErrorH\x00\x42\x06\n\x04kind2R\n\x04Link\x12J\n\x07\x43onnect\x12\x1d.cotune.link.v1.DeviceMessage\x1a\x1c.cotune.link.v1.CloudMessage(\x01\x30\x01\x62\x06proto3'
+    b'\n\x11\x63otune_link.proto\x12\x0e\x63otune.link.v1"4\n\x06Tensor\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c"\xa1\x01\n\x07\x45ncoded\x12\x0e\n\x06\x66ormat\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x31\n\x05parts\x18\x03 \x03(\x0b\x32".cotune.link.v1.Encoded.PartsEntry\x1a\x44\n\nPartsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12%\n\x05value\x18\x02 \x01(\x0b\x32\x16.cotune.link.v1.Tensor:\x02\x38\x01"|\n\x05Hello\x12\x10\n\x08protocol\x18\x01 \x01(\t\x12\x13\n\x0b\x66ingerprint\x18\x02 \x01(\t\x12\x13\n\x0btotal_steps\x18\x03 \x01(\x03\x12\x12\n\nnum_labels\x18\x04 \x01(\x05\x12\x0f\n\x07problem\x18\x05 \x01(\t\x12\x12\n\nsteps_done\x18\x06 \x01(\x03"\x1d\n\x07Welcome\x12\x12\n\nsteps_done\x18\x01 \x01(\x03"\x86\x01\n\tCalibrate\x12\x33\n\x05state\x18\x01 \x03(\x0b\x32$.cotune.link.v1.Calibrate.StateEntry\x1a\x44\n\nStateEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12%\n\x05value\x18\x02 \x01(\x0b\x32\x16.cotune.link.v1.Tensor:\x02\x38\x01"\xc9\x01\n\x07\x46orward\x12\x0c\n\x04step\x18\x01 \x01(\x03\x12\r\n\x05train\x18\x02 \x01(\x08\x12\x13\n\x0b\x62\x61tch_shape\x18\x03 \x03(\x03\x12$\n\x04mask\x18\x04 \x01(\x0b\x32\x16.cotune.link.v1.Tensor\x12,\n\x0b\x61\x63tivations\x18\x05 \x01(\x0b\x32\x17.cotune.link.v1.Encoded\x12&\n\x06labels\x18\x06 \x01(\x0b\x32\x16.cotune.link.v1.Tensor\x12\x10\n\x08\x62\x61\x63kward\x18\x07 \x01(\x08"?\n\x08\x42\x61\x63kward\x12\x0c\n\x04step\x18\x01 \x01(\x03\x12%\n\x04grad\x18\x02 \x01(\x0b\x32\x17.cotune.link.v1.Encoded"\xa5\x01\n\tAggregate\x12\r\n\x05round\x18\x01 \x01(\x03\x12\x0e\n\x06weight\x18\x02 \x01(\x01\x12\x33\n\x05state\x18\x03 \x03(\x0b\x32$.cotune.link.v1.Aggregate.StateEntry\x1a\x44\n\nStateEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12%\n\x05value\x18\x02 \x01(\x0b\x32\x16.cotune.link.v1.Tensor:\x02\x38\x01"\xf9\x01\n\rDeviceMessage\x12&\n\x05hello\x18\x01 \x01(\x0b\x32\x15.cotune.link.v1.HelloH\x00\x12.\n\tcalibrate\x18\x02 \x01(\x0b\x32\x19.cotune.link.v1.CalibrateH\x00\x12*\n\x07\x66orward\x18\x03 \x01(\x0b\x32\x17.cotune.link.v1.ForwardH\x00\x12,\n\x08\x62\x61\x63kward\x18\x04 \x01(\x0b\x32\x18.cotune.link.v1.BackwardH\x00\x12.\n\taggregate\x18\x05 \x01(\x0b\x32\x19.cotune.link.v1.AggregateH\x00\x42\x06\n\x04kind"\x05\n\x03\x41\x63k"\x9c\x01\n\x06Result\x12\x0c\n\x04step\x18\x01 \x01(\x03\x12\x0c\n\x04loss\x18\x02 \x01(\x02\x12%\n\x04grad\x18\x03 \x01(\x0b\x32\x17.cotune.link.v1.Encoded\x12\'\n\x06output\x18\x04 \x01(\x0b\x32\x17.cotune.link.v1.Encoded\x12&\n\x06logits\x18\x05 \x01(\x0b\x32\x16.cotune.link.v1.Tensor"&\n\x05\x45rror\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t"\xa9\x01\n\x08\x41veraged\x12\r\n\x05round\x18\x01 \x01(\x03\x12\x14\n\x0cparticipants\x18\x02 \x01(\x05\x12\x32\n\x05state\x18\x03 \x03(\x0b\x32#.cotune.link.v1.Averaged.StateEntry\x1a\x44\n\nStateEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12%\n\x05value\x18\x02 \x01(\x0b\x32\x16.cotune.link.v1.Tensor:\x02\x38\x01"\xe6\x01\n\x0c\x43loudMessage\x12*\n\x07welcome\x18\x01 \x01(\x0b\x32\x17.cotune.link.v1.WelcomeH\x00\x12"\n\x03\x61\x63k\x18\x02 \x01(\x0b\x32\x13.cotune.link.v1.AckH\x00\x12(\n\x06result\x18\x03 \x01(\x0b\x32\x16.cotune.link.v1.ResultH\x00\x12&\n\x05\x65rror\x18\x04 \x01(\x0b\x32\x15.cotune.link.v1.ErrorH\x00\x12,\n\x08\x61veraged\x18\x05 \x01(\x0b\x32\x18.cotune.link.v1.AveragedH\x00\x42\x06\n\x04kind2R\n\x04Link\x12J\n\x07\x43onnect\x12\x1d.cotune.link.v1.DeviceMessage\x1a\x1c.cotune.link.v1.CloudMessage(\x01\x30\x01\x62\x06proto3'
 )
 
 _globals = globals()
@@ -33,6 +33,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
     _globals["_ENCODED_PARTSENTRY"]._serialized_options = b"8\001"
     _globals["_CALIBRATE_STATEENTRY"]._loaded_options = None
     _globals["_CALIBRATE_STATEENTRY"]._serialized_options = b"8\001"
+    _globals["_AGGREGATE_STATEENTRY"]._loaded_options = None
+    _globals["_AGGREGATE_STATEENTRY"]._serialized_options = b"8\001"
+    _globals["_AVERAGED_STATEENTRY"]._loaded_options = None
+    _globals["_AVERAGED_STATEENTRY"]._serialized_options = b"8\001"
     _globals["_TENSOR"]._serialized_start = 37
     _globals["_TENSOR"]._serialized_end = 89
     _globals["_ENCODED"]._serialized_start = 92
@@ -51,16 +55,24 @@ if not _descriptor._USE_C_DESCRIPTORS:
     _globals["_FORWARD"]._serialized_end = 751
     _globals["_BACKWARD"]._serialized_start = 753
     _globals["_BACKWARD"]._serialized_end = 816
-    _globals["_DEVICEMESSAGE"]._serialized_start = 819
-    _globals["_DEVICEMESSAGE"]._serialized_end = 1020
-    _globals["_ACK"]._serialized_start = 1022
-    _globals["_ACK"]._serialized_end = 1027
-    _globals["_RESULT"]._serialized_start = 1030
-    _globals["_RESULT"]._serialized_end = 1186
-    _globals["_ERROR"]._serialized_start = 1188
-    _globals["_ERROR"]._serialized_end = 1226
-    _globals["_CLOUDMESSAGE"]._serialized_start = 1229
-    _globals["_CLOUDMESSAGE"]._serialized_end = 1413
-    _globals["_LINK"]._serialized_start = 1415
-    _globals["_LINK"]._serialized_end = 1497
+    _globals["_AGGREGATE"]._serialized_start = 819
+    _globals["_AGGREGATE"]._serialized_end = 984
+    _globals["_AGGREGATE_STATEENTRY"]._serialized_start = 479
+    _globals["_AGGREGATE_STATEENTRY"]._serialized_end = 547
+    _globals["_DEVICEMESSAGE"]._serialized_start = 987
+    _globals["_DEVICEMESSAGE"]._serialized_end = 1236
+    _globals["_ACK"]._serialized_start = 1238
+    _globals["_ACK"]._serialized_end = 1243
+    _globals["_RESULT"]._serialized_start = 1246
+    _globals["_RESULT"]._serialized_end = 1402
+    _globals["_ERROR"]._serialized_start = 1404
+    _globals["_ERROR"]._serialized_end = 1442
+    _globals["_AVERAGED"]._serialized_start = 1445
+    _globals["_AVERAGED"]._serialized_end = 1614
+    _globals["_AVERAGED_STATEENTRY"]._serialized_start = 479
+    _globals["_AVERAGED_STATEENTRY"]._serialized_end = 547
+    _globals["_CLOUDMESSAGE"]._serialized_start = 1617
+    _globals["_CLOUDMESSAGE"]._serialized_end = 1847
+    _globals["_LINK"]._serialized_start = 1849
+    _globals["_LINK"]._serialized_end = 1931
 # @@protoc_insertion_point(module_scope)

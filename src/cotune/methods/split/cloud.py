@@ -57,7 +57,13 @@ class _DeviceState:
 
 
 class SplitCloud:
-    """The cloud of a split run; serves one or more devices (sharing one model)."""
+    """The cloud of a split run; serves one or more devices (sharing one model).
+
+    Subclasses serving other model kinds (splitfed's causal LMs) override `PROBLEMS`
+    and `make_split`.
+    """
+
+    PROBLEMS: tuple[str, ...] = ("classification", "regression")
 
     def __init__(self, cfg: Config, rng: RngStream | None = None) -> None:
         self.cfg = cfg
@@ -83,8 +89,12 @@ class SplitCloud:
 
     # ------------------------------------------------------------------ setup
 
+    def make_split(self, num_labels: int, problem: str) -> Any:
+        """The cut model (built from the seed like the device's)."""
+        return build_split(self.cfg, num_labels, problem)[0]
+
     def build(self, num_labels: int, problem: str, total_steps: int) -> None:
-        split, _ = build_split(self.cfg, num_labels, problem)
+        split = self.make_split(num_labels, problem)
         self.segment = split.cloud
         self.head = split.head if self.labels_on_cloud else None
         self.width = split.width
@@ -190,7 +200,7 @@ class SplitSession:
                 "the device's config differs from the cloud's (seed, model, split, link or "
                 "train settings); start both with the same config file"
             )
-        if hello.problem not in ("classification", "regression"):
+        if hello.problem not in c.PROBLEMS:
             raise MalformedMessage(f"hello.problem {hello.problem!r} is not valid")
         if not 1 <= hello.num_labels <= 1 << 20 or hello.total_steps < 1:
             raise MalformedMessage("hello: num_labels and total_steps must be positive")

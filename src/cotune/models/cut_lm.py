@@ -1,0 +1,70 @@
+"""Cutting a causal LM (Llama, GPT-2 families) into device / cloud / LM-head segments.
+
+The same pieces as `cotune.models.cut` (the family ops, `DeviceSegment`, the cloud
+layers), built from the causal LM's own modules: the device runs the embeddings and
+layers `< cut`; the cloud runs layers `>= cut` and the final norm and returns hidden
+states for every token (no pooling); the head is the LM head plus the completion-only
+loss (`cotune.methods.lm.completion_loss`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import Tensor, nn
+
+from cotune.errors import ModelError
+from cotune.models.cut import FAMILY_OPS, CloudSegment, SplitClassifier, cut_parts
+from cotune.models.lora import unwrap
+
+
+class LMCloudSegment(CloudSegment):
+    """Layers `>= cut` and the final norm: hidden states [B, L, hidden] for every token."""
+
+    def forward(self, hidden: Tensor, mask: Tensor | None) -> Tensor:
+        return self.hidden_states(hidden, mask)
+
+
+class LMHeadSegment(nn.Module):
+    """The LM head and the completion-only, label-smoothed next-token loss."""
+
+    def __init__(self, lm_head: nn.Module, label_smoothing: float) -> None:
+        super().__init__()
+        self.lm_head = lm_head
+        self.label_smoothing = label_smoothing
+
+    def forward(self, hidden: Tensor, labels: Tensor | None = None) -> Any:
+        from cotune.methods.lm import LMOutput, completion_loss
+
+        logits = self.lm_head(hidden)
+        loss = None if labels is None else completion_loss(logits, labels, self.label_smoothing)
+        return LMOutput(loss=loss, logits=logits)
+
+
+def cut_causal_lm(
+    model: nn.Module, cut: int, *, label_smoothing: float = 0.0, sft_rank: int | None = None
+) -> SplitClassifier:
+    """Cut a causal LM (a `CompletionLM`, or a peft-wrapped / plain HF causal LM) at
+    layer `cut`. Labels (next tokens) live on the cloud with the LM head."""
+    lm = getattr(model, "lm", model)
+    base = unwrap(lm)
+    family = getattr(base.config, "model_type", "")
+    family = {"mistral": "llama", "qwen2": "llama"}.get(family, family)
+    if family not in ("llama", "gpt2"):
+        raise ModelError(f"splitfed cuts causal LMs of the llama and gpt2 families, not {family!r}")
+    backbone = base.base_model
+    device, cloud, width, names = cut_parts(
+        model, FAMILY_OPS[family], backbone, cut, sft_rank=sft_rank, uses_token_type_ids=False,
+        pooling="last", cloud_cls=LMCloudSegment,
+    )  # fmt: skip
+    return SplitClassifier(
+        names=names,
+        device=device,
+        cloud=cloud,
+        head=LMHeadSegment(base.get_output_embeddings(), label_smoothing),  # type: ignore[arg-type]
+        labels="cloud",
+        width=width,
+        hidden_size=int(backbone.config.hidden_size),
+        cut=cut,
+        family=family,
+    )
