@@ -201,7 +201,7 @@ def test_tls_when_certificates_are_given(tmp_path: Path) -> None:
         dev.connect(STEPS)
         dev.train_step(batch_for("bert"))
         dev.transport.close()
-        plain = _device(srv, 1, TOKENS[1])  # no TLS against a TLS cloud: no connection
+        plain = _device(srv, 1, TOKENS[1], connect_timeout=2)  # no TLS against TLS: refused
         with pytest.raises(LinkError):
             plain.connect(STEPS)
         plain.transport.close()

@@ -154,8 +154,10 @@ class GrpcTransport(Transport):
         tls: TlsFiles | None = None,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         tap: Tap | None = None,
+        connect_timeout: float = 60.0,
     ) -> None:
         self.address = address
+        self.connect_timeout = connect_timeout
         self.metadata = call_metadata(device_id, token)
         self.meter = ByteMeter(tap)
         options: list[tuple[str, object]] = list(_options(max_message_bytes))
@@ -213,6 +215,12 @@ class GrpcTransport(Transport):
             self._incoming.put(_EOF)
 
     def _open(self) -> None:
+        try:  # a cloud that is still starting is waited for, up to connect_timeout
+            grpc.channel_ready_future(self._channel).result(timeout=self.connect_timeout)
+        except grpc.FutureTimeoutError:
+            raise LinkClosed(
+                f"could not reach the cloud at {self.address} within {self.connect_timeout:g} s"
+            ) from None
         self.meter.record_metadata(UP, self.metadata)
         self._call = self._connect(self._requests(), metadata=self.metadata)
         self._reader = threading.Thread(target=self._read, name="cotune-link-reader", daemon=True)

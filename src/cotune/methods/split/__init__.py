@@ -18,6 +18,7 @@ serving many devices), `SplitDevice`, `train_device`, `build_split`.
 from __future__ import annotations
 
 import secrets
+from collections.abc import Callable
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -30,7 +31,6 @@ from cotune.methods.result import MethodResult, Recorder
 from cotune.methods.split.cloud import SplitCloud, SplitSession
 from cotune.methods.split.common import RngStream, build_split, fingerprint
 from cotune.methods.split.device import SplitDevice
-from cotune.methods.split.loop import TransportFactory, train_device
 
 
 def max_message_bytes(cfg: Config) -> int:
@@ -59,7 +59,7 @@ def device_token(cfg: Config) -> str:
     return book.token(cfg.runtime.device_id)
 
 
-def grpc_factory(cfg: Config, address: str, token: str) -> TransportFactory:
+def grpc_factory(cfg: Config, address: str, token: str) -> Callable[[], Transport]:
     def connect() -> Transport:
         return GrpcTransport(
             address,
@@ -67,12 +67,13 @@ def grpc_factory(cfg: Config, address: str, token: str) -> TransportFactory:
             token,
             tls=device_tls(cfg),
             max_message_bytes=max_message_bytes(cfg),
+            connect_timeout=cfg.runtime.connect_timeout_s,
         )
 
     return connect
 
 
-def inprocess_factory(cfg: Config, cloud: SplitCloud | None = None) -> TransportFactory:
+def inprocess_factory(cfg: Config, cloud: SplitCloud | None = None) -> Callable[[], Transport]:
     """A cloud in this process, behind a fresh random token, reached in-process."""
     token = secrets.token_urlsafe(24)
     device_id = cfg.runtime.device_id
@@ -87,6 +88,8 @@ def inprocess_factory(cfg: Config, cloud: SplitCloud | None = None) -> Transport
 
 
 def run(cfg: Config, recorder: Recorder, run_dir: Path | None = None) -> MethodResult:
+    from cotune.methods.split.loop import train_device  # data loading: the device only
+
     if cfg.runtime.transport == "inprocess":
         return train_device(cfg, recorder, inprocess_factory(cfg), run_dir)
     if cfg.runtime.cloud is not None:
@@ -109,5 +112,4 @@ __all__ = [
     "grpc_factory",
     "inprocess_factory",
     "run",
-    "train_device",
 ]

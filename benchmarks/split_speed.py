@@ -1,0 +1,165 @@
+"""Step time of split training against centralized training: same model, same batches.
+
+minilm, full fine-tuning, SST-2 batches (batch 32, max 48 tokens). Three ways to take one
+optimiser step on the same batch sequence, measured in interleaved rounds so that load
+drift on a shared machine hits all three alike:
+
+- `centralized`: the whole model in this process (`methods.loop.train_step`);
+- `inprocess`: split at `--cut` with `--codec`, the cloud in this process behind the
+  in-process transport (serialization and byte counting included);
+- `grpc`: the same split with the cloud in a separate `cotune cloud` process on
+  127.0.0.1, reached over gRPC.
+
+    nice .venv/bin/python benchmarks/split_speed.py [--steps 8] [--rounds 3] [--threads 2]
+
+Writes benchmarks/results/split_speed.json with per-step times, medians and the ratios
+(targets: inprocess <= 1.10x, grpc <= 1.30x centralized).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from cotune.config import build_config  # noqa: E402
+from cotune.data import encode, load_task, make_loader  # noqa: E402
+from cotune.methods.loop import train_step  # noqa: E402
+from cotune.methods.split import build_split, grpc_factory, inprocess_factory  # noqa: E402
+from cotune.methods.split.device import SplitDevice  # noqa: E402
+from cotune.methods.training import make_optimizer, make_schedule  # noqa: E402
+from cotune.models import build_classifier, load_tokenizer  # noqa: E402
+from cotune.runtime.split_cloud import loopback_cloud  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--steps", type=int, default=8, help="timed steps per way per round")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--cut", type=int, default=3)
+    p.add_argument("--codec", default="identity")
+    p.add_argument("--rank", type=int, default=8)
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--seq", type=int, default=48)
+    p.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "glue" / "SST-2"))
+    p.add_argument("--out", default=str(RESULTS / "split_speed.json"))
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    total = args.warmup + args.rounds * args.steps
+    cfg = build_config(
+        {
+            "method": "split",
+            "task": {"name": "glue/sst2", "data_dir": args.data},
+            "model": {"name": "minilm"},
+            "train": {
+                "steps": total, "batch_size": args.batch, "max_seq_len": args.seq,
+                "lr": 1e-4, "threads": args.threads,
+            },
+            "split": {"cut": args.cut},
+            "link": {"codec": args.codec, "rank": args.rank},
+        }
+    )  # fmt: skip
+    task = load_task(cfg.task, cfg.seed)
+    tok = load_tokenizer("minilm")
+    loader = make_loader(
+        encode(task.train, tok, args.seq), args.batch, True, cfg.seed, tok.pad_token_id
+    )
+    batches = [b for _, b in zip(range(total), loader, strict=False)]
+    n_labels, kind = task.num_labels, task.kind
+
+    model, _, _ = build_classifier(cfg.model, n_labels, problem=kind, seed=cfg.seed)
+    model.train()
+    opt = make_optimizer(model.parameters(), cfg)
+    sched = make_schedule(opt, total, cfg.train)
+
+    def split_device(factory) -> SplitDevice:  # type: ignore[no-untyped-def]
+        split, codec = build_split(cfg, n_labels, kind)
+        dev = SplitDevice(cfg, split, codec, factory(), num_labels=n_labels, problem=kind)
+        dev.connect(total)
+        return dev
+
+    inproc = split_device(inprocess_factory(cfg))
+    times: dict[str, list[float]] = {"centralized": [], "inprocess": [], "grpc": []}
+    with loopback_cloud(cfg) as (address, token):
+        remote = split_device(grpc_factory(cfg, address, token))
+        ways = {
+            "centralized": lambda b: train_step(model, b, opt, sched, max_grad_norm=1.0),
+            "inprocess": inproc.train_step,
+            "grpc": remote.train_step,
+        }
+        for i in range(args.warmup):
+            for fn in ways.values():
+                fn(batches[i])
+        step = args.warmup
+        load_before = os.getloadavg()
+        for r in range(args.rounds):
+            for name, fn in ways.items():
+                for k in range(args.steps):
+                    t0 = time.perf_counter()
+                    fn(batches[step + k])
+                    times[name].append(time.perf_counter() - t0)
+            step += args.steps
+            print(
+                f"round {r + 1}: "
+                + ", ".join(f"{n} {statistics.median(t):.3f}s" for n, t in times.items()),
+                flush=True,
+            )
+        load_after = os.getloadavg()
+        grpc_bytes = remote.transport.meter.snapshot()
+        remote.transport.close()
+    med = {n: statistics.median(t) for n, t in times.items()}
+    result = {
+        "setup": {
+            "model": "minilm, full fine-tuning",
+            "batch_size": args.batch,
+            "max_seq_len": args.seq,
+            "cut": args.cut,
+            "codec": args.codec,
+            "rank": args.rank if args.codec in ("pca", "sft") else None,
+            "threads": args.threads,
+            "timed_steps_per_way": args.rounds * args.steps,
+            "rounds": args.rounds,
+        },
+        "machine": {
+            "cpus": os.cpu_count(),
+            "platform": platform.platform(),
+            "load_avg_before": load_before,
+            "load_avg_after": load_after,
+        },
+        "median_step_s": med,
+        "ratio_inprocess": med["inprocess"] / med["centralized"],
+        "ratio_grpc": med["grpc"] / med["centralized"],
+        "targets": {"inprocess": 1.10, "grpc": 1.30},
+        "grpc_bytes": grpc_bytes,
+        "step_s": times,
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(
+        json.dumps(
+            {k: result[k] for k in ("median_step_s", "ratio_inprocess", "ratio_grpc")}, indent=2
+        )
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
