@@ -114,6 +114,7 @@ class RuntimeConfig(_Section):
     tls_server_name: str | None = None  # device: name to check in the cloud's certificate
     max_message_mb: float = Field(default=64.0, gt=0)
     timeout_s: float = Field(default=600.0, gt=0)  # device: longest wait for an answer
+    connect_timeout_s: float = Field(default=120.0, gt=0)  # device: wait for the cloud to be up
     reconnect: int = Field(default=3, ge=0)  # device: reconnection attempts after a drop
     # federated, simulation engine: clients training at once (None: one per CPU core)
     parallel_clients: int | None = Field(default=None, ge=1)
