@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import tempfile
 from collections.abc import Iterator
 from contextlib import nullcontext
@@ -35,6 +36,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from cotune.config import Config
@@ -139,12 +141,13 @@ class ProxyHook:
             "fm_params": sum(p.numel() for p in self.fm.parameters()),
             "proxy_params": sum(p.numel() for p in self.proxy.parameters()),
         }
-        self.info["gap_before"] = self.gaps()
-        stats = self._align_before_fl()
-        self.info["gap_after"] = self.gaps()
-        self.info["align_first_loss"], self.info["align_last_loss"] = (
-            stats.first_loss, stats.last_loss,
-        )  # fmt: skip
+        if not _load_aligned(self):
+            self.info["gap_before"] = self.gaps()
+            stats = self._align_before_fl()
+            self.info["gap_after"] = self.gaps()
+            self.info["align_first_loss"] = stats.first_loss
+            self.info["align_last_loss"] = stats.last_loss
+            _save_aligned(self)
         self.version = 1
         names = list(proxy_weights(self.proxy))
         self.changed_at: dict[str, int] = dict.fromkeys(names, 1)
@@ -154,6 +157,22 @@ class ProxyHook:
         self._usage_weight = 0.0
         self._metrics: dict[str, float] = {}
         self._first_round_logged = False
+
+    def summary(self) -> dict[str, float]:
+        """Proxy size and its layer gaps to the FM before / after layer-level alignment."""
+        gb, ga = self.info["gap_before"], self.info["gap_after"]
+        out = {
+            "proxy_gap_before": float(np.mean(gb)),
+            "proxy_gap_after": float(np.mean(ga)),
+            "proxy_non_embedding_params": float(self.info["proxy_non_embedding_params"]),
+            "fm_non_embedding_params": float(self.info["fm_non_embedding_params"]),
+            "proxy_params": float(self.info["proxy_params"]),
+            "fm_params": float(self.info["fm_params"]),
+        }
+        for j, (b, a) in enumerate(zip(gb, ga, strict=True)):
+            out[f"proxy_gap_before_l{j}"] = float(b)
+            out[f"proxy_gap_after_l{j}"] = float(a)
+        return out
 
     # -- alignment
     def gaps(self) -> list[float]:
@@ -168,12 +187,15 @@ class ProxyHook:
                      cfg.proxy.align_lr, params=self.align_names)  # fmt: skip
 
     def wants_stats(self, server_round: int) -> bool:
+        """Whether this round ends with neuron-level alignment (never after the last
+        round: nothing would train on the re-aligned proxy)."""
         p = self.cfg.proxy
         return (
             self.plan.kind == "neuron"
             and p.realign_steps > 0
             and p.align_keep < 1
             and server_round % p.align_every == 0
+            and server_round < self.cfg.federated.rounds
         )
 
     # -- messages
@@ -207,10 +229,7 @@ class ProxyHook:
         self._metrics = {}
         if not self._first_round_logged:
             self._first_round_logged = True
-            gb, ga = self.info["gap_before"], self.info["gap_after"]
-            self._metrics.update(
-                {"proxy_gap_before": float(np.mean(gb)), "proxy_gap_after": float(np.mean(ga))}
-            )
+            self._metrics.update(self.summary())
         if self._usage and self.wants_stats(server_round):
             self._metrics.update(self._realign(server_round, state))
         self._usage, self._usage_weight = {}, 0.0
@@ -276,6 +295,50 @@ class ProxyHook:
     def trainable(self) -> int:
         named = dict(self.proxy.named_parameters())
         return sum(named[n].numel() for n in self.align_names)
+
+
+def _cache_path(hook: ProxyHook) -> Path | None:
+    """Where a pre-aligned proxy is cached (env COTUNE_PROXY_CACHE; unset: no cache).
+
+    The key covers everything layer-level alignment depends on, so runs that differ
+    only in federated settings (partition, neuron-level alignment) reuse the result.
+    """
+    root = os.environ.get("COTUNE_PROXY_CACHE")
+    if not root:
+        return None
+    cfg = hook.cfg
+    p = cfg.proxy
+    key = json.dumps(
+        [cfg.seed, cfg.model.model_dump(), cfg.task.name, cfg.train.max_seq_len,
+         cfg.train.batch_size, p.kind, p.keep_layers, p.ffn_keep, p.align_steps, p.align_lr,
+         p.public_corpus],
+        sort_keys=True,
+    )  # fmt: skip
+    return Path(root) / f"proxy-{hashlib.sha256(key.encode()).hexdigest()[:20]}.safetensors"
+
+
+def _load_aligned(hook: ProxyHook) -> bool:
+    path = _cache_path(hook)
+    if path is None or not path.exists():
+        return False
+    tensors = load_file(str(path))
+    named = dict(hook.proxy.named_parameters())
+    with torch.no_grad():
+        for n in hook.align_names:
+            named[n].copy_(tensors[n])
+    hook.info.update(json.loads(path.with_suffix(".json").read_text()))
+    return True
+
+
+def _save_aligned(hook: ProxyHook) -> None:
+    path = _cache_path(hook)
+    if path is None:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    named = dict(hook.proxy.named_parameters())
+    save_file({n: named[n].detach().contiguous() for n in hook.align_names}, str(path))
+    keys = ("gap_before", "gap_after", "align_first_loss", "align_last_loss")
+    path.with_suffix(".json").write_text(json.dumps({k: hook.info[k] for k in keys}))
 
 
 # ----------------------------------------------------------------------------- device
