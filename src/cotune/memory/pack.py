@@ -47,6 +47,19 @@ def pack_bits(mask: torch.Tensor) -> torch.Tensor:
     if mask.device.type == "cpu":
         packed = np.packbits(mask.contiguous().numpy(), axis=-1, bitorder="little")
         return torch.from_numpy(packed)
+    return _pack_bits_torch(mask)
+
+
+def unpack_bits(packed: torch.Tensor, n: int) -> torch.Tensor:
+    """Inverse of `pack_bits`: the first `n` bits of each row as a bool tensor."""
+    if packed.device.type == "cpu":
+        bits = np.unpackbits(packed.numpy(), axis=-1, count=n, bitorder="little")
+        return torch.from_numpy(bits.view(np.bool_))
+    return _unpack_bits_torch(packed, n)
+
+
+def _pack_bits_torch(mask: torch.Tensor) -> torch.Tensor:
+    """`pack_bits` in torch ops (any device)."""
     n = mask.shape[-1]
     pad = (-n) % 8
     if pad:
@@ -55,11 +68,7 @@ def pack_bits(mask: torch.Tensor) -> torch.Tensor:
     return (bits << _SHIFTS.to(bits.device)).sum(-1, dtype=torch.uint8)
 
 
-def unpack_bits(packed: torch.Tensor, n: int) -> torch.Tensor:
-    """Inverse of `pack_bits`: the first `n` bits of each row as a bool tensor."""
-    if packed.device.type == "cpu":
-        bits = np.unpackbits(packed.numpy(), axis=-1, count=n, bitorder="little")
-        return torch.from_numpy(bits.view(np.bool_))
+def _unpack_bits_torch(packed: torch.Tensor, n: int) -> torch.Tensor:
     bits = (packed.unsqueeze(-1) >> _SHIFTS.to(packed.device)) & 1
     return bits.reshape(*packed.shape[:-1], -1)[..., :n].bool()
 
