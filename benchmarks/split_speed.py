@@ -74,6 +74,7 @@ def main() -> int:
             },
             "split": {"cut": args.cut},
             "link": {"codec": args.codec, "rank": args.rank},
+            "runtime": {"connect_timeout_s": 1800},  # a busy machine starts the cloud slowly
         }
     )  # fmt: skip
     task = load_task(cfg.task, cfg.seed)

@@ -39,6 +39,15 @@ log = logging.getLogger(__name__)
 STARTUP_TIMEOUT_S = 300.0
 
 
+def cloud_service(cfg: Config) -> Any:
+    """The service `cotune cloud` runs for the config's method (split or splitfed)."""
+    if cfg.method == "splitfed":
+        from cotune.methods.splitfed import SplitFedCloud
+
+        return SplitFedCloud(cfg)
+    return SplitCloud(cfg)
+
+
 class CloudServer:
     """A `SplitCloud` behind tokens on a gRPC port."""
 
@@ -58,7 +67,7 @@ class CloudServer:
         set_threads(cfg.train)
         self.cfg = cfg
         self.tokens = tokens
-        self.cloud = SplitCloud(cfg)
+        self.cloud = cloud_service(cfg)
         self.endpoint = CloudEndpoint(self.cloud, tokens)
         self.server, self.port = start_server(
             self.endpoint,
@@ -149,14 +158,16 @@ def loopback_cloud(cfg: Config, run_dir: Path | None = None) -> Iterator[tuple[s
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
         with open(log_path, "wb") as log_file:
             proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=env)
-        deadline = time.monotonic() + STARTUP_TIMEOUT_S
+        wait = max(STARTUP_TIMEOUT_S, cfg.runtime.connect_timeout_s)
+        deadline = time.monotonic() + wait
         while not port_file.exists():
             if proc.poll() is not None:
                 tail = log_path.read_text(errors="replace")[-2000:]
                 raise UserError(f"the loopback cloud exited with status {proc.returncode}:\n{tail}")
             if time.monotonic() > deadline:
                 raise UserError(
-                    f"the loopback cloud did not start within {STARTUP_TIMEOUT_S:.0f} s"
+                    f"the loopback cloud did not start within {wait:.0f} s "
+                    "(raise runtime.connect_timeout_s on a busy machine)"
                 )
             time.sleep(0.05)
         yield f"127.0.0.1:{int(port_file.read_text())}", token

@@ -33,6 +33,7 @@ from cotune.methods.training import (
     set_threads,
     total_steps,
 )
+from cotune.models import load_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -57,16 +58,14 @@ def train_device(
     seed_everything(cfg.seed)
     set_threads(cfg.train)
     task = load_task(cfg.task, cfg.seed)
-    from cotune.models import load_tokenizer
-
     tokenizer = load_tokenizer(cfg.model.name)
     split, codec = build_split(cfg, task.num_labels, task.kind)
     trainable_cloud = sum(p.numel() for p in trainable(split.cloud_modules()))
+    apply_memory_option(split.device, cfg.memory, seed=cfg.seed)  # before the optimiser
     device = SplitDevice(
         cfg, split, codec, connect(), num_labels=task.num_labels, problem=task.kind, rng=rng
     )
     del split  # the device keeps its own segment (and the head when U-shaped) only
-    apply_memory_option(device.segment, cfg.memory)
     pad = tokenizer.pad_token_id if tokenizer is not None else 0
     train_ds = encode(task.train, tokenizer, cfg.train.max_seq_len)
     train_loader = make_loader(
