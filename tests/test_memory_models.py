@@ -12,7 +12,12 @@ from torch import nn
 
 from cotune.config import MemoryConfig, ModelConfig
 from cotune.errors import ModelError
-from cotune.memory import SavedTensorMeter, apply_memory_option, sparse_op_counts
+from cotune.memory import (
+    SavedTensorMeter,
+    apply_memory_option,
+    remove_memory_option,
+    sparse_op_counts,
+)
 from cotune.methods.loop import fit
 from cotune.models import build_classifier, unwrap
 
@@ -195,6 +200,25 @@ def test_lora_model() -> None:
     apply_memory_option(sparse, _mem("norm", 0.25))
     dense_bytes = 3 * 16 * HIDDEN * 4
     assert all(t.untyped_storage().nbytes() < dense_bytes for t in _saved_storages(sparse, batch))
+
+
+def test_the_option_can_be_removed() -> None:
+    batch = _batch("llama")
+    ref = _model("llama")
+    with SavedTensorMeter(ref.parameters()) as stock:
+        _step(ref, batch)
+    model = _model("llama")
+    apply_memory_option(model, _mem("norm", 0.1))
+    apply_memory_option(model, _mem("random", 0.2))  # re-applying changes the policy
+    assert {m._cotune_policy.mode for m in model.modules() if hasattr(m, "_cotune_policy")} == {
+        "random"
+    }
+    remove_memory_option(model)
+    assert [type(m) for m in model.modules()] == [type(m) for m in ref.modules()]
+    assert not any(k.startswith("_cotune") for m in model.modules() for k in vars(m))
+    with SavedTensorMeter(model.parameters()) as meter:
+        _step(model, batch)
+    assert meter.bytes == stock.bytes
 
 
 def test_a_module_without_supported_layers_is_an_error() -> None:

@@ -12,7 +12,7 @@ from torch import nn
 from cotune.config import MemoryConfig
 from cotune.memory.measure import PeakRSS, SavedTensorMeter, report_saved_bytes
 from cotune.memory.pack import Policy, pack_bits, token_mask, unpack_bits
-from cotune.memory.swap import make_policy, sparse_op_counts, swap_in
+from cotune.memory.swap import make_policy, sparse_op_counts, swap_in, swap_out
 
 
 def apply_memory_option(
@@ -34,6 +34,12 @@ def apply_memory_option(
     return model
 
 
+def remove_memory_option(model: nn.Module) -> nn.Module:
+    """Undo `apply_memory_option` in place: the stock modules and attention come back."""
+    swap_out(model)
+    return model
+
+
 __all__ = [
     "PeakRSS",
     "Policy",
@@ -41,6 +47,7 @@ __all__ = [
     "apply_memory_option",
     "make_policy",
     "pack_bits",
+    "remove_memory_option",
     "report_saved_bytes",
     "sparse_op_counts",
     "token_mask",

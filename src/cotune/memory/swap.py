@@ -212,6 +212,7 @@ def _patch_attention(module: nn.Module, name: str) -> None:
             "(or leave 'matmul' and 'softmax' out of memory.ops)"
         )
     module._cotune_stock_attn = stock
+    module._cotune_stock_config = module.config
     config = copy.copy(module.config)
     config._attn_implementation_internal = (
         ATTN_NAME  # not the setter: it recurses into shared sub-configs
@@ -285,10 +286,39 @@ def swap_in(model: nn.Module, policy: Policy) -> Counter[str]:
         )
     if not hasattr(model, "_cotune_mask_tokens"):
         model._cotune_mask_tokens = []
-        model.register_forward_pre_hook(_pre_hook, with_kwargs=True)
-        model.register_forward_hook(_post_hook, with_kwargs=True, always_call=True)
+        model._cotune_hooks = [
+            model.register_forward_pre_hook(_pre_hook, with_kwargs=True),
+            model.register_forward_hook(_post_hook, with_kwargs=True, always_call=True),
+        ]
     model._cotune_memory_counts = dict(counts)
     return counts
+
+
+_ATTRS = (
+    "_cotune_policy",
+    "_cotune_stock_cls",
+    "_cotune_relu",
+    "_cotune_transposed",
+    "_cotune_stock_attn",
+    "_cotune_stock_config",
+)
+
+
+def swap_out(model: nn.Module) -> None:
+    """Undo `swap_in`: stock classes, stock attention, no hooks (parameters untouched)."""
+    for module in model.modules():
+        stock_cls = getattr(module, "_cotune_stock_cls", None)
+        if stock_cls is not None:
+            module.__class__ = stock_cls
+        config = getattr(module, "_cotune_stock_config", None)
+        if config is not None:
+            module.config = config
+        for attr in _ATTRS:
+            module.__dict__.pop(attr, None)
+    for handle in getattr(model, "_cotune_hooks", []):
+        handle.remove()
+    for attr in ("_cotune_hooks", "_cotune_mask_tokens", "_cotune_memory_counts"):
+        model.__dict__.pop(attr, None)
 
 
 def _classify_stock(module: nn.Module, stock_cls: type) -> tuple[str, type] | None:
