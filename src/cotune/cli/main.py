@@ -111,10 +111,12 @@ def cmd_cloud(args: argparse.Namespace) -> int:
 
     offline_env()
     cfg = load_config(args.config, args.set)
-    if cfg.method != "split":
+    if cfg.method not in ("split", "splitfed"):
         from cotune.errors import ConfigError
 
-        raise ConfigError(f"`cotune cloud` serves method 'split'; the config says {cfg.method!r}")
+        raise ConfigError(
+            f"`cotune cloud` serves methods 'split' and 'splitfed'; the config says {cfg.method!r}"
+        )
     return serve_forever(cfg, args.listen, out=args.out, port_file=args.port_file)
 
 

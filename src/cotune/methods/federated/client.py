@@ -76,6 +76,10 @@ def _client_data(cfg_json: str, partition_id: int) -> EncodedDataset:
     _, tokenizer = _client_model(cfg_json)
     task = task_for(cfg)
     indices = split_for(cfg).clients[partition_id]
+    if task.kind == "generation":
+        from cotune.methods.lm import encode_pairs
+
+        return encode_pairs([task.train[i] for i in indices], tokenizer, cfg.train.max_seq_len)
     return encode([task.train[i] for i in indices], tokenizer, cfg.train.max_seq_len)
 
 
@@ -102,6 +106,10 @@ def local_train(
     loader = make_loader(
         data, cfg.train.batch_size, shuffle=True, seed=seed, pad_token_id=tokenizer.pad_token_id
     )
+    if task_for(cfg).kind == "generation":
+        from cotune.methods.lm import make_lm_loader
+
+        loader = make_lm_loader(data, cfg.train.batch_size, True, seed, tokenizer.pad_token_id)
     n_steps = local_steps(cfg, len(loader))
     optimizer = make_optimizer(model.parameters(), cfg)
     schedule = round_schedule(optimizer, cfg.train, n_steps, cfg.federated.rounds, server_round)

@@ -27,6 +27,11 @@ State = dict[str, np.ndarray]
 def build_model(cfg: Config, model_cfg: ModelConfig | None = None) -> tuple[nn.Module, Any]:
     """A fresh (model, tokenizer) for `cfg`'s task: the student unless `model_cfg` is given."""
     task = task_for(cfg)
+    if task.kind == "generation":  # e2e: the causal LM (+ LoRA), completion-only loss
+        from cotune.methods.lm import build_lm
+
+        model, tokenizer, _ = build_lm(cfg)
+        return model, tokenizer
     model, tokenizer, _ = build_classifier(
         model_cfg or cfg.model,
         task.num_labels,

@@ -31,7 +31,8 @@ class GlobalModel:
         self.task: Task = task_for(cfg)
         self.split: FederatedSplit = split_for(cfg)
         self.model, self.tokenizer = build_model(cfg)
-        self.evals = eval_loaders(self.task, self.tokenizer, cfg)
+        generation = self.task.kind == "generation"
+        self.evals = {} if generation else eval_loaders(self.task, self.tokenizer, cfg)
 
     @property
     def trainable(self) -> int:
@@ -45,6 +46,11 @@ class GlobalModel:
 
     def evaluate(self) -> dict[str, float]:
         """Task metrics of the current global model on every eval split, plus `loss`."""
+        if self.task.kind == "generation":  # beam search and the task's metrics
+            from cotune.methods.lm import evaluate_generation, generation_model
+
+            lm = generation_model(self.model)
+            return evaluate_generation(lm, self.tokenizer, self.task, self.cfg)[0]
         result = evaluate(self.model, self.task, self.evals, self.cfg.train.precision)
         return {**result.metrics, "loss": result.loss}
 
