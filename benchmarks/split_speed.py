@@ -66,7 +66,7 @@ def main() -> int:
     cfg = build_config(
         {
             "method": "split",
-            "task": {"name": "glue/sst2", "data_dir": args.data},
+            "task": {"name": "glue/sst2", "data_dir": args.data, "max_train_examples": 2000},
             "model": {"name": "minilm"},
             "train": {
                 "steps": total, "batch_size": args.batch, "max_seq_len": args.seq,

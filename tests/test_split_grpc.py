@@ -32,6 +32,7 @@ CONFIG: dict[str, Any] = {
     "train": {"steps": 4, "batch_size": 8, "max_seq_len": 32, "eval_every": 2, "threads": 1},
     "split": {"cut": 2, "labels": "cloud"},
     "link": {"codec": "int8"},
+    "runtime": {"connect_timeout_s": 900},  # cloud processes start slowly on a busy machine
 }
 
 
@@ -60,7 +61,9 @@ def cli_cloud(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, An
     tokens = tmp / "tokens"
     write_token_file(tokens, [0, 7])
     cfg_path = tmp / "split.toml"
-    cfg_path.write_text(to_toml(build_config({**CONFIG, "runtime": {"tokens": str(tokens)}})))
+    cfg_path.write_text(
+        to_toml(build_config({**CONFIG, "runtime": {**CONFIG["runtime"], "tokens": str(tokens)}}))
+    )
     address = f"127.0.0.1:{_free_port()}"
     cloud = subprocess.Popen(
         [sys.executable, "-m", "cotune", "cloud", "--config", str(cfg_path), "--listen",
@@ -84,7 +87,7 @@ def inprocess(cli_cloud: dict[str, Any]) -> tuple[Records, Any]:
 
 def test_grpc_loopback_matches_inprocess(inprocess: tuple[Records, Any]) -> None:
     rec, result = inprocess
-    cfg = build_config({**CONFIG, "runtime": {"transport": "grpc"}})
+    cfg = build_config({**CONFIG, "runtime": {**CONFIG["runtime"], "transport": "grpc"}})
     rec_grpc = Records()
     result_grpc = run(cfg, rec_grpc)
     assert len(rec.evals) == 2
@@ -122,7 +125,9 @@ def test_cloud_and_device_commands(
 def test_device_without_its_token_is_a_config_error(tmp_path: Path) -> None:
     tokens = tmp_path / "tokens"
     write_token_file(tokens, [0])
-    cfg = build_config({**CONFIG, "runtime": {"tokens": str(tokens), "device_id": 3}})
+    cfg = build_config(
+        {**CONFIG, "runtime": {**CONFIG["runtime"], "tokens": str(tokens), "device_id": 3}}
+    )
     with pytest.raises(ConfigError, match="no token for device 3"):
         device_token(cfg)
     with pytest.raises(ConfigError, match="runtime.tokens"):
