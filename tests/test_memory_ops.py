@@ -213,3 +213,27 @@ def test_saved_tensors_shrink_with_keep() -> None:
         layer(x)
     shapes = sorted((tuple(t.shape), t.dtype) for t in saved if t is not layer.weight)
     assert shapes == [((4, 8), torch.int16), ((4, 8, 64), torch.float32)]
+
+
+def test_autocast_keeps_rows_in_the_autocast_dtype() -> None:
+    torch.manual_seed(0)
+    dense = nn.Linear(16, 8)
+    sparse = nn.Linear(16, 8)
+    sparse.load_state_dict(dense.state_dict())
+    swap_in(sparse, _policy("norm", 0.5))
+    x = torch.randn(2, 10, 16)
+    saved: list[torch.Tensor] = []
+
+    def keep(t: torch.Tensor) -> torch.Tensor:
+        saved.append(t)
+        return t
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y_ref = dense(x)
+        with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+            y = sparse(x)
+    assert y.dtype == torch.bfloat16 and torch.equal(y, y_ref)
+    rows = [t for t in saved if t.dim() == 3]
+    assert [(tuple(t.shape), t.dtype) for t in rows] == [((2, 5, 16), torch.bfloat16)]
+    y.float().sum().backward()
+    assert sparse.weight.grad is not None and sparse.weight.grad.dtype == torch.float32

@@ -16,6 +16,10 @@ import torch
 from cotune.memory.pack import Policy, SaveList, pack_shared
 
 
+def _autocast(x: torch.Tensor) -> bool:
+    return x.is_floating_point() and torch.is_autocast_enabled(x.device.type)
+
+
 class SparseLinearFunction(torch.autograd.Function):
     """Exact forward (the stock module's own forward); sparse x saved for dW."""
 
@@ -31,7 +35,9 @@ class SparseLinearFunction(torch.autograd.Function):
     ) -> torch.Tensor:
         y = stock_forward(x)
         saves = SaveList()
-        saves.add(pack_shared(x, policy) if weight.requires_grad else None)
+        # under autocast the matmul ran in the autocast dtype: keep x as the stock op would
+        dtype = torch.get_autocast_dtype(x.device.type) if _autocast(x) else None
+        saves.add(pack_shared(x, policy, dtype) if weight.requires_grad else None)
         saves.add_tensor(weight)
         ctx.metas = saves.metas
         ctx.transposed = transposed

@@ -290,19 +290,28 @@ def pack(x: torch.Tensor, policy: Policy | None) -> Packed:
     return pack_rows(x, idx, scale)
 
 
-def pack_shared(x: torch.Tensor, policy: Policy) -> Packed:
+def pack_shared(x: torch.Tensor, policy: Policy, dtype: torch.dtype | None = None) -> Packed:
     """`pack`, reusing the previous pack when called again on the very same tensor object
-    (the Q, K and V projections, or gate and up, all read one input: it is kept once)."""
+    (the Q, K and V projections, or gate and up, all read one input: it is kept once).
+    With `dtype` the kept values are stored in that dtype (autocast)."""
     hit = policy._last_pack
     if hit is not None:
-        ref, version, meta, tensor_refs = hit
+        ref, version, hit_dtype, meta, tensor_refs = hit
         tensors = [r() for r in tensor_refs]
-        if ref() is x and x._version == version and all(t is not None for t in tensors):
+        if (
+            ref() is x
+            and x._version == version
+            and hit_dtype == dtype
+            and all(t is not None for t in tensors)
+        ):
             return Packed(meta, tensors)  # type: ignore[arg-type]
     packed = pack(x, policy)
+    if dtype is not None and packed.tensors[0].dtype != dtype:
+        packed.tensors[0] = packed.tensors[0].to(dtype)
     policy._last_pack = (
         weakref.ref(x),
         x._version,
+        dtype,
         packed.meta,
         [weakref.ref(t) for t in packed.tensors],
     )
