@@ -19,9 +19,8 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: setup
-	$(VENV)/bin/cotune run examples/bbc-news-centralized.toml --out runs/demo-centralized
-	$(VENV)/bin/cotune run examples/bbc-news-lora.toml --out runs/demo-lora
-	$(VENV)/bin/cotune compare runs/demo-centralized runs/demo-lora --plot runs/demo-compare.png
+	$(VENV)/bin/cotune run examples/bbc-news-lora.toml --out runs/demo
+	$(VENV)/bin/cotune compare runs/demo --plot runs/demo/compare.png
 
 test: setup
 	$(VENV)/bin/ruff check src tests benchmarks
