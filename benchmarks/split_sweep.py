@@ -170,6 +170,7 @@ def collect(args: argparse.Namespace, out: Path) -> dict[str, Any]:
 
 def plot(result: dict[str, Any], path: Path) -> None:
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -195,6 +196,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
     for cut, c in colors.items():
         ax.scatter([], [], marker="o", color=c, label=f"cut {cut}")
     ax.set_xscale("log")
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.set_xlabel("bytes on the wire (up + down, training and evaluation)")
     ax.set_ylabel("SST-2 dev accuracy")
     b = result["budget"]
