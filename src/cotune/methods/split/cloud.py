@@ -51,6 +51,7 @@ class _DeviceState:
 
     rng: RngStream
     steps_done: int = 0
+    epoch: int = 0  # bumped by every Hello: follow-ups of an older stream are dropped
     pca: PcaProjection | None = None
     pending: dict[str, Any] | None = None  # U-shaped: the graph waiting for Backward
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -134,19 +135,29 @@ class SplitCloud:
 
     # ------------------------------------------------------------------ steps
 
-    def _step(self, grads: list[torch.Tensor | None], state: _DeviceState) -> None:
-        """Apply one step's gradients (moved aside earlier) with clipping, then LR step."""
+    def _step(
+        self, grads: list[torch.Tensor | None], state: _DeviceState, epoch: int | None = None
+    ) -> None:
+        """Apply one step's gradients (moved aside earlier) with clipping, then LR step.
+
+        Skipped when the device has said hello again since (`epoch` changed): its old
+        stream is gone and the reconnect already agreed on the step count.
+        """
         assert self.optimizer is not None and self.schedule is not None
-        with self._model_lock:
-            for p, g in zip(self.params, grads, strict=True):
-                p.grad = g
-            if self.cfg.train.max_grad_norm is not None:
-                torch.nn.utils.clip_grad_norm_(self.params, self.cfg.train.max_grad_norm)
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
-            self.schedule.step()
-            self.steps += 1
-        state.steps_done += 1
+        with state.lock:
+            if epoch is not None and epoch != state.epoch:
+                log.info("dropping the follow-up of a replaced stream")
+                return
+            with self._model_lock:
+                for p, g in zip(self.params, grads, strict=True):
+                    p.grad = g
+                if self.cfg.train.max_grad_norm is not None:
+                    torch.nn.utils.clip_grad_norm_(self.params, self.cfg.train.max_grad_norm)
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                self.schedule.step()
+                self.steps += 1
+            state.steps_done += 1
 
     def _take_grads(self) -> list[torch.Tensor | None]:
         grads = [p.grad for p in self.params]
@@ -216,6 +227,7 @@ class SplitSession:
                 f"{hello.total_steps}"
             )
         with self.state.lock:
+            self.state.epoch += 1
             if hello.steps_done > self.state.steps_done:
                 c.skip_to(self.state, hello.steps_done)
             self.state.pending = None
@@ -284,6 +296,7 @@ class SplitSession:
                     f"forward for step {fwd.step}; the cloud expects step {self.state.steps_done}"
                 )
             self.state.pending = None
+            epoch = self.state.epoch
         mask_long = None if mask is None else mask.long()
         leaf = rows.requires_grad_(train)
         with c._model_lock:
@@ -314,13 +327,14 @@ class SplitSession:
             grads = c._take_grads()
         assert leaf.grad is not None
         result.grad.CopyFrom(c.codec.backward.encode(leaf.grad))
-        return pb.CloudMessage(result=result), lambda: c._step(grads, self.state)
+        return pb.CloudMessage(result=result), lambda: c._step(grads, self.state, epoch)
 
     def _backward(self, back: pb.Backward) -> tuple[pb.CloudMessage, After]:
         c = self.cloud
         if c.labels_on_cloud:
             raise ProtocolError("backward messages are for U-shaped training (labels on device)")
         pending = self.state.pending
+        epoch = self.state.epoch
         if pending is None or pending["step"] != back.step:
             raise ProtocolError(f"backward for step {back.step} without its forward")
         pooled, leaf = pending["pooled"], pending["leaf"]
@@ -335,4 +349,4 @@ class SplitSession:
         self.state.pending = None
         result = pb.Result(step=back.step)
         result.grad.CopyFrom(c.codec.backward.encode(leaf.grad))
-        return pb.CloudMessage(result=result), lambda: c._step(grads, self.state)
+        return pb.CloudMessage(result=result), lambda: c._step(grads, self.state, epoch)
