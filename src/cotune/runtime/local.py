@@ -19,6 +19,9 @@ def offline_env() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # "Loading weights" bars; cotune shows its own progress
 
 
 def run_experiment(cfg: Config, out: str | Path | None = None, resume: bool = False) -> Path:
@@ -35,6 +38,8 @@ def run_experiment(cfg: Config, out: str | Path | None = None, resume: bool = Fa
             "fedavg, fedlora, fedkd. Start it again without --resume."
         )
     run = RunFolder(out if out is not None else default_run_dir(cfg.name))
+    if not resume:
+        run.start_fresh()
     run.write_config(to_toml(cfg))
     t0 = time.perf_counter()
     result = method(cfg, run, run_dir=run.path, **({"resume": True} if resume else {}))
