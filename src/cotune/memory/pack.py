@@ -198,6 +198,21 @@ def _compress(flat: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 _NUMPY_DTYPES = {torch.float32, torch.float64, torch.float16, torch.bool, torch.uint8}
 
 
+def _expand(kept: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Inverse of `_compress`: zeros of mask's shape with `kept` at the True positions, in
+    mask order (numpy's place on CPU is about 2.5x faster than torch's masked_scatter)."""
+    if (
+        kept.device.type == "cpu"
+        and kept.dtype in _NUMPY_DTYPES
+        and kept.dtype != torch.bool
+        and not kept.requires_grad
+    ):
+        out = np.zeros(tuple(mask.shape), dtype=kept.numpy().dtype)
+        np.place(out, mask.numpy(), kept.contiguous().numpy())
+        return torch.from_numpy(out)
+    return kept.new_zeros(mask.shape).masked_scatter_(mask, kept)
+
+
 def select_rows(
     x: torch.Tensor, policy: Policy, priority: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -385,7 +400,7 @@ class Sparse:
         if self.kind == "elems":
             mask = self.elem_mask()
             assert mask is not None
-            return kept.new_zeros(self.shape).masked_scatter_(mask, kept)
+            return _expand(kept, mask)
         return kept.reshape(self.shape)
 
 

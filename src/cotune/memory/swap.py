@@ -193,7 +193,9 @@ def _classify(module: nn.Module) -> tuple[str, type] | None:
 
 def _is_attention(module: nn.Module) -> bool:
     fwd = getattr(type(module), "forward", None)
-    code = getattr(fwd, "__code__", None)
+    # transformers wraps some forwards in decorators (deprecated-argument shims): look
+    # at the function they wrap
+    code = getattr(inspect.unwrap(fwd), "__code__", None) if fwd is not None else None
     return (
         code is not None
         and "ALL_ATTENTION_FUNCTIONS" in code.co_names
