@@ -93,6 +93,8 @@ def run_one(run: dict[str, Any], args: argparse.Namespace, out: Path) -> dict[st
     log = out / f"{run['name']}.log"
     with open(log, "w") as f:
         code = subprocess.call(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+    for weights in folder.glob("*.safetensors"):  # trained weights (up to 90 MB): not results
+        weights.unlink()
     print(f"{run['name']}: exit {code} after {time.time() - t0:.0f} s", flush=True)
     return run
 
