@@ -61,7 +61,7 @@ BUDGET: dict[str, Any] = {
         "lora": {"r": 8, "alpha": 16, "dropout": 0.1, "target_modules": ATTENTION},
     },
     "train": {"batch_size": 8, "max_seq_len": 64, "lr": 5e-3, "threads": 1},
-    "federated": {"clients": 100, "fraction": 0.1, "rounds": 4, "local_steps": 8},
+    "federated": {"clients": 100, "fraction": 0.1, "rounds": 8, "local_steps": 10},
     "proxy": {
         "keep_layers": [0, 5],
         "ffn_keep": 384,
