@@ -207,8 +207,9 @@ def _expand(kept: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         and kept.dtype != torch.bool
         and not kept.requires_grad
     ):
-        out = np.zeros(tuple(mask.shape), dtype=kept.numpy().dtype)
-        np.place(out, mask.numpy(), kept.contiguous().numpy())
+        values = kept.contiguous().numpy()
+        out = np.zeros(tuple(mask.shape), dtype=values.dtype)
+        np.place(out, mask.numpy(), values)
         return torch.from_numpy(out)
     return kept.new_zeros(mask.shape).masked_scatter_(mask, kept)
 
