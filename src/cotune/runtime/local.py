@@ -19,9 +19,9 @@ def offline_env() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()  # "Loading weights" bars; cotune shows its own progress
+    # no "Loading weights" bars (transformers reads this when imported); cotune shows its
+    # own progress
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 
 def run_experiment(cfg: Config, out: str | Path | None = None, resume: bool = False) -> Path:
