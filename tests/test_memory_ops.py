@@ -190,7 +190,9 @@ def test_backrazor_keeps_per_sample_top_elements_with_a_bit_mask() -> None:
 def test_backrazor_threshold_on_large_samples_keeps_about_keep() -> None:
     """Above EXACT_TOPK_MAX elements per sample the k-th magnitude is estimated."""
     x = torch.randn(2, 128, 256, generator=torch.Generator().manual_seed(0))
-    mask = select_elems(x, _policy("backrazor", 0.1))
+    bits = select_elems(x, _policy("backrazor", 0.1))
+    assert bits.dtype == torch.uint8 and bits.shape == (2, 128 * 256 // 8)
+    mask = unpack_bits(bits, 128 * 256)
     share = mask.float().mean(1)
     # a quantile from 4096 draws: standard error sqrt(0.1 * 0.9 / 4096) = 0.0047
     assert torch.all((share - 0.1).abs() < 0.02), share

@@ -23,6 +23,7 @@ from collections.abc import Callable
 
 import torch
 
+from cotune.memory import kernels
 from cotune.memory.pack import (
     Policy,
     SaveList,
@@ -77,16 +78,16 @@ class SparseActivationFunction(torch.autograd.Function):
             (dx,) = _grad_of(ctx.fn, (xs.dense(),), dy)
             return dx, None, None, None
         assert bits is not None
-        dx = dy * bits.dense().to(dy.dtype)
+        dx = dy * bits.dense().reshape(dy.shape)
         if xs is None:  # ReLU: the sign bits are its exact derivative
             return dx, None, None, None
         if xs.kind == "rows":
             (d_rows,) = _grad_of(ctx.fn, (xs.values,), xs.gather_rows(dy))
             dx = xs.scatter_rows(d_rows.to(dx.dtype), dx)
-        else:
-            mask = xs.elem_mask()
-            (d_all,) = _grad_of(ctx.fn, (xs.dense(),), dy)
-            dx = torch.where(mask, d_all.to(dx.dtype), dx)
+        else:  # f' on the kept elements only, written over the surrogate
+            dy_kept = kernels.compress(dy, xs.bits)
+            (d_kept,) = _grad_of(ctx.fn, (xs.values,), dy_kept.to(xs.values.dtype))
+            dx = kernels.overwrite(dx.contiguous(), xs.bits, d_kept.to(dx.dtype))
         return dx, None, None, None
 
 

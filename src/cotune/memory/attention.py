@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from cotune.memory.activation import dropout_mask
-from cotune.memory.pack import Policy, SaveList, Sparse, pack, pack_bool, pack_dense
+from cotune.memory.pack import Policy, SaveList, pack, pack_bool, pack_dense
 
 ATTN_NAME = "cotune_sparse"
 
@@ -104,21 +104,26 @@ class SparseAttentionFunction(torch.autograd.Function):
         q_dtype, k_dtype, v_dtype = ctx.dtypes
         d_o = dout.transpose(1, 2).float()
         probs = ps.dense().float()
-        probs_w = ps.dense(scaled=True).float() if _scaled(ps) else probs
+        # Pd = P * drop / (1 - p) is rebuilt from the kept entries of P times their dropout
+        # bits (one expansion; no dense dropout mask), and the softmax backward is written
+        # in terms of it: dS = P * (dPd * drop / (1 - p) - rowsum(...)) = Pd * dPd -
+        # P * rowsum(Pd * dPd), since dPd * drop / (1 - p) only meets P through Pd.
         if p > 0:
             assert st is not None
-            keep = ps.place(st.dense().float()) * (1.0 / (1.0 - p))
-            probs_w = probs_w * keep
+            kept_w = ps.values.float() * st.dense().reshape(ps.values.shape)
+            probs_d = ps.place(kept_w * (1.0 / (1.0 - p)))
+        else:
+            probs_d = probs
+        row_scale = ps.row_scale()
+        probs_w = probs_d if row_scale is None else probs_d * row_scale.float()
         d_v = _sum_groups(probs_w.transpose(2, 3) @ d_o, n_rep)
         del probs_w
         v_w = _repeat_kv(vs.dense(scaled=True).float(), n_rep)
         d_p = d_o @ v_w.transpose(2, 3)
         del v_w
-        if p > 0:
-            d_p = d_p * keep
-        d_s = probs * (d_p - (d_p * probs).sum(-1, keepdim=True))
-        del d_p, probs
-        row_scale = ps.row_scale()
+        d_p = d_p.mul_(probs_d)
+        d_s = d_p.sub_(probs * d_p.sum(-1, keepdim=True))
+        del d_p, probs, probs_d
         if row_scale is not None:
             d_s = d_s * row_scale.float()
         d_s = d_s * scaling
@@ -126,10 +131,6 @@ class SparseAttentionFunction(torch.autograd.Function):
         d_q = d_s @ k_w
         d_k = _sum_groups(d_s.transpose(2, 3) @ qs.dense(scaled=True).float(), n_rep)
         return d_q.to(q_dtype), d_k.to(k_dtype), d_v.to(v_dtype), None, None, None, None
-
-
-def _scaled(s: Sparse) -> bool:
-    return s.row_scale() is not None
 
 
 def _additive_mask(

@@ -19,8 +19,20 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+from torch import nn
 
 from cotune.memory.pack import Policy, SaveList, pack
+
+
+def _is_stock_layer_norm(forward: Callable[..., torch.Tensor]) -> bool:
+    """forward is nn.LayerNorm's own, over the last dimension only."""
+    if getattr(forward, "__func__", None) is not nn.LayerNorm.forward:
+        return False
+    return len(forward.__self__.normalized_shape) == 1  # type: ignore[attr-defined]
+
+
+def _autocast(x: torch.Tensor) -> bool:
+    return torch.is_autocast_enabled(x.device.type)
 
 
 class SparseNormFunction(torch.autograd.Function):
@@ -37,13 +49,19 @@ class SparseNormFunction(torch.autograd.Function):
         eps: float,
         centered: bool,
     ) -> torch.Tensor:
-        y = stock_forward(x)
         xf = x.float()
-        if centered:
+        if centered and _is_stock_layer_norm(stock_forward) and not _autocast(x):
+            # the kernel F.layer_norm runs, which also returns the statistics backward needs
+            y, mean, rstd = torch.native_layer_norm(x, (x.shape[-1],), weight, bias, eps)
+            x_hat = (xf - mean.float()) * rstd.float()
+            rstd = rstd.float()
+        elif centered:
+            y = stock_forward(x)
             mean = xf.mean(-1, keepdim=True)
             rstd = torch.rsqrt(xf.var(-1, unbiased=False, keepdim=True) + eps)
             x_hat = (xf - mean) * rstd
         else:
+            y = stock_forward(x)
             rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
             x_hat = xf * rstd
         saves = SaveList()
@@ -72,7 +90,7 @@ class SparseNormFunction(torch.autograd.Function):
             centred = g - g.mean(-1, keepdim=True) if ctx.centered else g
             dx = (rstd * (centred - x_hat * proj)).to(ctx.x_dtype)
         if weight is not None and ctx.needs_input_grad[1]:
-            x_hat_w = xs.dense(scaled=True).float()
+            x_hat_w = xs.dense(scaled=True).float() if xs.row_scale() is not None else x_hat
             dw = (dyf * x_hat_w).reshape(-1, dy.shape[-1]).sum(0).to(weight.dtype)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             db = (

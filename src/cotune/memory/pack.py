@@ -30,6 +30,9 @@ from typing import Literal
 import numpy as np
 import torch
 
+from cotune.memory import kernels
+from cotune.memory.kernels import _pack_bits_torch, _unpack_bits_torch
+
 Mode = Literal["random", "norm", "backrazor"]
 NormKind = Literal["linf", "l1", "l2"]
 
@@ -38,8 +41,6 @@ NormKind = Literal["linf", "l1", "l2"]
 # costs tens of milliseconds per FFN-sized tensor on a CPU).
 EXACT_TOPK_MAX = 1 << 14
 _THRESHOLD_SAMPLE = 1 << 12
-
-_SHIFTS = torch.arange(8, dtype=torch.uint8)
 
 
 def pack_bits(mask: torch.Tensor) -> torch.Tensor:
@@ -56,21 +57,6 @@ def unpack_bits(packed: torch.Tensor, n: int) -> torch.Tensor:
         bits = np.unpackbits(packed.numpy(), axis=-1, count=n, bitorder="little")
         return torch.from_numpy(bits.view(np.bool_))
     return _unpack_bits_torch(packed, n)
-
-
-def _pack_bits_torch(mask: torch.Tensor) -> torch.Tensor:
-    """`pack_bits` in torch ops (any device)."""
-    n = mask.shape[-1]
-    pad = (-n) % 8
-    if pad:
-        mask = torch.cat([mask, mask.new_zeros(*mask.shape[:-1], pad)], dim=-1)
-    bits = mask.reshape(*mask.shape[:-1], -1, 8).to(torch.uint8)
-    return (bits << _SHIFTS.to(bits.device)).sum(-1, dtype=torch.uint8)
-
-
-def _unpack_bits_torch(packed: torch.Tensor, n: int) -> torch.Tensor:
-    bits = (packed.unsqueeze(-1) >> _SHIFTS.to(packed.device)) & 1
-    return bits.reshape(*packed.shape[:-1], -1)[..., :n].bool()
 
 
 @dataclass
@@ -169,7 +155,7 @@ class Packed:
     meta: PackMeta
     tensors: list[torch.Tensor]
     index: torch.Tensor | None = None  # rows: (..., k) int64
-    mask: torch.Tensor | None = None  # elems: (B, n) bool
+    bits: torch.Tensor | None = None  # elems: (B, ceil(n / 8)) uint8 bit mask
 
     def select(self, other: torch.Tensor) -> torch.Tensor:
         """The entries of `other` (shaped like the packed tensor) that this pack keeps, in
@@ -177,41 +163,13 @@ class Packed:
         if self.index is not None:
             idx = self.index
             return other.gather(-2, idx.unsqueeze(-1).expand(*idx.shape, other.shape[-1]))
-        if self.mask is not None:
-            return _compress(other.reshape(self.mask.shape), self.mask)
+        if self.bits is not None:
+            return kernels.compress(other, self.bits)
         return other
 
 
 def _index_dtype(n: int) -> torch.dtype:
     return torch.int16 if n <= torch.iinfo(torch.int16).max else torch.int32
-
-
-def _compress(flat: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """flat[mask] (numpy's compress on CPU is several times faster than torch's)."""
-    if flat.device.type == "cpu" and flat.dtype in _NUMPY_DTYPES:
-        return torch.from_numpy(
-            np.compress(mask.numpy().ravel(), flat.contiguous().numpy().ravel())
-        )
-    return flat[mask]
-
-
-_NUMPY_DTYPES = {torch.float32, torch.float64, torch.float16, torch.bool, torch.uint8}
-
-
-def _expand(kept: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Inverse of `_compress`: zeros of mask's shape with `kept` at the True positions, in
-    mask order (numpy's place on CPU is about 2.5x faster than torch's masked_scatter)."""
-    if (
-        kept.device.type == "cpu"
-        and kept.dtype in _NUMPY_DTYPES
-        and kept.dtype != torch.bool
-        and not kept.requires_grad
-    ):
-        values = kept.contiguous().numpy()
-        out = np.zeros(tuple(mask.shape), dtype=values.dtype)
-        np.place(out, mask.numpy(), values)
-        return torch.from_numpy(out)
-    return kept.new_zeros(mask.shape).masked_scatter_(mask, kept)
 
 
 def select_rows(
@@ -246,36 +204,68 @@ def pack_rows(x: torch.Tensor, idx: torch.Tensor, scale: torch.Tensor | None) ->
     return Packed(meta, tensors, index=idx)
 
 
-def select_elems(
-    x: torch.Tensor, policy: Policy, magnitude: torch.Tensor | None = None
-) -> torch.Tensor:
-    """Per-sample bool mask (B, n) of the `keep` share of elements of largest magnitude.
+def _elem_threshold(x: torch.Tensor, policy: Policy, valid: torch.Tensor | None) -> torch.Tensor:
+    """Per-sample magnitude threshold (B,) estimated from a random sample of x's elements
+    (invalid rows count as magnitude -1): about `keep` of the valid elements exceed it."""
+    b = x.shape[0]
+    flat = x.detach().reshape(b, -1)
+    gen = policy.generator(torch.device("cpu"))
+    probe = torch.randint(flat.shape[1], (b, _THRESHOLD_SAMPLE), generator=gen).to(x.device)
+    sample = flat.gather(1, probe).abs().float()
+    if valid is not None:
+        row_ok = valid.gather(1, probe // (flat.shape[1] // valid.shape[1]))
+        sample = sample.masked_fill(~row_ok, -1.0)
+    rank = max(1, min(_THRESHOLD_SAMPLE, round((1 - policy.keep) * _THRESHOLD_SAMPLE)))
+    if sample.device.type == "cpu":  # numpy's introselect: about 2x faster than kthvalue
+        kth = np.partition(sample.numpy(), rank - 1, axis=1)[:, rank - 1]
+        return torch.from_numpy(kth).clamp(min=-0.5)
+    return sample.kthvalue(rank, dim=1).values.clamp(min=-0.5)
+
+
+def _valid_elem_rows(x: torch.Tensor) -> torch.Tensor | None:
+    """Validity of x's rows (B, R) with R = prod(x.shape[1:-1]), or None (all valid)."""
+    valid = _valid_rows(x)
+    if valid is None:
+        return None
+    return valid.expand(x.shape[:-1]).reshape(x.shape[0], -1).contiguous()
+
+
+def _exact_topk_mask(x: torch.Tensor, policy: Policy, valid: torch.Tensor | None) -> torch.Tensor:
+    b = x.shape[0]
+    a = x.detach().reshape(b, -1).abs()
+    n = a.shape[1]
+    if valid is not None:
+        a = a.masked_fill(~valid.repeat_interleave(n // valid.shape[1], dim=1), -1.0)
+    k = max(1, math.ceil(policy.keep * n - 1e-9))
+    idx = a.topk(k, dim=1, sorted=False).indices
+    return torch.zeros(a.shape, dtype=torch.bool, device=a.device).scatter_(1, idx, True)
+
+
+def pack_backrazor(x: torch.Tensor, policy: Policy) -> Packed:
+    """Per sample, the `keep` share of x's elements of largest magnitude, bit-packed.
 
     Exact top-k up to EXACT_TOPK_MAX elements per sample; beyond, the k-th largest
-    magnitude is estimated from a random sample and every element above it is kept (the
-    count is then within about 1% of k: the bytes saved are measured, not assumed)."""
-    b = x.shape[0]
-    a = (x.detach() if magnitude is None else magnitude.detach()).reshape(b, -1).abs()
-    n = a.shape[1]
-    valid = _valid_rows(x)
-    if valid is not None:
-        a = a.masked_fill(~valid.unsqueeze(-1).expand(x.shape).reshape(b, n), -1.0)
-    k = max(1, math.ceil(policy.keep * n - 1e-9))
+    magnitude is estimated from a random sample and every element above it is kept in one
+    pass (the count is then within about 1% of k: the bytes saved are measured, not
+    assumed)."""
+    valid = _valid_elem_rows(x)
+    n = math.prod(x.shape[1:])
     if n <= EXACT_TOPK_MAX:
-        idx = a.topk(k, dim=1, sorted=False).indices
-        return torch.zeros(a.shape, dtype=torch.bool, device=a.device).scatter_(1, idx, True)
-    gen = policy.generator(torch.device("cpu"))
-    probe = torch.randint(n, (b, _THRESHOLD_SAMPLE), generator=gen).to(a.device)
-    sample = a.gather(1, probe)
-    rank = max(1, min(_THRESHOLD_SAMPLE, round((1 - policy.keep) * _THRESHOLD_SAMPLE)))
-    threshold = sample.kthvalue(rank, dim=1, keepdim=True).values.clamp(min=-0.5)
-    return a > threshold
+        bits = pack_bits(_exact_topk_mask(x, policy, valid))
+        return pack_elems(x, bits)
+    values, bits = kernels.select_compress(x, _elem_threshold(x, policy, valid), valid)
+    return Packed(PackMeta("elems", tuple(x.shape), 2), [values, bits], bits=bits)
 
 
-def pack_elems(x: torch.Tensor, mask: torch.Tensor) -> Packed:
-    values = _compress(x.detach().reshape(mask.shape), mask)
-    meta = PackMeta("elems", tuple(x.shape), 2)
-    return Packed(meta, [values, pack_bits(mask)], mask=mask)
+def select_elems(x: torch.Tensor, policy: Policy) -> torch.Tensor:
+    """The bit mask (B, ceil(n / 8)) uint8 of what `pack_backrazor` keeps of x."""
+    return pack_backrazor(x, policy).tensors[1]
+
+
+def pack_elems(x: torch.Tensor, bits: torch.Tensor) -> Packed:
+    """x's elements at the set bits of a (B, ceil(n / 8)) bit mask."""
+    values = kernels.compress(x, bits)
+    return Packed(PackMeta("elems", tuple(x.shape), 2), [values, bits], bits=bits)
 
 
 def pack_dense(x: torch.Tensor) -> Packed:
@@ -299,7 +289,7 @@ def pack(x: torch.Tensor, policy: Policy | None) -> Packed:
     if policy is None or policy.keep >= 1.0 or x.dim() < 3:
         return pack_dense(x)
     if policy.mode == "backrazor":
-        return pack_elems(x, select_elems(x, policy))
+        return pack_backrazor(x, policy)
     idx, scale = select_rows(x, policy)
     if idx.shape[-1] >= x.shape[-2]:
         return pack_dense(x)
@@ -374,6 +364,12 @@ class Sparse:
         return into.scatter_(-2, idx.unsqueeze(-1).expand(*idx.shape, rows.shape[-1]), rows)
 
     # -- elems ------------------------------------------------------------------------
+    @property
+    def bits(self) -> torch.Tensor:
+        """The bit mask (B, ceil(n / 8)) uint8 of kept elements (elems kind)."""
+        assert self.kind == "elems"
+        return self.tensors[1]
+
     def elem_mask(self) -> torch.Tensor | None:
         """Kept elements as bool in the tensor's shape (elems kind), else None."""
         if self.kind != "elems":
@@ -399,9 +395,7 @@ class Sparse:
         if self.kind == "rows":
             return self.scatter_rows(kept, kept.new_zeros(self.shape))
         if self.kind == "elems":
-            mask = self.elem_mask()
-            assert mask is not None
-            return _expand(kept, mask)
+            return kernels.expand(kept, self.bits, self.shape)
         return kept.reshape(self.shape)
 
 
