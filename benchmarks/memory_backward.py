@@ -118,7 +118,9 @@ def worker_memory(mode: str, keep: float, steps: int, batch: int, seq: int) -> d
     }
 
 
-def worker_time(keeps: list[float], rounds: int, batch: int, seq: int) -> dict[str, Any]:
+def worker_time(
+    keeps: list[float], rounds: int, batch: int, seq: int, threads: int = 1
+) -> dict[str, Any]:
     import torch
 
     from cotune.config import MemoryConfig
@@ -126,7 +128,7 @@ def worker_time(keeps: list[float], rounds: int, batch: int, seq: int) -> dict[s
     from cotune.methods.loop import fit
     from cotune.methods.training import make_optimizer
 
-    torch.set_num_threads(1)
+    torch.set_num_threads(threads)
     cfgs = configs(keeps)
     cfg, model, batches = _bbc_batches(2, batch, seq)
     optimizer = make_optimizer(model.parameters(), cfg)
@@ -195,7 +197,8 @@ def phase_memory(a: argparse.Namespace) -> dict[str, Any]:
 
 
 def phase_time(a: argparse.Namespace) -> dict[str, Any]:
-    args = ["--worker", "time", "--rounds", str(a.rounds), "--keeps", ",".join(map(str, a.keeps))]
+    args = ["--worker", "time", "--rounds", str(a.rounds), "--keeps", ",".join(map(str, a.keeps)),
+            "--threads", str(a.threads)]  # fmt: skip
     return _run_worker(args)
 
 
@@ -311,6 +314,10 @@ def main() -> None:
     ap.add_argument("--acc-keeps", default="0.1,0.3")
     ap.add_argument("--mem-steps", type=int, default=4)
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument(
+        "--threads", type=int, default=1,
+        help="torch threads for the time phase (other than 1: stored as time_threads<N>)",
+    )  # fmt: skip
     ap.add_argument("--steps", type=int, default=400, help="SST-2 optimiser steps per run")
     ap.add_argument("--parallel", type=int, default=2, help="SST-2 runs at once")
     ap.add_argument("--runs-dir", default=str(ROOT / "runs" / "memory_backward"))
@@ -326,7 +333,7 @@ def main() -> None:
         print(json.dumps(worker_memory(a.mode, a.keep, a.mem_steps, 16, 128)))
         return
     if a.worker == "time":
-        print(json.dumps(worker_time(a.keeps, a.rounds, 16, 128)))
+        print(json.dumps(worker_time(a.keeps, a.rounds, 16, 128, a.threads)))
         return
 
     out = Path(a.out)
@@ -345,8 +352,9 @@ def main() -> None:
         # re-read: phases may run as separate, concurrent invocations on one file
         res: dict[str, Any] = json.loads(out.read_text()) if out.exists() else {}
         res["setup"] = {**res.get("setup", {}), **setup}
-        res[phase] = result
-        res.setdefault("phase_wall_s", {})[phase] = time.perf_counter() - t0
+        key = f"time_threads{a.threads}" if phase == "time" and a.threads != 1 else phase
+        res[key] = result
+        res.setdefault("phase_wall_s", {})[key] = time.perf_counter() - t0
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(res, indent=2) + "\n")
     print(tables(res))

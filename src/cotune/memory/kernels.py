@@ -20,17 +20,14 @@ equivalents with the same results; `tests/test_memory_kernels.py` checks the two
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import math
 
 import numpy as np
 import torch
 
-try:  # pragma: no cover - exercised by whichever branch the platform has
-    import numba
-except ImportError:  # pragma: no cover
-    numba = None
-
-HAVE_NUMBA = numba is not None
+HAVE_NUMBA = importlib.util.find_spec("numba") is not None
 
 _INT_VIEW = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
@@ -64,124 +61,11 @@ def threshold_key(threshold: torch.Tensor, dtype: torch.dtype) -> np.ndarray:
     return np.where(threshold.detach().cpu().numpy() < 0, -1, keys).astype(np.int64)
 
 
-if HAVE_NUMBA:
-    _jit = numba.njit(cache=True, nogil=True)
-    # Every kernel walks a sample's bits a byte at a time with a fixed 8-step inner loop
-    # (which numba unrolls: about twice as fast as one flat loop with a bit counter) and
-    # is branch-free on the data: a value is always written, and the write position only
-    # advances when the bit is set.
+@functools.cache
+def _nb():  # type: ignore[no-untyped-def]
+    from cotune.memory import _numba_kernels
 
-    @_jit
-    def _select_compress_aligned(keys, absmask, thr, valid, f, vals, bits):  # pragma: no cover
-        # rows of f elements, f a multiple of 8: a byte never straddles two rows
-        b_n, n = keys.shape
-        rows = valid.shape[1]
-        row_bytes = f >> 3
-        never = np.int64(0x7FFFFFFFFFFFFFFF)  # above every magnitude key
-        pos = 0
-        for b in range(b_n):
-            j = 0
-            for r in range(rows):
-                t = thr[b] if valid[b, r] != 0 else never
-                for _ in range(row_bytes):
-                    acc = 0
-                    for bit in range(8):
-                        v = keys[b, j * 8 + bit]
-                        k = np.int64((v & absmask) > t)
-                        vals[pos] = v
-                        pos += k
-                        acc |= k << bit
-                    bits[b, j] = acc
-                    j += 1
-        return pos
-
-    @_jit
-    def _select_compress_any(keys, absmask, thr, valid, f, vals, bits):  # pragma: no cover
-        b_n, n = keys.shape
-        rows = valid.shape[1]
-        never = np.int64(0x7FFFFFFFFFFFFFFF)  # above every magnitude key
-        pos = 0
-        for b in range(b_n):
-            r = 0
-            c = 0
-            t = thr[b] if valid[b, 0] != 0 else never
-            for j in range((n + 7) >> 3):
-                acc = 0
-                for bit in range(8):
-                    i = j * 8 + bit
-                    if i < n:
-                        v = keys[b, i]
-                        k = np.int64((v & absmask) > t)
-                        vals[pos] = v
-                        pos += k
-                        acc |= k << bit
-                        c += 1
-                        if c == f:
-                            c = 0
-                            r += 1
-                            if r < rows:
-                                t = thr[b] if valid[b, r] != 0 else never
-                bits[b, j] = acc
-        return pos
-
-    @_jit
-    def _compress_nb(src, bits, out):  # pragma: no cover
-        b_n, n = src.shape
-        full = n >> 3
-        pos = 0
-        for b in range(b_n):
-            for j in range(full):
-                byte = bits[b, j]
-                for bit in range(8):
-                    out[pos] = src[b, j * 8 + bit]
-                    pos += (byte >> bit) & 1
-            for i in range(full * 8, n):
-                out[pos] = src[b, i]
-                pos += (bits[b, full] >> (i - full * 8)) & 1
-        return pos
-
-    @_jit
-    def _expand_nb(vals, bits, out):  # pragma: no cover
-        b_n, n = out.shape
-        m = vals.shape[0]
-        if m == 0:
-            out[:] = 0
-            return
-        full = n >> 3
-        pos = 0
-        for b in range(b_n):
-            for j in range(full):
-                byte = bits[b, j]
-                for bit in range(8):
-                    k = (byte >> bit) & 1
-                    out[b, j * 8 + bit] = vals[min(pos, m - 1)] * k
-                    pos += k
-            for i in range(full * 8, n):
-                k = (bits[b, full] >> (i - full * 8)) & 1
-                out[b, i] = vals[min(pos, m - 1)] * k
-                pos += k
-
-    @_jit
-    def _overwrite_nb(dst, bits, vals):  # pragma: no cover
-        b_n, n = dst.shape
-        m = vals.shape[0]
-        if m == 0:
-            return
-        full = n >> 3
-        pos = 0
-        for b in range(b_n):
-            for j in range(full):
-                byte = bits[b, j]
-                for bit in range(8):
-                    k = np.int64((byte >> bit) & 1)
-                    o = dst[b, j * 8 + bit]
-                    dst[b, j * 8 + bit] = o ^ ((o ^ vals[min(pos, m - 1)]) & -k)
-                    pos += k
-            for i in range(full * 8, n):
-                k = np.int64((bits[b, full] >> (i - full * 8)) & 1)
-                o = dst[b, i]
-                dst[b, i] = o ^ ((o ^ vals[min(pos, m - 1)]) & -k)
-                pos += k
+    return _numba_kernels
 
 
 _SHIFTS = torch.arange(8, dtype=torch.uint8)
@@ -231,7 +115,7 @@ def select_compress(
     if HAVE_NUMBA:
         vals = np.empty(b * n, dtype=keys.dtype)
         bits = np.empty((b, math.ceil(n / 8)), dtype=np.uint8)
-        kernel = _select_compress_aligned if f % 8 == 0 else _select_compress_any
+        kernel = _nb().select_compress_aligned if f % 8 == 0 else _nb().select_compress_any
         pos = kernel(keys, keys.dtype.type(absmask), thr, valid_np, f, vals, bits)
         return _from_int(vals[:pos].copy(), x.dtype), torch.from_numpy(bits)
     mask = (keys.astype(np.int64) & absmask) > thr[:, None]
@@ -252,7 +136,7 @@ def compress(src: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
     bits_np = bits.numpy()
     if HAVE_NUMBA:
         out = np.empty(keys.size, dtype=keys.dtype)
-        pos = _compress_nb(keys, bits_np, out)
+        pos = _nb().compress(keys, bits_np, out)
         return _from_int(out[:pos].copy(), src.dtype)
     mask = _unpack(bits_np, keys.shape[1])
     return _from_int(np.compress(mask.ravel(), keys.ravel()), src.dtype)
@@ -269,7 +153,7 @@ def expand(vals: torch.Tensor, bits: torch.Tensor, shape: tuple[int, ...]) -> to
     bits_np = bits.numpy()
     if HAVE_NUMBA:
         out = np.empty((b, n), dtype=keys.dtype)
-        _expand_nb(keys, bits_np, out)
+        _nb().expand(keys, bits_np, out)
     else:
         out = np.zeros((b, n), dtype=keys.dtype)
         np.place(out, _unpack(bits_np, n), keys)
@@ -286,7 +170,7 @@ def overwrite(dst: torch.Tensor, bits: torch.Tensor, vals: torch.Tensor) -> torc
     view = int_view(dst).reshape(b, -1)
     keys = int_view(vals).reshape(-1)
     if HAVE_NUMBA:
-        _overwrite_nb(view, bits.numpy(), keys)
+        _nb().overwrite(view, bits.numpy(), keys)
     else:
         np.place(view, _unpack(bits.numpy(), view.shape[1]), keys)
     return dst
