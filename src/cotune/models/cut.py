@@ -30,6 +30,9 @@ vit. Valid cuts: 1 <= cut < number of layers.
 
 from __future__ import annotations
 
+import functools
+import inspect
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -41,6 +44,18 @@ from transformers.masking_utils import create_bidirectional_mask, create_causal_
 from cotune.errors import ModelError
 from cotune.models.classifier import SequenceClassifier
 from cotune.models.lora import unwrap
+
+
+@functools.cache
+def _cache_kw(fn: Callable[..., Any]) -> str:
+    """The name `fn` takes the KV cache under: `cache` from transformers 5.24 on (which
+    deprecates `past_key_values`, to be removed in 5.40), `past_key_values` before."""
+    return "cache" if "cache" in inspect.signature(fn).parameters else "past_key_values"
+
+
+def _with_cache(fn: Callable[..., Any], cache: Any) -> dict[str, Any]:
+    return {_cache_kw(getattr(fn, "__func__", fn)): cache}
+
 
 Labels = Literal["cloud", "device"]
 Ctx = dict[str, Any]
@@ -81,8 +96,8 @@ class _Family:
             cache = DynamicCache(config=config) if getattr(config, "use_cache", False) else None
             pos = torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0)
             attn = make(
-                config=config, inputs_embeds=hidden, attention_mask=mask,
-                past_key_values=cache, position_ids=pos,
+                config=config, inputs_embeds=hidden, attention_mask=mask, position_ids=pos,
+                **_with_cache(make, cache),
             )  # fmt: skip
             return {"mask": attn, "position_ids": pos, "cache": cache}
         return {"mask": make(config=config, inputs_embeds=hidden, attention_mask=mask)}
@@ -234,8 +249,8 @@ class _Llama(_Family):
     def run_layer(self, layer: nn.Module, hidden: Tensor, ctx: Ctx) -> Tensor:
         return layer(
             hidden, attention_mask=ctx["mask"], position_embeddings=ctx["position_embeddings"],
-            position_ids=ctx["position_ids"], past_key_values=ctx["cache"],
-            use_cache=ctx["cache"] is not None,
+            position_ids=ctx["position_ids"], use_cache=ctx["cache"] is not None,
+            **_with_cache(type(layer).forward, ctx["cache"]),
         )  # fmt: skip
 
     def final_modules(self, backbone: nn.Module) -> dict[str, nn.Module]:
@@ -255,7 +270,8 @@ class _Llama(_Family):
         attn = m["self_attn"](
             hidden_states=m["input_layernorm"](hidden), attention_mask=ctx["mask"],
             position_ids=ctx["position_ids"], position_embeddings=ctx["position_embeddings"],
-            past_key_values=ctx["cache"], use_cache=ctx["cache"] is not None,
+            use_cache=ctx["cache"] is not None,
+            **_with_cache(type(m["self_attn"]).forward, ctx["cache"]),
         )[0]  # fmt: skip
         return m["post_attention_layernorm"](hidden + attn)
 
@@ -307,7 +323,7 @@ class _Gpt2(_Family):
     def sft_pre_ffn(self, m: nn.ModuleDict, hidden: Tensor, ctx: Ctx) -> Tensor:
         attn = m["attn"](
             m["ln_1"](hidden),
-            past_key_values=ctx["cache"],
+            **_with_cache(type(m["attn"]).forward, ctx["cache"]),
             attention_mask=ctx["mask"],
             use_cache=ctx["cache"] is not None,
         )[0]
