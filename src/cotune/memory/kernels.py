@@ -5,29 +5,33 @@ A backrazor pack is a per-sample bit mask (B, ceil(n / 8)) uint8, LSB first, plu
 values in mask order (row-major over (B, n)). Building it with torch or numpy takes one
 memory pass per step (abs, compare, compress, pack the bits; then zeros and place to
 rebuild): on a CPU those passes cost more than the matmuls they feed. The kernels here
-do each job in a single branch-free pass, compiled by numba.
+do each job in a single branch-free pass, in a small C extension (`_bitpack.c`, built by
+`pip install`).
 
 They work on the tensors' bit patterns viewed as signed integers of the same width
 (float32 -> int32, float16 / bfloat16 -> int16, float64 -> int64, bool -> int8), so one
-compiled kernel serves every float dtype, bfloat16 included (numba has no bfloat16), and
-values are copied bit for bit. The magnitude of a float is its bit pattern with the sign
+kernel serves every float dtype, bfloat16 included, and values are copied bit for bit. The magnitude of a float is its bit pattern with the sign
 bit cleared, and for non-negative floats the integer order of the bit patterns is the
 numeric order, so "|x| > threshold" is an integer comparison.
 
-Without numba (an unsupported platform) every function falls back to numpy / torch
-equivalents with the same results; `tests/test_memory_kernels.py` checks the two agree.
+Where the extension could not be built (no C compiler at install time) every function
+falls back to numpy with the same results, about 3x slower; tensors on other devices use
+torch ops. `tests/test_memory_kernels.py` checks that all paths agree.
 """
 
 from __future__ import annotations
 
-import functools
-import importlib.util
 import math
 
 import numpy as np
 import torch
 
-HAVE_NUMBA = importlib.util.find_spec("numba") is not None
+try:
+    from cotune.memory import _bitpack
+except ImportError:  # pragma: no cover - the extension is optional at install time
+    _bitpack = None
+
+COMPILED = _bitpack is not None
 
 _INT_VIEW = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
@@ -59,13 +63,6 @@ def threshold_key(threshold: torch.Tensor, dtype: torch.dtype) -> np.ndarray:
     t = threshold.detach().to(dtype).contiguous()
     keys = t.view(_INT_VIEW[t.element_size()]).numpy().astype(np.int64) & abs_mask(dtype)
     return np.where(threshold.detach().cpu().numpy() < 0, -1, keys).astype(np.int64)
-
-
-@functools.cache
-def _nb():  # type: ignore[no-untyped-def]
-    from cotune.memory import _numba_kernels
-
-    return _numba_kernels
 
 
 _SHIFTS = torch.arange(8, dtype=torch.uint8)
@@ -107,16 +104,16 @@ def select_compress(
     thr = threshold_key(threshold, x.dtype)
     absmask = abs_mask(x.dtype)
     if valid is None:
-        valid_np, f = np.ones((b, 1), np.uint8), n
+        valid_np, f = np.ones((b, 1), np.uint8), max(n, 1)
     else:
         valid_np = np.ascontiguousarray(valid.numpy()).view(np.uint8)
         f = n // valid_np.shape[1]
         assert f * valid_np.shape[1] == n, "valid rows must tile each sample"
-    if HAVE_NUMBA:
+    if COMPILED:
         vals = np.empty(b * n, dtype=keys.dtype)
         bits = np.empty((b, math.ceil(n / 8)), dtype=np.uint8)
-        kernel = _nb().select_compress_aligned if f % 8 == 0 else _nb().select_compress_any
-        pos = kernel(keys, keys.dtype.type(absmask), thr, valid_np, f, vals, bits)
+        w = keys.itemsize
+        pos = _bitpack.select_compress(keys, b, n, w, absmask, thr, valid_np, n // f, vals, bits)
         return _from_int(vals[:pos].copy(), x.dtype), torch.from_numpy(bits)
     mask = (keys.astype(np.int64) & absmask) > thr[:, None]
     mask &= np.repeat(valid_np.astype(bool), f, axis=1)
@@ -134,9 +131,9 @@ def compress(src: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
         return flat[_unpack_bits_torch(bits, flat.shape[1])]
     keys = int_view(src).reshape(b, -1)
     bits_np = bits.numpy()
-    if HAVE_NUMBA:
+    if COMPILED:
         out = np.empty(keys.size, dtype=keys.dtype)
-        pos = _nb().compress(keys, bits_np, out)
+        pos = _bitpack.compress(keys, b, keys.shape[1], keys.itemsize, bits_np, out)
         return _from_int(out[:pos].copy(), src.dtype)
     mask = _unpack(bits_np, keys.shape[1])
     return _from_int(np.compress(mask.ravel(), keys.ravel()), src.dtype)
@@ -151,9 +148,9 @@ def expand(vals: torch.Tensor, bits: torch.Tensor, shape: tuple[int, ...]) -> to
         return vals.new_zeros((b, n)).masked_scatter_(mask, vals.detach()).reshape(shape)
     keys = int_view(vals).reshape(-1)
     bits_np = bits.numpy()
-    if HAVE_NUMBA:
+    if COMPILED:
         out = np.empty((b, n), dtype=keys.dtype)
-        _nb().expand(keys, bits_np, out)
+        _bitpack.expand(keys, keys.size, b, n, keys.itemsize, bits_np, out)
     else:
         out = np.zeros((b, n), dtype=keys.dtype)
         np.place(out, _unpack(bits_np, n), keys)
@@ -169,8 +166,8 @@ def overwrite(dst: torch.Tensor, bits: torch.Tensor, vals: torch.Tensor) -> torc
         return dst.masked_scatter_(mask, vals)
     view = int_view(dst).reshape(b, -1)
     keys = int_view(vals).reshape(-1)
-    if HAVE_NUMBA:
-        _nb().overwrite(view, bits.numpy(), keys)
+    if COMPILED:
+        _bitpack.overwrite(view, b, view.shape[1], view.itemsize, bits.numpy(), keys, keys.size)
     else:
         np.place(view, _unpack(bits.numpy(), view.shape[1]), keys)
     return dst

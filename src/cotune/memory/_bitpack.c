@@ -1,0 +1,270 @@
+/* Element kernels for backrazor packs (see kernels.py): select + compress in one pass,
+ * compress with a bit mask, expand, and overwrite at the set bits.
+ *
+ * Arrays arrive as C-contiguous buffers of signed integers of 1, 2, 4 or 8 bytes: the bit
+ * patterns of the tensors, so one kernel serves every float dtype (bfloat16 included) and
+ * values are copied bit for bit. The magnitude of a float is its pattern with the sign bit
+ * cleared (`absmask`); for non-negative floats integer order is numeric order. Bit masks
+ * are (B, ceil(n / 8)) bytes, least significant bit first.
+ *
+ * The loops are branch-free on the data: a value is always written and the write
+ * position only advances when the element is kept. A plain C extension rather than a JIT
+ * (numba) because the point of these kernels is device memory: numba and llvmlite add
+ * about 180 MiB of resident memory to the process, this module a few kilobytes.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stdint.h>
+#include <string.h>
+
+#define DEFINE_KERNELS(T)                                                                \
+    static Py_ssize_t select_compress_##T(const T *keys, Py_ssize_t b_n, Py_ssize_t n,   \
+                                          T absmask, const int64_t *thr,                 \
+                                          const uint8_t *valid, Py_ssize_t rows, T *vals, \
+                                          uint8_t *bits) {                               \
+        Py_ssize_t pos = 0, nbytes = (n + 7) >> 3, f = n / rows;                         \
+        for (Py_ssize_t b = 0; b < b_n; b++) {                                           \
+            const T *x = keys + b * n;                                                   \
+            uint8_t *bb = bits + b * nbytes;                                             \
+            if ((f & 7) == 0) { /* a byte never straddles two rows */                    \
+                for (Py_ssize_t r = 0; r < rows; r++) {                                  \
+                    const int64_t t = valid[b * rows + r] ? thr[b] : INT64_MAX;          \
+                    for (Py_ssize_t j = (r * f) >> 3; j < ((r + 1) * f) >> 3; j++) {     \
+                        unsigned acc = 0;                                                \
+                        for (int bit = 0; bit < 8; bit++) {                              \
+                            const T v = x[j * 8 + bit];                                  \
+                            const unsigned k = (int64_t)(v & absmask) > t;               \
+                            vals[pos] = v;                                               \
+                            pos += k;                                                    \
+                            acc |= k << bit;                                             \
+                        }                                                                \
+                        bb[j] = (uint8_t)acc;                                            \
+                    }                                                                    \
+                }                                                                        \
+                continue;                                                                \
+            }                                                                            \
+            memset(bb, 0, (size_t)nbytes);                                               \
+            for (Py_ssize_t r = 0; r < rows; r++) {                                      \
+                const int64_t t = valid[b * rows + r] ? thr[b] : INT64_MAX;              \
+                const Py_ssize_t end = (r + 1) * f;                                      \
+                for (Py_ssize_t i = r * f; i < end; i++) {                               \
+                    const T v = x[i];                                                    \
+                    const unsigned k = (int64_t)(v & absmask) > t;                       \
+                    vals[pos] = v;                                                       \
+                    pos += k;                                                            \
+                    bb[i >> 3] |= (uint8_t)(k << (i & 7));                               \
+                }                                                                        \
+            }                                                                            \
+        }                                                                                \
+        return pos;                                                                      \
+    }                                                                                    \
+                                                                                         \
+    static Py_ssize_t compress_##T(const T *src, Py_ssize_t b_n, Py_ssize_t n,           \
+                                   const uint8_t *bits, T *out) {                        \
+        Py_ssize_t pos = 0, nbytes = (n + 7) >> 3, full = n >> 3;                        \
+        for (Py_ssize_t b = 0; b < b_n; b++) {                                           \
+            const T *x = src + b * n;                                                    \
+            const uint8_t *bb = bits + b * nbytes;                                       \
+            for (Py_ssize_t j = 0; j < full; j++) {                                      \
+                const unsigned byte = bb[j];                                             \
+                for (int bit = 0; bit < 8; bit++) {                                      \
+                    out[pos] = x[j * 8 + bit];                                           \
+                    pos += (byte >> bit) & 1;                                            \
+                }                                                                        \
+            }                                                                            \
+            for (Py_ssize_t i = full * 8; i < n; i++) {                                  \
+                out[pos] = x[i];                                                         \
+                pos += (bb[full] >> (i & 7)) & 1;                                        \
+            }                                                                            \
+        }                                                                                \
+        return pos;                                                                      \
+    }                                                                                    \
+                                                                                         \
+    /* v = vals[min(pos, last)] keeps every read in bounds without a branch */           \
+    static void expand_##T(const T *vals, Py_ssize_t m, Py_ssize_t b_n, Py_ssize_t n,    \
+                           const uint8_t *bits, T *out) {                                \
+        Py_ssize_t pos = 0, nbytes = (n + 7) >> 3, full = n >> 3, last = m - 1;          \
+        if (m == 0) {                                                                    \
+            memset(out, 0, (size_t)(b_n * n) * sizeof(T));                               \
+            return;                                                                      \
+        }                                                                                \
+        for (Py_ssize_t b = 0; b < b_n; b++) {                                           \
+            T *o = out + b * n;                                                          \
+            const uint8_t *bb = bits + b * nbytes;                                       \
+            for (Py_ssize_t j = 0; j < full; j++) {                                      \
+                const unsigned byte = bb[j];                                             \
+                for (int bit = 0; bit < 8; bit++) {                                      \
+                    const T k = (T)((byte >> bit) & 1);                                  \
+                    o[j * 8 + bit] = vals[pos < last ? pos : last] & (T)-k;              \
+                    pos += k;                                                            \
+                }                                                                        \
+            }                                                                            \
+            for (Py_ssize_t i = full * 8; i < n; i++) {                                  \
+                const T k = (T)((bb[full] >> (i & 7)) & 1);                              \
+                o[i] = vals[pos < last ? pos : last] & (T)-k;                            \
+                pos += k;                                                                \
+            }                                                                            \
+        }                                                                                \
+    }                                                                                    \
+                                                                                         \
+    static void overwrite_##T(T *dst, Py_ssize_t b_n, Py_ssize_t n, const uint8_t *bits, \
+                              const T *vals, Py_ssize_t m) {                             \
+        Py_ssize_t pos = 0, nbytes = (n + 7) >> 3, last = m - 1;                         \
+        if (m == 0) return;                                                              \
+        for (Py_ssize_t b = 0; b < b_n; b++) {                                           \
+            T *o = dst + b * n;                                                          \
+            const uint8_t *bb = bits + b * nbytes;                                       \
+            for (Py_ssize_t j = 0; j < nbytes; j++) {                                    \
+                const unsigned byte = bb[j];                                             \
+                if (byte == 0) continue;                                                 \
+                const Py_ssize_t stop = n - j * 8 < 8 ? n - j * 8 : 8;                   \
+                for (Py_ssize_t bit = 0; bit < stop; bit++) {                            \
+                    const T k = (T)((byte >> bit) & 1);                                  \
+                    T *p = o + j * 8 + bit;                                              \
+                    *p = *p ^ ((*p ^ vals[pos < last ? pos : last]) & (T)-k);            \
+                    pos += k;                                                            \
+                }                                                                        \
+            }                                                                            \
+        }                                                                                \
+    }
+
+DEFINE_KERNELS(int8_t)
+DEFINE_KERNELS(int16_t)
+DEFINE_KERNELS(int32_t)
+DEFINE_KERNELS(int64_t)
+
+#define DISPATCH(width, call8, call16, call32, call64)                                   \
+    switch (width) {                                                                     \
+    case 1: call8; break;                                                                \
+    case 2: call16; break;                                                               \
+    case 4: call32; break;                                                               \
+    case 8: call64; break;                                                               \
+    default: break;                                                                      \
+    }
+
+static int check_width(Py_ssize_t width) {
+    if (width == 1 || width == 2 || width == 4 || width == 8) return 0;
+    PyErr_SetString(PyExc_ValueError, "element width must be 1, 2, 4 or 8");
+    return -1;
+}
+
+static int check(Py_buffer *buf, Py_ssize_t need, const char *name) {
+    if (buf->len < need) {
+        PyErr_Format(PyExc_ValueError, "%s: %zd bytes, need %zd", name, buf->len, need);
+        return -1;
+    }
+    return 0;
+}
+
+/* select_compress(keys, b, n, width, absmask, thr, valid, rows, vals, bits) -> kept */
+static PyObject *py_select_compress(PyObject *self, PyObject *args) {
+    Py_buffer keys, thr, valid, vals, bits;
+    Py_ssize_t b, n, width, rows, pos = 0;
+    unsigned long long absmask;
+    if (!PyArg_ParseTuple(args, "y*nnnKy*y*nw*w*", &keys, &b, &n, &width, &absmask, &thr,
+                          &valid, &rows, &vals, &bits))
+        return NULL;
+    Py_ssize_t nbytes = (n + 7) >> 3;
+    int bad = check_width(width);
+    if (!bad && (rows <= 0 || n % rows != 0)) {
+        PyErr_SetString(PyExc_ValueError, "rows must divide n");
+        bad = 1;
+    }
+    if (!bad)
+        bad = check(&keys, b * n * width, "keys") || check(&thr, b * 8, "thr") ||
+              check(&valid, b * rows, "valid") || check(&vals, b * n * width, "vals") ||
+              check(&bits, b * nbytes, "bits");
+    if (!bad) {
+        Py_BEGIN_ALLOW_THREADS
+        DISPATCH(width,
+                 pos = select_compress_int8_t(keys.buf, b, n, (int8_t)absmask, thr.buf,
+                                              valid.buf, rows, vals.buf, bits.buf),
+                 pos = select_compress_int16_t(keys.buf, b, n, (int16_t)absmask, thr.buf,
+                                               valid.buf, rows, vals.buf, bits.buf),
+                 pos = select_compress_int32_t(keys.buf, b, n, (int32_t)absmask, thr.buf,
+                                               valid.buf, rows, vals.buf, bits.buf),
+                 pos = select_compress_int64_t(keys.buf, b, n, (int64_t)absmask, thr.buf,
+                                               valid.buf, rows, vals.buf, bits.buf))
+        Py_END_ALLOW_THREADS
+    }
+    PyBuffer_Release(&keys); PyBuffer_Release(&thr); PyBuffer_Release(&valid);
+    PyBuffer_Release(&vals); PyBuffer_Release(&bits);
+    if (bad || PyErr_Occurred()) return NULL;
+    return PyLong_FromSsize_t(pos);
+}
+
+/* compress(src, b, n, width, bits, out) -> kept */
+static PyObject *py_compress(PyObject *self, PyObject *args) {
+    Py_buffer src, bits, out;
+    Py_ssize_t b, n, width, pos = 0;
+    if (!PyArg_ParseTuple(args, "y*nnny*w*", &src, &b, &n, &width, &bits, &out)) return NULL;
+    int bad = check_width(width) || check(&src, b * n * width, "src") || check(&bits, b * ((n + 7) >> 3), "bits") ||
+              check(&out, b * n * width, "out");
+    if (!bad) {
+        Py_BEGIN_ALLOW_THREADS
+        DISPATCH(width, pos = compress_int8_t(src.buf, b, n, bits.buf, out.buf),
+                 pos = compress_int16_t(src.buf, b, n, bits.buf, out.buf),
+                 pos = compress_int32_t(src.buf, b, n, bits.buf, out.buf),
+                 pos = compress_int64_t(src.buf, b, n, bits.buf, out.buf))
+        Py_END_ALLOW_THREADS
+    }
+    PyBuffer_Release(&src); PyBuffer_Release(&bits); PyBuffer_Release(&out);
+    if (bad || PyErr_Occurred()) return NULL;
+    return PyLong_FromSsize_t(pos);
+}
+
+/* expand(vals, m, b, n, width, bits, out) */
+static PyObject *py_expand(PyObject *self, PyObject *args) {
+    Py_buffer vals, bits, out;
+    Py_ssize_t m, b, n, width;
+    if (!PyArg_ParseTuple(args, "y*nnnny*w*", &vals, &m, &b, &n, &width, &bits, &out))
+        return NULL;
+    int bad = check_width(width) || check(&vals, m * width, "vals") || check(&bits, b * ((n + 7) >> 3), "bits") ||
+              check(&out, b * n * width, "out");
+    if (!bad) {
+        Py_BEGIN_ALLOW_THREADS
+        DISPATCH(width, expand_int8_t(vals.buf, m, b, n, bits.buf, out.buf),
+                 expand_int16_t(vals.buf, m, b, n, bits.buf, out.buf),
+                 expand_int32_t(vals.buf, m, b, n, bits.buf, out.buf),
+                 expand_int64_t(vals.buf, m, b, n, bits.buf, out.buf))
+        Py_END_ALLOW_THREADS
+    }
+    PyBuffer_Release(&vals); PyBuffer_Release(&bits); PyBuffer_Release(&out);
+    if (bad || PyErr_Occurred()) return NULL;
+    Py_RETURN_NONE;
+}
+
+/* overwrite(dst, b, n, width, bits, vals, m) */
+static PyObject *py_overwrite(PyObject *self, PyObject *args) {
+    Py_buffer dst, bits, vals;
+    Py_ssize_t b, n, width, m;
+    if (!PyArg_ParseTuple(args, "w*nnny*y*n", &dst, &b, &n, &width, &bits, &vals, &m))
+        return NULL;
+    int bad = check_width(width) || check(&dst, b * n * width, "dst") || check(&bits, b * ((n + 7) >> 3), "bits") ||
+              check(&vals, m * width, "vals");
+    if (!bad) {
+        Py_BEGIN_ALLOW_THREADS
+        DISPATCH(width, overwrite_int8_t(dst.buf, b, n, bits.buf, vals.buf, m),
+                 overwrite_int16_t(dst.buf, b, n, bits.buf, vals.buf, m),
+                 overwrite_int32_t(dst.buf, b, n, bits.buf, vals.buf, m),
+                 overwrite_int64_t(dst.buf, b, n, bits.buf, vals.buf, m))
+        Py_END_ALLOW_THREADS
+    }
+    PyBuffer_Release(&dst); PyBuffer_Release(&bits); PyBuffer_Release(&vals);
+    if (bad || PyErr_Occurred()) return NULL;
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef methods[] = {
+    {"select_compress", py_select_compress, METH_VARARGS,
+     "select_compress(keys, b, n, width, absmask, thr, valid, rows, vals, bits) -> kept"},
+    {"compress", py_compress, METH_VARARGS, "compress(src, b, n, width, bits, out) -> kept"},
+    {"expand", py_expand, METH_VARARGS, "expand(vals, m, b, n, width, bits, out)"},
+    {"overwrite", py_overwrite, METH_VARARGS, "overwrite(dst, b, n, width, bits, vals, m)"},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_bitpack",
+                                    "Element kernels for backrazor packs.", -1, methods};
+
+PyMODINIT_FUNC PyInit__bitpack(void) { return PyModule_Create(&module); }
