@@ -15,7 +15,7 @@ bit cleared, and for non-negative floats the integer order of the bit patterns i
 numeric order, so "|x| > threshold" is an integer comparison.
 
 Where the extension could not be built (no C compiler at install time) every function
-falls back to numpy with the same results, about 3x slower; tensors on other devices use
+falls back to numpy with the same results, 2x to 5x slower; tensors on other devices use
 torch ops. `tests/test_memory_kernels.py` checks that all paths agree.
 """
 
