@@ -8,7 +8,8 @@
  * are (B, ceil(n / 8)) bytes, least significant bit first.
  *
  * The loops are branch-free on the data: a value is always written and the write
- * position only advances when the element is kept. A plain C extension rather than a JIT
+ * position only advances when the element is kept. Outputs are allocated by the caller
+ * at their exact size (select counts first), so no worst-case buffer is ever touched. A plain C extension rather than a JIT
  * (numba) because the point of these kernels is device memory: numba and llvmlite add
  * about 180 MiB of resident memory to the process, this module a few kilobytes.
  */
@@ -18,11 +19,10 @@
 #include <string.h>
 
 #define DEFINE_KERNELS(T)                                                                \
-    static Py_ssize_t select_compress_##T(const T *keys, Py_ssize_t b_n, Py_ssize_t n,   \
-                                          T absmask, const int64_t *thr,                 \
-                                          const uint8_t *valid, Py_ssize_t rows, T *vals, \
-                                          uint8_t *bits) {                               \
-        Py_ssize_t pos = 0, nbytes = (n + 7) >> 3, f = n / rows;                         \
+    static Py_ssize_t select_##T(const T *keys, Py_ssize_t b_n, Py_ssize_t n, T absmask,   \
+                                 const int64_t *thr, const uint8_t *valid, Py_ssize_t rows, \
+                                 uint8_t *bits) {                                        \
+        Py_ssize_t count = 0, nbytes = (n + 7) >> 3, f = n / rows;                       \
         for (Py_ssize_t b = 0; b < b_n; b++) {                                           \
             const T *x = keys + b * n;                                                   \
             uint8_t *bb = bits + b * nbytes;                                             \
@@ -32,10 +32,8 @@
                     for (Py_ssize_t j = (r * f) >> 3; j < ((r + 1) * f) >> 3; j++) {     \
                         unsigned acc = 0;                                                \
                         for (int bit = 0; bit < 8; bit++) {                              \
-                            const T v = x[j * 8 + bit];                                  \
-                            const unsigned k = (int64_t)(v & absmask) > t;               \
-                            vals[pos] = v;                                               \
-                            pos += k;                                                    \
+                            const unsigned k = (int64_t)(x[j * 8 + bit] & absmask) > t;  \
+                            count += k;                                                  \
                             acc |= k << bit;                                             \
                         }                                                                \
                         bb[j] = (uint8_t)acc;                                            \
@@ -46,37 +44,37 @@
             memset(bb, 0, (size_t)nbytes);                                               \
             for (Py_ssize_t r = 0; r < rows; r++) {                                      \
                 const int64_t t = valid[b * rows + r] ? thr[b] : INT64_MAX;              \
-                const Py_ssize_t end = (r + 1) * f;                                      \
-                for (Py_ssize_t i = r * f; i < end; i++) {                               \
-                    const T v = x[i];                                                    \
-                    const unsigned k = (int64_t)(v & absmask) > t;                       \
-                    vals[pos] = v;                                                       \
-                    pos += k;                                                            \
+                for (Py_ssize_t i = r * f; i < (r + 1) * f; i++) {                       \
+                    const unsigned k = (int64_t)(x[i] & absmask) > t;                    \
+                    count += k;                                                          \
                     bb[i >> 3] |= (uint8_t)(k << (i & 7));                               \
                 }                                                                        \
             }                                                                            \
         }                                                                                \
-        return pos;                                                                      \
+        return count;                                                                    \
     }                                                                                    \
                                                                                          \
+    /* out holds m elements; once it is full the (branch-free) stores go to a scratch */  \
     static Py_ssize_t compress_##T(const T *src, Py_ssize_t b_n, Py_ssize_t n,           \
-                                   const uint8_t *bits, T *out) {                        \
+                                   const uint8_t *bits, T *out, Py_ssize_t m) {          \
         Py_ssize_t pos = 0, nbytes = (n + 7) >> 3, full = n >> 3;                        \
+        T scratch;                                                                       \
         for (Py_ssize_t b = 0; b < b_n; b++) {                                           \
             const T *x = src + b * n;                                                    \
             const uint8_t *bb = bits + b * nbytes;                                       \
             for (Py_ssize_t j = 0; j < full; j++) {                                      \
                 const unsigned byte = bb[j];                                             \
                 for (int bit = 0; bit < 8; bit++) {                                      \
-                    out[pos] = x[j * 8 + bit];                                           \
+                    *(pos < m ? out + pos : &scratch) = x[j * 8 + bit];                  \
                     pos += (byte >> bit) & 1;                                            \
                 }                                                                        \
             }                                                                            \
             for (Py_ssize_t i = full * 8; i < n; i++) {                                  \
-                out[pos] = x[i];                                                         \
+                *(pos < m ? out + pos : &scratch) = x[i];                                \
                 pos += (bb[full] >> (i & 7)) & 1;                                        \
             }                                                                            \
         }                                                                                \
+        (void)scratch;                                                                   \
         return pos;                                                                      \
     }                                                                                    \
                                                                                          \
@@ -156,15 +154,14 @@ static int check(Py_buffer *buf, Py_ssize_t need, const char *name) {
     return 0;
 }
 
-/* select_compress(keys, b, n, width, absmask, thr, valid, rows, vals, bits) -> kept */
-static PyObject *py_select_compress(PyObject *self, PyObject *args) {
-    Py_buffer keys, thr, valid, vals, bits;
-    Py_ssize_t b, n, width, rows, pos = 0;
+/* select(keys, b, n, width, absmask, thr, valid, rows, bits) -> number of set bits */
+static PyObject *py_select(PyObject *self, PyObject *args) {
+    Py_buffer keys, thr, valid, bits;
+    Py_ssize_t b, n, width, rows, count = 0;
     unsigned long long absmask;
-    if (!PyArg_ParseTuple(args, "y*nnnKy*y*nw*w*", &keys, &b, &n, &width, &absmask, &thr,
-                          &valid, &rows, &vals, &bits))
+    if (!PyArg_ParseTuple(args, "y*nnnKy*y*nw*", &keys, &b, &n, &width, &absmask, &thr, &valid,
+                          &rows, &bits))
         return NULL;
-    Py_ssize_t nbytes = (n + 7) >> 3;
     int bad = check_width(width);
     if (!bad && (rows <= 0 || n % rows != 0)) {
         PyErr_SetString(PyExc_ValueError, "rows must divide n");
@@ -172,44 +169,62 @@ static PyObject *py_select_compress(PyObject *self, PyObject *args) {
     }
     if (!bad)
         bad = check(&keys, b * n * width, "keys") || check(&thr, b * 8, "thr") ||
-              check(&valid, b * rows, "valid") || check(&vals, b * n * width, "vals") ||
-              check(&bits, b * nbytes, "bits");
+              check(&valid, b * rows, "valid") || check(&bits, b * ((n + 7) >> 3), "bits");
     if (!bad) {
         Py_BEGIN_ALLOW_THREADS
         DISPATCH(width,
-                 pos = select_compress_int8_t(keys.buf, b, n, (int8_t)absmask, thr.buf,
-                                              valid.buf, rows, vals.buf, bits.buf),
-                 pos = select_compress_int16_t(keys.buf, b, n, (int16_t)absmask, thr.buf,
-                                               valid.buf, rows, vals.buf, bits.buf),
-                 pos = select_compress_int32_t(keys.buf, b, n, (int32_t)absmask, thr.buf,
-                                               valid.buf, rows, vals.buf, bits.buf),
-                 pos = select_compress_int64_t(keys.buf, b, n, (int64_t)absmask, thr.buf,
-                                               valid.buf, rows, vals.buf, bits.buf))
+                 count = select_int8_t(keys.buf, b, n, (int8_t)absmask, thr.buf, valid.buf,
+                                       rows, bits.buf),
+                 count = select_int16_t(keys.buf, b, n, (int16_t)absmask, thr.buf, valid.buf,
+                                        rows, bits.buf),
+                 count = select_int32_t(keys.buf, b, n, (int32_t)absmask, thr.buf, valid.buf,
+                                        rows, bits.buf),
+                 count = select_int64_t(keys.buf, b, n, (int64_t)absmask, thr.buf, valid.buf,
+                                        rows, bits.buf))
         Py_END_ALLOW_THREADS
     }
     PyBuffer_Release(&keys); PyBuffer_Release(&thr); PyBuffer_Release(&valid);
-    PyBuffer_Release(&vals); PyBuffer_Release(&bits);
-    if (bad || PyErr_Occurred()) return NULL;
-    return PyLong_FromSsize_t(pos);
+    PyBuffer_Release(&bits);
+    if (bad) return NULL;
+    return PyLong_FromSsize_t(count);
 }
 
-/* compress(src, b, n, width, bits, out) -> kept */
+/* popcount(bits) -> number of set bits */
+static PyObject *py_popcount(PyObject *self, PyObject *args) {
+    Py_buffer bits;
+    if (!PyArg_ParseTuple(args, "y*", &bits)) return NULL;
+    const uint8_t *p = bits.buf;
+    Py_ssize_t count = 0;
+    Py_BEGIN_ALLOW_THREADS
+    for (Py_ssize_t i = 0; i < bits.len; i++) {
+        unsigned v = p[i];
+        v = v - ((v >> 1) & 0x55u);
+        v = (v & 0x33u) + ((v >> 2) & 0x33u);
+        count += (v + (v >> 4)) & 0x0Fu;
+    }
+    Py_END_ALLOW_THREADS
+    PyBuffer_Release(&bits);
+    return PyLong_FromSsize_t(count);
+}
+
+/* compress(src, b, n, width, bits, out) -> number of set bits (out holds len(out) / width) */
 static PyObject *py_compress(PyObject *self, PyObject *args) {
     Py_buffer src, bits, out;
     Py_ssize_t b, n, width, pos = 0;
     if (!PyArg_ParseTuple(args, "y*nnny*w*", &src, &b, &n, &width, &bits, &out)) return NULL;
-    int bad = check_width(width) || check(&src, b * n * width, "src") || check(&bits, b * ((n + 7) >> 3), "bits") ||
-              check(&out, b * n * width, "out");
+    int bad = check_width(width) || check(&src, b * n * width, "src") ||
+              check(&bits, b * ((n + 7) >> 3), "bits");
     if (!bad) {
+        Py_ssize_t m = out.len / width;
         Py_BEGIN_ALLOW_THREADS
-        DISPATCH(width, pos = compress_int8_t(src.buf, b, n, bits.buf, out.buf),
-                 pos = compress_int16_t(src.buf, b, n, bits.buf, out.buf),
-                 pos = compress_int32_t(src.buf, b, n, bits.buf, out.buf),
-                 pos = compress_int64_t(src.buf, b, n, bits.buf, out.buf))
+        DISPATCH(width, pos = compress_int8_t(src.buf, b, n, bits.buf, out.buf, m),
+                 pos = compress_int16_t(src.buf, b, n, bits.buf, out.buf, m),
+                 pos = compress_int32_t(src.buf, b, n, bits.buf, out.buf, m),
+                 pos = compress_int64_t(src.buf, b, n, bits.buf, out.buf, m))
         Py_END_ALLOW_THREADS
     }
     PyBuffer_Release(&src); PyBuffer_Release(&bits); PyBuffer_Release(&out);
-    if (bad || PyErr_Occurred()) return NULL;
+    if (bad) return NULL;
     return PyLong_FromSsize_t(pos);
 }
 
@@ -230,7 +245,7 @@ static PyObject *py_expand(PyObject *self, PyObject *args) {
         Py_END_ALLOW_THREADS
     }
     PyBuffer_Release(&vals); PyBuffer_Release(&bits); PyBuffer_Release(&out);
-    if (bad || PyErr_Occurred()) return NULL;
+    if (bad) return NULL;
     Py_RETURN_NONE;
 }
 
@@ -251,14 +266,16 @@ static PyObject *py_overwrite(PyObject *self, PyObject *args) {
         Py_END_ALLOW_THREADS
     }
     PyBuffer_Release(&dst); PyBuffer_Release(&bits); PyBuffer_Release(&vals);
-    if (bad || PyErr_Occurred()) return NULL;
+    if (bad) return NULL;
     Py_RETURN_NONE;
 }
 
 static PyMethodDef methods[] = {
-    {"select_compress", py_select_compress, METH_VARARGS,
-     "select_compress(keys, b, n, width, absmask, thr, valid, rows, vals, bits) -> kept"},
-    {"compress", py_compress, METH_VARARGS, "compress(src, b, n, width, bits, out) -> kept"},
+    {"select", py_select, METH_VARARGS,
+     "select(keys, b, n, width, absmask, thr, valid, rows, bits) -> number kept"},
+    {"popcount", py_popcount, METH_VARARGS, "popcount(bits) -> number of set bits"},
+    {"compress", py_compress, METH_VARARGS,
+     "compress(src, b, n, width, bits, out) -> number of set bits"},
     {"expand", py_expand, METH_VARARGS, "expand(vals, m, b, n, width, bits, out)"},
     {"overwrite", py_overwrite, METH_VARARGS, "overwrite(dst, b, n, width, bits, vals, m)"},
     {NULL, NULL, 0, NULL},

@@ -109,12 +109,13 @@ def select_compress(
         valid_np = np.ascontiguousarray(valid.numpy()).view(np.uint8)
         f = n // valid_np.shape[1]
         assert f * valid_np.shape[1] == n, "valid rows must tile each sample"
-    if COMPILED:
-        vals = np.empty(b * n, dtype=keys.dtype)
+    if COMPILED:  # count and mask in one pass, then the values into an exact-size array
         bits = np.empty((b, math.ceil(n / 8)), dtype=np.uint8)
         w = keys.itemsize
-        pos = _bitpack.select_compress(keys, b, n, w, absmask, thr, valid_np, n // f, vals, bits)
-        return _from_int(vals[:pos].copy(), x.dtype), torch.from_numpy(bits)
+        count = _bitpack.select(keys, b, n, w, absmask, thr, valid_np, n // f, bits)
+        vals = np.empty(count, dtype=keys.dtype)
+        _bitpack.compress(keys, b, n, w, bits, vals)
+        return _from_int(vals, x.dtype), torch.from_numpy(bits)
     mask = (keys.astype(np.int64) & absmask) > thr[:, None]
     mask &= np.repeat(valid_np.astype(bool), f, axis=1)
     vals = np.compress(mask.ravel(), keys.ravel())
@@ -132,9 +133,9 @@ def compress(src: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
     keys = int_view(src).reshape(b, -1)
     bits_np = bits.numpy()
     if COMPILED:
-        out = np.empty(keys.size, dtype=keys.dtype)
-        pos = _bitpack.compress(keys, b, keys.shape[1], keys.itemsize, bits_np, out)
-        return _from_int(out[:pos].copy(), src.dtype)
+        out = np.empty(_bitpack.popcount(bits_np), dtype=keys.dtype)
+        _bitpack.compress(keys, b, keys.shape[1], keys.itemsize, bits_np, out)
+        return _from_int(out, src.dtype)
     mask = _unpack(bits_np, keys.shape[1])
     return _from_int(np.compress(mask.ravel(), keys.ravel()), src.dtype)
 
