@@ -4,6 +4,7 @@ them against its documented formulas."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -120,3 +121,28 @@ def test_attention_backward_follows_the_formulas(mode: str, p: float) -> None:
     # and a dropped share really is missing: not the dense gradient
     dense_dv = (probs * keep).transpose(2, 3) @ d_o
     assert not torch.allclose(v.grad, dense_dv, rtol=1e-2, atol=1e-3)
+
+
+def test_the_extension_checks_its_buffers_and_stays_inside_them() -> None:
+    if not kernels.COMPILED:
+        pytest.fail("cotune.memory._bitpack is not built: install a C compiler, re-run make setup")
+    from cotune.memory import _bitpack
+
+    g = np.random.default_rng(0)
+    src = g.integers(-100, 100, size=(2, 37), dtype=np.int32)
+    mask = g.random((2, 37)) < 0.5
+    bits = np.packbits(mask, axis=-1, bitorder="little")
+    count = int(mask.sum())
+    assert _bitpack.popcount(bits) == count
+    guarded = np.full(count + 3, 12345, dtype=np.int32)
+    short = guarded[: count - 2]  # two too few: the tail must stay untouched
+    assert _bitpack.compress(src, 2, 37, 4, bits, short) == count
+    assert (short == src[mask][: count - 2]).all() and (guarded[count - 2 :] == 12345).all()
+    with pytest.raises(ValueError, match="width"):
+        _bitpack.compress(src, 2, 37, 3, bits, guarded)
+    with pytest.raises(ValueError, match="src"):
+        _bitpack.compress(src, 3, 37, 4, bits, guarded)  # claims more rows than src has
+    with pytest.raises(ValueError, match="rows must divide"):
+        _bitpack.select(
+            src, 2, 37, 4, 0x7FFFFFFF, np.zeros(2, np.int64), np.ones((2, 5), np.uint8), 5, bits
+        )
