@@ -39,7 +39,8 @@ def _reference_mask(x, thr, valid):  # type: ignore[no-untyped-def]
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 @pytest.mark.parametrize("with_valid", [False, True])
-def test_select_compress_matches_torch(backend, dtype, shape, with_valid) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize("expect", [1.0, 0.0], ids=["room", "overflow"])
+def test_select_compress_matches_torch(backend, dtype, shape, with_valid, expect) -> None:  # type: ignore[no-untyped-def]
     g = torch.Generator().manual_seed(sum(shape))
     x = torch.randn(shape, generator=g).to(dtype)
     x[0, 0, 0] = 0.0
@@ -48,7 +49,8 @@ def test_select_compress_matches_torch(backend, dtype, shape, with_valid) -> Non
     thr = torch.rand(b, generator=g) * 1.5
     thr[0] = -0.5  # keep every valid element
     valid = torch.rand(b, rows, generator=g) < 0.6 if with_valid else None
-    values, bits = kernels.select_compress(x, thr, valid)
+    keys = torch.from_numpy(kernels.threshold_key(thr, dtype))
+    values, bits = kernels.select_compress(x, keys, valid, expect)
     mask = _reference_mask(x, thr, valid)
     assert bits.dtype == torch.uint8 and torch.equal(bits, pack_bits(mask))
     assert values.dtype == dtype
@@ -76,6 +78,23 @@ def test_compress_expand_overwrite_round_trip(backend, dtype, shape) -> None:  #
     assert torch.equal(
         out.reshape(b, -1), torch.where(mask, src.reshape(b, -1), base.reshape(b, -1))
     )
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("with_valid", [False, True])
+def test_threshold_keys_are_the_kth_probed_magnitude(backend, dtype, with_valid) -> None:  # type: ignore[no-untyped-def]
+    g = torch.Generator().manual_seed(5)
+    b, rows, f, s = 3, 6, 10, 200
+    x = torch.randn(b, rows, f, generator=g).to(dtype)
+    valid = torch.rand(b, rows, generator=g) < 0.5 if with_valid else None
+    probe = torch.randint(rows * f, (b, s), generator=g)
+    for rank in (0, 57, 180, s - 1):
+        got = kernels.threshold_keys(x, probe, valid, rank)
+        mags = x.reshape(b, -1).abs().float().gather(1, probe)
+        if valid is not None:
+            mags = mags.masked_fill(~valid.gather(1, probe // f), -1.0)
+        want_float = mags.kthvalue(rank + 1, dim=1).values
+        assert torch.equal(got, torch.from_numpy(kernels.threshold_key(want_float, dtype)))
 
 
 def test_expand_of_nothing_is_zeros(backend) -> None:  # type: ignore[no-untyped-def]

@@ -18,6 +18,33 @@
 #include <stdint.h>
 #include <string.h>
 
+/* The k-th smallest (0-based) of a[0..n-1], reordering a (Hoare quickselect, median of
+ * three pivots). */
+static int64_t select_kth(int64_t *a, Py_ssize_t n, Py_ssize_t k) {
+    Py_ssize_t lo = 0, hi = n - 1;
+    while (lo < hi) {
+        Py_ssize_t mid = lo + (hi - lo) / 2;
+        int64_t x = a[lo], y = a[mid], z = a[hi];
+        int64_t pivot = x < y ? (y < z ? y : (x < z ? z : x)) : (x < z ? x : (y < z ? z : y));
+        Py_ssize_t i = lo, j = hi;
+        while (i <= j) {
+            while (a[i] < pivot) i++;
+            while (a[j] > pivot) j--;
+            if (i <= j) {
+                int64_t t = a[i];
+                a[i] = a[j];
+                a[j] = t;
+                i++;
+                j--;
+            }
+        }
+        if (k <= j) hi = j;
+        else if (k >= i) lo = i;
+        else return a[k];
+    }
+    return a[k];
+}
+
 #define DEFINE_KERNELS(T)                                                                \
     static Py_ssize_t select_##T(const T *keys, Py_ssize_t b_n, Py_ssize_t n, T absmask,   \
                                  const int64_t *thr, const uint8_t *valid, Py_ssize_t rows, \
@@ -52,6 +79,67 @@
             }                                                                            \
         }                                                                                \
         return count;                                                                    \
+    }                                                                                    \
+                                                                                         \
+    /* select and write the kept values in one pass into vals (capacity m; stores past  \
+       it go to a scratch, and the caller falls back to compress if the count exceeds m) */ \
+    static Py_ssize_t select_compress_##T(const T *keys, Py_ssize_t b_n, Py_ssize_t n,   \
+                                          T absmask, const int64_t *thr,                 \
+                                          const uint8_t *valid, Py_ssize_t rows,         \
+                                          uint8_t *bits, T *vals, Py_ssize_t m) {        \
+        Py_ssize_t pos = 0, nbytes = (n + 7) >> 3, f = n / rows;                         \
+        T scratch;                                                                       \
+        for (Py_ssize_t b = 0; b < b_n; b++) {                                           \
+            const T *x = keys + b * n;                                                   \
+            uint8_t *bb = bits + b * nbytes;                                             \
+            if ((f & 7) == 0) {                                                          \
+                for (Py_ssize_t r = 0; r < rows; r++) {                                  \
+                    const int64_t t = valid[b * rows + r] ? thr[b] : INT64_MAX;          \
+                    for (Py_ssize_t j = (r * f) >> 3; j < ((r + 1) * f) >> 3; j++) {     \
+                        unsigned acc = 0;                                                \
+                        for (int bit = 0; bit < 8; bit++) {                              \
+                            const T v = x[j * 8 + bit];                                  \
+                            const unsigned k = (int64_t)(v & absmask) > t;               \
+                            *(pos < m ? vals + pos : &scratch) = v;                      \
+                            pos += k;                                                    \
+                            acc |= k << bit;                                             \
+                        }                                                                \
+                        bb[j] = (uint8_t)acc;                                            \
+                    }                                                                    \
+                }                                                                        \
+                continue;                                                                \
+            }                                                                            \
+            memset(bb, 0, (size_t)nbytes);                                               \
+            for (Py_ssize_t r = 0; r < rows; r++) {                                      \
+                const int64_t t = valid[b * rows + r] ? thr[b] : INT64_MAX;              \
+                for (Py_ssize_t i = r * f; i < (r + 1) * f; i++) {                       \
+                    const T v = x[i];                                                    \
+                    const unsigned k = (int64_t)(v & absmask) > t;                       \
+                    *(pos < m ? vals + pos : &scratch) = v;                              \
+                    pos += k;                                                            \
+                    bb[i >> 3] |= (uint8_t)(k << (i & 7));                               \
+                }                                                                        \
+            }                                                                            \
+        }                                                                                \
+        (void)scratch;                                                                   \
+        return pos;                                                                      \
+    }                                                                                    \
+                                                                                         \
+    /* per sample, the rank-th smallest magnitude key among s probed elements (invalid   \
+       rows count as -1) */                                                              \
+    static void kth_##T(const T *keys, Py_ssize_t b_n, Py_ssize_t n, T absmask,          \
+                        const int64_t *probe, Py_ssize_t s, const uint8_t *valid,        \
+                        Py_ssize_t rows, Py_ssize_t rank, int64_t *buf, int64_t *out) {  \
+        const Py_ssize_t f = n / rows;                                                   \
+        for (Py_ssize_t b = 0; b < b_n; b++) {                                           \
+            const T *x = keys + b * n;                                                   \
+            const int64_t *p = probe + b * s;                                            \
+            for (Py_ssize_t i = 0; i < s; i++) {                                         \
+                const int64_t idx = p[i];                                                \
+                buf[i] = valid[b * rows + idx / f] ? (int64_t)(x[idx] & absmask) : -1;   \
+            }                                                                            \
+            out[b] = select_kth(buf, s, rank);                                           \
+        }                                                                                \
     }                                                                                    \
                                                                                          \
     /* out holds m elements; once it is full the (branch-free) stores go to a scratch */  \
@@ -189,6 +277,94 @@ static PyObject *py_select(PyObject *self, PyObject *args) {
     return PyLong_FromSsize_t(count);
 }
 
+/* select_compress(keys, b, n, width, absmask, thr, valid, rows, bits, vals) -> kept; the
+ * values beyond len(vals) / width are not stored (the caller compresses again) */
+static PyObject *py_select_compress(PyObject *self, PyObject *args) {
+    Py_buffer keys, thr, valid, bits, vals;
+    Py_ssize_t b, n, width, rows, count = 0;
+    unsigned long long absmask;
+    if (!PyArg_ParseTuple(args, "y*nnnKy*y*nw*w*", &keys, &b, &n, &width, &absmask, &thr,
+                          &valid, &rows, &bits, &vals))
+        return NULL;
+    int bad = check_width(width);
+    if (!bad && (rows <= 0 || n % rows != 0)) {
+        PyErr_SetString(PyExc_ValueError, "rows must divide n");
+        bad = 1;
+    }
+    if (!bad)
+        bad = check(&keys, b * n * width, "keys") || check(&thr, b * 8, "thr") ||
+              check(&valid, b * rows, "valid") || check(&bits, b * ((n + 7) >> 3), "bits");
+    if (!bad) {
+        Py_ssize_t m = vals.len / width;
+        Py_BEGIN_ALLOW_THREADS
+        DISPATCH(width,
+                 count = select_compress_int8_t(keys.buf, b, n, (int8_t)absmask, thr.buf,
+                                                valid.buf, rows, bits.buf, vals.buf, m),
+                 count = select_compress_int16_t(keys.buf, b, n, (int16_t)absmask, thr.buf,
+                                                 valid.buf, rows, bits.buf, vals.buf, m),
+                 count = select_compress_int32_t(keys.buf, b, n, (int32_t)absmask, thr.buf,
+                                                 valid.buf, rows, bits.buf, vals.buf, m),
+                 count = select_compress_int64_t(keys.buf, b, n, (int64_t)absmask, thr.buf,
+                                                 valid.buf, rows, bits.buf, vals.buf, m))
+        Py_END_ALLOW_THREADS
+    }
+    PyBuffer_Release(&keys); PyBuffer_Release(&thr); PyBuffer_Release(&valid);
+    PyBuffer_Release(&bits); PyBuffer_Release(&vals);
+    if (bad) return NULL;
+    return PyLong_FromSsize_t(count);
+}
+
+/* kth(keys, b, n, width, absmask, probe, s, valid, rows, rank, out): per sample the rank-th
+ * smallest (0-based) magnitude key of the s probed elements, into out (int64, b) */
+static PyObject *py_kth(PyObject *self, PyObject *args) {
+    Py_buffer keys, probe, valid, out;
+    Py_ssize_t b, n, width, s, rows, rank;
+    unsigned long long absmask;
+    if (!PyArg_ParseTuple(args, "y*nnnKy*ny*nnw*", &keys, &b, &n, &width, &absmask, &probe, &s,
+                          &valid, &rows, &rank, &out))
+        return NULL;
+    int bad = check_width(width);
+    if (!bad && (rows <= 0 || n % rows != 0 || s <= 0 || rank < 0 || rank >= s)) {
+        PyErr_SetString(PyExc_ValueError, "need rows | n and 0 <= rank < s");
+        bad = 1;
+    }
+    if (!bad)
+        bad = check(&keys, b * n * width, "keys") || check(&probe, b * s * 8, "probe") ||
+              check(&valid, b * rows, "valid") || check(&out, b * 8, "out");
+    if (!bad) {  /* every probe index must lie in [0, n) */
+        const int64_t *p = probe.buf;
+        for (Py_ssize_t i = 0; i < b * s; i++)
+            if (p[i] < 0 || p[i] >= n) {
+                PyErr_SetString(PyExc_ValueError, "probe index out of range");
+                bad = 1;
+                break;
+            }
+    }
+    int64_t *buf = bad ? NULL : PyMem_RawMalloc((size_t)s * sizeof(int64_t));
+    if (!bad && buf == NULL) {
+        PyErr_NoMemory();
+        bad = 1;
+    }
+    if (!bad) {
+        Py_BEGIN_ALLOW_THREADS
+        DISPATCH(width,
+                 kth_int8_t(keys.buf, b, n, (int8_t)absmask, probe.buf, s, valid.buf, rows, rank,
+                            buf, out.buf),
+                 kth_int16_t(keys.buf, b, n, (int16_t)absmask, probe.buf, s, valid.buf, rows,
+                             rank, buf, out.buf),
+                 kth_int32_t(keys.buf, b, n, (int32_t)absmask, probe.buf, s, valid.buf, rows,
+                             rank, buf, out.buf),
+                 kth_int64_t(keys.buf, b, n, (int64_t)absmask, probe.buf, s, valid.buf, rows,
+                             rank, buf, out.buf))
+        Py_END_ALLOW_THREADS
+    }
+    PyMem_RawFree(buf);
+    PyBuffer_Release(&keys); PyBuffer_Release(&probe); PyBuffer_Release(&valid);
+    PyBuffer_Release(&out);
+    if (bad) return NULL;
+    Py_RETURN_NONE;
+}
+
 /* popcount(bits) -> number of set bits */
 static PyObject *py_popcount(PyObject *self, PyObject *args) {
     Py_buffer bits;
@@ -273,6 +449,10 @@ static PyObject *py_overwrite(PyObject *self, PyObject *args) {
 static PyMethodDef methods[] = {
     {"select", py_select, METH_VARARGS,
      "select(keys, b, n, width, absmask, thr, valid, rows, bits) -> number kept"},
+    {"select_compress", py_select_compress, METH_VARARGS,
+     "select_compress(keys, b, n, width, absmask, thr, valid, rows, bits, vals) -> kept"},
+    {"kth", py_kth, METH_VARARGS,
+     "kth(keys, b, n, width, absmask, probe, s, valid, rows, rank, out)"},
     {"popcount", py_popcount, METH_VARARGS, "popcount(bits) -> number of set bits"},
     {"compress", py_compress, METH_VARARGS,
      "compress(src, b, n, width, bits, out) -> number of set bits"},

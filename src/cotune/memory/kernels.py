@@ -87,37 +87,85 @@ def _unpack(bits: np.ndarray, n: int) -> np.ndarray:
     return np.unpackbits(bits, axis=-1, count=n, bitorder="little").view(np.bool_)
 
 
-def select_compress(
-    x: torch.Tensor, threshold: torch.Tensor, valid: torch.Tensor | None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Keep, per sample b, the elements of x (B, ...) with |x| > threshold[b] (and, with
-    `valid` (B, R) bool, only in valid rows of F = n / R elements each): returns the kept
-    values (1-D, mask order, x's dtype) and the bit mask (B, ceil(n / 8)) uint8."""
+def threshold_keys(
+    x: torch.Tensor, probe: torch.Tensor, valid: torch.Tensor | None, rank: int
+) -> torch.Tensor:
+    """Per sample b, the rank-th smallest (0-based) magnitude key among the elements of x
+    (B, ...) at `probe[b]` (B, S) int64, elements of invalid rows counting as -1: an int64
+    tensor (B,) for `select_compress` (-1 keeps every valid element)."""
     b = x.shape[0]
     n = x[0].numel() if b else 0
-    if x.device.type != "cpu":
-        mask = x.detach().reshape(b, n).abs() > threshold.to(x.dtype).unsqueeze(1)
-        if valid is not None:
-            mask &= valid.repeat_interleave(n // valid.shape[1], dim=1)
-        return x.detach().reshape(b, n)[mask], _pack_bits_torch(mask)
-    keys = int_view(x).reshape(b, n)
-    thr = threshold_key(threshold, x.dtype)
+    rows = 1 if valid is None else valid.shape[1]
     absmask = abs_mask(x.dtype)
+    if x.device.type != "cpu":
+        keys = _key_tensor(x).reshape(b, n).gather(1, probe).long() & absmask
+        if valid is not None:
+            keys = keys.masked_fill(~valid.gather(1, probe // (n // rows)), -1)
+        return keys.kthvalue(rank + 1, dim=1).values
+    keys = int_view(x).reshape(b, n)
+    valid_np = _valid_array(valid, b)
+    probe_np = probe.contiguous().numpy()
+    if COMPILED:
+        out = np.empty(b, dtype=np.int64)
+        _bitpack.kth(
+            keys, b, n, keys.itemsize, absmask, probe_np, probe_np.shape[1], valid_np, rows,
+            rank, out,
+        )  # fmt: skip
+        return torch.from_numpy(out)
+    sample = keys[np.arange(b)[:, None], probe_np].astype(np.int64) & absmask
+    sample[~valid_np.astype(bool)[np.arange(b)[:, None], probe_np // (n // rows)]] = -1
+    return torch.from_numpy(np.partition(sample, rank, axis=1)[:, rank].copy())
+
+
+def _key_tensor(x: torch.Tensor) -> torch.Tensor:
+    return x.detach().contiguous().view(_INT_VIEW[x.element_size()])
+
+
+def _valid_array(valid: torch.Tensor | None, b: int) -> np.ndarray:
     if valid is None:
-        valid_np, f = np.ones((b, 1), np.uint8), max(n, 1)
-    else:
-        valid_np = np.ascontiguousarray(valid.numpy()).view(np.uint8)
-        f = n // valid_np.shape[1]
-        assert f * valid_np.shape[1] == n, "valid rows must tile each sample"
-    if COMPILED:  # count and mask in one pass, then the values into an exact-size array
+        return np.ones((b, 1), np.uint8)
+    return np.ascontiguousarray(valid.numpy()).view(np.uint8)
+
+
+def select_compress(
+    x: torch.Tensor, thr: torch.Tensor, valid: torch.Tensor | None, expect: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keep, per sample b, the elements of x (B, ...) whose magnitude key exceeds thr[b]
+    (int64 (B,), see `threshold_keys`; -1 keeps all) and, with `valid` (B, R) bool, that
+    lie in valid rows of F = n / R elements each. Returns the kept values (1-D, mask
+    order, x's dtype) and the bit mask (B, ceil(n / 8)) uint8.
+
+    `expect` is an upper estimate of the kept share: the values are written in the same
+    pass into an array of that size, trimmed in place afterwards (and, should more be
+    kept, compressed again into an exact-size one)."""
+    b = x.shape[0]
+    n = x[0].numel() if b else 0
+    rows = 1 if valid is None else valid.shape[1]
+    assert n % rows == 0, "valid rows must tile each sample"
+    absmask = abs_mask(x.dtype)
+    if x.device.type != "cpu":
+        flat = x.detach().reshape(b, n)
+        mask = (_key_tensor(x).reshape(b, n).long() & absmask) > thr.to(x.device).unsqueeze(1)
+        if valid is not None:
+            mask &= valid.repeat_interleave(n // rows, dim=1)
+        return flat[mask], _pack_bits_torch(mask)
+    keys = int_view(x).reshape(b, n)
+    thr_np = thr.contiguous().numpy()
+    valid_np = _valid_array(valid, b)
+    if COMPILED:
         bits = np.empty((b, math.ceil(n / 8)), dtype=np.uint8)
         w = keys.itemsize
-        count = _bitpack.select(keys, b, n, w, absmask, thr, valid_np, n // f, bits)
-        vals = np.empty(count, dtype=keys.dtype)
-        _bitpack.compress(keys, b, n, w, bits, vals)
+        cap = min(b * n, math.ceil(expect * b * n) + 8)
+        vals = np.empty(cap, dtype=keys.dtype)
+        count = _bitpack.select_compress(keys, b, n, w, absmask, thr_np, valid_np, rows, bits, vals)
+        if count <= cap:
+            vals.resize(count, refcheck=False)  # realloc: shrinks in place
+        else:
+            vals = np.empty(count, dtype=keys.dtype)
+            _bitpack.compress(keys, b, n, w, bits, vals)
         return _from_int(vals, x.dtype), torch.from_numpy(bits)
-    mask = (keys.astype(np.int64) & absmask) > thr[:, None]
-    mask &= np.repeat(valid_np.astype(bool), f, axis=1)
+    mask = (keys.astype(np.int64) & absmask) > thr_np[:, None]
+    mask &= np.repeat(valid_np.astype(bool), n // rows, axis=1)
     vals = np.compress(mask.ravel(), keys.ravel())
     bits = np.packbits(mask, axis=-1, bitorder="little")
     return _from_int(vals, x.dtype), torch.from_numpy(bits)
