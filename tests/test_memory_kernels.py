@@ -80,7 +80,9 @@ def test_compress_expand_overwrite_round_trip(backend, dtype, shape) -> None:  #
     )
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize(
+    "dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64], ids=str
+)
 @pytest.mark.parametrize("with_valid", [False, True])
 def test_threshold_keys_are_the_kth_probed_magnitude(backend, dtype, with_valid) -> None:  # type: ignore[no-untyped-def]
     g = torch.Generator().manual_seed(5)

@@ -18,6 +18,8 @@
 #include <stdint.h>
 #include <string.h>
 
+#define RADIX_BITS 11
+
 /* The k-th smallest (0-based) of a[0..n-1], reordering a (Hoare quickselect, median of
  * three pivots). */
 static int64_t select_kth(int64_t *a, Py_ssize_t n, Py_ssize_t k) {
@@ -126,19 +128,41 @@ static int64_t select_kth(int64_t *a, Py_ssize_t n, Py_ssize_t k) {
     }                                                                                    \
                                                                                          \
     /* per sample, the rank-th smallest magnitude key among s probed elements (invalid   \
-       rows count as -1) */                                                              \
+       rows count as -1): a histogram of the keys' top RADIX_BITS bits finds the bucket   \
+       holding the rank, and a quickselect among that bucket's keys finishes the job     \
+       (branchy quickselect over all s keys is several times slower) */                  \
     static void kth_##T(const T *keys, Py_ssize_t b_n, Py_ssize_t n, T absmask,          \
                         const int64_t *probe, Py_ssize_t s, const uint8_t *valid,        \
                         Py_ssize_t rows, Py_ssize_t rank, int64_t *buf, int64_t *out) {  \
         const Py_ssize_t f = n / rows;                                                   \
+        const int shift = (int)(sizeof(T) * 8 - 1) - RADIX_BITS;                         \
+        Py_ssize_t hist[1 << RADIX_BITS];                                                \
         for (Py_ssize_t b = 0; b < b_n; b++) {                                           \
             const T *x = keys + b * n;                                                   \
             const int64_t *p = probe + b * s;                                            \
+            Py_ssize_t invalid = 0;                                                      \
+            memset(hist, 0, sizeof(hist));                                               \
             for (Py_ssize_t i = 0; i < s; i++) {                                         \
                 const int64_t idx = p[i];                                                \
-                buf[i] = valid[b * rows + idx / f] ? (int64_t)(x[idx] & absmask) : -1;   \
+                const int64_t key = valid[b * rows + idx / f] ? (int64_t)(x[idx] & absmask) \
+                                                              : -1;                      \
+                buf[i] = key;                                                            \
+                if (key < 0) invalid++;                                                  \
+                else hist[shift > 0 ? key >> shift : key << -shift]++;                   \
             }                                                                            \
-            out[b] = select_kth(buf, s, rank);                                           \
+            if (rank < invalid) {                                                        \
+                out[b] = -1;                                                             \
+                continue;                                                                \
+            }                                                                            \
+            Py_ssize_t r = rank - invalid, bucket = 0;                                   \
+            while (r >= hist[bucket]) r -= hist[bucket++];                               \
+            Py_ssize_t c = 0;                                                            \
+            for (Py_ssize_t i = 0; i < s; i++) {                                         \
+                const int64_t key = buf[i];                                              \
+                if (key >= 0 && (shift > 0 ? key >> shift : key << -shift) == bucket)    \
+                    buf[c++] = key;                                                      \
+            }                                                                            \
+            out[b] = select_kth(buf, c, r);                                              \
         }                                                                                \
     }                                                                                    \
                                                                                          \
