@@ -164,6 +164,7 @@ def test_the_extension_checks_its_buffers_and_stays_inside_them() -> None:
     with pytest.raises(ValueError, match="src"):
         _bitpack.compress(src, 3, 37, 4, bits, guarded)  # claims more rows than src has
     with pytest.raises(ValueError, match="rows must divide"):
-        _bitpack.select(
-            src, 2, 37, 4, 0x7FFFFFFF, np.zeros(2, np.int64), np.ones((2, 5), np.uint8), 5, bits
-        )
+        _bitpack.select_compress(
+            src, 2, 37, 4, 0x7FFFFFFF, np.zeros(2, np.int64), np.ones((2, 5), np.uint8), 5,
+            bits, guarded,
+        )  # fmt: skip

@@ -9,7 +9,7 @@
  *
  * The loops are branch-free on the data: a value is always written and the write
  * position only advances when the element is kept. Outputs are allocated by the caller
- * at their exact size (select counts first), so no worst-case buffer is ever touched. A plain C extension rather than a JIT
+ * at (an estimate of) their size and trimmed, so no worst-case buffer is ever touched. A plain C extension rather than a JIT
  * (numba) because the point of these kernels is device memory: numba and llvmlite add
  * about 180 MiB of resident memory to the process, this module a few kilobytes.
  */
@@ -48,41 +48,6 @@ static int64_t select_kth(int64_t *a, Py_ssize_t n, Py_ssize_t k) {
 }
 
 #define DEFINE_KERNELS(T)                                                                \
-    static Py_ssize_t select_##T(const T *keys, Py_ssize_t b_n, Py_ssize_t n, T absmask,   \
-                                 const int64_t *thr, const uint8_t *valid, Py_ssize_t rows, \
-                                 uint8_t *bits) {                                        \
-        Py_ssize_t count = 0, nbytes = (n + 7) >> 3, f = n / rows;                       \
-        for (Py_ssize_t b = 0; b < b_n; b++) {                                           \
-            const T *x = keys + b * n;                                                   \
-            uint8_t *bb = bits + b * nbytes;                                             \
-            if ((f & 7) == 0) { /* a byte never straddles two rows */                    \
-                for (Py_ssize_t r = 0; r < rows; r++) {                                  \
-                    const int64_t t = valid[b * rows + r] ? thr[b] : INT64_MAX;          \
-                    for (Py_ssize_t j = (r * f) >> 3; j < ((r + 1) * f) >> 3; j++) {     \
-                        unsigned acc = 0;                                                \
-                        for (int bit = 0; bit < 8; bit++) {                              \
-                            const unsigned k = (int64_t)(x[j * 8 + bit] & absmask) > t;  \
-                            count += k;                                                  \
-                            acc |= k << bit;                                             \
-                        }                                                                \
-                        bb[j] = (uint8_t)acc;                                            \
-                    }                                                                    \
-                }                                                                        \
-                continue;                                                                \
-            }                                                                            \
-            memset(bb, 0, (size_t)nbytes);                                               \
-            for (Py_ssize_t r = 0; r < rows; r++) {                                      \
-                const int64_t t = valid[b * rows + r] ? thr[b] : INT64_MAX;              \
-                for (Py_ssize_t i = r * f; i < (r + 1) * f; i++) {                       \
-                    const unsigned k = (int64_t)(x[i] & absmask) > t;                    \
-                    count += k;                                                          \
-                    bb[i >> 3] |= (uint8_t)(k << (i & 7));                               \
-                }                                                                        \
-            }                                                                            \
-        }                                                                                \
-        return count;                                                                    \
-    }                                                                                    \
-                                                                                         \
     /* select and write the kept values in one pass into vals (capacity m; stores past  \
        it go to a scratch, and the caller falls back to compress if the count exceeds m) */ \
     static Py_ssize_t select_compress_##T(const T *keys, Py_ssize_t b_n, Py_ssize_t n,   \
@@ -266,41 +231,6 @@ static int check(Py_buffer *buf, Py_ssize_t need, const char *name) {
     return 0;
 }
 
-/* select(keys, b, n, width, absmask, thr, valid, rows, bits) -> number of set bits */
-static PyObject *py_select(PyObject *self, PyObject *args) {
-    Py_buffer keys, thr, valid, bits;
-    Py_ssize_t b, n, width, rows, count = 0;
-    unsigned long long absmask;
-    if (!PyArg_ParseTuple(args, "y*nnnKy*y*nw*", &keys, &b, &n, &width, &absmask, &thr, &valid,
-                          &rows, &bits))
-        return NULL;
-    int bad = check_width(width);
-    if (!bad && (rows <= 0 || n % rows != 0)) {
-        PyErr_SetString(PyExc_ValueError, "rows must divide n");
-        bad = 1;
-    }
-    if (!bad)
-        bad = check(&keys, b * n * width, "keys") || check(&thr, b * 8, "thr") ||
-              check(&valid, b * rows, "valid") || check(&bits, b * ((n + 7) >> 3), "bits");
-    if (!bad) {
-        Py_BEGIN_ALLOW_THREADS
-        DISPATCH(width,
-                 count = select_int8_t(keys.buf, b, n, (int8_t)absmask, thr.buf, valid.buf,
-                                       rows, bits.buf),
-                 count = select_int16_t(keys.buf, b, n, (int16_t)absmask, thr.buf, valid.buf,
-                                        rows, bits.buf),
-                 count = select_int32_t(keys.buf, b, n, (int32_t)absmask, thr.buf, valid.buf,
-                                        rows, bits.buf),
-                 count = select_int64_t(keys.buf, b, n, (int64_t)absmask, thr.buf, valid.buf,
-                                        rows, bits.buf))
-        Py_END_ALLOW_THREADS
-    }
-    PyBuffer_Release(&keys); PyBuffer_Release(&thr); PyBuffer_Release(&valid);
-    PyBuffer_Release(&bits);
-    if (bad) return NULL;
-    return PyLong_FromSsize_t(count);
-}
-
 /* select_compress(keys, b, n, width, absmask, thr, valid, rows, bits, vals) -> kept; the
  * values beyond len(vals) / width are not stored (the caller compresses again) */
 static PyObject *py_select_compress(PyObject *self, PyObject *args) {
@@ -471,8 +401,6 @@ static PyObject *py_overwrite(PyObject *self, PyObject *args) {
 }
 
 static PyMethodDef methods[] = {
-    {"select", py_select, METH_VARARGS,
-     "select(keys, b, n, width, absmask, thr, valid, rows, bits) -> number kept"},
     {"select_compress", py_select_compress, METH_VARARGS,
      "select_compress(keys, b, n, width, absmask, thr, valid, rows, bits, vals) -> kept"},
     {"kth", py_kth, METH_VARARGS,
