@@ -4,6 +4,9 @@ them against its documented formulas."""
 
 from __future__ import annotations
 
+import platform
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -15,15 +18,23 @@ from cotune.memory.pack import Policy, Sparse, pack
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
 # (B, rows, F): F a multiple of 8 (the byte-aligned kernel) or not; n % 8 != 0 (a tail)
-SHAPES = [(3, 4, 16), (2, 5, 13), (2, 3, 7), (1, 1, 5)]
+SHAPES = [(3, 4, 16), (2, 5, 13), (2, 3, 7), (1, 1, 5), (2, 9, 40), (3, 7, 29)]
 
 
-@pytest.fixture(params=[True, False], ids=["compiled", "numpy"])
+@pytest.fixture(params=["simd", "portable", "numpy"])
 def backend(request, monkeypatch):  # type: ignore[no-untyped-def]
-    if request.param and not kernels.COMPILED:  # make setup builds it (a C compiler is there)
+    """The C extension with its AVX2 loops (where the CPU has AVX2), the C extension's
+    portable loops, and the numpy fallback."""
+    compiled = request.param != "numpy"
+    if compiled and not kernels.COMPILED:  # make setup builds it (a C compiler is there)
         pytest.fail("cotune.memory._bitpack is not built: install a C compiler, re-run make setup")
-    monkeypatch.setattr(kernels, "COMPILED", request.param)
-    return request.param
+    monkeypatch.setattr(kernels, "COMPILED", compiled)
+    if compiled:
+        kernels.set_simd(request.param == "simd")
+        yield request.param
+        kernels.set_simd(True)
+    else:
+        yield request.param
 
 
 def _reference_mask(x, thr, valid):  # type: ignore[no-untyped-def]
@@ -97,6 +108,33 @@ def test_threshold_keys_are_the_kth_probed_magnitude(backend, dtype, with_valid)
             mags = mags.masked_fill(~valid.gather(1, probe // f), -1.0)
         want_float = mags.kthvalue(rank + 1, dim=1).values
         assert torch.equal(got, torch.from_numpy(kernels.threshold_key(want_float, dtype)))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("n", [1, 8, 61, 200])
+def test_positive_bits_and_masked_match_torch(backend, dtype, n) -> None:  # type: ignore[no-untyped-def]
+    g = torch.Generator().manual_seed(n)
+    x = torch.randn(n, generator=g).to(dtype)
+    specials = [0.0, -0.0, float("inf"), float("-inf"), float("nan"), -float("nan")]
+    x[: min(n, len(specials))] = torch.tensor(specials[: min(n, len(specials))], dtype=dtype)
+    x = x.reshape(1, n) if n % 2 else x.reshape(-1, 2).t()  # 2-D; sometimes not contiguous
+    bits = kernels.positive_bits(x)
+    assert torch.equal(bits, pack_bits((x > 0).reshape(-1)))
+    src = torch.randn(x.shape, generator=g).to(dtype)
+    out = kernels.masked(src, bits)
+    want = torch.where(x > 0, src, torch.zeros((), dtype=dtype))
+    assert out.shape == x.shape and out.dtype == dtype
+    assert (kernels.int_view(out) == kernels.int_view(want)).all()  # +0 where masked
+
+
+def test_simd_is_used_where_the_cpu_has_avx2() -> None:
+    if not kernels.COMPILED:
+        pytest.fail("cotune.memory._bitpack is not built: install a C compiler, re-run make setup")
+    flags = open("/proc/cpuinfo").read().split() if sys.platform == "linux" else []
+    has_avx2 = "avx2" in flags and platform.machine() in ("x86_64", "AMD64")
+    assert kernels.set_simd(True) == has_avx2
+    assert kernels.set_simd(False) is False
+    assert kernels.set_simd(True) == has_avx2
 
 
 def test_expand_of_nothing_is_zeros(backend) -> None:  # type: ignore[no-untyped-def]

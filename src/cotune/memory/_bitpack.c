@@ -201,12 +201,215 @@ static int64_t select_kth(int64_t *a, Py_ssize_t n, Py_ssize_t k) {
                 }                                                                        \
             }                                                                            \
         }                                                                                \
+    }                                                                                    \
+                                                                                         \
+    /* bits of (0 < key <= hi) over a flat array */                                      \
+    static void positive_##T(const T *keys, Py_ssize_t n, T hi, uint8_t *bits) {         \
+        memset(bits, 0, (size_t)((n + 7) >> 3));                                         \
+        for (Py_ssize_t i = 0; i < n; i++)                                               \
+            bits[i >> 3] |= (uint8_t)((unsigned)(keys[i] > 0 && keys[i] <= hi) << (i & 7)); \
+    }                                                                                    \
+                                                                                         \
+    /* src where the bit is set, else 0, over a flat array */                            \
+    static void masked_##T(const T *src, Py_ssize_t n, const uint8_t *bits, T *out) {    \
+        for (Py_ssize_t i = 0; i < n; i++)                                               \
+            out[i] = src[i] & (T) - (T)((bits[i >> 3] >> (i & 7)) & 1);                  \
     }
 
 DEFINE_KERNELS(int8_t)
 DEFINE_KERNELS(int16_t)
 DEFINE_KERNELS(int32_t)
 DEFINE_KERNELS(int64_t)
+
+/* ------------------------------------------------------------------------------------
+ * AVX2 versions of the 4-byte (float32) kernels, chosen at run time when the CPU has AVX2
+ * (`set_simd(False)` forces the portable loops above, for tests). Eight elements per mask
+ * byte: a compare gives the byte (movemask), a 256-entry table turns it into the lane
+ * permutation that packs the kept lanes to the front (compress) or spreads consecutive
+ * values onto the set lanes (expand), and the write position advances by its popcount.
+ * Results are bit-identical to the portable loops; stores and loads that would cross
+ * the end of a buffer go through a small stack buffer instead.
+ * --------------------------------------------------------------------------------- */
+#if defined(__GNUC__) && defined(__x86_64__)
+#include <immintrin.h>
+#define HAVE_AVX2_PATH 1
+
+static uint8_t LUT_PACK[256][8];   /* lane indices of the set bits, in order */
+static uint8_t LUT_SPREAD[256][8]; /* per lane: the rank of its bit among the set bits */
+static int use_simd = 0;
+
+static void init_simd(void) {
+    for (int m = 0; m < 256; m++) {
+        int c = 0;
+        for (int i = 0; i < 8; i++) {
+            LUT_SPREAD[m][i] = (uint8_t)c;
+            LUT_PACK[m][i] = 0;
+            if ((m >> i) & 1) LUT_PACK[m][c++] = (uint8_t)i;
+        }
+    }
+    __builtin_cpu_init();
+    use_simd = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("popcnt");
+}
+
+#define AVX2 __attribute__((target("avx2,popcnt")))
+
+AVX2 static inline __m256i lane_mask(unsigned byte) {
+    const __m256i bit = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+    return _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32((int)byte), bit), bit);
+}
+
+AVX2 static inline __m256i lut(const uint8_t table[8]) {
+    return _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)table));
+}
+
+/* store the first `cnt` lanes of v at out[pos..], never past out[m - 1] */
+AVX2 static inline void store_kept(int32_t *out, Py_ssize_t pos, Py_ssize_t m, __m256i v,
+                                   int cnt) {
+    if (pos + 8 <= m) {
+        _mm256_storeu_si256((__m256i *)(out + pos), v);
+        return;
+    }
+    int32_t tmp[8];
+    _mm256_storeu_si256((__m256i *)tmp, v);
+    for (int i = 0; i < cnt && pos + i < m; i++) out[pos + i] = tmp[i];
+}
+
+/* eight values from vals[pos..], zero past vals[m - 1] */
+AVX2 static inline __m256i load_kept(const int32_t *vals, Py_ssize_t pos, Py_ssize_t m) {
+    if (pos + 8 <= m) return _mm256_loadu_si256((const __m256i *)(vals + pos));
+    int32_t tmp[8] = {0};
+    for (int i = 0; pos + i < m && i < 8; i++) tmp[i] = vals[pos + i];
+    return _mm256_loadu_si256((const __m256i *)tmp);
+}
+
+/* the byte-aligned case (F % 8 == 0) of select_compress_int32_t */
+AVX2 static Py_ssize_t select_compress32_avx2(const int32_t *keys, Py_ssize_t b_n,
+                                              Py_ssize_t n, int32_t absmask,
+                                              const int64_t *thr, const uint8_t *valid,
+                                              Py_ssize_t rows, uint8_t *bits, int32_t *vals,
+                                              Py_ssize_t m) {
+    Py_ssize_t pos = 0, nbytes = n >> 3, f = n / rows;
+    const __m256i am = _mm256_set1_epi32(absmask);
+    for (Py_ssize_t b = 0; b < b_n; b++) {
+        const int32_t *x = keys + b * n;
+        uint8_t *bb = bits + b * nbytes;
+        for (Py_ssize_t r = 0; r < rows; r++) {
+            int64_t t = valid[b * rows + r] ? thr[b] : INT64_MAX;
+            t = t > INT32_MAX ? INT32_MAX : (t < INT32_MIN ? INT32_MIN : t);
+            const __m256i tv = _mm256_set1_epi32((int32_t)t);
+            for (Py_ssize_t j = (r * f) >> 3; j < ((r + 1) * f) >> 3; j++) {
+                const __m256i v = _mm256_loadu_si256((const __m256i *)(x + j * 8));
+                const __m256i k = _mm256_cmpgt_epi32(_mm256_and_si256(v, am), tv);
+                const unsigned byte = (unsigned)_mm256_movemask_ps(_mm256_castsi256_ps(k));
+                const int cnt = __builtin_popcount(byte);
+                store_kept(vals, pos, m, _mm256_permutevar8x32_epi32(v, lut(LUT_PACK[byte])),
+                           cnt);
+                pos += cnt;
+                bb[j] = (uint8_t)byte;
+            }
+        }
+    }
+    return pos;
+}
+
+AVX2 static Py_ssize_t compress32_avx2(const int32_t *src, Py_ssize_t b_n, Py_ssize_t n,
+                                       const uint8_t *bits, int32_t *out, Py_ssize_t m) {
+    Py_ssize_t pos = 0, nbytes = (n + 7) >> 3, full = n >> 3;
+    for (Py_ssize_t b = 0; b < b_n; b++) {
+        const int32_t *x = src + b * n;
+        const uint8_t *bb = bits + b * nbytes;
+        for (Py_ssize_t j = 0; j < full; j++) {
+            const unsigned byte = bb[j];
+            const int cnt = __builtin_popcount(byte);
+            const __m256i v = _mm256_loadu_si256((const __m256i *)(x + j * 8));
+            store_kept(out, pos, m, _mm256_permutevar8x32_epi32(v, lut(LUT_PACK[byte])), cnt);
+            pos += cnt;
+        }
+        for (Py_ssize_t i = full * 8; i < n; i++) {
+            if ((bb[full] >> (i & 7)) & 1) {
+                if (pos < m) out[pos] = x[i];
+                pos++;
+            }
+        }
+    }
+    return pos;
+}
+
+AVX2 static void expand32_avx2(const int32_t *vals, Py_ssize_t m, Py_ssize_t b_n,
+                               Py_ssize_t n, const uint8_t *bits, int32_t *out) {
+    Py_ssize_t pos = 0, nbytes = (n + 7) >> 3, full = n >> 3;
+    for (Py_ssize_t b = 0; b < b_n; b++) {
+        int32_t *o = out + b * n;
+        const uint8_t *bb = bits + b * nbytes;
+        for (Py_ssize_t j = 0; j < full; j++) {
+            const unsigned byte = bb[j];
+            const __m256i v = _mm256_permutevar8x32_epi32(load_kept(vals, pos, m),
+                                                          lut(LUT_SPREAD[byte]));
+            _mm256_storeu_si256((__m256i *)(o + j * 8), _mm256_and_si256(v, lane_mask(byte)));
+            pos += __builtin_popcount(byte);
+        }
+        for (Py_ssize_t i = full * 8; i < n; i++) {
+            const int k = (bb[full] >> (i & 7)) & 1;
+            o[i] = k && pos < m ? vals[pos] : 0;
+            pos += k;
+        }
+    }
+}
+
+AVX2 static void overwrite32_avx2(int32_t *dst, Py_ssize_t b_n, Py_ssize_t n,
+                                  const uint8_t *bits, const int32_t *vals, Py_ssize_t m) {
+    Py_ssize_t pos = 0, nbytes = (n + 7) >> 3, full = n >> 3;
+    if (m == 0) return;
+    for (Py_ssize_t b = 0; b < b_n; b++) {
+        int32_t *o = dst + b * n;
+        const uint8_t *bb = bits + b * nbytes;
+        for (Py_ssize_t j = 0; j < full; j++) {
+            const unsigned byte = bb[j];
+            if (byte == 0) continue;
+            const __m256i v = _mm256_permutevar8x32_epi32(load_kept(vals, pos, m),
+                                                          lut(LUT_SPREAD[byte]));
+            const __m256i d = _mm256_loadu_si256((const __m256i *)(o + j * 8));
+            _mm256_storeu_si256((__m256i *)(o + j * 8),
+                                _mm256_blendv_epi8(d, v, lane_mask(byte)));
+            pos += __builtin_popcount(byte);
+        }
+        for (Py_ssize_t i = full * 8; i < n; i++) {
+            const int k = (bb[full] >> (i & 7)) & 1;
+            if (k && pos < m) o[i] = vals[pos];
+            pos += k;
+        }
+    }
+}
+
+/* bits of (0 < key <= hi) over a flat array (x > 0 for floats: hi is +inf's pattern) */
+AVX2 static void positive32_avx2(const int32_t *keys, Py_ssize_t n, int32_t hi, uint8_t *bits) {
+    const __m256i zero = _mm256_setzero_si256(), h = _mm256_set1_epi32(hi);
+    Py_ssize_t full = n >> 3;
+    for (Py_ssize_t j = 0; j < full; j++) {
+        const __m256i v = _mm256_loadu_si256((const __m256i *)(keys + j * 8));
+        const __m256i k = _mm256_andnot_si256(_mm256_cmpgt_epi32(v, h), _mm256_cmpgt_epi32(v, zero));
+        bits[j] = (uint8_t)_mm256_movemask_ps(_mm256_castsi256_ps(k));
+    }
+    if (full * 8 < n) {
+        unsigned acc = 0;
+        for (Py_ssize_t i = full * 8; i < n; i++) acc |= (unsigned)(keys[i] > 0 && keys[i] <= hi) << (i & 7);
+        bits[full] = (uint8_t)acc;
+    }
+}
+
+/* src where the bit is set, else 0, over a flat array */
+AVX2 static void masked32_avx2(const int32_t *src, Py_ssize_t n, const uint8_t *bits, int32_t *out) {
+    Py_ssize_t full = n >> 3;
+    for (Py_ssize_t j = 0; j < full; j++) {
+        const __m256i v = _mm256_loadu_si256((const __m256i *)(src + j * 8));
+        _mm256_storeu_si256((__m256i *)(out + j * 8), _mm256_and_si256(v, lane_mask(bits[j])));
+    }
+    for (Py_ssize_t i = full * 8; i < n; i++) out[i] = ((bits[full] >> (i & 7)) & 1) ? src[i] : 0;
+}
+#else
+static int use_simd = 0;
+static void init_simd(void) {}
+#endif
 
 #define DISPATCH(width, call8, call16, call32, call64)                                   \
     switch (width) {                                                                     \
@@ -251,6 +454,12 @@ static PyObject *py_select_compress(PyObject *self, PyObject *args) {
     if (!bad) {
         Py_ssize_t m = vals.len / width;
         Py_BEGIN_ALLOW_THREADS
+#ifdef HAVE_AVX2_PATH
+        if (use_simd && width == 4 && ((n / rows) & 7) == 0)
+            count = select_compress32_avx2(keys.buf, b, n, (int32_t)absmask, thr.buf, valid.buf,
+                                           rows, bits.buf, vals.buf, m);
+        else
+#endif
         DISPATCH(width,
                  count = select_compress_int8_t(keys.buf, b, n, (int8_t)absmask, thr.buf,
                                                 valid.buf, rows, bits.buf, vals.buf, m),
@@ -347,6 +556,11 @@ static PyObject *py_compress(PyObject *self, PyObject *args) {
     if (!bad) {
         Py_ssize_t m = out.len / width;
         Py_BEGIN_ALLOW_THREADS
+#ifdef HAVE_AVX2_PATH
+        if (use_simd && width == 4)
+            pos = compress32_avx2(src.buf, b, n, bits.buf, out.buf, m);
+        else
+#endif
         DISPATCH(width, pos = compress_int8_t(src.buf, b, n, bits.buf, out.buf, m),
                  pos = compress_int16_t(src.buf, b, n, bits.buf, out.buf, m),
                  pos = compress_int32_t(src.buf, b, n, bits.buf, out.buf, m),
@@ -368,6 +582,11 @@ static PyObject *py_expand(PyObject *self, PyObject *args) {
               check(&out, b * n * width, "out");
     if (!bad) {
         Py_BEGIN_ALLOW_THREADS
+#ifdef HAVE_AVX2_PATH
+        if (use_simd && width == 4 && m > 0)
+            expand32_avx2(vals.buf, m, b, n, bits.buf, out.buf);
+        else
+#endif
         DISPATCH(width, expand_int8_t(vals.buf, m, b, n, bits.buf, out.buf),
                  expand_int16_t(vals.buf, m, b, n, bits.buf, out.buf),
                  expand_int32_t(vals.buf, m, b, n, bits.buf, out.buf),
@@ -389,6 +608,11 @@ static PyObject *py_overwrite(PyObject *self, PyObject *args) {
               check(&vals, m * width, "vals");
     if (!bad) {
         Py_BEGIN_ALLOW_THREADS
+#ifdef HAVE_AVX2_PATH
+        if (use_simd && width == 4)
+            overwrite32_avx2(dst.buf, b, n, bits.buf, vals.buf, m);
+        else
+#endif
         DISPATCH(width, overwrite_int8_t(dst.buf, b, n, bits.buf, vals.buf, m),
                  overwrite_int16_t(dst.buf, b, n, bits.buf, vals.buf, m),
                  overwrite_int32_t(dst.buf, b, n, bits.buf, vals.buf, m),
@@ -400,7 +624,74 @@ static PyObject *py_overwrite(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+/* positive(keys, n, width, hi, bits): bit i = 0 < keys[i] <= hi (x > 0 for a float x,
+ * hi = the pattern of +inf), bits holding ceil(n / 8) bytes */
+static PyObject *py_positive(PyObject *self, PyObject *args) {
+    Py_buffer keys, bits;
+    Py_ssize_t n, width;
+    long long hi;
+    if (!PyArg_ParseTuple(args, "y*nnLw*", &keys, &n, &width, &hi, &bits)) return NULL;
+    int bad = check_width(width) || check(&keys, n * width, "keys") ||
+              check(&bits, (n + 7) >> 3, "bits");
+    if (!bad) {
+        Py_BEGIN_ALLOW_THREADS
+#ifdef HAVE_AVX2_PATH
+        if (use_simd && width == 4)
+            positive32_avx2(keys.buf, n, (int32_t)hi, bits.buf);
+        else
+#endif
+        DISPATCH(width, positive_int8_t(keys.buf, n, (int8_t)hi, bits.buf),
+                 positive_int16_t(keys.buf, n, (int16_t)hi, bits.buf),
+                 positive_int32_t(keys.buf, n, (int32_t)hi, bits.buf),
+                 positive_int64_t(keys.buf, n, (int64_t)hi, bits.buf))
+        Py_END_ALLOW_THREADS
+    }
+    PyBuffer_Release(&keys); PyBuffer_Release(&bits);
+    if (bad) return NULL;
+    Py_RETURN_NONE;
+}
+
+/* masked(src, n, width, bits, out): out[i] = src[i] where bit i is set, else 0 */
+static PyObject *py_masked(PyObject *self, PyObject *args) {
+    Py_buffer src, bits, out;
+    Py_ssize_t n, width;
+    if (!PyArg_ParseTuple(args, "y*nny*w*", &src, &n, &width, &bits, &out)) return NULL;
+    int bad = check_width(width) || check(&src, n * width, "src") ||
+              check(&bits, (n + 7) >> 3, "bits") || check(&out, n * width, "out");
+    if (!bad) {
+        Py_BEGIN_ALLOW_THREADS
+#ifdef HAVE_AVX2_PATH
+        if (use_simd && width == 4)
+            masked32_avx2(src.buf, n, bits.buf, out.buf);
+        else
+#endif
+        DISPATCH(width, masked_int8_t(src.buf, n, bits.buf, out.buf),
+                 masked_int16_t(src.buf, n, bits.buf, out.buf),
+                 masked_int32_t(src.buf, n, bits.buf, out.buf),
+                 masked_int64_t(src.buf, n, bits.buf, out.buf))
+        Py_END_ALLOW_THREADS
+    }
+    PyBuffer_Release(&src); PyBuffer_Release(&bits); PyBuffer_Release(&out);
+    if (bad) return NULL;
+    Py_RETURN_NONE;
+}
+
+/* set_simd(on) -> whether the AVX2 loops are now used (only if the CPU has AVX2) */
+static PyObject *py_set_simd(PyObject *self, PyObject *args) {
+    int on;
+    if (!PyArg_ParseTuple(args, "p", &on)) return NULL;
+    init_simd();
+    if (!on) use_simd = 0;
+    return PyBool_FromLong(use_simd);
+}
+
+static PyObject *py_simd(PyObject *self, PyObject *args) { return PyBool_FromLong(use_simd); }
+
 static PyMethodDef methods[] = {
+    {"positive", py_positive, METH_VARARGS, "positive(keys, n, width, hi, bits)"},
+    {"masked", py_masked, METH_VARARGS, "masked(src, n, width, bits, out)"},
+    {"set_simd", py_set_simd, METH_VARARGS, "set_simd(on) -> whether AVX2 loops are used"},
+    {"simd", py_simd, METH_NOARGS, "simd() -> whether AVX2 loops are used"},
     {"select_compress", py_select_compress, METH_VARARGS,
      "select_compress(keys, b, n, width, absmask, thr, valid, rows, bits, vals) -> kept"},
     {"kth", py_kth, METH_VARARGS,
@@ -416,4 +707,7 @@ static PyMethodDef methods[] = {
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_bitpack",
                                     "Element kernels for backrazor packs.", -1, methods};
 
-PyMODINIT_FUNC PyInit__bitpack(void) { return PyModule_Create(&module); }
+PyMODINIT_FUNC PyInit__bitpack(void) {
+    init_simd();
+    return PyModule_Create(&module);
+}

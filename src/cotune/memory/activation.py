@@ -28,9 +28,9 @@ from cotune.memory.pack import (
     Policy,
     SaveList,
     pack,
-    pack_bool,
     pack_dense,
     pack_elems,
+    pack_positive,
     pack_rows,
     select_elems,
     select_rows,
@@ -65,7 +65,7 @@ class SparseActivationFunction(torch.autograd.Function):
             saves.add(None)
         else:
             saves.add(None if is_relu else pack(x, policy))
-            saves.add(pack_bool(x > 0))
+            saves.add(pack_positive(x))
         ctx.metas = saves.metas
         ctx.fn = stock_forward
         ctx.save_for_backward(*saves.tensors)
@@ -78,7 +78,7 @@ class SparseActivationFunction(torch.autograd.Function):
             (dx,) = _grad_of(ctx.fn, (xs.dense(),), dy)
             return dx, None, None, None
         assert bits is not None
-        dx = dy * bits.dense().reshape(dy.shape)
+        dx = kernels.masked(dy.contiguous(), bits.tensors[0])
         if xs is None:  # ReLU: the sign bits are its exact derivative
             return dx, None, None, None
         if xs.kind == "rows":
@@ -159,7 +159,7 @@ class BitMaskDropoutFunction(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, p: float) -> torch.Tensor:  # type: ignore[override]
         mask = dropout_mask(x, p)
         saves = SaveList()
-        saves.add(pack_bool(mask.bool()))
+        saves.add(pack_positive(mask))
         ctx.metas = saves.metas
         ctx.p = p
         ctx.save_for_backward(*saves.tensors)
@@ -169,4 +169,4 @@ class BitMaskDropoutFunction(torch.autograd.Function):
     def backward(ctx, dy: torch.Tensor):  # type: ignore[override]
         (bits,) = SaveList.restore(ctx.metas, ctx.saved_tensors)
         assert bits is not None
-        return dy * bits.dense().to(dy.dtype) * (1.0 / (1.0 - ctx.p)), None
+        return kernels.masked(dy.contiguous(), bits.tensors[0]).mul_(1.0 / (1.0 - ctx.p)), None

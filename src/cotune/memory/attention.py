@@ -31,8 +31,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from cotune.memory import kernels
 from cotune.memory.activation import dropout_mask
-from cotune.memory.pack import Policy, SaveList, pack, pack_bool, pack_dense
+from cotune.memory.pack import Policy, SaveList, pack, pack_dense, pack_positive
 
 ATTN_NAME = "cotune_sparse"
 
@@ -87,7 +88,7 @@ class SparseAttentionFunction(torch.autograd.Function):
         p_pack = pack(probs, p_policy) if p_policy is not None else pack_dense(probs)
         saves.add(p_pack)
         # the dropout mask only where P is kept (elsewhere P, hence its gradient use, is 0)
-        saves.add(None if drop is None else pack_bool(p_pack.select(drop.bool())))
+        saves.add(None if drop is None else pack_positive(p_pack.select(drop)))
         ctx.metas = saves.metas
         ctx.scaling = scaling
         ctx.p = p
@@ -110,8 +111,8 @@ class SparseAttentionFunction(torch.autograd.Function):
         # P * rowsum(Pd * dPd), since dPd * drop / (1 - p) only meets P through Pd.
         if p > 0:
             assert st is not None
-            kept_w = ps.values.float() * st.dense().reshape(ps.values.shape)
-            probs_d = ps.place(kept_w * (1.0 / (1.0 - p)))
+            kept_w = kernels.masked(ps.values.float(), st.tensors[0])
+            probs_d = ps.place(kept_w.mul_(1.0 / (1.0 - p)))
         else:
             probs_d = probs
         row_scale = ps.row_scale()

@@ -282,6 +282,11 @@ def pack_bool(t: torch.Tensor) -> Packed:
     return Packed(PackMeta("bits", tuple(t.shape), 1), [pack_bits(t.reshape(-1))])
 
 
+def pack_positive(x: torch.Tensor) -> Packed:
+    """`pack_bool(x > 0)` in one pass."""
+    return Packed(PackMeta("bits", tuple(x.shape), 1), [kernels.positive_bits(x)])
+
+
 def pack(x: torch.Tensor, policy: Policy | None) -> Packed:
     """Choose and pack what to keep of x (..., L, F) under `policy` (None: dense).
 
