@@ -300,7 +300,8 @@ def tables(res: dict[str, Any]) -> str:
             "| mode | keep | SST-2 dev accuracy | vs none (points) |",
             "|---|---|---|---|",
         ]
-        for name, r in acc.items():
+        # `none` first; the runs finish (and are stored) in whatever order
+        for name, r in sorted(acc.items(), key=lambda kv: kv[0] != "none"):
             mode, _, keep = name.partition("@")
             delta = f"{100 * (r['accuracy'] - ref):+.1f}" if ref is not None else "-"
             lines.append(f"| {mode} | {keep or '-'} | {r['accuracy']:.4f} | {delta} |")
