@@ -8,13 +8,8 @@ import torch
 from torch import nn
 
 from cotune.memory import pack_bits, token_mask, unpack_bits
-from cotune.memory.pack import (
-    Policy,
-    _pack_bits_torch,
-    _unpack_bits_torch,
-    pack,
-    select_elems,
-)
+from cotune.memory.kernels import _pack_bits_torch, _unpack_bits_torch
+from cotune.memory.pack import Policy, pack, select_elems
 from cotune.memory.swap import swap_in
 
 MODES = ["random", "norm", "backrazor"]

@@ -238,6 +238,11 @@ static uint8_t LUT_PACK[256][8];   /* lane indices of the set bits, in order */
 static uint8_t LUT_SPREAD[256][8]; /* per lane: the rank of its bit among the set bits */
 static int use_simd = 0;
 
+static int cpu_has_avx2(void) {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("popcnt");
+}
+
 static void init_simd(void) {
     for (int m = 0; m < 256; m++) {
         int c = 0;
@@ -247,8 +252,7 @@ static void init_simd(void) {
             if ((m >> i) & 1) LUT_PACK[m][c++] = (uint8_t)i;
         }
     }
-    __builtin_cpu_init();
-    use_simd = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("popcnt");
+    use_simd = cpu_has_avx2();
 }
 
 #define AVX2 __attribute__((target("avx2,popcnt")))
@@ -338,6 +342,10 @@ AVX2 static Py_ssize_t compress32_avx2(const int32_t *src, Py_ssize_t b_n, Py_ss
 AVX2 static void expand32_avx2(const int32_t *vals, Py_ssize_t m, Py_ssize_t b_n,
                                Py_ssize_t n, const uint8_t *bits, int32_t *out) {
     Py_ssize_t pos = 0, nbytes = (n + 7) >> 3, full = n >> 3;
+    if (m == 0) {
+        memset(out, 0, (size_t)(b_n * n) * sizeof(int32_t));
+        return;
+    }
     for (Py_ssize_t b = 0; b < b_n; b++) {
         int32_t *o = out + b * n;
         const uint8_t *bb = bits + b * nbytes;
@@ -408,6 +416,7 @@ AVX2 static void masked32_avx2(const int32_t *src, Py_ssize_t n, const uint8_t *
 }
 #else
 static int use_simd = 0;
+static int cpu_has_avx2(void) { return 0; }
 static void init_simd(void) {}
 #endif
 
@@ -583,7 +592,7 @@ static PyObject *py_expand(PyObject *self, PyObject *args) {
     if (!bad) {
         Py_BEGIN_ALLOW_THREADS
 #ifdef HAVE_AVX2_PATH
-        if (use_simd && width == 4 && m > 0)
+        if (use_simd && width == 4)
             expand32_avx2(vals.buf, m, b, n, bits.buf, out.buf);
         else
 #endif
@@ -680,18 +689,14 @@ static PyObject *py_masked(PyObject *self, PyObject *args) {
 static PyObject *py_set_simd(PyObject *self, PyObject *args) {
     int on;
     if (!PyArg_ParseTuple(args, "p", &on)) return NULL;
-    init_simd();
-    if (!on) use_simd = 0;
+    use_simd = on && cpu_has_avx2();
     return PyBool_FromLong(use_simd);
 }
-
-static PyObject *py_simd(PyObject *self, PyObject *args) { return PyBool_FromLong(use_simd); }
 
 static PyMethodDef methods[] = {
     {"positive", py_positive, METH_VARARGS, "positive(keys, n, width, hi, bits)"},
     {"masked", py_masked, METH_VARARGS, "masked(src, n, width, bits, out)"},
     {"set_simd", py_set_simd, METH_VARARGS, "set_simd(on) -> whether AVX2 loops are used"},
-    {"simd", py_simd, METH_NOARGS, "simd() -> whether AVX2 loops are used"},
     {"select_compress", py_select_compress, METH_VARARGS,
      "select_compress(keys, b, n, width, absmask, thr, valid, rows, bits, vals) -> kept"},
     {"kth", py_kth, METH_VARARGS,

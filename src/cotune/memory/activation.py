@@ -78,7 +78,7 @@ class SparseActivationFunction(torch.autograd.Function):
             (dx,) = _grad_of(ctx.fn, (xs.dense(),), dy)
             return dx, None, None, None
         assert bits is not None
-        dx = kernels.masked(dy.contiguous(), bits.tensors[0])
+        dx = bits.where_set(dy)
         if xs is None:  # ReLU: the sign bits are its exact derivative
             return dx, None, None, None
         if xs.kind == "rows":
@@ -169,4 +169,4 @@ class BitMaskDropoutFunction(torch.autograd.Function):
     def backward(ctx, dy: torch.Tensor):  # type: ignore[override]
         (bits,) = SaveList.restore(ctx.metas, ctx.saved_tensors)
         assert bits is not None
-        return kernels.masked(dy.contiguous(), bits.tensors[0]).mul_(1.0 / (1.0 - ctx.p)), None
+        return bits.where_set(dy).mul_(1.0 / (1.0 - ctx.p)), None

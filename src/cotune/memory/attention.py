@@ -31,7 +31,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from cotune.memory import kernels
 from cotune.memory.activation import dropout_mask
 from cotune.memory.pack import Policy, SaveList, pack, pack_dense, pack_positive
 
@@ -113,7 +112,7 @@ class SparseAttentionFunction(torch.autograd.Function):
         # P * rowsum(Pd * dPd), since dPd * drop / (1 - p) only meets P through Pd.
         if p > 0:
             assert st is not None
-            kept_w = kernels.masked(ps.values.float(), st.tensors[0])
+            kept_w = st.where_set(ps.values.float())
             probs_d = ps.place(kept_w.mul_(1.0 / (1.0 - p)))
         else:
             probs_d = probs

@@ -22,6 +22,7 @@ torch ops. `tests/test_memory_kernels.py` checks that all paths agree.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -86,6 +87,21 @@ def _unpack_bits_torch(packed: torch.Tensor, n: int) -> torch.Tensor:
 
 def _unpack(bits: np.ndarray, n: int) -> np.ndarray:
     return np.unpackbits(bits, axis=-1, count=n, bitorder="little").view(np.bool_)
+
+
+def pack_bits(mask: torch.Tensor) -> torch.Tensor:
+    """Pack a bool tensor's last dimension into bytes (8 elements per uint8, LSB first)."""
+    if mask.device.type == "cpu":
+        packed = np.packbits(mask.contiguous().numpy(), axis=-1, bitorder="little")
+        return torch.from_numpy(packed)
+    return _pack_bits_torch(mask)
+
+
+def unpack_bits(packed: torch.Tensor, n: int) -> torch.Tensor:
+    """Inverse of `pack_bits`: the first `n` bits of each row as a bool tensor."""
+    if packed.device.type == "cpu":
+        return torch.from_numpy(_unpack(packed.numpy(), n))
+    return _unpack_bits_torch(packed, n)
 
 
 def threshold_keys(
@@ -223,6 +239,7 @@ def overwrite(dst: torch.Tensor, bits: torch.Tensor, vals: torch.Tensor) -> torc
     return dst
 
 
+@functools.cache
 def _posinf_key(dtype: torch.dtype) -> int:
     inf = torch.tensor(float("inf"), dtype=dtype)
     return int(inf.view(_INT_VIEW[inf.element_size()]).item())
@@ -232,8 +249,6 @@ def positive_bits(x: torch.Tensor) -> torch.Tensor:
     """`pack_bits((x > 0).reshape(-1))` in one pass: the bits (ceil(n / 8),) uint8 of the
     positive elements of a float tensor, flattened."""
     if x.device.type != "cpu" or not COMPILED or not x.is_floating_point():
-        from cotune.memory.pack import pack_bits
-
         return pack_bits((x > 0).reshape(-1))
     keys = int_view(x).reshape(-1)
     bits = np.empty(math.ceil(keys.size / 8), dtype=np.uint8)

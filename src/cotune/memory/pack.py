@@ -27,11 +27,10 @@ from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Literal
 
-import numpy as np
 import torch
 
 from cotune.memory import kernels
-from cotune.memory.kernels import _pack_bits_torch, _unpack_bits_torch
+from cotune.memory.kernels import pack_bits, unpack_bits
 
 Mode = Literal["random", "norm", "backrazor"]
 NormKind = Literal["linf", "l1", "l2"]
@@ -41,22 +40,6 @@ NormKind = Literal["linf", "l1", "l2"]
 # costs tens of milliseconds per FFN-sized tensor on a CPU).
 EXACT_TOPK_MAX = 1 << 14
 _THRESHOLD_SAMPLE = 1 << 12
-
-
-def pack_bits(mask: torch.Tensor) -> torch.Tensor:
-    """Pack a bool tensor's last dimension into bytes (8 elements per uint8, LSB first)."""
-    if mask.device.type == "cpu":
-        packed = np.packbits(mask.contiguous().numpy(), axis=-1, bitorder="little")
-        return torch.from_numpy(packed)
-    return _pack_bits_torch(mask)
-
-
-def unpack_bits(packed: torch.Tensor, n: int) -> torch.Tensor:
-    """Inverse of `pack_bits`: the first `n` bits of each row as a bool tensor."""
-    if packed.device.type == "cpu":
-        bits = np.unpackbits(packed.numpy(), axis=-1, count=n, bitorder="little")
-        return torch.from_numpy(bits.view(np.bool_))
-    return _unpack_bits_torch(packed, n)
 
 
 @dataclass
@@ -277,13 +260,8 @@ def pack_dense(x: torch.Tensor) -> Packed:
     return Packed(PackMeta("dense", tuple(x.shape), 1), [x])
 
 
-def pack_bool(t: torch.Tensor) -> Packed:
-    """A bool tensor as bits (1 bit per element)."""
-    return Packed(PackMeta("bits", tuple(t.shape), 1), [pack_bits(t.reshape(-1))])
-
-
 def pack_positive(x: torch.Tensor) -> Packed:
-    """`pack_bool(x > 0)` in one pass."""
+    """Where x > 0, as bits (1 bit per element; a 0/1 mask packs to itself)."""
     return Packed(PackMeta("bits", tuple(x.shape), 1), [kernels.positive_bits(x)])
 
 
@@ -382,6 +360,13 @@ class Sparse:
             return None
         n = math.prod(self.shape[1:])
         return unpack_bits(self.tensors[1], n).reshape(self.shape)
+
+    # -- bits -------------------------------------------------------------------------
+    def where_set(self, t: torch.Tensor) -> torch.Tensor:
+        """t (shaped like the packed bool tensor) where its bit is set, +0 elsewhere
+        (bits kind)."""
+        assert self.kind == "bits"
+        return kernels.masked(t, self.tensors[0])
 
     # -- any --------------------------------------------------------------------------
     def dense(self, scaled: bool = False) -> torch.Tensor:
