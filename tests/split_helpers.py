@@ -12,7 +12,8 @@ from cotune.link.accounting import Tap
 from cotune.link.auth import TokenBook
 from cotune.link.service import CloudEndpoint
 from cotune.link.transport import InProcessTransport, Transport
-from cotune.methods.split import RngStream, SplitCloud, SplitDevice, build_split
+from cotune.methods.split import SplitCloud, SplitDevice, build_split
+from cotune.models.rng import RngStream
 
 TOKEN = "secret-token-0"
 

@@ -9,6 +9,7 @@ import pytest
 
 from cotune.config import Config, build_config, load_config, parse_value, to_toml
 from cotune.errors import ConfigError
+from cotune.methods import resolve
 
 
 def test_defaults_validate_and_resolve_lr_per_regime() -> None:
@@ -71,7 +72,15 @@ def test_wrong_type_in_set_names_key() -> None:
 
 def test_bad_literal_lists_valid_values() -> None:
     with pytest.raises(ConfigError) as err:
-        build_config({"method": "fedsomething"})
+        build_config({"task": {"name": "x"}, "train": {"precision": "fp8"}})
+    msg = str(err.value)
+    assert "train.precision" in msg and "fp32" in msg and "bf16" in msg
+
+
+def test_unknown_method_lists_valid_methods() -> None:
+    """The method registry, not the schema, knows the methods (one line per method)."""
+    with pytest.raises(ConfigError) as err:
+        resolve(build_config({"method": "fedsomething"}))
     msg = str(err.value)
     assert "method" in msg and "centralized" in msg and "fedpft" in msg
 
@@ -99,7 +108,7 @@ def test_malformed_set_and_missing_file(tmp_path) -> None:
 def test_unused_section_warns_not_errors() -> None:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        cfg = build_config({"method": "centralized", "split": {"cut": 2}})
+        cfg = resolve(build_config({"method": "centralized", "split": {"cut": 2}}))
     assert cfg.split.cut == 2
     assert any("[split] is not read" in str(w.message) for w in caught)
 

@@ -12,15 +12,10 @@ import torch
 from cotune.config import build_config
 from cotune.config.schema import TaskConfig
 from cotune.data import canonical_name, load_task
+from cotune.data.pairs import IGNORE, PairCollator, encode_pairs
 from cotune.errors import DataError
-from cotune.methods.lm import (
-    IGNORE,
-    LMCollator,
-    build_lm,
-    completion_loss,
-    encode_pairs,
-    generate_texts,
-)
+from cotune.models.causal_lm import build_lm, completion_loss
+from cotune.training.evaluation import generate_texts
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "e2e"
 
@@ -57,7 +52,7 @@ def test_folder_layout_errors_name_the_missing_file(tmp_path: Path) -> None:
 
 def test_labels_cover_the_completion_only_and_padding_is_dynamic(tmp_path: Path) -> None:
     cfg = build_config({"model": {"name": "tiny-llama"}})
-    _, tok, _ = build_lm(cfg)
+    _, tok, _ = build_lm(cfg.model, seed=cfg.seed)
     from cotune.data.task import Example
 
     data = encode_pairs(
@@ -69,7 +64,7 @@ def test_labels_cover_the_completion_only_and_padding_is_dynamic(tmp_path: Path)
         n_prompt = sum(1 for t in item["labels"] if t == IGNORE)
         assert item["labels"][n_prompt:] == item["input_ids"][n_prompt:]
         assert item["labels"][-1] == tok.sep_token_id  # the target ends with EOS/SEP
-    batch = LMCollator(tok.pad_token_id)([data[0], data[1]])
+    batch = PairCollator(tok.pad_token_id)([data[0], data[1]])
     assert batch["input_ids"].shape[1] == max(len(x["input_ids"]) for x in data)
     assert int(batch["attention_mask"].sum()) == sum(len(x["input_ids"]) for x in data)
 
@@ -94,8 +89,8 @@ def test_beam_search_generates_for_each_prompt(model: str) -> None:
             "generation": {"num_beams": 3, "max_new_tokens": 5, "batch_size": 2},
         }
     )
-    m, tok, _ = build_lm(cfg)
-    outs = generate_texts(m.lm, tok, ["name[a]", "name[bb], food[c]", "name[d]"], cfg)
+    m, tok, _ = build_lm(cfg.model, seed=cfg.seed)
+    outs = generate_texts(m.lm, tok, ["name[a]", "name[bb], food[c]", "name[d]"], cfg.generation)
     assert len(outs) == 3 and all(isinstance(o, str) and o for o in outs)
     # left padding: a prompt decodes the same alone as in a batch
-    assert generate_texts(m.lm, tok, ["name[bb], food[c]"], cfg)[0] == outs[1]
+    assert generate_texts(m.lm, tok, ["name[bb], food[c]"], cfg.generation)[0] == outs[1]

@@ -12,8 +12,8 @@ import numpy as np
 from flwr.app import Array, Message, MessageType, MetricRecord, RecordDict
 from test_fed_units import tiny_config, write_sst2
 
-from cotune.methods import NullRecorder
-from cotune.methods.federated import GlobalModel, local_train
+from cotune.methods.federated.client import local_train
+from cotune.methods.federated.global_model import GlobalModel
 from cotune.report.run_folder import read_jsonl
 from cotune.runtime.federated.apps import build_client_app
 from cotune.runtime.federated.checkpoint import load_checkpoint
@@ -53,7 +53,7 @@ def test_failed_slow_and_bad_clients_do_not_stop_the_round(tmp_path: Path) -> No
     cfg = tiny_config(data, federated={"clients": 5, "rounds": 1, "round_timeout": ROUND_TIMEOUT})
     run_dir = tmp_path / "run"
     result = run_federated(
-        cfg, NullRecorder(), run_dir, client_app=build_client_app([faulty]), engine="inline"
+        cfg, run_dir, client_app=build_client_app([faulty]), engine="inline"
     )
     assert result.extra["rounds_completed"] == 1
     (record,) = read_jsonl(run_dir / "metrics.jsonl")

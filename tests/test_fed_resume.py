@@ -12,7 +12,6 @@ import pytest
 from test_fed_units import tiny_config, write_sst2
 
 from cotune.cli.main import main
-from cotune.methods import NullRecorder
 from cotune.report.run_folder import read_jsonl
 from cotune.runtime.federated.checkpoint import load_checkpoint
 from cotune.runtime.federated.engine import run_federated
@@ -23,8 +22,8 @@ def test_stopped_and_resumed_run_equals_uninterrupted(tmp_path: Path, capsys) ->
     # 3 clients, 2 sampled per round: the seeded sampling must also line up after resume
     cfg = tiny_config(data, federated={"clients": 3, "rounds": 4, "fraction": 0.67})
     full, part = tmp_path / "full", tmp_path / "part"
-    run_federated(cfg, NullRecorder(), full, engine="inline")
-    run_federated(cfg, NullRecorder(), part, engine="inline", stop_after=2)
+    run_federated(cfg, full, engine="inline")
+    run_federated(cfg, part, engine="inline", stop_after=2)
     stopped = load_checkpoint(part)
     assert stopped is not None and stopped.round == 2
     assert [r["round"] for r in read_jsonl(part / "metrics.jsonl")] == [1, 2]

@@ -15,9 +15,10 @@ import torch.nn.functional as F
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 
 from cotune.config import Config, build_config
+from cotune.methods import resolve
 from cotune.methods.federated.aggregation import check_update, weighted_average
 from cotune.methods.federated.data import split_train
-from cotune.methods.federated.kd import mutual_distillation_losses
+from cotune.methods.fedkd import mutual_distillation_losses
 from cotune.runtime.federated.checkpoint import ServerCheckpoint, load_checkpoint, save_checkpoint
 from cotune.runtime.federated.sampling import sample_partitions
 from cotune.runtime.federated.wire import message_bytes, messages_bytes, to_arrays
@@ -60,7 +61,7 @@ def tiny_config(data_dir: Path, **sections: dict) -> Config:
     }
     for key, value in sections.items():
         data[key] = {**data.get(key, {}), **value} if isinstance(value, dict) else value
-    return build_config(data)
+    return resolve(build_config(data))
 
 
 # ----------------------------------------------------------------------- aggregation
@@ -205,6 +206,6 @@ def test_fedavg_rejects_lora_and_fedlora_defaults_it() -> None:
     from cotune.errors import ConfigError
 
     with pytest.raises(ConfigError, match="fedavg"):
-        build_config({"method": "fedavg", "model": {"lora": {"r": 4}}})
-    assert build_config({"method": "fedlora"}).model.lora is not None
-    assert math.isclose(build_config({"method": "fedlora"}).resolved_lr(), 2e-3)
+        resolve(build_config({"method": "fedavg", "model": {"lora": {"r": 4}}}))
+    assert resolve(build_config({"method": "fedlora"})).model.lora is not None
+    assert math.isclose(resolve(build_config({"method": "fedlora"})).resolved_lr(), 2e-3)

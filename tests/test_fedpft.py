@@ -10,9 +10,9 @@ import pytest
 from flwr.app import Context, Message
 from test_fed_units import tiny_config, write_sst2
 
-from cotune.methods import NullRecorder
-from cotune.methods.federated.models import build_model
-from cotune.methods.federated.pft import META_KEY, PROXY_KEY, proxy_local_train
+from cotune.methods.federated.client import client_adapter
+from cotune.methods.fedpft.cloud import META_KEY, PROXY_KEY
+from cotune.methods.fedpft.device import proxy_local_train
 from cotune.models.proxy import encoder_layers, top_neurons
 from cotune.report.run_folder import read_jsonl
 from cotune.runtime.federated.apps import build_client_app
@@ -47,7 +47,7 @@ def test_fedpft_round_trip_sends_only_the_proxy_and_realigns(tmp_path: Path) -> 
     )
     assert cfg.model.lora is not None and "key" in cfg.model.lora.target_modules
     tap = Tap()
-    run_federated(cfg, NullRecorder(), tmp_path / "run", engine="inline",
+    run_federated(cfg, tmp_path / "run", engine="inline",
                   client_app=build_client_app([tap]))  # fmt: skip
     rounds = read_jsonl(tmp_path / "run" / "metrics.jsonl")
     assert [r["round"] for r in rounds] == [1, 2, 3]
@@ -72,7 +72,7 @@ def test_fedpft_round_trip_sends_only_the_proxy_and_realigns(tmp_path: Path) -> 
 
     # the full model never leaves the cloud: no message holds a full FFN of a compressed
     # layer, nor any input row / output column of a neuron the proxy dropped
-    fm, _ = build_model(cfg)
+    fm, _ = client_adapter(cfg).build_model()
     arrays = [a for m in tap.received for rec in m.values() for a in rec.values()]
     for i in (1, 2):
         layer = encoder_layers(fm)[i]

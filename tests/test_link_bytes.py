@@ -13,7 +13,7 @@ from cotune.link.accounting import GRPC_PREFIX_BYTES
 from cotune.link.auth import TokenBook
 from cotune.link.grpc_transport import GrpcTransport
 from cotune.link.proto import pb
-from cotune.runtime.split_cloud import CloudServer
+from cotune.runtime.split.serve import CloudServer
 
 HIDDEN = 64  # tiny models
 

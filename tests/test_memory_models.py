@@ -18,8 +18,8 @@ from cotune.memory import (
     remove_memory_option,
     sparse_op_counts,
 )
-from cotune.methods.loop import fit
 from cotune.models import build_classifier, unwrap
+from cotune.training import ModelStep, fit
 
 FAMILIES = ["bert", "roberta", "distilbert", "llama", "gpt2", "vit"]
 MODES = ["random", "norm", "backrazor"]
@@ -236,6 +236,6 @@ def test_training_loop_measures_the_saving() -> None:
         model = _model("bert")
         apply_memory_option(model, _mem(mode, 0.1))
         opt = torch.optim.SGD(model.parameters(), lr=0.01)
-        stats[mode] = fit(model, iter([batch, batch]), 2, opt, None)
+        stats[mode] = fit(ModelStep(model, opt, None), iter([batch, batch]), 2)
         assert stats[mode].peak_rss_bytes > 0
     assert stats["none"].saved_activation_bytes > 5 * stats["norm"].saved_activation_bytes > 0

@@ -9,7 +9,7 @@ import torch
 from split_helpers import batch_for, inprocess_pair, one_thread, tiny_cfg  # noqa: F401
 
 from cotune.memory import apply_memory_option, sparse_op_counts
-from cotune.methods.split import RngStream
+from cotune.models.rng import RngStream
 
 
 def _capture(optimizer: torch.optim.Optimizer, named: dict, into: dict) -> None:

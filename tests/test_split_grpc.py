@@ -18,10 +18,11 @@ import pytest
 from split_helpers import one_thread  # noqa: F401
 
 from cotune.cli.main import main
-from cotune.config import build_config, to_toml
+from cotune.config import Config, build_config, to_toml
 from cotune.errors import ConfigError
 from cotune.link.auth import write_token_file
-from cotune.methods.split import device_token, run
+from cotune.methods import MethodResult, Recorder, get_spec, resolve
+from cotune.runtime.split.launch import device_token, run_split
 
 CONFIG: dict[str, Any] = {
     "name": "split-grpc-test",
@@ -76,6 +77,11 @@ def cli_cloud(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, An
     if cloud.poll() is None:
         cloud.terminate()
     cloud.communicate(timeout=60)
+
+
+def run(cfg: Config, recorder: Recorder) -> MethodResult:
+    """The split method as `cotune run` runs it, without a run folder."""
+    return run_split(resolve(cfg), get_spec("split").runs, recorder, None)  # type: ignore[arg-type]
 
 
 @pytest.fixture(scope="module")

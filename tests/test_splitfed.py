@@ -10,10 +10,13 @@ import pytest
 import torch
 
 from cotune.config import build_config
+from cotune.data.pairs import PairCollator, encode_pairs
 from cotune.link.errors import MalformedMessage
-from cotune.methods.lm import LMCollator, build_lm, encode_pairs
-from cotune.methods.splitfed import Aggregator, simulate
+from cotune.methods import NullRecorder, get_spec, resolve
+from cotune.methods.splitfed import Aggregator
 from cotune.methods.splitfed.cloud import SplitFedCloud
+from cotune.models.causal_lm import build_lm
+from cotune.runtime.split.launch import run_in_process
 
 # Single WordPiece tokens, so every example has the same number of tokens.
 WORDS = ["red", "blue", "green", "black", "white", "brown", "gold", "pink", "gray"]
@@ -46,6 +49,13 @@ def config(data_dir: str, **over):  # type: ignore[no-untyped-def]
     return build_config(raw)
 
 
+def simulate(cfg):  # type: ignore[no-untyped-def]
+    """All devices as threads against an in-process cloud (what `cotune run` does with
+    runtime.transport = "inprocess"): the cloud service and each device's outcome."""
+    cloud, outcomes = run_in_process(resolve(cfg), get_spec("splitfed").runs, NullRecorder(), None)  # type: ignore[arg-type]
+    return cloud, {o.device_id: o for o in outcomes}
+
+
 def test_per_client_round_equals_one_centralized_sgd_step(tmp_path: Path) -> None:
     data_dir = write_e2e(tmp_path / "e2e", n_train=6)
     cfg = config(
@@ -56,19 +66,21 @@ def test_per_client_round_equals_one_centralized_sgd_step(tmp_path: Path) -> Non
     )
     cloud, results = simulate(cfg)
     reports = [results[i] for i in range(3)]
-    assert all(r.steps == 1 and r.rounds == [3] for r in reports)
+    assert all(r.result.extra["steps"] == 1 and r.result.extra["rounds"] == [3] for r in reports)
     for r in reports[1:]:  # every device holds the same averaged adapter
         for n, t in r.state.items():
             assert torch.equal(t, reports[0].state[n])
     split = {**reports[0].state, **cloud.trainable_state()}
 
     # the reference: the uncut model, one SGD step on all six examples as one batch
-    model, tokenizer, _ = build_lm(cfg)
+    model, tokenizer, _ = build_lm(
+        cfg.model, seed=cfg.seed, label_smoothing=cfg.train.label_smoothing
+    )
     from cotune.methods.federated.data import task_for
 
     data = encode_pairs(task_for(cfg).train, tokenizer, cfg.train.max_seq_len)
     assert len({len(item["input_ids"]) for item in data}) == 1  # equal token counts
-    batch = LMCollator(tokenizer.pad_token_id)([data[i] for i in range(len(data))])
+    batch = PairCollator(tokenizer.pad_token_id)([data[i] for i in range(len(data))])
     model.train()
     model(**batch).loss.backward()
     named = {n: p for n, p in model.named_parameters() if p.requires_grad}
@@ -91,23 +103,29 @@ def test_devices_train_concurrently_and_averaging_is_counted(tmp_path: Path) -> 
     )
     cloud, results = simulate(cfg)
     reports = [results[i] for i in range(3)]
-    assert all(r.steps == 4 and r.rounds == [3, 3] for r in reports)
+    assert all(
+        r.result.extra["steps"] == 4 and r.result.extra["rounds"] == [3, 3] for r in reports
+    )
     # steps of different devices overlap in time: concurrency, not turns
     overlaps = 0
     for a in reports:
         for b in reports:
             if a.device_id < b.device_id:
                 overlaps += sum(
-                    1 for s0, e0 in a.intervals for s1, e1 in b.intervals if s0 < e1 and s1 < e0
+                    1
+                    for s0, e0 in a.result.extra["intervals"]
+                    for s1, e1 in b.result.extra["intervals"]
+                    if s0 < e1 and s1 < e0
                 )
-    assert overlaps >= 3, [r.intervals for r in reports]
+    assert overlaps >= 3, [r.result.extra["intervals"] for r in reports]
     # shared cloud: one model took every device's steps; adapters went both ways, counted
     assert cloud.steps == 12 and cloud.shared is not None
     for r in reports:
-        phase = r.meter["by_phase"]["aggregate"]
+        meter = r.result.extra["meter"]
+        phase = meter["by_phase"]["aggregate"]
         adapter_bytes = sum(t.numel() * 4 for t in r.state.values())
         assert phase["up"] > 2 * adapter_bytes and phase["down"] > 2 * adapter_bytes
-        assert r.meter["bytes_up"] == sum(p["up"] for p in r.meter["by_phase"].values())
+        assert meter["bytes_up"] == sum(p["up"] for p in meter["by_phase"].values())
 
 
 def test_aggregator_weights_by_data_size_and_skips_departed_devices() -> None:

@@ -3,14 +3,14 @@ short run; killing one device mid-run leaves the others training to the end."""
 
 from __future__ import annotations
 
-import signal
-import subprocess
+import json
 from pathlib import Path
 
 from test_splitfed import config, write_e2e
 
-from cotune.methods.result import NullRecorder
-from cotune.methods.splitfed.launch import run_loopback
+from cotune.methods import NullRecorder, get_spec, resolve
+from cotune.runtime.launcher import Child
+from cotune.runtime.split.launch import run_split
 
 
 def test_three_device_processes_survive_one_being_killed(tmp_path: Path) -> None:
@@ -24,13 +24,17 @@ def test_three_device_processes_survive_one_being_killed(tmp_path: Path) -> None
     )
     killed: list[int] = []
 
-    def watch(devices: dict[int, subprocess.Popen[bytes]], folder: Path) -> None:
-        log = (folder / "device-2.log").read_text(errors="replace")
-        if not killed and "splitfed device 2 step 2 " in log:
-            devices[2].send_signal(signal.SIGKILL)
+    def watch(devices: dict[int, Child], folder: Path) -> None:
+        train = folder / "device-2" / "train.jsonl"
+        steps = [json.loads(line)["step"] for line in train.read_text().splitlines()] if train.exists() else []
+        if not killed and max(steps, default=0) >= 2:
+            devices[2].kill()
             killed.append(2)
 
-    result = run_loopback(cfg, NullRecorder(), tmp_path / "run", watch=watch, timeout=300)
+    cfg.runtime.transport = "grpc"  # a cloud process and one process per device
+    resolve(cfg)
+    spec = get_spec("splitfed").runs
+    result = run_split(cfg, spec, NullRecorder(), tmp_path / "run", watch=watch, timeout=300)  # type: ignore[arg-type]
     assert killed == [2]
     assert result.extra["exit_codes"][0] == 0 and result.extra["exit_codes"][1] == 0
     assert result.extra["exit_codes"][2] != 0

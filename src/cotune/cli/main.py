@@ -1,4 +1,4 @@
-"""`cotune run / compare / models / tasks` (and the split services' `cloud` / `device`)."""
+"""`cotune run / compare / models / tasks / methods` (and split methods' `cloud` / `device`)."""
 
 from __future__ import annotations
 
@@ -19,8 +19,7 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from cotune.config import load_config
-    from cotune.runtime.local import run_experiment
+    from cotune.runtime.experiment import load_experiment, run_experiment
 
     if args.resume:
         from pathlib import Path
@@ -35,10 +34,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         saved = Path(args.resume) / "config.toml"
         if not saved.is_file():
             raise ConfigError(f"--resume {args.resume}: no config.toml there; is it a run folder?")
-        cfg = load_config(saved, args.set)
+        cfg = load_experiment(saved, args.set)
         path = run_experiment(cfg, args.resume, resume=True)
     else:
-        cfg = load_config(args.config, args.set)
+        cfg = load_experiment(args.config, args.set)
         path = run_experiment(cfg, args.out)
     from cotune.report import read_summary
 
@@ -104,31 +103,40 @@ def cmd_tasks(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_methods(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from cotune.methods import get_spec, method_names
+
+    table = Table(title="cotune methods")
+    for col in ("name", "runs", "what it does", "optional sections read"):
+        table.add_column(col)
+    for name in method_names():
+        spec = get_spec(name)
+        table.add_row(name, spec.kind, spec.summary, ", ".join(sorted(spec.reads)))
+    Console().print(table)
+    return 0
+
+
 def cmd_cloud(args: argparse.Namespace) -> int:
-    from cotune.config import load_config
-    from cotune.runtime.local import offline_env
-    from cotune.runtime.split_cloud import serve_forever
+    from cotune.runtime.experiment import load_experiment
+    from cotune.runtime.launcher import offline_env
+    from cotune.runtime.split.serve import serve_forever
 
     offline_env()
-    cfg = load_config(args.config, args.set)
-    if cfg.method not in ("split", "splitfed"):
-        from cotune.errors import ConfigError
-
-        raise ConfigError(
-            f"`cotune cloud` serves methods 'split' and 'splitfed'; the config says {cfg.method!r}"
-        )
+    cfg = load_experiment(args.config, args.set)
     return serve_forever(cfg, args.listen, out=args.out, port_file=args.port_file)
 
 
 def cmd_device(args: argparse.Namespace) -> int:
-    from cotune.config import load_config
     from cotune.link.errors import LinkError
     from cotune.report import read_summary
-    from cotune.runtime.local import run_experiment
+    from cotune.runtime.experiment import load_experiment, run_experiment
 
     sets = [*args.set, f'runtime.cloud="{args.cloud}"', f"runtime.device_id={args.device_id}"]
     sets.append('runtime.transport="grpc"')
-    cfg = load_config(args.config, sets)
+    cfg = load_experiment(args.config, sets)
     try:
         path = run_experiment(cfg, args.out)
     except LinkError as err:
@@ -179,6 +187,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("tasks", help="list the tasks and their metrics")
     p.set_defaults(func=cmd_tasks)
+
+    p = sub.add_parser("methods", help="list the methods and what they do")
+    p.set_defaults(func=cmd_methods)
 
     p = sub.add_parser("cloud", help="serve the cloud side of split training over gRPC")
     p.add_argument("--config", help="TOML config (the same file the devices use)")

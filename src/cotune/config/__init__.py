@@ -4,6 +4,7 @@ from cotune.config.load import build_config, load_config, parse_value, to_toml, 
 from cotune.config.schema import (
     Config,
     FederatedConfig,
+    GenerationConfig,
     KDConfig,
     LinkConfig,
     LoraConfig,
@@ -19,6 +20,7 @@ from cotune.config.schema import (
 __all__ = [
     "Config",
     "FederatedConfig",
+    "GenerationConfig",
     "KDConfig",
     "LinkConfig",
     "LoraConfig",

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import tomllib
-import warnings
 from pathlib import Path
 from typing import Any
 
 import tomli_w
 from pydantic import BaseModel, ValidationError
 
-from cotune.config.schema import SECTIONS_READ, Config, unused_sections
+from cotune.config.schema import Config
 from cotune.errors import ConfigError
 
 
@@ -87,12 +86,7 @@ def build_config(data: dict[str, Any], overrides: list[str] | None = None) -> Co
         cfg = Config.model_validate(data)
     except ValidationError as err:
         raise ConfigError(format_validation_error(err)) from None
-    for section in unused_sections(set(data), cfg.method):
-        warnings.warn(
-            f"[{section}] is not read by method '{cfg.method}' and is ignored.",
-            UserWarning,
-            stacklevel=2,
-        )
+    cfg._given = frozenset(k for k, v in data.items() if isinstance(v, dict))
     return cfg
 
 
@@ -112,10 +106,17 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
 
 def to_toml(cfg: Config) -> str:
     """The fully resolved config as TOML: every key of the sections the method reads
-    (None values are omitted: they mean 'default'). Loading it again gives `cfg`."""
+    (every section before the method has resolved the config; None values are omitted:
+    they mean 'default'). Loading it again gives `cfg`."""
+    from cotune.config.schema import OPTIONAL_SECTIONS
+
     data = cfg.model_dump(mode="json", exclude_none=True)
-    read = SECTIONS_READ[cfg.method]
-    data = {k: v for k, v in data.items() if not isinstance(v, dict) or k in read}
+    if cfg._reads is not None:
+        data = {
+            k: v
+            for k, v in data.items()
+            if not isinstance(v, dict) or k not in OPTIONAL_SECTIONS or k in cfg._reads
+        }
     data.setdefault("train", {})["lr"] = cfg.resolved_lr()
     return tomli_w.dumps(data)
 

@@ -1,17 +1,16 @@
 """The typed config schema (DESIGN.md, "The config file").
 
 Every key has a default, so a config names only what it changes. Unknown keys are
-errors. Sections a method does not read draw a warning (see `unused_sections`).
+errors. Which method-specific rules apply and which optional sections a method reads
+is declared by the method itself (`cotune.methods`); sections it does not read draw a
+warning (see `unused_sections`).
 """
 
 from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
-
-METHODS = ("centralized", "split", "splitfed", "fedavg", "fedlora", "fedkd", "fedpft")
-Method = Literal["centralized", "split", "splitfed", "fedavg", "fedlora", "fedkd", "fedpft"]
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
 
 class _Section(BaseModel):
@@ -147,7 +146,6 @@ class KDConfig(_Section):
 
 
 # fedpft's default LoRA targets (BERT-style names): the attention projections.
-FEDPFT_TARGETS = ("query", "key", "value", "attention.output.dense")
 
 
 class ProxyConfig(_Section):
@@ -170,8 +168,11 @@ class ProxyConfig(_Section):
 
 
 class Config(_Section):
+    """A whole experiment. `method` names a registered method (`cotune.methods`), which
+    checks the method-specific rules and reads the optional sections it declares."""
+
     name: str = "run"
-    method: Method = "centralized"
+    method: str = Field(default="centralized", min_length=1)
     seed: int = 0
     task: TaskConfig = Field(default_factory=TaskConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
@@ -184,24 +185,19 @@ class Config(_Section):
     kd: KDConfig = Field(default_factory=KDConfig)
     proxy: ProxyConfig = Field(default_factory=ProxyConfig)
     generation: GenerationConfig = Field(default_factory=GenerationConfig)
+    # Optional sections the method reads (set when the method resolves the config; None:
+    # not resolved yet, `to_toml` then writes every section).
+    _reads: frozenset[str] | None = PrivateAttr(default=None)
+    # Sections the user's file gave (for the "not read by this method" warning).
+    _given: frozenset[str] = PrivateAttr(default=frozenset())
 
-    @model_validator(mode="after")
-    def _federated_regime(self) -> Config:
-        """fedavg moves full weights; fedlora and fedkd move LoRA adapters (default r=8)."""
-        if self.method == "fedavg" and self.model.lora is not None:
-            raise ValueError(
-                "method 'fedavg' fine-tunes and averages full weights; remove model.lora "
-                "or use method = 'fedlora'"
-            )
-        if self.method in ("fedlora", "fedkd") and self.model.lora is None:
-            self.model.lora = LoraConfig()
-        if self.method == "fedpft":
-            # LoRA on the proxy's attention projections (Q, K, V, attention output)
-            if self.model.lora is None:
-                self.model.lora = LoraConfig()
-            if self.model.lora.target_modules is None:
-                self.model.lora.target_modules = list(FEDPFT_TARGETS)
-        return self
+    def __eq__(self, other: object) -> bool:
+        """Equal settings (what a method reads and the file holds are bookkeeping)."""
+        if not isinstance(other, Config):
+            return NotImplemented
+        return self.model_dump() == other.model_dump()
+
+    __hash__ = None  # type: ignore[assignment]
 
     def resolved_lr(self) -> float:
         """The learning rate: explicit, or the default for the regime (full vs LoRA)."""
@@ -210,32 +206,12 @@ class Config(_Section):
         return 2e-3 if self.model.lora is not None else 5e-5
 
 
-# Which sections each method reads; a section given for a method outside this list warns.
-SECTIONS_READ: dict[str, set[str]] = {
-    "centralized": {"task", "model", "train", "generation", "memory", "runtime"},
-    "split": {"task", "model", "train", "split", "link", "memory", "runtime"},
-    "splitfed": {
-        "task",
-        "model",
-        "train",
-        "generation",
-        "split",
-        "link",
-        "federated",
-        "memory",
-        "runtime",
-    },  # fmt: skip
-    "fedavg": {"task", "model", "train", "federated", "memory", "runtime"},
-    "fedlora": {"task", "model", "train", "generation", "federated", "memory", "runtime"},
-    "fedkd": {"task", "model", "train", "federated", "kd", "memory", "runtime"},
-    "fedpft": {"task", "model", "train", "federated", "proxy", "memory", "runtime"},
-}
+# Sections a method may or may not read; the others every method reads.
 OPTIONAL_SECTIONS = (
     "split", "link", "federated", "memory", "runtime", "kd", "proxy", "generation",
 )  # fmt: skip
 
 
-def unused_sections(given: set[str], method: str) -> list[str]:
-    """Sections present in the user's file that `method` does not read."""
-    read = SECTIONS_READ.get(method, set())
-    return sorted(s for s in given if s in OPTIONAL_SECTIONS and s not in read)
+def unused_sections(given: set[str] | frozenset[str], reads: frozenset[str]) -> list[str]:
+    """Optional sections present in the user's file that a method reading `reads` ignores."""
+    return sorted(s for s in given if s in OPTIONAL_SECTIONS and s not in reads)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -110,8 +110,10 @@ def make_loader(
     seed: int,
     pad_token_id: int,
     drop_last: bool = False,
+    collator: Callable[[list[Any]], dict[str, torch.Tensor]] | None = None,
 ) -> DataLoader:
-    """A single-process DataLoader whose batch order is fixed by `seed`."""
+    """A single-process DataLoader whose batch order is fixed by `seed`; batches are
+    padded by `collator` (default: `PadCollator(pad_token_id)`)."""
     generator = torch.Generator()
     generator.manual_seed(seed)
     return DataLoader(
@@ -119,7 +121,7 @@ def make_loader(
         batch_size=batch_size,
         shuffle=shuffle,
         generator=generator,
-        collate_fn=PadCollator(pad_token_id),
+        collate_fn=collator or PadCollator(pad_token_id),
         num_workers=0,
         drop_last=drop_last,
     )

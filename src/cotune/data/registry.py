@@ -117,3 +117,10 @@ def list_tasks() -> list[dict]:
         }
     )
     return rows
+
+
+def task_kind(name: str) -> str:
+    """The kind of task `name` ("classification", "regression", "generation") without
+    loading it; a `ConfigError` for an unknown name (like `load_task`)."""
+    canonical = canonical_name(name)
+    return next(row["kind"] for row in list_tasks() if canonical_name(row["name"]) == canonical)

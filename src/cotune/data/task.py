@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
 
 import numpy as np
 
@@ -31,7 +30,7 @@ class Task:
     """
 
     name: str
-    kind: Literal["classification", "regression"]
+    kind: str  # "classification" | "regression" | "generation" (picks the task adapter)
     num_labels: int
     label_names: list[str]
     train: list[Example]

@@ -97,10 +97,16 @@ class CloudEndpoint:
         try:
             for msg in requests:
                 reply, after = stream.handle(msg)
-                yield reply
+                try:
+                    yield reply
+                finally:
+                    # Runs when the transport asks for the next answer and also when the
+                    # stream is cancelled while this answer is in flight: a step the cloud
+                    # answered is always applied, and always before the device is released
+                    # (so `active_devices()` never lists a device whose step is pending).
+                    stream.run(after)
                 if reply.WhichOneof("kind") == "error" and reply.error.code == "ABORTED":
                     return
-                stream.run(after)
         finally:
             stream.close()
 

@@ -1,40 +1,42 @@
-"""One module per method; each composes data, models, link and memory."""
+"""Methods: each one module (or package) declaring a `MethodSpec`; `registry` names them.
 
-from __future__ import annotations
+Read one method top to bottom in its own module; the machinery below it (training loop,
+task adapters, link, models) is shared, and the runtime executes the spec.
+"""
 
-import importlib
-from collections.abc import Callable
+from cotune.methods.registry import get_spec, method_names, register, resolve
+from cotune.methods.spec import (
+    ClientUpdate,
+    CloudOutcome,
+    CloudService,
+    DeviceOutcome,
+    FederatedSpec,
+    LocalSpec,
+    MethodResult,
+    MethodSpec,
+    NullRecorder,
+    ServerHook,
+    SplitSpec,
+    State,
+)
+from cotune.training.loop import Recorder
 
-from cotune.config.schema import METHODS
-from cotune.errors import ConfigError
-from cotune.methods.result import MethodResult, NullRecorder, Recorder
-
-# method name -> module implementing `run(cfg, recorder, run_dir) -> MethodResult`
-_MODULES: dict[str, str] = {
-    "centralized": "cotune.methods.centralized",
-    "split": "cotune.methods.split",
-    "splitfed": "cotune.methods.splitfed",
-    "fedavg": "cotune.methods.fedavg",
-    "fedlora": "cotune.methods.fedlora",
-    "fedkd": "cotune.methods.fedkd",
-    "fedpft": "cotune.methods.fedpft",
-}
-
-
-def get_method(name: str) -> Callable[..., MethodResult]:
-    if name not in _MODULES:
-        available = ", ".join(sorted(_MODULES))
-        planned = ", ".join(m for m in METHODS if m not in _MODULES)
-        raise ConfigError(
-            f"method {name!r} is not available; valid methods: {available}"
-            + (f" (not yet in this build: {planned})" if planned else "")
-            + "."
-        )
-    return importlib.import_module(_MODULES[name]).run
-
-
-def available_methods() -> list[str]:
-    return sorted(_MODULES)
-
-
-__all__ = ["MethodResult", "NullRecorder", "Recorder", "available_methods", "get_method"]
+__all__ = [
+    "ClientUpdate",
+    "CloudOutcome",
+    "CloudService",
+    "DeviceOutcome",
+    "FederatedSpec",
+    "LocalSpec",
+    "MethodResult",
+    "MethodSpec",
+    "NullRecorder",
+    "Recorder",
+    "ServerHook",
+    "SplitSpec",
+    "State",
+    "get_spec",
+    "method_names",
+    "register",
+    "resolve",
+]

@@ -1,20 +1,30 @@
-"""`fedavg`: every client fine-tunes the whole model; the server averages the full
-weights, weighted by examples (METHODS.md section 3).
+"""`fedavg`: every client fine-tunes the whole model on its own data for the round's
+local steps; the server averages the full weights, weighted by examples.
 
-Runs on Flower (`cotune.runtime.federated`): simulation or deployment engine per
-`runtime.engine`."""
+Everything it needs is the shared federated machinery: the client round is
+`local_train`, the server keeps the aggregate as is (no hook).
+"""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from cotune.config import Config
-from cotune.methods.result import MethodResult, Recorder
+from cotune.errors import ConfigError
+from cotune.methods.federated.client import local_train
+from cotune.methods.spec import FederatedSpec, MethodSpec
 
 
-def run(
-    cfg: Config, recorder: Recorder, run_dir: str | Path | None = None, resume: bool = False
-) -> MethodResult:
-    from cotune.runtime.federated import run_federated
+def configure(cfg: Config) -> None:
+    if cfg.model.lora is not None:
+        raise ConfigError(
+            "method 'fedavg' fine-tunes and averages full weights; remove model.lora "
+            "or use method = 'fedlora'"
+        )
 
-    return run_federated(cfg, recorder, run_dir, resume=resume)
+
+SPEC = MethodSpec(
+    name="fedavg",
+    summary="federated averaging of the full weights",
+    runs=FederatedSpec(client_train=local_train),
+    reads=frozenset({"generation", "federated", "memory", "runtime"}),
+    configure=configure,
+)

@@ -1,20 +1,28 @@
-"""`fedlora`: clients train LoRA adapters and the classifier head; only those travel
-and are averaged, weighted by examples (METHODS.md section 3).
+"""`fedlora`: federated LoRA. Clients train LoRA adapters (and the head) on their own
+data; the server averages only those, weighted by examples. Far fewer bytes per round
+than fedavg; the frozen base never travels.
 
-Runs on Flower (`cotune.runtime.federated`): simulation or deployment engine per
-`runtime.engine`."""
+LoRA defaults to r = 8 on the family's default target modules when `model.lora` is not
+given.
+"""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from cotune.config import Config
-from cotune.methods.result import MethodResult, Recorder
+from cotune.config.schema import LoraConfig
+from cotune.methods.federated.client import local_train
+from cotune.methods.spec import FederatedSpec, MethodSpec
 
 
-def run(
-    cfg: Config, recorder: Recorder, run_dir: str | Path | None = None, resume: bool = False
-) -> MethodResult:
-    from cotune.runtime.federated import run_federated
+def configure(cfg: Config) -> None:
+    if cfg.model.lora is None:
+        cfg.model.lora = LoraConfig()
 
-    return run_federated(cfg, recorder, run_dir, resume=resume)
+
+SPEC = MethodSpec(
+    name="fedlora",
+    summary="federated LoRA: clients train adapters, the server averages them",
+    runs=FederatedSpec(client_train=local_train),
+    reads=frozenset({"generation", "federated", "memory", "runtime"}),
+    configure=configure,
+)

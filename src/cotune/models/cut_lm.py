@@ -4,16 +4,15 @@ The same pieces as `cotune.models.cut` (the family ops, `DeviceSegment`, the clo
 layers), built from the causal LM's own modules: the device runs the embeddings and
 layers `< cut`; the cloud runs layers `>= cut` and the final norm and returns hidden
 states for every token (no pooling); the head is the LM head plus the completion-only
-loss (`cotune.methods.lm.completion_loss`).
+loss (`cotune.models.causal_lm.completion_loss`).
 """
 
 from __future__ import annotations
 
-from typing import Any
-
 from torch import Tensor, nn
 
 from cotune.errors import ModelError
+from cotune.models.causal_lm import LMOutput, completion_loss
 from cotune.models.cut import FAMILY_OPS, CloudSegment, SplitClassifier, cut_parts
 from cotune.models.lora import unwrap
 
@@ -33,9 +32,7 @@ class LMHeadSegment(nn.Module):
         self.lm_head = lm_head
         self.label_smoothing = label_smoothing
 
-    def forward(self, hidden: Tensor, labels: Tensor | None = None) -> Any:
-        from cotune.methods.lm import LMOutput, completion_loss
-
+    def forward(self, hidden: Tensor, labels: Tensor | None = None) -> LMOutput:
         logits = self.lm_head(hidden)
         loss = None if labels is None else completion_loss(logits, labels, self.label_smoothing)
         return LMOutput(loss=loss, logits=logits)

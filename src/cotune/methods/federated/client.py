@@ -1,41 +1,37 @@
-"""A client's local work in one round: load the global state, train on the client's own
-partition for the same number of local epochs in every method, hand back the update.
+"""A federated client's round: load the global state, train on the client's own
+partition for the same number of local steps in every method, hand back the update.
 
-No Flower here: the ClientApp (`cotune.runtime.federated.apps`) unpacks the message,
-calls `local_train`, and packs the reply.
+No Flower here: the runtime's ClientApp unpacks the message, calls the method's
+`client_train` (this `local_train` for fedavg, fedlora and fedkd), and packs the reply.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
 from functools import lru_cache
+from typing import Any
 
-import torch
+from torch import nn
+from torch.utils.data import Dataset
 
-from cotune.config import Config, TrainConfig
-from cotune.data import EncodedDataset, encode, make_loader
+from cotune.config import Config
 from cotune.memory import apply_memory_option
 from cotune.methods.federated.data import split_for, task_for
-from cotune.methods.federated.models import State, build_model, get_state, set_state
-from cotune.methods.federated.seeds import derive_seed
-from cotune.methods.loop import fit
-from cotune.methods.training import (
+from cotune.methods.federated.state import get_state, set_state
+from cotune.methods.spec import ClientUpdate, State
+from cotune.training import (
+    ModelStep,
+    StepStats,
+    TaskAdapter,
+    adapter_for,
     cycle,
-    lr_factor,
+    derive_seed,
+    fit,
     make_optimizer,
+    round_schedule,
     seed_everything,
     set_threads,
 )
-
-
-@dataclass
-class ClientUpdate:
-    """What one client reports after a round."""
-
-    state: State
-    num_examples: int
-    metrics: dict[str, float] = field(default_factory=dict)
 
 
 def local_steps(cfg: Config, batches_per_epoch: int) -> int:
@@ -43,44 +39,6 @@ def local_steps(cfg: Config, batches_per_epoch: int) -> int:
     if cfg.federated.local_steps is not None:
         return cfg.federated.local_steps
     return max(1, math.ceil(cfg.federated.local_epochs * batches_per_epoch))
-
-
-def round_schedule(
-    optimizer: torch.optim.Optimizer,
-    train: TrainConfig,
-    steps_per_round: int,
-    rounds: int,
-    server_round: int,
-) -> torch.optim.lr_scheduler.LambdaLR:
-    """The LR curve of the whole federated budget (warmup, then decay over all rounds),
-    entered at this round's offset, so round r continues where round r - 1 stopped."""
-    total = steps_per_round * rounds
-    offset = steps_per_round * (server_round - 1)
-    warmup = math.ceil(train.warmup_ratio * total)
-    return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s + offset, total, warmup, train.schedule)
-    )
-
-
-@lru_cache(maxsize=2)
-def _client_model(cfg_json: str):  # type: ignore[no-untyped-def]
-    cfg = Config.model_validate_json(cfg_json)
-    model, tokenizer = build_model(cfg)
-    apply_memory_option(model, cfg.memory)
-    return model, tokenizer
-
-
-@lru_cache(maxsize=4)
-def _client_data(cfg_json: str, partition_id: int) -> EncodedDataset:
-    cfg = Config.model_validate_json(cfg_json)
-    _, tokenizer = _client_model(cfg_json)
-    task = task_for(cfg)
-    indices = split_for(cfg).clients[partition_id]
-    if task.kind == "generation":
-        from cotune.methods.lm import encode_pairs
-
-        return encode_pairs([task.train[i] for i in indices], tokenizer, cfg.train.max_seq_len)
-    return encode([task.train[i] for i in indices], tokenizer, cfg.train.max_seq_len)
 
 
 def check_partition(cfg: Config, partition_id: int) -> None:
@@ -91,8 +49,64 @@ def check_partition(cfg: Config, partition_id: int) -> None:
         )
 
 
+def client_adapter(cfg: Config) -> TaskAdapter:
+    return adapter_for(task_for(cfg), cfg)
+
+
+@lru_cache(maxsize=2)
+def _client_model(cfg_json: str) -> tuple[nn.Module, Any]:
+    cfg = Config.model_validate_json(cfg_json)
+    model, tokenizer = client_adapter(cfg).build_model()
+    apply_memory_option(model, cfg.memory)
+    return model, tokenizer
+
+
+def partition_data(cfg: Config, partition_id: int, tokenizer: Any) -> Dataset:
+    """The client's own training examples, tokenised."""
+    task = task_for(cfg)
+    indices = split_for(cfg).clients[partition_id]
+    return client_adapter(cfg).encode([task.train[i] for i in indices], tokenizer)
+
+
+@lru_cache(maxsize=4)
+def _client_data(cfg_json: str, partition_id: int) -> Dataset:
+    cfg = Config.model_validate_json(cfg_json)
+    return partition_data(cfg, partition_id, _client_model(cfg_json)[1])
+
+
+def train_round(
+    cfg: Config, model: nn.Module, tokenizer: Any, data: Dataset, partition_id: int,
+    server_round: int,
+) -> StepStats:  # fmt: skip
+    """Train `model` (already holding the global state) on `data` for one round: the
+    client's seeded order, `local_steps` steps on the whole budget's LR curve."""
+    seed = derive_seed(cfg.seed, "client", server_round, partition_id)
+    seed_everything(seed)  # after the build: a cached model must not shift the stream
+    loader = client_adapter(cfg).loader(data, tokenizer, shuffle=True, seed=seed)
+    n_steps = local_steps(cfg, len(loader))
+    optimizer = make_optimizer(model.parameters(), cfg)
+    schedule = round_schedule(optimizer, cfg.train, n_steps, cfg.federated.rounds, server_round)
+    step = ModelStep(model, optimizer, schedule, precision=cfg.train.precision,
+                     max_grad_norm=cfg.train.max_grad_norm)  # fmt: skip
+    return fit(step, cycle(loader), n_steps)
+
+
+def round_metrics(stats: StepStats) -> dict[str, float]:
+    return {
+        "train_loss": stats.mean_loss,
+        "steps": float(stats.steps),
+        "train_s": stats.train_s,
+        "peak_rss_bytes": float(stats.peak_rss_bytes),
+        "saved_activation_bytes": float(stats.saved_activation_bytes),
+    }
+
+
 def local_train(
-    cfg: Config, partition_id: int, global_state: State, server_round: int
+    cfg: Config,
+    partition_id: int,
+    global_state: State,
+    server_round: int,
+    extras: dict[str, State] | None = None,
 ) -> ClientUpdate:
     """Train the global model on partition `partition_id` for one round."""
     check_partition(cfg, partition_id)
@@ -100,36 +114,8 @@ def local_train(
     set_threads(cfg.train)
     model, tokenizer = _client_model(key)  # built (drawing random numbers) once per process
     data = _client_data(key, partition_id)
-    seed = derive_seed(cfg.seed, "client", server_round, partition_id)
-    seed_everything(seed)  # after the build: a cached model must not shift the stream
     set_state(model, global_state)
-    loader = make_loader(
-        data, cfg.train.batch_size, shuffle=True, seed=seed, pad_token_id=tokenizer.pad_token_id
-    )
-    if task_for(cfg).kind == "generation":
-        from cotune.methods.lm import make_lm_loader
-
-        loader = make_lm_loader(data, cfg.train.batch_size, True, seed, tokenizer.pad_token_id)
-    n_steps = local_steps(cfg, len(loader))
-    optimizer = make_optimizer(model.parameters(), cfg)
-    schedule = round_schedule(optimizer, cfg.train, n_steps, cfg.federated.rounds, server_round)
-    stats = fit(
-        model,
-        cycle(loader),
-        n_steps,
-        optimizer,
-        schedule,
-        precision=cfg.train.precision,
-        max_grad_norm=cfg.train.max_grad_norm,
-    )
+    stats = train_round(cfg, model, tokenizer, data, partition_id, server_round)
     return ClientUpdate(
-        state=get_state(model),
-        num_examples=len(data),
-        metrics={
-            "train_loss": stats.mean_loss,
-            "steps": float(stats.steps),
-            "train_s": stats.train_s,
-            "peak_rss_bytes": float(stats.peak_rss_bytes),
-            "saved_activation_bytes": float(stats.saved_activation_bytes),
-        },
+        state=get_state(model), num_examples=len(data), metrics=round_metrics(stats)
     )

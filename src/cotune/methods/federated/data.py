@@ -1,8 +1,9 @@
 """Who holds which training examples in a federated run.
 
 Every party (server, each client) derives the same split from the config and seed, so
-no index list ever travels: the server keeps a public share (fedkd's
-`kd.public_fraction`, none for the other methods) and the rest is partitioned across
+no index list ever travels: the server keeps a public share (what the
+method's `FederatedSpec.public_fraction` says: fedkd's `kd.public_fraction`, none for
+the other methods) and the rest is partitioned across
 `federated.clients` by `cotune.data.partition`.
 """
 
@@ -17,9 +18,6 @@ from cotune.config import Config
 from cotune.data import Task, load_task, partition
 from cotune.data.sampling import rng_for
 
-# Methods whose server holds a public share of the training data.
-PUBLIC_SHARE_METHODS = {"fedkd"}
-
 
 @dataclass(frozen=True)
 class FederatedSplit:
@@ -33,7 +31,12 @@ class FederatedSplit:
 
 
 def public_fraction(cfg: Config) -> float:
-    return cfg.kd.public_fraction if cfg.method in PUBLIC_SHARE_METHODS else 0.0
+    """The share the server keeps, as the method declares it (fedkd's teacher data)."""
+    from cotune.methods.registry import get_spec
+    from cotune.methods.spec import FederatedSpec
+
+    runs = get_spec(cfg.method).runs
+    return runs.public_fraction(cfg) if isinstance(runs, FederatedSpec) else 0.0
 
 
 def split_train(labels: list[int | float], cfg: Config) -> FederatedSplit:

@@ -28,16 +28,16 @@ from cotune.link.pca import PcaProjection
 from cotune.link.proto import pb
 from cotune.link.service import After
 from cotune.link.wire import from_wire, to_wire, unpack_mask
-from cotune.methods.split.common import (
+from cotune.methods.split.protocol import (
     CLOUD_STREAM,
     PROTOCOL,
-    RngStream,
     build_split,
     fingerprint,
-    unpack_rows,
+    scatter_rows,
 )
-from cotune.methods.training import autocast, make_optimizer, make_schedule
 from cotune.models.cut import CloudSegment, HeadSegment
+from cotune.models.rng import RngStream
+from cotune.training import autocast, make_optimizer, make_schedule
 
 log = logging.getLogger(__name__)
 
@@ -305,7 +305,7 @@ class SplitSession:
             grad_ctx = torch.enable_grad() if train else torch.no_grad()
             with grad_ctx, self.state.rng.scope(), autocast(c.cfg.train.precision):
                 crossing = self.state.pca.reconstruct(leaf) if self.state.pca else leaf
-                hidden = unpack_rows(crossing, mask, b, length)
+                hidden = scatter_rows(crossing, mask, b, length)
                 pooled = c.segment(hidden, mask_long)
                 out = c.head(pooled, labels) if c.head is not None else None
             result = pb.Result(step=fwd.step)

@@ -1,36 +1,64 @@
-"""The device side of split training: its segment (and the head when U-shaped), its own
-optimiser and LR schedule, and the exchange with the cloud over a `Transport`.
+"""The device side of split training.
 
-`SplitDevice` is also callable like a classifier (`device(**inputs, labels=...)` ->
-`.loss`, `.logits`, with `.train()` / `.eval()`), so evaluation runs through the same
-split path as training with the shared `evaluate`.
+- `SplitDevice`: its segment (and the head when U-shaped), its own optimiser and LR
+  schedule, and the exchange with the cloud over a `Transport`. It is also callable
+  like a classifier (`device(**inputs, labels=...)` -> `.loss`, `.logits`, with
+  `.train()` / `.eval()`), so evaluation runs through the same split path as training.
+- `ReconnectingStep`: the device's training step as a `fit` step function that survives
+  a dropped link (reconnect with back-off, agree on the step count, skip the batch);
+  split and splitfed devices both train through it.
+- `train_device`: the whole device of a `split` run: data, steps, evaluation, result.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import logging
+import time
+from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from cotune.config import Config
+from cotune.data import load_task
 from cotune.link.codecs import Codec
-from cotune.link.errors import ProtocolError
+from cotune.link.errors import LinkClosed, ProtocolError
 from cotune.link.pca import PcaProjection
 from cotune.link.proto import pb
 from cotune.link.transport import Transport
 from cotune.link.wire import from_wire, pack_mask, to_wire
+from cotune.memory import apply_memory_option
 from cotune.memory.measure import SavedTensorMeter
-from cotune.methods.split.common import (
+from cotune.methods.spec import MethodResult, TransportFactory
+from cotune.methods.split.protocol import (
     DEVICE_STREAM,
     PROTOCOL,
-    RngStream,
+    build_split,
     fingerprint,
-    pack_rows,
+    real_token_rows,
+    trainable,
 )
-from cotune.methods.training import autocast, make_optimizer, make_schedule, model_inputs
+from cotune.models import load_tokenizer
 from cotune.models.cut import DeviceSegment, HeadSegment, SplitClassifier
+from cotune.models.rng import RngStream
+from cotune.training import (
+    Checkpoints,
+    Recorder,
+    adapter_for,
+    autocast,
+    cycle,
+    fit,
+    make_optimizer,
+    make_schedule,
+    model_inputs,
+    seed_everything,
+    set_threads,
+    total_steps,
+)
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -116,7 +144,7 @@ class SplitDevice:
         with torch.no_grad():
             for batch in batches:
                 hidden, mask = self.segment(**model_inputs(batch))
-                rows.append(pack_rows(hidden.float(), mask))
+                rows.append(real_token_rows(hidden.float(), mask))
         self.segment.train(was)
         self.pca.calibrate(torch.cat(rows))
         self._phase("control")
@@ -145,7 +173,7 @@ class SplitDevice:
                     hidden, mask = self.segment(**model_inputs(batch))
             else:
                 hidden, mask = self.segment(**model_inputs(batch))
-            rows = pack_rows(hidden, mask).float()
+            rows = real_token_rows(hidden, mask).float()
             if self.pca is not None:
                 rows = self.pca.project(rows)
         if meter is not None:
@@ -228,4 +256,110 @@ class SplitDevice:
             return DeviceOutput(loss=torch.tensor(reply.loss), logits=logits)
 
 
-TransportFactory = Callable[[], Transport]
+
+class ReconnectingStep:
+    """`device.train_step` as a `fit` step that survives a dropped link.
+
+    On `LinkClosed` it reconnects through `connect()` (back-off 0.2 s, 0.4 s, ... at most
+    3 s; at most `runtime.reconnect` times, then the error propagates), says hello
+    again so both sides agree on the steps done (a step the cloud finished whose answer
+    was lost counts as done), and returns None: the batch is skipped.
+    """
+
+    def __init__(self, device: SplitDevice, connect: TransportFactory, n_steps: int) -> None:
+        self.device = device
+        self.connect = connect
+        self.n_steps = n_steps
+        self.reconnects = 0
+
+    @property
+    def saved_bytes(self) -> int:
+        return self.device.saved_bytes
+
+    def __call__(self, batch: dict[str, torch.Tensor]) -> float | None:
+        try:
+            return self.device.train_step(batch)
+        except LinkClosed as err:
+            self.reconnects += 1
+            limit = self.device.cfg.runtime.reconnect
+            if self.reconnects > limit:
+                raise
+            log.warning("link dropped (%s); reconnecting (%d/%d)", err, self.reconnects, limit)
+            self.device.optimizer.zero_grad(set_to_none=True)
+            time.sleep(min(2.0**self.reconnects, 30.0) * 0.1)
+            self.device.connect(self.n_steps, self.connect())
+            return None
+
+
+def train_device(
+    cfg: Config,
+    device_id: int,
+    connect: TransportFactory,
+    recorder: Recorder,
+    run_dir: Path | None = None,
+    *,
+    rng: RngStream | None = None,
+) -> MethodResult:
+    """Train as the (only) device of a split run against the cloud `connect()` reaches:
+    the device owns the data and the labels, sends each batch's activations, steps its
+    own optimiser, evaluates through the split path every `train.eval_every` steps, and
+    reports bytes as its transport counted them."""
+    seed_everything(cfg.seed)
+    set_threads(cfg.train)
+    task = load_task(cfg.task, cfg.seed)
+    adapter = adapter_for(task, cfg)
+    tokenizer = load_tokenizer(cfg.model.name)
+    split, codec = build_split(cfg, task.num_labels, task.kind)
+    trainable_cloud = sum(p.numel() for p in trainable(split.cloud_modules()))
+    apply_memory_option(split.device, cfg.memory, seed=cfg.seed)  # before the optimiser
+    device = SplitDevice(
+        cfg, split, codec, connect(), num_labels=task.num_labels, problem=task.kind, rng=rng
+    )
+    del split  # the device keeps its own segment (and the head when U-shaped) only
+    train_ds = adapter.encode(task.train, tokenizer)
+    loader = adapter.loader(train_ds, tokenizer, shuffle=True, seed=cfg.seed)
+    n_steps = total_steps(cfg.train, len(loader))
+    device.connect(n_steps)
+    if codec.projection_rank is not None:
+        # A loader of its own (same seed): calibration does not shift the training order.
+        cal = adapter.loader(train_ds, tokenizer, shuffle=True, seed=cfg.seed)
+        device.calibrate([b for _, b in zip(range(cfg.link.calibration_batches), cal, strict=False)])
+    meter = device.transport.meter
+    step = ReconnectingStep(device, connect, n_steps)
+    checkpoints = Checkpoints(
+        recorder, n_steps, cfg.train.eval_every,
+        evaluate=lambda: adapter.evaluate(device, tokenizer).metrics,
+        lr=lambda: device.optimizer.param_groups[0]["lr"],
+        traffic=lambda: (device.transport.meter.up, device.transport.meter.down),
+    )  # fmt: skip
+    stats = fit(step, cycle(loader), n_steps, position=lambda: device.steps_done,
+                on_step=checkpoints, progress=f"split {task.name}")  # fmt: skip
+    meter = device.transport.meter.snapshot()
+    device.transport.close()
+    state = {n: p.detach().contiguous() for n, p in device.named.items()}
+    return MethodResult(
+        metrics=dict(checkpoints.last),
+        bytes_up=int(meter["bytes_up"]),  # type: ignore[call-overload]
+        bytes_down=int(meter["bytes_down"]),  # type: ignore[call-overload]
+        device_peak_bytes=stats.peak_rss_bytes,
+        saved_activation_bytes=device.saved_bytes,
+        trainable_device=sum(p.numel() for p in device.params),
+        trainable_cloud=trainable_cloud,
+        extra={
+            **stats.summary(),
+            "steps": device.steps_done,
+            "step_s_median": float(torch.tensor(stats.step_times).median())
+            if stats.step_times
+            else None,
+            "link": {
+                "codec": cfg.link.codec,
+                "transport": cfg.runtime.transport,
+                "cut": cfg.split.cut,
+                "labels": cfg.split.labels,
+                "width": device.width,
+                "reconnects": step.reconnects,
+                **meter,
+            },
+        },
+        saved={"device_trainable.safetensors": state},
+    )

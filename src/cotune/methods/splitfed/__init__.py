@@ -1,215 +1,138 @@
-"""`splitfed`: split-federated LoRA (SplitLoRA, METHODS.md section 2).
+"""`splitfed`: split-federated LoRA (SplitLoRA).
 
 `federated.clients` devices each run the embeddings and layers `< split.cut` with LoRA
 and train CONCURRENTLY against one cloud, which runs the rest with LoRA, the LM head and
 the loss (completion tokens only, label smoothing). Per step a device sends the real
-tokens' activations (dynamic padding; any `link.codec`), the next-token labels and
-the mask; the cloud returns the activations' gradient and steps; the device steps its
-own optimiser on the same LR schedule. Every `federated.aggregate_every` steps (and
-after the last) the device adapters are averaged on the cloud, weighted by local data
-size, and sent back (counted bytes). `split.server`: `shared` (one cloud model for all)
-or `per_client` (one copy per device, averaged with the adapters); see
-docs/splitfed.md.
+tokens' activations (dynamic padding; any `link.codec` but `sft`), the next-token
+labels and the mask; the cloud returns the activations' gradient and steps; the device
+steps its own optimiser on the same LR schedule. Every `federated.aggregate_every`
+steps (and after the last) the device adapters are averaged on the cloud, weighted by
+local data size, and sent back (counted bytes). `split.server`: `shared` (one cloud
+model for all, SplitFed V2) or `per_client` (one copy per device, averaged with the
+adapters, SplitFed V1).
 
-`runtime.transport`:
-- `inprocess`: one thread per device in this process, each with its own in-process
-  transport to the cloud endpoint (same serialization and byte accounting as gRPC);
-- `grpc` with `runtime.cloud` unset: a `cotune cloud` process and one `cotune device`
-  process per device on loopback;
-- `grpc` with `runtime.cloud = "host:port"`: this process is device
-  `runtime.device_id` of that cloud (what `cotune device` runs).
+Read in this order: `device.py` (one device: `LMDevice`, `train_device`), `cloud.py`
+(`SplitFedCloud`: the cloud copies and the averaging barrier), then `finish` below:
+the run is scored on the merged model (device adapters + cloud adapters loaded into the
+uncut model) by beam search and the task's metrics.
 
-The result is evaluated on the merged model (device adapters + cloud adapters loaded
-into the uncut model) by beam search and the task's metrics.
+The runtime runs the devices as threads against an in-process cloud, as processes
+against a `cotune cloud` on loopback, or this process as one device of a remote cloud.
 """
 
 from __future__ import annotations
 
-import secrets
-import threading
-import time
 from pathlib import Path
 from typing import Any
 
-from safetensors.torch import save_file
-
 from cotune.config import Config
+from cotune.data.registry import task_kind
 from cotune.errors import ConfigError
-from cotune.link.auth import TokenBook
-from cotune.link.service import CloudEndpoint
-from cotune.link.transport import InProcessTransport
-from cotune.methods.result import MethodResult, Recorder
+from cotune.methods.federated.data import task_for
+from cotune.methods.spec import CloudOutcome, DeviceOutcome, MethodResult, MethodSpec, SplitSpec
 from cotune.methods.splitfed.cloud import Aggregator, LMCloud, SplitFedCloud, build_lm_split
-from cotune.methods.splitfed.device import DeviceReport, LMDevice, run_device
-
-__all__ = [
-    "Aggregator",
-    "DeviceReport",
-    "LMCloud",
-    "LMDevice",
-    "SplitFedCloud",
-    "build_lm_split",
-    "merged_model",
-    "run",
-    "run_device",
-    "simulate",
-]
+from cotune.methods.splitfed.device import LMDevice, train_device
+from cotune.models import load_adapter_state_dict
+from cotune.training import Recorder, adapter_for
 
 
-def check_config(cfg: Config) -> None:
-    from cotune.data import canonical_name
-
+def configure(cfg: Config) -> None:
     if cfg.split.labels != "cloud":
         raise ConfigError(
             "splitfed keeps the LM head and the loss on the cloud: split.labels must be 'cloud'"
         )
     if cfg.model.lora is None:
         raise ConfigError("splitfed trains LoRA adapters: give model.lora (e.g. { r = 4 })")
-    if canonical_name(cfg.task.name) != "e2e":
+    kind = task_kind(cfg.task.name)
+    if kind != "generation":
         raise ConfigError(
-            f"splitfed fine-tunes causal LMs on generation tasks (task.name = 'e2e'), "
-            f"not {cfg.task.name!r}"
+            f"splitfed fine-tunes causal LMs on generation tasks (e.g. task.name = 'e2e'), "
+            f"not {cfg.task.name!r} (a {kind} task)"
         )
-
-
-def merged_model(cfg: Config, device_state: dict[str, Any], cloud_state: dict[str, Any]) -> Any:
-    """The uncut model with the device and cloud trainable tensors loaded."""
-    from cotune.methods.lm import build_lm
-    from cotune.models import load_adapter_state_dict
-
     if cfg.link.codec == "sft":
         raise ConfigError(
             "link.codec = 'sft' factorises the cut layer, which the uncut model lacks: "
             "its merged model cannot be evaluated; use another codec for splitfed"
         )
-    model, tokenizer, _ = build_lm(cfg)
+
+
+def merged_model(cfg: Config, device_state: dict[str, Any], cloud_state: dict[str, Any]) -> Any:
+    """(model, tokenizer): the uncut model with the device and cloud tensors loaded."""
+    model, tokenizer = adapter_for(task_for(cfg), cfg).build_model()
     load_adapter_state_dict(model, {**device_state, **cloud_state})
     return model, tokenizer
 
 
-def evaluate_merged(
-    cfg: Config, device_state: dict[str, Any], cloud_state: dict[str, Any], run_dir: Any
-) -> dict[str, float]:
-    from cotune.methods.federated.data import task_for
-    from cotune.methods.lm import evaluate_generation, write_outputs
-
-    model, tokenizer = merged_model(cfg, device_state, cloud_state)
-    task = task_for(cfg)
-    metrics, texts = evaluate_generation(model.lm, tokenizer, task, cfg)
-    if run_dir is not None:
-        write_outputs(run_dir, task, texts)
-    return metrics
-
-
-def simulate(cfg: Config, *, on_step: Any = None) -> tuple[SplitFedCloud, dict[int, Any]]:
-    """Train all devices concurrently (one thread each) against an in-process cloud.
-
-    Returns the cloud and, per device, its `DeviceReport` or the exception it raised.
-    """
-    check_config(cfg)
-    cloud = SplitFedCloud(cfg)
-    tokens = {i: secrets.token_urlsafe(16) for i in range(cfg.federated.clients)}
-    endpoint = CloudEndpoint(cloud, TokenBook(tokens))
-    max_bytes = int(cfg.runtime.max_message_mb * 1024 * 1024)
-    results: dict[int, Any] = {}
-
-    def work(i: int) -> None:
-        def connect() -> InProcessTransport:
-            return InProcessTransport(endpoint, i, tokens[i], max_message_bytes=max_bytes)
-
-        try:
-            results[i] = run_device(cfg, i, connect, on_step=on_step)
-        except BaseException as err:  # reported to the caller
-            results[i] = err
-
-    # Build (and cache) the task and its partition once before the threads start.
-    from cotune.methods.federated.data import split_for, task_for
-
-    task_for(cfg)
-    split_for(cfg)
-    threads = [threading.Thread(target=work, args=(i,), name=f"device-{i}") for i in tokens]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return cloud, results
-
-
-def _result(
+def finish(
     cfg: Config,
-    reports: list[DeviceReport],
-    cloud_trainable: int,
-    metrics: dict[str, float],
-    extra: dict[str, Any],
+    cloud: CloudOutcome,
+    devices: list[DeviceOutcome],
+    recorder: Recorder,
+    run_dir: Path | None,
 ) -> MethodResult:
-    up = sum(int(r.meter["bytes_up"]) for r in reports)
-    down = sum(int(r.meter["bytes_down"]) for r in reports)
-    losses = [x for r in reports for x in r.losses[-10:]]
+    """Score the merged model (the lowest finished device's adapter: after the last
+    averaging round all devices hold the same one) and sum the devices' traffic."""
+    adapter = adapter_for(task_for(cfg), cfg)
+    model, tokenizer = merged_model(cfg, devices[0].state, cloud.state)
+    evaluation = adapter.evaluate(model, tokenizer)
+    if run_dir is not None:
+        adapter.save_outputs(run_dir, evaluation)
+    results = [d.result for d in devices]
+    losses = [x for r in results for x in r.extra.get("recent_losses", [])]
     return MethodResult(
-        metrics=metrics,
-        bytes_up=up,
-        bytes_down=down,
-        device_peak_bytes=max((r.peak_rss_bytes for r in reports), default=0),
-        saved_activation_bytes=max((r.saved_activation_bytes for r in reports), default=0),
-        trainable_device=reports[0].trainable if reports else 0,
-        trainable_cloud=cloud_trainable,
+        metrics=evaluation.metrics,
+        bytes_up=sum(r.bytes_up for r in results),
+        bytes_down=sum(r.bytes_down for r in results),
+        device_peak_bytes=max((r.device_peak_bytes or 0 for r in results), default=0),
+        saved_activation_bytes=max((r.saved_activation_bytes or 0 for r in results), default=0),
+        trainable_device=results[0].trainable_device,
+        trainable_cloud=cloud.trainable,
         extra={
             "server": cfg.split.server,
+            "cloud_steps": cloud.steps,
+            "final_train_loss": sum(losses) / max(len(losses), 1),
             "devices": [
                 {
-                    "device": r.device_id,
-                    "examples": r.examples,
-                    "steps": r.steps,
-                    "train_s": r.train_s,
-                    "bytes_up": r.meter.get("bytes_up"),
-                    "bytes_down": r.meter.get("bytes_down"),
-                    "by_phase": r.meter.get("by_phase"),
-                    "rounds": len(r.rounds),
-                    "reconnects": r.reconnects,
-                    "peak_rss_bytes": r.peak_rss_bytes,
+                    "device": d.device_id,
+                    "examples": d.result.extra.get("examples"),
+                    "steps": d.result.extra.get("steps"),
+                    "rounds": d.result.extra.get("rounds"),
+                    "train_s": d.result.extra.get("train_s"),
+                    "reconnects": d.result.extra.get("reconnects"),
+                    "peak_rss_bytes": d.result.device_peak_bytes,
+                    "bytes_up": d.result.bytes_up,
+                    "bytes_down": d.result.bytes_down,
+                    "by_phase": d.result.extra.get("meter", {}).get("by_phase"),
                 }
-                for r in reports
-            ],  # fmt: skip
-            "final_train_loss": sum(losses) / max(len(losses), 1),
-            **extra,
+                for d in devices
+            ],
         },
+        saved={"device_trainable.safetensors": devices[0].state,
+               "cloud_trainable.safetensors": cloud.state},  # fmt: skip
     )
 
 
-def run(cfg: Config, recorder: Recorder, run_dir: Path | None = None) -> MethodResult:
-    check_config(cfg)
-    if cfg.runtime.transport == "grpc":
-        from cotune.methods.splitfed import launch
+SPEC = MethodSpec(
+    name="splitfed",
+    summary="many devices split-train concurrently against one cloud; adapters averaged",
+    runs=SplitSpec(
+        cloud=SplitFedCloud,
+        device=train_device,
+        devices=lambda cfg: cfg.federated.clients,
+        finish=finish,
+    ),
+    reads=frozenset({"generation", "split", "link", "federated", "memory", "runtime"}),
+    configure=configure,
+)
 
-        if cfg.runtime.cloud is not None:
-            return launch.run_grpc_device(cfg, recorder, run_dir)
-        return launch.run_loopback(cfg, recorder, run_dir)
-    t0 = time.perf_counter()
-
-    def on_step(device_id: int, step: int, loss: float) -> None:
-        if step % 10 == 0:
-            recorder.log_train({"step": step, "device": device_id, "loss": loss})
-
-    cloud, results = simulate(cfg, on_step=on_step)
-    failed = {i: r for i, r in results.items() if isinstance(r, BaseException)}
-    if failed:
-        first = failed[min(failed)]
-        raise RuntimeError(f"splitfed: device(s) {sorted(failed)} failed: {first!r}") from first
-    reports = [results[i] for i in sorted(results)]
-    train_wall = time.perf_counter() - t0
-    cloud_state = cloud.trainable_state()
-    if run_dir is not None:
-        save_file({n: t.contiguous() for n, t in reports[0].state.items()},
-                  str(Path(run_dir) / "device_trainable.safetensors"))  # fmt: skip
-        save_file({n: t.contiguous() for n, t in cloud_state.items()},
-                  str(Path(run_dir) / "cloud_trainable.safetensors"))  # fmt: skip
-    metrics = evaluate_merged(cfg, reports[0].state, cloud_state, run_dir)
-    result = _result(
-        cfg, reports, cloud.trainable_count(), metrics,
-        {"train_wall_s": train_wall, "rounds": cloud.aggregator.rounds[-1:]},
-    )  # fmt: skip
-    recorder.log_eval(
-        {"step": max(r.steps for r in reports), **metrics, "bytes_up": result.bytes_up,
-         "bytes_down": result.bytes_down, "wall_s": time.perf_counter() - t0}
-    )  # fmt: skip
-    return result
+__all__ = [
+    "SPEC",
+    "Aggregator",
+    "LMCloud",
+    "LMDevice",
+    "SplitFedCloud",
+    "build_lm_split",
+    "finish",
+    "merged_model",
+    "train_device",
+]

@@ -33,7 +33,7 @@ from cotune.link.service import After
 from cotune.link.wire import from_wire, to_wire
 from cotune.methods.federated.aggregation import check_update, weighted_average
 from cotune.methods.split.cloud import SplitCloud, SplitSession
-from cotune.methods.training import make_schedule
+from cotune.training import make_schedule
 
 log = logging.getLogger(__name__)
 
@@ -46,10 +46,12 @@ def build_lm_split(cfg: Config) -> tuple[Any, Any, Any, Any]:
     """(split, codec, model, tokenizer): the causal LM of `cfg` built from the seed and cut
     at `split.cut` (the same on every device and on the cloud)."""
     from cotune.link.codecs import make_codec
-    from cotune.methods.lm import build_lm
+    from cotune.models.causal_lm import build_lm
     from cotune.models.cut_lm import cut_causal_lm
 
-    model, tokenizer, _ = build_lm(cfg)
+    model, tokenizer, _ = build_lm(
+        cfg.model, seed=cfg.seed, label_smoothing=cfg.train.label_smoothing
+    )
     codec = make_codec(cfg.link)
     split = cut_causal_lm(
         model, cfg.split.cut, label_smoothing=cfg.train.label_smoothing, sft_rank=codec.sft_rank
@@ -263,7 +265,7 @@ class SplitFedCloud:
             if replica.built:
                 replica.load_trainable(avg)
 
-    # what `CloudServer` (cotune cloud) reports and saves ------------------------
+    # what the runtime reports and saves --------------------------------------------
 
     @property
     def steps(self) -> int:

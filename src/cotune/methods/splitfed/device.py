@@ -4,33 +4,33 @@ LR schedule, the split exchange per step, and adapter averaging every
 
 from __future__ import annotations
 
-import logging
 import math
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from cotune.config import Config
-from cotune.link.errors import LinkClosed, MalformedMessage, ProtocolError
+from cotune.link.errors import MalformedMessage, ProtocolError
 from cotune.link.proto import pb
-from cotune.link.transport import Transport
 from cotune.link.wire import from_wire, to_wire
 from cotune.memory import apply_memory_option
-from cotune.memory.measure import PeakRSS
 from cotune.methods.federated.data import split_for, task_for
-from cotune.methods.federated.seeds import derive_seed
-from cotune.methods.lm import encode_pairs, make_lm_loader
-from cotune.methods.split.common import DEVICE_STREAM, RngStream
-from cotune.methods.split.device import SplitDevice
+from cotune.methods.spec import MethodResult, TransportFactory
+from cotune.methods.split.device import ReconnectingStep, SplitDevice
+from cotune.methods.split.protocol import DEVICE_STREAM
 from cotune.methods.splitfed.cloud import PROBLEM, build_lm_split
-from cotune.methods.training import count_tokens, cycle, total_steps
-
-log = logging.getLogger(__name__)
-
-TransportFactory = Callable[[], Transport]
+from cotune.models.rng import RngStream
+from cotune.training import (
+    Recorder,
+    StepStats,
+    adapter_for,
+    cycle,
+    derive_seed,
+    fit,
+    total_steps,
+)
 
 
 class LMDevice(SplitDevice):
@@ -59,26 +59,6 @@ class LMDevice(SplitDevice):
         return int(avg.participants)
 
 
-@dataclass
-class DeviceReport:
-    """What one device did, measured as it ran."""
-
-    device_id: int
-    examples: int
-    steps: int = 0
-    losses: list[float] = field(default_factory=list)
-    intervals: list[tuple[float, float]] = field(default_factory=list)  # perf_counter
-    rounds: list[int] = field(default_factory=list)  # participants per averaging round
-    train_s: float = 0.0
-    tokens: int = 0
-    peak_rss_bytes: int = 0
-    saved_activation_bytes: int = 0
-    trainable: int = 0
-    reconnects: int = 0
-    meter: dict[str, Any] = field(default_factory=dict)
-    state: dict[str, torch.Tensor] = field(default_factory=dict)
-
-
 def device_steps(cfg: Config, n_train: int) -> int:
     """Steps every device takes (the same on all, so averaging rounds line up)."""
     per_device = math.ceil(n_train / cfg.federated.clients)
@@ -89,15 +69,20 @@ def is_round_end(step: int, n_steps: int, every: int) -> bool:
     return step % every == 0 or step == n_steps
 
 
-def run_device(
+def train_device(
     cfg: Config,
     device_id: int,
     connect: TransportFactory,
-    *,
-    on_step: Callable[[int, int, float], None] | None = None,
-) -> DeviceReport:
-    """Train as device `device_id` (its partition of the training data) to the end."""
+    recorder: Recorder,
+    run_dir: Path | None = None,
+) -> MethodResult:
+    """Train as device `device_id` (its partition of the training data) to the end.
+
+    Every step's loss goes to `recorder` (`{"step", "device", "loss"}`); the result's
+    `extra` holds what the device did (examples, steps, averaging rounds, step
+    intervals, bytes by phase), and `saved` its trained adapter."""
     task = task_for(cfg)
+    adapter = adapter_for(task, cfg)
     indices = split_for(cfg).clients[device_id]
     split, codec, model, tokenizer = build_lm_split(cfg)
     vocab = int(model.lm.get_output_embeddings().weight.shape[0])
@@ -107,50 +92,52 @@ def run_device(
     )  # fmt: skip
     del split, model  # the device keeps its segment only
     apply_memory_option(device.segment, cfg.memory)
-    data = encode_pairs([task.train[i] for i in indices], tokenizer, cfg.train.max_seq_len)
+    data = adapter.encode([task.train[i] for i in indices], tokenizer)
     seed = derive_seed(cfg.seed, "splitfed-device", device_id)
-    pad = int(tokenizer.pad_token_id)
-    loader = make_lm_loader(data, cfg.train.batch_size, shuffle=True, seed=seed, pad_token_id=pad)
+    loader = adapter.loader(data, tokenizer, shuffle=True, seed=seed)
     n_steps = device_steps(cfg, len(task.train))
-    report = DeviceReport(device_id=device_id, examples=len(data))
-    report.trainable = sum(p.numel() for p in device.params)
     device.connect(n_steps)
     if codec.projection_rank is not None:
-        cal = make_lm_loader(data, cfg.train.batch_size, shuffle=True, seed=seed, pad_token_id=pad)
+        cal = adapter.loader(data, tokenizer, shuffle=True, seed=seed)
         device.calibrate(
             [b for _, b in zip(range(cfg.link.calibration_batches), cal, strict=False)]
         )
     every = cfg.federated.aggregate_every
-    batches = cycle(loader)
-    while device.steps_done < n_steps:
-        batch = next(batches)
-        t0 = time.perf_counter()
-        try:
-            with PeakRSS() as rss:
-                loss = device.train_step(batch)
-        except LinkClosed as err:
-            report.reconnects += 1
-            if report.reconnects > cfg.runtime.reconnect:
-                raise
-            log.warning("device %s: link dropped (%s); reconnecting", device_id, err)
-            device.optimizer.zero_grad(set_to_none=True)
-            time.sleep(min(2.0**report.reconnects, 30.0) * 0.1)
-            device.connect(n_steps, connect())
-            continue
-        t1 = time.perf_counter()
-        report.intervals.append((t0, t1))
-        report.train_s += t1 - t0
-        report.peak_rss_bytes = max(report.peak_rss_bytes, rss.peak_bytes)
-        report.tokens += count_tokens(batch)
-        report.losses.append(loss)
-        step = device.steps_done
-        if on_step is not None:
-            on_step(device_id, step, loss)
+    rounds: list[int] = []  # participants per averaging round
+    intervals: list[tuple[float, float]] = []  # perf_counter spans of the steps
+
+    def on_step(step: int, loss: float, stats: StepStats) -> None:
+        end = time.perf_counter()
+        intervals.append((end - stats.step_times[-1], end))
+        recorder.log_train({"step": step, "device": device_id, "loss": loss})
         if is_round_end(step, n_steps, every):
-            report.rounds.append(device.aggregate(math.ceil(step / every), float(len(data))))
-    report.steps = device.steps_done
-    report.saved_activation_bytes = device.saved_bytes
-    report.meter = device.transport.meter.snapshot()
-    report.state = {n: p.detach().clone() for n, p in device.named.items()}
+            rounds.append(device.aggregate(math.ceil(step / every), float(len(data))))
+
+    step = ReconnectingStep(device, connect, n_steps)
+    stats = fit(step, cycle(loader), n_steps, position=lambda: device.steps_done, on_step=on_step)
+    meter: dict[str, Any] = device.transport.meter.snapshot()
     device.transport.close()
-    return report
+    state = {n: p.detach().clone().contiguous() for n, p in device.named.items()}
+    loss = stats.recent_loss()
+    return MethodResult(
+        metrics={"loss": loss},
+        bytes_up=int(meter["bytes_up"]),
+        bytes_down=int(meter["bytes_down"]),
+        device_peak_bytes=stats.peak_rss_bytes,
+        saved_activation_bytes=device.saved_bytes,
+        trainable_device=sum(p.numel() for p in device.params),
+        trainable_cloud=0,  # the cloud reports its own
+        extra={
+            "device": device_id,
+            "examples": len(data),
+            "steps": device.steps_done,
+            "rounds": rounds,
+            "train_s": stats.train_s,
+            "tokens_per_s": stats.tokens_per_s,
+            "intervals": intervals,
+            "reconnects": step.reconnects,
+            "recent_losses": stats.losses[-10:],
+            "meter": meter,
+        },
+        saved={"device_trainable.safetensors": state},
+    )

@@ -1,5 +1,6 @@
-"""The Flower apps of cotune's federated methods (fedavg, fedlora, fedkd; fedpft and
-splitfed build on them). The same two objects serve both engines:
+"""The Flower apps that run every federated method (`FederatedSpec`): the ServerApp runs
+the rounds with the method's server hook, the ClientApp calls the method's
+`client_train`. The same two objects serve both engines:
 
 - simulation: `cotune run` passes them to `flwr.simulation.run_simulation`;
 - deployment: a SuperLink loads them from the Flower App in the run folder
@@ -108,7 +109,7 @@ def query(message: Message, context: Context) -> Message:
 
 def train(message: Message, context: Context) -> Message:
     """One round of local training on this node's partition."""
-    from cotune.methods.federated.registry import client_trainer
+    from cotune.methods.registry import federated_spec
     from cotune.runtime.federated.wire import from_arrays, to_arrays
 
     content = message.content
@@ -117,19 +118,14 @@ def train(message: Message, context: Context) -> Message:
     partition = _partition(context, cfg)
     # ArrayRecords besides the global state: method-specific extras (fedpft's proxy)
     extras = {k: from_arrays(v) for k, v in content.array_records.items() if k != ARRAYS_KEY}
-    trainer = client_trainer(cfg)
     state = from_arrays(content[ARRAYS_KEY])
     rnd = int(config["server-round"])
-    update = (
-        trainer(cfg, partition, state, rnd, extras)
-        if extras
-        else trainer(cfg, partition, state, rnd)
-    )
+    update = federated_spec(cfg).client_train(cfg, partition, state, rnd, extras)
     metrics = MetricRecord(
         {WEIGHT_KEY: update.num_examples, PARTITION_KEY: partition, **update.metrics}
     )
     records = {ARRAYS_KEY: to_arrays(update.state), METRICS_KEY: metrics}
-    records.update({k: to_arrays(v) for k, v in getattr(update, "extras", {}).items()})
+    records.update({k: to_arrays(v) for k, v in update.extras.items()})
     return Message(RecordDict(records), reply_to=message)
 
 

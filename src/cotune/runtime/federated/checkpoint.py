@@ -16,7 +16,7 @@ from typing import Any
 
 from safetensors.numpy import load_file, save_file
 
-from cotune.methods.federated.models import State
+from cotune.methods.spec import State
 
 CHECKPOINT_DIR = "checkpoint"
 

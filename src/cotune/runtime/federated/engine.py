@@ -1,8 +1,9 @@
-"""Running a federated method on the engine its config names and collecting the result.
+"""Running a federated method (`FederatedSpec`) on the engine its config names.
 
-`run_federated` is what `cotune.methods.fedavg/fedlora/fedkd.run` call: it starts the
-Flower engine (simulation or deployment), which runs the same ServerApp and
-ClientApp, then reads what the ServerApp wrote into the run folder.
+`run_federated` starts the Flower engine (simulation or deployment; "inline" for tests),
+which runs cotune's ServerApp and ClientApp, then reads what the ServerApp wrote into
+the run folder. The ServerApp writes the run's metrics.jsonl and train.jsonl itself
+(in deployment it runs in another process, next to the SuperLink).
 """
 
 from __future__ import annotations
@@ -15,20 +16,13 @@ from typing import Any
 from flwr.clientapp import ClientApp
 
 from cotune.config import Config, to_toml
-from cotune.methods.result import MethodResult, Recorder
-from cotune.report import RunFolder
-from cotune.report.run_folder import read_jsonl
+from cotune.methods import MethodResult, resolve
 from cotune.runtime.federated.keys import ERROR_FILE, RESULT_FILE
 from cotune.runtime.federated.server import ServerOptions
 
 
-def _same_folder(recorder: Recorder, run_dir: Path) -> bool:
-    return isinstance(recorder, RunFolder) and recorder.path.resolve() == run_dir
-
-
 def run_federated(
     cfg: Config,
-    recorder: Recorder,
     run_dir: str | Path | None = None,
     *,
     resume: bool = False,
@@ -44,21 +38,19 @@ def run_federated(
     mods). `engine` overrides `runtime.engine`; "inline" runs the clients in this
     process without Ray (`inline.py`, for tests and debugging).
     """
+    resolve(cfg)
     engine = engine or cfg.runtime.engine
     if run_dir is None:
         with tempfile.TemporaryDirectory(prefix="cotune-fed-") as tmp:
             return run_federated(
-                cfg, recorder, tmp, resume=resume, stop_after=stop_after,
-                client_app=client_app, deployment_timeout=deployment_timeout, engine=engine,
+                cfg, tmp, resume=resume, stop_after=stop_after, client_app=client_app,
+                deployment_timeout=deployment_timeout, engine=engine,
             )  # fmt: skip
     run_path = Path(run_dir).resolve()
     run_path.mkdir(parents=True, exist_ok=True)
     (run_path / "config.toml").write_text(to_toml(cfg))
     for name in (RESULT_FILE, ERROR_FILE):
         (run_path / name).unlink(missing_ok=True)
-    first_new = 0
-    if not _same_folder(recorder, run_path):
-        first_new = len(read_jsonl(run_path / "metrics.jsonl"))
     options = ServerOptions(run_dir=run_path, resume=resume, stop_after=stop_after)
     if engine == "simulation":
         from cotune.runtime.federated.simulation import run_in_simulation
@@ -74,11 +66,7 @@ def run_federated(
         if client_app is not None:
             raise ValueError("a custom client_app cannot be sent to SuperNodes")
         run_in_deployment(cfg, options, timeout=deployment_timeout)
-    result = read_result(run_path)
-    if not _same_folder(recorder, run_path):
-        for record in read_jsonl(run_path / "metrics.jsonl")[first_new:]:
-            recorder.log_eval(record)
-    return to_method_result(engine, result)
+    return to_method_result(engine, read_result(run_path))
 
 
 def read_result(run_dir: Path) -> dict[str, Any]:

@@ -11,7 +11,7 @@ import math
 
 import numpy as np
 
-from cotune.methods.federated.seeds import derive_seed
+from cotune.training import derive_seed
 
 
 def sample_size(n_available: int, fraction: float) -> int:

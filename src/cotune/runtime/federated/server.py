@@ -22,7 +22,9 @@ from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
 from cotune.config import Config, build_config, to_toml
-from cotune.methods.federated import GlobalModel, server_hook
+from cotune.methods import ServerHook, resolve
+from cotune.methods.federated.global_model import GlobalModel
+from cotune.methods.registry import federated_spec
 from cotune.report import RunFolder
 from cotune.runtime.federated.checkpoint import ServerCheckpoint, load_checkpoint, save_checkpoint
 from cotune.runtime.federated.grid import CountingGrid
@@ -77,7 +79,7 @@ class ServerOptions:
 
 
 def config_from_text(text: str) -> Config:
-    return build_config(tomllib.loads(text))
+    return resolve(build_config(tomllib.loads(text)))
 
 
 def discover_partitions(grid: CountingGrid, n_clients: int, timeout: float) -> dict[int, int]:
@@ -139,7 +141,7 @@ class FederatedServer:
         t_start = time.perf_counter()
         cfg, fed = self.cfg, self.cfg.federated
         model = GlobalModel(cfg)
-        hook = server_hook(cfg, model)
+        hook = federated_spec(cfg).server_hook(cfg, model)
         totals: dict[str, Any] = {"bytes_up": 0, "bytes_down": 0, "wall_s": 0.0,
                                   "client_peak_rss_bytes": 0, "client_saved_activation_bytes": 0}  # fmt: skip
         first = 1
@@ -234,16 +236,13 @@ class FederatedServer:
 
 
 def _add_extras(
-    hook: Any, rnd: int, messages: list[Message], node_of: dict[int, int]
+    hook: ServerHook, rnd: int, messages: list[Message], node_of: dict[int, int]
 ) -> list[Message]:
-    """Per-client ArrayRecords from hooks that have `extras_for(partition, round)` (fedpft's
+    """Per-client ArrayRecords from the hook's `extras_for(partition, round)` (fedpft's
     proxy weights), added to each train message before it is sent (and counted)."""
-    extras_for = getattr(hook, "extras_for", None)
-    if extras_for is None:
-        return messages
     part_of = {node: part for part, node in node_of.items()}
     for msg in messages:
-        extras = extras_for(part_of[msg.metadata.dst_node_id], rnd)
+        extras = hook.extras_for(part_of[msg.metadata.dst_node_id], rnd)
         if extras:
             records = dict(msg.content.items())
             records.update({k: to_arrays(v) for k, v in extras.items()})
@@ -251,11 +250,10 @@ def _add_extras(
     return messages
 
 
-def _observe_replies(hook: Any, rnd: int, replies: list[Message], accepted: list[int]) -> None:
-    """Hand hooks that have `observe_reply` each successful reply's extra ArrayRecords."""
-    observe = getattr(hook, "observe_reply", None)
-    if observe is None:
-        return
+def _observe_replies(
+    hook: ServerHook, rnd: int, replies: list[Message], accepted: list[int]
+) -> None:
+    """Hand the hook each successful reply's extra ArrayRecords."""
     for msg in replies:
         if msg.has_error() or METRICS_KEY not in msg.content.metric_records:
             continue
@@ -264,4 +262,4 @@ def _observe_replies(hook: Any, rnd: int, replies: list[Message], accepted: list
         extras = {
             k: from_arrays(v) for k, v in msg.content.array_records.items() if k != ARRAYS_KEY
         }
-        observe(rnd, part, extras, float(metrics.get(WEIGHT_KEY, 0.0)), part in accepted)
+        hook.observe_reply(rnd, part, extras, float(metrics.get(WEIGHT_KEY, 0.0)), part in accepted)

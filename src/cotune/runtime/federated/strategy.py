@@ -17,7 +17,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from cotune.methods.federated.aggregation import check_update, weighted_average
-from cotune.methods.federated.models import State
+from cotune.methods.spec import State
 from cotune.runtime.federated.keys import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, WEIGHT_KEY
 from cotune.runtime.federated.sampling import sample_partitions
 from cotune.runtime.federated.wire import from_arrays, to_arrays

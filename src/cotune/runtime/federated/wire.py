@@ -16,7 +16,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, Message
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 
-from cotune.methods.federated.models import State
+from cotune.methods.spec import State
 
 
 def message_bytes(message: Message, sizes: dict[str, int] | None = None) -> int:

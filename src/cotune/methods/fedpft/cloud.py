@@ -1,6 +1,5 @@
-"""fedpft on the federated apps: the cloud's proxy hook and the device's training.
+"""fedpft on the cloud: the proxy hook.
 
-Cloud (`ProxyHook`, the server hook of method fedpft):
 1. builds the proxy from the full model (FM) the server holds (`cotune.models.proxy`),
    and aligns it layer by layer on a public corpus (`proxy.public_corpus`, default
    bbc-news article text; clients train on the task's data, never on it);
@@ -8,17 +7,12 @@ Cloud (`ProxyHook`, the server hook of method fedpft):
    first time, afterwards only the tensors re-aligned since its last round), inside
    its train message, so they are counted with the round's bytes;
 3. every `proxy.align_every` rounds asks the devices for per-neuron activation
-   statistics (mean |activation| of the compressed FFNs over their local tokens),
-   averages them (weighted by examples) and re-aligns the least-used
+   statistics, averages them (weighted by examples) and re-aligns the least-used
    `1 - proxy.align_keep` of each compressed layer's neurons against the FM carrying
    the current aggregated adapter;
 4. the aggregated adapter and head are plugged into the FM, which the server evaluates
-   every round (the global model of the federated apps *is* the FM with LoRA).
+   every round (the global model of the federated run *is* the FM with LoRA).
 The FM's own weights never go into a message: only the proxy's.
-
-Device (`proxy_local_train`): keeps the proxy it received in its store (a folder,
-content-addressed), trains LoRA on the proxy's attention projections plus the head,
-and returns the adapter under the FM's tensor names (and the statistics if asked).
 """
 
 from __future__ import annotations
@@ -26,60 +20,31 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from collections.abc import Iterator
-from contextlib import nullcontext
-from dataclasses import dataclass, field
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
-from torch import Tensor, nn
+from torch import Tensor
 
 from cotune.config import Config
 from cotune.config.schema import TaskConfig
 from cotune.data import EncodedDataset, Example, encode, load_task, make_loader
 from cotune.errors import ConfigError
-from cotune.memory import apply_memory_option
-from cotune.methods.federated.client import (
-    ClientUpdate,
-    check_partition,
-    local_steps,
-    round_schedule,
-)
-from cotune.methods.federated.data import split_for, task_for
-from cotune.methods.federated.models import State, build_model, get_state, set_state
-from cotune.methods.federated.seeds import derive_seed
-from cotune.methods.federated.server import GlobalModel
-from cotune.methods.loop import fit
-from cotune.methods.training import (
-    cycle,
-    make_optimizer,
-    model_inputs,
-    seed_everything,
-    set_threads,
-)
+from cotune.methods.federated.global_model import GlobalModel
+from cotune.methods.federated.state import set_state
+from cotune.methods.fedpft.alignment import AlignStats, align, layer_gaps, least_used, neuron_masks
+from cotune.methods.spec import ServerHook, State
 from cotune.models.proxy import (
-    AlignStats,
-    NeuronStats,
-    ProxyPlan,
-    align,
     build_proxy,
     ffn_param_names,
-    layer_gaps,
-    least_used,
-    load_proxy_weights,
-    neuron_masks,
     non_embedding_params,
-    plan_proxy,
-    proxy_skeleton,
     proxy_weights,
-    to_fm_names,
     to_proxy_names,
 )
+from cotune.training import cycle, derive_seed, model_inputs, seed_everything
 
 PROXY_KEY = "proxy"  # ArrayRecord (down): proxy tensors the device does not hold yet
 META_KEY = "proxy-meta"  # ArrayRecord (down): version, whether to report statistics
@@ -116,7 +81,7 @@ def _np(t: Tensor) -> np.ndarray:
     return t.detach().cpu().numpy().copy()
 
 
-class ProxyHook:
+class ProxyHook(ServerHook):
     """The cloud side of fedpft (see the module docstring)."""
 
     def __init__(self, cfg: Config, global_model: GlobalModel) -> None:
@@ -341,141 +306,3 @@ def _save_aligned(hook: ProxyHook) -> None:
     path.with_suffix(".json").write_text(json.dumps({k: hook.info[k] for k in keys}))
 
 
-# ----------------------------------------------------------------------------- device
-
-
-@dataclass
-class ProxyUpdate(ClientUpdate):
-    extras: dict[str, State] = field(default_factory=dict)
-
-
-def _digest(a: np.ndarray) -> str:
-    h = hashlib.sha256()
-    h.update(f"{a.dtype.str}{a.shape}".encode())
-    h.update(np.ascontiguousarray(a).tobytes())
-    return h.hexdigest()[:32]
-
-
-class DeviceStore:
-    """A device's copy of the proxy: tensors stored by content hash in a folder, and a
-    manifest (version, name -> hash). Devices sharing a machine (simulation) share the
-    content-addressed blobs, never each other's manifests."""
-
-    def __init__(self, root: Path, device: int) -> None:
-        self.blobs = root / "blobs"
-        self.manifest_path = root / f"device-{device}.json"
-
-    def manifest(self) -> dict[str, Any]:
-        if not self.manifest_path.exists():
-            return {"version": 0, "tensors": {}}
-        return json.loads(self.manifest_path.read_text())
-
-    def update(self, version: int, tensors: State) -> None:
-        self.blobs.mkdir(parents=True, exist_ok=True)
-        man = self.manifest()
-        for name, arr in tensors.items():
-            digest = _digest(arr)
-            blob = self.blobs / f"{digest}.npy"
-            if not blob.exists():
-                tmp = blob.with_suffix(f".{id(arr)}.tmp")
-                with tmp.open("wb") as f:
-                    np.save(f, np.ascontiguousarray(arr))
-                tmp.replace(blob)
-            man["tensors"][name] = digest
-        man["version"] = version
-        tmp = self.manifest_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(man))
-        tmp.replace(self.manifest_path)
-
-    def load(self) -> tuple[int, dict[str, Tensor]]:
-        man = self.manifest()
-        return int(man["version"]), {
-            n: torch.from_numpy(np.load(self.blobs / f"{d}.npy")) for n, d in man["tensors"].items()
-        }
-
-
-def device_store_root(cfg: Config) -> Path:
-    key = hashlib.sha256(cfg.model_dump_json().encode()).hexdigest()[:16]
-    return Path(tempfile.gettempdir()) / "cotune-devices" / key
-
-
-@lru_cache(maxsize=2)
-def _proxy_model(cfg_json: str) -> tuple[nn.Module, Any, ProxyPlan]:
-    """The proxy's skeleton (shapes from the config); every frozen tensor is overwritten by
-    the proxy weights the cloud sent before each use."""
-    cfg = Config.model_validate_json(cfg_json)
-    model, tokenizer = build_model(cfg)
-    plan = plan_proxy(model, cfg.proxy)
-    model = proxy_skeleton(model, plan)
-    apply_memory_option(model, cfg.memory)
-    return model, tokenizer, plan
-
-
-@lru_cache(maxsize=4)
-def _proxy_data(cfg_json: str, partition_id: int) -> EncodedDataset:
-    cfg = Config.model_validate_json(cfg_json)
-    _, tokenizer, _ = _proxy_model(cfg_json)
-    task = task_for(cfg)
-    indices = split_for(cfg).clients[partition_id]
-    return encode([task.train[i] for i in indices], tokenizer, cfg.train.max_seq_len)
-
-
-def proxy_local_train(
-    cfg: Config,
-    partition_id: int,
-    global_state: State,
-    server_round: int,
-    extras: dict[str, State] | None = None,
-) -> ProxyUpdate:
-    """One round on the device: refresh the stored proxy, train LoRA + head on local data."""
-    check_partition(cfg, partition_id)
-    extras = extras or {}
-    if META_KEY not in extras:
-        raise ValueError("a fedpft train message must carry the proxy-meta record")
-    version = int(extras[META_KEY]["version"][0])
-    want_stats = bool(extras[META_KEY]["stats"][0])
-    key = cfg.model_dump_json()
-    set_threads(cfg.train)
-    model, tokenizer, plan = _proxy_model(key)
-    data = _proxy_data(key, partition_id)
-    store = DeviceStore(device_store_root(cfg), partition_id)
-    if PROXY_KEY in extras:
-        store.update(version, extras[PROXY_KEY])
-    held, weights = store.load()
-    if held != version:
-        raise RuntimeError(
-            f"device {partition_id} holds proxy version {held}, the cloud trains version {version}"
-        )
-    load_proxy_weights(model, weights)
-    seed = derive_seed(cfg.seed, "client", server_round, partition_id)
-    seed_everything(seed)
-    set_state(model, to_proxy_names(global_state, plan))
-    loader = make_loader(
-        data, cfg.train.batch_size, shuffle=True, seed=seed, pad_token_id=tokenizer.pad_token_id
-    )
-    n_steps = local_steps(cfg, len(loader))
-    optimizer = make_optimizer(model.parameters(), cfg)
-    schedule = round_schedule(optimizer, cfg.train, n_steps, cfg.federated.rounds, server_round)
-    recorder = NeuronStats(model, plan)
-    with recorder.attached() if want_stats else nullcontext():
-        stats = fit(model, cycle(loader), n_steps, optimizer, schedule,
-                    precision=cfg.train.precision, max_grad_norm=cfg.train.max_grad_norm)  # fmt: skip
-    state = {**global_state, **to_fm_names(get_state(model), plan)}  # dropped layers: unchanged
-    out_extras: dict[str, State] = {}
-    if want_stats:
-        out_extras[STATS_KEY] = {
-            f"layer.{j}": u.numpy().astype(np.float32) for j, u in recorder.means().items()
-        }
-    return ProxyUpdate(
-        state={k: state[k] for k in global_state},
-        num_examples=len(data),
-        metrics={
-            "train_loss": stats.mean_loss,
-            "steps": float(stats.steps),
-            "train_s": stats.train_s,
-            "peak_rss_bytes": float(stats.peak_rss_bytes),
-            "saved_activation_bytes": float(stats.saved_activation_bytes),
-            "proxy_version": float(version),
-        },
-        extras=out_extras,
-    )

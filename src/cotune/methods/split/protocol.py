@@ -1,14 +1,11 @@
 """What the device and the cloud of a split run must agree on, built the same way on both
-sides: the model and its cut, the codec, the config fingerprint, private RNG streams,
-and how token rows are packed for the wire."""
+sides: the protocol name, the config fingerprint, the model and its cut, the codec, the
+RNG stream ids, and how the real tokens' rows are laid out on the wire."""
 
 from __future__ import annotations
 
 import hashlib
 import json
-import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 import torch
 
@@ -67,49 +64,17 @@ def trainable(modules: list[torch.nn.Module]) -> list[torch.nn.Parameter]:
     return out
 
 
-# ----------------------------------------------------------------------------- RNG
-
-_RNG_LOCK = threading.RLock()
-
-
-class RngStream:
-    """A private stream of torch's CPU RNG (dropout draws from the global generator).
-
-    Each side of a split run consumes its own stream, swapped in around its forward
-    passes, so dropout masks depend only on the seed and the side, not on what else the
-    process does: in-process and over gRPC a run draws the same masks. Giving both
-    sides one stream reproduces the unsplit model's masks (the forward order is the
-    same), which the equivalence tests use.
-    """
-
-    def __init__(self, seed: int, stream: int) -> None:
-        g = torch.Generator()
-        g.manual_seed(seed * 1_000_003 + stream)
-        self.state = g.get_state()
-
-    @contextmanager
-    def scope(self) -> Iterator[None]:
-        with _RNG_LOCK:
-            outer = torch.get_rng_state()
-            torch.set_rng_state(self.state)
-            try:
-                yield
-            finally:
-                self.state = torch.get_rng_state()
-                torch.set_rng_state(outer)
-
-
 # ----------------------------------------------------------------------------- packing
 
 
-def pack_rows(hidden: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+def real_token_rows(hidden: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """[B, L, k] -> [N, k]: the rows of real tokens only (all rows without a mask)."""
     if mask is None:
         return hidden.reshape(-1, hidden.shape[-1])
     return hidden[mask.bool()]
 
 
-def unpack_rows(
+def scatter_rows(
     rows: torch.Tensor, mask: torch.Tensor | None, batch: int, length: int
 ) -> torch.Tensor:
     """[N, k] -> [B, L, k] with zeros at padding (differentiable in `rows`)."""

@@ -1,0 +1,58 @@
+"""The server's copy of the global model of a federated run, and its evaluation.
+
+Every round the aggregated (and hooked) state is loaded here and scored on the task's
+evaluation splits by the task adapter (classification metrics, or beam search for
+generation tasks).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from cotune.config import Config
+from cotune.data import Task
+from cotune.methods.federated.data import FederatedSplit, split_for, task_for
+from cotune.methods.federated.state import get_state, set_state
+from cotune.methods.spec import State
+from cotune.training import (
+    TaskAdapter,
+    adapter_for,
+    derive_seed,
+    seed_everything,
+    set_threads,
+    trainable_count,
+)
+
+
+class GlobalModel:
+    """The global model, its task, the client split and the adapter that scores it."""
+
+    def __init__(self, cfg: Config) -> None:
+        set_threads(cfg.train)
+        # peft initialises LoRA A from torch's global generator: seed it, so the initial
+        # global model (round 1's starting point) is the same in every run.
+        seed_everything(derive_seed(cfg.seed, "global-init"))
+        self.cfg = cfg
+        self.task: Task = task_for(cfg)
+        self.adapter: TaskAdapter = adapter_for(self.task, cfg)
+        self.split: FederatedSplit = split_for(cfg)
+        self.model: nn.Module
+        self.tokenizer: Any
+        self.model, self.tokenizer = self.adapter.build_model()
+
+    @property
+    def trainable(self) -> int:
+        return trainable_count(self.model)
+
+    def state(self) -> State:
+        return get_state(self.model)
+
+    def load(self, state: State) -> None:
+        set_state(self.model, state)
+
+    def evaluate(self) -> dict[str, float]:
+        """Task metrics of the current global model on every eval split (with `loss`
+        for classifiers)."""
+        return self.adapter.evaluate(self.model, self.tokenizer).metrics

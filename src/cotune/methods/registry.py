@@ -1,0 +1,80 @@
+"""The method registry: one line per method, read by everything that needs to know the
+methods (config validation, the CLI, resume, which cloud `cotune cloud` serves).
+
+`METHODS` maps a method name to the module whose `SPEC` declares it (imported on first
+use, so a Flower ClientApp process loads only its own method). `register(spec)` adds a
+method defined elsewhere (a plugin, or a test's toy method) for this process.
+"""
+
+from __future__ import annotations
+
+import importlib
+import warnings
+
+from cotune.config import Config
+from cotune.config.schema import unused_sections
+from cotune.errors import ConfigError
+from cotune.methods.spec import FederatedSpec, MethodSpec
+
+METHODS: dict[str, str] = {
+    "centralized": "cotune.methods.centralized",
+    "split": "cotune.methods.split",
+    "splitfed": "cotune.methods.splitfed",
+    "fedavg": "cotune.methods.fedavg",
+    "fedlora": "cotune.methods.fedlora",
+    "fedkd": "cotune.methods.fedkd",
+    "fedpft": "cotune.methods.fedpft",
+}
+
+_registered: dict[str, MethodSpec] = {}
+
+
+def register(spec: MethodSpec) -> None:
+    """Make `spec` available under `spec.name` in this process."""
+    _registered[spec.name] = spec
+
+
+def unregister(name: str) -> None:
+    _registered.pop(name, None)
+
+
+def method_names() -> list[str]:
+    return sorted({*METHODS, *_registered})
+
+
+def get_spec(name: str) -> MethodSpec:
+    """The spec of method `name`; a `ConfigError` naming the valid methods otherwise."""
+    if name in _registered:
+        return _registered[name]
+    if name not in METHODS:
+        raise ConfigError(
+            f"method {name!r} is not a cotune method; valid methods: {', '.join(method_names())}."
+        )
+    spec = importlib.import_module(METHODS[name]).SPEC
+    if not isinstance(spec, MethodSpec) or spec.name != name:
+        raise TypeError(f"{METHODS[name]}.SPEC must be the MethodSpec of {name!r}")
+    return spec
+
+
+def resolve(cfg: Config) -> Config:
+    """Check `cfg` against its method's rules, fill the method's defaults, and warn
+    about optional sections the method does not read. Idempotent; returns `cfg`."""
+    spec = get_spec(cfg.method)
+    spec.configure(cfg)
+    if cfg._reads is None:
+        for section in unused_sections(cfg._given, spec.reads):
+            warnings.warn(
+                f"[{section}] is not read by method '{cfg.method}' and is ignored.",
+                UserWarning,
+                stacklevel=2,
+            )
+    cfg._reads = spec.reads
+    return cfg
+
+
+def federated_spec(cfg: Config) -> FederatedSpec:
+    """The federated part of `cfg.method`'s spec (a `ConfigError` if it has none)."""
+    spec = get_spec(cfg.method)
+    if not isinstance(spec.runs, FederatedSpec):
+        raise ConfigError(f"method {cfg.method!r} is not a federated method")
+    return spec.runs

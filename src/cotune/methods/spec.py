@@ -1,0 +1,247 @@
+"""What a method declares, and what it hands back to the runtime.
+
+A method is one module (or package) exposing `SPEC`, a `MethodSpec`: its name, the
+optional config sections it reads, the rules it checks on a config, and *how it runs*,
+one of three shapes the runtime knows how to execute:
+
+- `LocalSpec(train)`: everything in one process (centralized). `train(cfg, recorder,
+  run_dir)` trains and scores the model.
+- `SplitSpec(cloud, device, devices, finish)`: one cloud serves `devices(cfg)` devices
+  over a link. `cloud(cfg)` is the link service (`cotune cloud` serves it); `device(cfg,
+  device_id, connect, recorder, run_dir)` trains one device to the end through the
+  transport `connect()` returns; `finish(cfg, cloud, devices, recorder, run_dir)` turns
+  the outcomes into the run's result (e.g. merge and score).
+- `FederatedSpec(client_train, server_hook, resumable, public_fraction)`: rounds on
+  Flower. `client_train(cfg, partition, global_state, round, extras)` is one client's
+  round; `server_hook(cfg, global_model)` is the server's work after each aggregation.
+
+The runtime owns processes, sockets, threads, engines, resume and the run folder; a
+method never starts a process or opens a socket.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+import numpy as np
+import torch
+
+from cotune.config import Config
+from cotune.link.service import Service
+from cotune.link.transport import Transport
+from cotune.training.loop import Recorder
+
+if TYPE_CHECKING:
+    from cotune.methods.federated.global_model import GlobalModel
+
+State = dict[str, np.ndarray]  # a model's trainable tensors by name, as they travel
+TransportFactory = Callable[[], Transport]
+
+
+class NullRecorder:
+    """A recorder that keeps nothing (tests, and runs whose folder is elsewhere)."""
+
+    def log_eval(self, record: dict[str, Any]) -> None:
+        pass
+
+    def log_train(self, record: dict[str, Any]) -> None:
+        pass
+
+
+@dataclass
+class MethodResult:
+    """What a run (or one device of it) did; the runtime writes it as summary.json and
+    saves each entry of `saved` as a safetensors file in the run folder."""
+
+    metrics: dict[str, float]
+    bytes_up: int = 0
+    bytes_down: int = 0
+    device_peak_bytes: int | None = None
+    saved_activation_bytes: int | None = None
+    trainable_device: int = 0
+    trainable_cloud: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+    saved: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def from_summary(cls, summary: dict[str, Any]) -> MethodResult:
+        """Back from a run folder's summary.json (a device process's, for example)."""
+        known = {"method", "task", "model", "metrics", "comm", "wall_s", "device_peak_bytes",
+                 "trainable_params", "saved_activation_bytes", "seed", "name"}  # fmt: skip
+        return cls(
+            metrics=dict(summary["metrics"]),
+            bytes_up=int(summary["comm"]["bytes_up"]),
+            bytes_down=int(summary["comm"]["bytes_down"]),
+            device_peak_bytes=summary.get("device_peak_bytes"),
+            saved_activation_bytes=summary.get("saved_activation_bytes"),
+            trainable_device=int(summary["trainable_params"]["device"]),
+            trainable_cloud=int(summary["trainable_params"]["cloud"]),
+            extra={k: v for k, v in summary.items() if k not in known},
+        )
+
+
+# ----------------------------------------------------------------------------- local
+
+
+@dataclass(frozen=True)
+class LocalSpec:
+    train: Callable[[Config, Recorder, Path | None], MethodResult]
+
+
+# ----------------------------------------------------------------------------- split
+
+
+class CloudService(Service, Protocol):
+    """A split cloud: a link service that can also say what it trained."""
+
+    @property
+    def steps(self) -> int:
+        """Optimiser steps taken (all devices)."""
+        ...
+
+    def trainable_count(self) -> int: ...
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        """The cloud's trainable tensors under the uncut model's names."""
+        ...
+
+
+@dataclass
+class CloudOutcome:
+    """What the cloud of a finished split run holds (read from the service in
+    simulation, from `cotune cloud`'s output folder over gRPC)."""
+
+    state: dict[str, torch.Tensor]
+    steps: int
+    trainable: int
+
+
+@dataclass
+class DeviceOutcome:
+    """One finished device of a split run: its result and its trained tensors."""
+
+    device_id: int
+    result: MethodResult
+    state: dict[str, torch.Tensor]
+
+
+def only_device(
+    cfg: Config,
+    cloud: CloudOutcome,
+    devices: list[DeviceOutcome],
+    recorder: Recorder,
+    run_dir: Path | None,
+) -> MethodResult:
+    """`finish` of a one-device run: the device's own result is the run's."""
+    return devices[0].result
+
+
+@dataclass(frozen=True)
+class SplitSpec:
+    cloud: Callable[[Config], CloudService]
+    device: Callable[[Config, int, TransportFactory, Recorder, Path | None], MethodResult]
+    devices: Callable[[Config], int] = lambda cfg: 1
+    finish: Callable[
+        [Config, CloudOutcome, list[DeviceOutcome], Recorder, Path | None], MethodResult
+    ] = only_device
+    # the file each device saves its trained tensors in (its `MethodResult.saved` key)
+    device_file: str = "device_trainable.safetensors"
+
+
+# ----------------------------------------------------------------------------- federated
+
+
+@dataclass
+class ClientUpdate:
+    """What one client reports after a round; `extras` travel as further ArrayRecords
+    (e.g. fedpft's neuron statistics)."""
+
+    state: State
+    num_examples: int
+    metrics: dict[str, float] = field(default_factory=dict)
+    extras: dict[str, State] = field(default_factory=dict)
+
+
+class ServerHook:
+    """Server-side work of a federated method around aggregation. Every hook has a
+    default that does nothing, so a method overrides only what it needs."""
+
+    @property
+    def trainable(self) -> int:
+        """Parameters the hook trains on the server (cloud side)."""
+        return 0
+
+    def after_aggregate(self, server_round: int, state: State) -> State:
+        """Turn the aggregated state into the state sent back to clients."""
+        return state
+
+    def round_metrics(self) -> dict[str, float]:
+        """Extra per-round metrics to log (e.g. the teacher's accuracy)."""
+        return {}
+
+    def state_dict(self) -> State:
+        """What must be checkpointed to continue after this round."""
+        return {}
+
+    def load_state_dict(self, state: State) -> None:
+        pass
+
+    def extras_for(self, partition: int, server_round: int) -> dict[str, State]:
+        """Extra ArrayRecords for one client's train message (counted with the round)."""
+        return {}
+
+    def observe_reply(
+        self,
+        server_round: int,
+        partition: int,
+        extras: dict[str, State],
+        weight: float,
+        accepted: bool,
+    ) -> None:
+        """A client's reply arrived (its extra ArrayRecords, its weight, whether its
+        update was aggregated)."""
+
+
+def no_hook(cfg: Config, global_model: GlobalModel) -> ServerHook:
+    return ServerHook()
+
+
+ClientTrain = Callable[[Config, int, State, int, dict[str, State]], ClientUpdate]
+
+
+@dataclass(frozen=True)
+class FederatedSpec:
+    client_train: ClientTrain
+    server_hook: Callable[[Config, GlobalModel], ServerHook] = no_hook
+    resumable: bool = True
+    # share of the training data the server keeps as public data (fedkd's teacher data)
+    public_fraction: Callable[[Config], float] = lambda cfg: 0.0
+
+
+# ----------------------------------------------------------------------------- the spec
+
+
+def no_rules(cfg: Config) -> None:
+    pass
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """A method: `name`, a one-line `summary`, how it `runs`, the optional config
+    sections it `reads`, and `configure(cfg)`, which checks the method's rules on a
+    config (raising `ConfigError`) and fills method-specific defaults."""
+
+    name: str
+    summary: str
+    runs: LocalSpec | SplitSpec | FederatedSpec
+    reads: frozenset[str] = frozenset()
+    configure: Callable[[Config], None] = no_rules
+
+    @property
+    def kind(self) -> str:
+        return {LocalSpec: "local", SplitSpec: "split", FederatedSpec: "federated"}[
+            type(self.runs)
+        ]

@@ -1,0 +1,101 @@
+"""Running one experiment: config -> method spec -> the engine for its shape -> run folder.
+
+`run_experiment` resolves the config against its method (`cotune.methods.resolve`),
+then executes the method's spec: a `LocalSpec` in this process, a `SplitSpec` through
+`runtime.split.launch`, a `FederatedSpec` on Flower (`runtime.federated.engine`). It
+writes the resolved config first and `summary.json`, the method's saved tensors, the
+plot and the report last.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from safetensors.torch import save_file
+
+from cotune.config import Config, load_config, to_toml
+from cotune.errors import ConfigError
+from cotune.methods import (
+    FederatedSpec,
+    LocalSpec,
+    MethodResult,
+    SplitSpec,
+    get_spec,
+    method_names,
+    resolve,
+)
+from cotune.report import RunFolder, default_run_dir, finish_run
+from cotune.runtime.launcher import offline_env
+
+
+def load_experiment(path: str | Path | None, overrides: list[str] | None = None) -> Config:
+    """A config file (and `--set` overrides) checked against its method's rules."""
+    return resolve(load_config(path, overrides))
+
+
+def resumable_methods() -> list[str]:
+    return [
+        m
+        for m in method_names()
+        if isinstance(get_spec(m).runs, FederatedSpec) and get_spec(m).runs.resumable  # type: ignore[union-attr]
+    ]
+
+
+def run_method(cfg: Config, run: RunFolder, resume: bool = False) -> MethodResult:
+    """Execute `cfg`'s method spec, reporting into `run`."""
+    runs = get_spec(cfg.method).runs
+    if isinstance(runs, LocalSpec):
+        return runs.train(cfg, run, run.path)
+    if isinstance(runs, SplitSpec):
+        from cotune.runtime.split.launch import run_split
+
+        return run_split(cfg, runs, run, run.path)
+    from cotune.runtime.federated.engine import run_federated
+
+    return run_federated(cfg, run.path, resume=resume)
+
+
+def run_experiment(cfg: Config, out: str | Path | None = None, resume: bool = False) -> Path:
+    """Run `cfg` and write its run folder; returns the folder's path.
+
+    With `resume`, `out` is an existing run folder and the method continues from its
+    last checkpoint (methods whose spec is resumable: the federated ones).
+    """
+    offline_env()
+    resolve(cfg)
+    spec = get_spec(cfg.method)
+    if resume and cfg.method not in resumable_methods():
+        raise ConfigError(
+            f"method {cfg.method!r} cannot resume a run; resumable methods: "
+            f"{', '.join(resumable_methods())}. Start it again without --resume."
+        )
+    run = RunFolder(out if out is not None else default_run_dir(cfg.name))
+    if not resume:
+        run.start_fresh()
+    run.write_config(to_toml(cfg))
+    t0 = time.perf_counter()
+    result = run_method(cfg, run, resume)
+    wall = time.perf_counter() - t0
+    for name, tensors in result.saved.items():
+        if tensors:
+            save_file({k: v.detach().contiguous() for k, v in tensors.items()}, str(run.path / name))
+    summary: dict[str, Any] = {
+        "method": cfg.method,
+        "task": cfg.task.name,
+        "model": cfg.model.name,
+        "metrics": result.metrics,
+        "comm": {"bytes_up": result.bytes_up, "bytes_down": result.bytes_down},
+        "wall_s": wall,
+        "device_peak_bytes": result.device_peak_bytes,
+        "trainable_params": {"device": result.trainable_device, "cloud": result.trainable_cloud},
+        "saved_activation_bytes": result.saved_activation_bytes,
+        "seed": cfg.seed,
+        "name": cfg.name,
+        "method_kind": spec.kind,
+        **result.extra,
+    }
+    run.write_summary(summary)
+    finish_run(run)
+    return run.path

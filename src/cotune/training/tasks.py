@@ -1,0 +1,173 @@
+"""Task adapters: what a method needs from a task, chosen by the task's kind.
+
+A method never branches on a task's name: it asks `adapter_for(task, cfg)` for the
+model to train, how examples become batches, and how a model is scored.
+
+| kind | model | batches | evaluation |
+|---|---|---|---|
+| classification, regression | `build_classifier` (pooling head; LoRA via peft) | `encode` + `PadCollator` | argmax / value, the task's metrics, loss |
+| generation | `build_lm` (causal LM, completion-only loss) | `encode_pairs` + `PairCollator` | beam search, the task's metrics; texts saved |
+
+A new task kind (e.g. extractive QA, images) is one new adapter class and one line in
+`ADAPTERS`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from cotune.config import Config
+from cotune.config.schema import ModelConfig
+from cotune.data import Example, Task, encode, make_loader
+from cotune.data.pairs import encode_pairs, pair_loader
+from cotune.errors import ConfigError
+from cotune.models import build_classifier
+from cotune.models.causal_lm import build_lm, generation_model
+from cotune.training.evaluation import evaluate, evaluate_generation, write_generations
+
+
+@dataclass
+class Evaluation:
+    """Metrics of one evaluation (with `loss` when the task has one), and what the model
+    produced (generated texts per split; empty for classifiers)."""
+
+    metrics: dict[str, float]
+    outputs: dict[str, list[str]] = field(default_factory=dict)
+
+
+class TaskAdapter(Protocol):
+    task: Task
+    cfg: Config
+
+    def build_model(
+        self, model_cfg: ModelConfig | None = None, seed: int | None = None
+    ) -> tuple[nn.Module, Any]:
+        """A fresh (model, tokenizer) for this task (`cfg.model` unless `model_cfg`)."""
+        ...
+
+    def encode(self, examples: list[Example], tokenizer: Any) -> Dataset:
+        """Tokenise examples once (unpadded)."""
+        ...
+
+    def loader(
+        self, ds: Dataset, tokenizer: Any, *, shuffle: bool, seed: int, batch_size: int = 0
+    ) -> DataLoader:
+        """Seeded batches of `ds`, padded to their longest row (`train.batch_size`
+        unless `batch_size`)."""
+        ...
+
+    def evaluate(self, model: Any, tokenizer: Any) -> Evaluation:
+        """Score `model` on every eval split."""
+        ...
+
+    def save_outputs(self, run_dir: str | Path, evaluation: Evaluation) -> None:
+        """Write what the model produced into the run folder (nothing for classifiers)."""
+        ...
+
+
+class ClassificationAdapter:
+    """Classification and regression with a pooling head."""
+
+    def __init__(self, task: Task, cfg: Config) -> None:
+        self.task = task
+        self.cfg = cfg
+        self._evals: tuple[int, dict[str, DataLoader]] | None = None
+
+    def build_model(
+        self, model_cfg: ModelConfig | None = None, seed: int | None = None
+    ) -> tuple[nn.Module, Any]:
+        model, tokenizer, _ = build_classifier(
+            model_cfg or self.cfg.model,
+            self.task.num_labels,
+            problem=self.task.kind,
+            label_smoothing=self.cfg.train.label_smoothing,
+            seed=self.cfg.seed if seed is None else seed,
+        )
+        return model, tokenizer
+
+    def encode(self, examples: list[Example], tokenizer: Any) -> Dataset:
+        return encode(examples, tokenizer, self.cfg.train.max_seq_len)
+
+    def loader(
+        self, ds: Dataset, tokenizer: Any, *, shuffle: bool, seed: int, batch_size: int = 0
+    ) -> DataLoader:
+        pad = tokenizer.pad_token_id if tokenizer is not None else 0
+        return make_loader(ds, batch_size or self.cfg.train.batch_size, shuffle, seed, pad)
+
+    def eval_loaders(self, tokenizer: Any) -> dict[str, DataLoader]:
+        """One loader per eval split (built once per tokenizer)."""
+        if self._evals is None or self._evals[0] != id(tokenizer):
+            loaders = {
+                split: self.loader(
+                    self.encode(examples, tokenizer), tokenizer, shuffle=False,
+                    seed=self.cfg.seed, batch_size=self.cfg.train.eval_batch_size,
+                )  # fmt: skip
+                for split, examples in self.task.eval.items()
+            }
+            self._evals = (id(tokenizer), loaders)
+        return self._evals[1]
+
+    def evaluate(self, model: Any, tokenizer: Any) -> Evaluation:
+        result = evaluate(model, self.task, self.eval_loaders(tokenizer), self.cfg.train.precision)
+        return Evaluation({**result.metrics, "loss": result.loss})
+
+    def save_outputs(self, run_dir: str | Path, evaluation: Evaluation) -> None:
+        pass
+
+
+class GenerationAdapter:
+    """Prompt -> completion with a causal LM; scored by beam search."""
+
+    def __init__(self, task: Task, cfg: Config) -> None:
+        self.task = task
+        self.cfg = cfg
+
+    def build_model(
+        self, model_cfg: ModelConfig | None = None, seed: int | None = None
+    ) -> tuple[nn.Module, Any]:
+        model, tokenizer, _ = build_lm(
+            model_cfg or self.cfg.model,
+            seed=self.cfg.seed if seed is None else seed,
+            label_smoothing=self.cfg.train.label_smoothing,
+        )
+        return model, tokenizer
+
+    def encode(self, examples: list[Example], tokenizer: Any) -> Dataset:
+        return encode_pairs(examples, tokenizer, self.cfg.train.max_seq_len)
+
+    def loader(
+        self, ds: Dataset, tokenizer: Any, *, shuffle: bool, seed: int, batch_size: int = 0
+    ) -> DataLoader:
+        size = batch_size or self.cfg.train.batch_size
+        return pair_loader(ds, size, shuffle, seed, int(tokenizer.pad_token_id))
+
+    def evaluate(self, model: Any, tokenizer: Any) -> Evaluation:
+        metrics, texts = evaluate_generation(
+            generation_model(model), tokenizer, self.task, self.cfg.generation
+        )
+        return Evaluation(metrics, texts)
+
+    def save_outputs(self, run_dir: str | Path, evaluation: Evaluation) -> None:
+        write_generations(run_dir, self.task, evaluation.outputs)
+
+
+ADAPTERS: dict[str, type[ClassificationAdapter] | type[GenerationAdapter]] = {
+    "classification": ClassificationAdapter,
+    "regression": ClassificationAdapter,
+    "generation": GenerationAdapter,
+}
+
+
+def adapter_for(task: Task, cfg: Config) -> TaskAdapter:
+    """The adapter for `task.kind`."""
+    if task.kind not in ADAPTERS:
+        raise ConfigError(
+            f"task {task.name!r} is of kind {task.kind!r}, which no method can train yet; "
+            f"kinds with an adapter: {', '.join(sorted(ADAPTERS))}"
+        )
+    return ADAPTERS[task.kind](task, cfg)
