@@ -28,13 +28,16 @@ demo: setup
 	$(VENV)/bin/cotune run examples/bbc-news-lora.toml --out runs/demo
 	$(VENV)/bin/cotune compare runs/demo --plot runs/demo/compare.png
 
-test: setup
-	$(VENV)/bin/ruff check src tests benchmarks
+# static checks first (seconds), then the tests
+test: setup lint
 	$(PY) -m pytest -q -p no:cacheprovider
 
-lint:
+# ruff (lint + format), the layer contracts (import-linter) and the type checker (mypy)
+lint: setup
 	$(VENV)/bin/ruff check src tests benchmarks
 	$(VENV)/bin/ruff format --check src tests benchmarks
+	$(VENV)/bin/lint-imports
+	$(VENV)/bin/mypy
 
 format:
 	$(VENV)/bin/ruff format src tests benchmarks

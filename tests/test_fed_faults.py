@@ -52,9 +52,7 @@ def test_failed_slow_and_bad_clients_do_not_stop_the_round(tmp_path: Path) -> No
     data = write_sst2(tmp_path, n_train=100)
     cfg = tiny_config(data, federated={"clients": 5, "rounds": 1, "round_timeout": ROUND_TIMEOUT})
     run_dir = tmp_path / "run"
-    result = run_federated(
-        cfg, run_dir, client_app=build_client_app([faulty]), engine="inline"
-    )
+    result = run_federated(cfg, run_dir, client_app=build_client_app([faulty]), engine="inline")
     assert result.extra["rounds_completed"] == 1
     (record,) = read_jsonl(run_dir / "metrics.jsonl")
     assert (record["clients_sampled"], record["clients_ok"]) == (5, 1)

@@ -11,17 +11,19 @@ import torch
 
 from cotune.config.schema import LoraConfig, ModelConfig, ProxyConfig
 from cotune.errors import ModelError
-from cotune.models import adapter_state_dict, build_classifier, load_adapter_state_dict
-from cotune.models.proxy import (
+from cotune.methods.fedpft.alignment import (
     NeuronStats,
     align,
+    layer_gaps,
+    least_used,
+    neuron_masks,
+)
+from cotune.models import adapter_state_dict, build_classifier, load_adapter_state_dict
+from cotune.models.proxy import (
     build_proxy,
     encoder_layers,
     ffn_param_names,
-    layer_gaps,
-    least_used,
     load_proxy_weights,
-    neuron_masks,
     neuron_saliency,
     non_embedding_params,
     plan_proxy,

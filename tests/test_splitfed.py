@@ -103,9 +103,7 @@ def test_devices_train_concurrently_and_averaging_is_counted(tmp_path: Path) -> 
     )
     cloud, results = simulate(cfg)
     reports = [results[i] for i in range(3)]
-    assert all(
-        r.result.extra["steps"] == 4 and r.result.extra["rounds"] == [3, 3] for r in reports
-    )
+    assert all(r.result.extra["steps"] == 4 and r.result.extra["rounds"] == [3, 3] for r in reports)
     # steps of different devices overlap in time: concurrency, not turns
     overlaps = 0
     for a in reports:

@@ -26,7 +26,11 @@ def test_three_device_processes_survive_one_being_killed(tmp_path: Path) -> None
 
     def watch(devices: dict[int, Child], folder: Path) -> None:
         train = folder / "device-2" / "train.jsonl"
-        steps = [json.loads(line)["step"] for line in train.read_text().splitlines()] if train.exists() else []
+        steps = (
+            [json.loads(line)["step"] for line in train.read_text().splitlines()]
+            if train.exists()
+            else []
+        )
         if not killed and max(steps, default=0) >= 2:
             devices[2].kill()
             killed.append(2)

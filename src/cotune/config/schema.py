@@ -1,4 +1,4 @@
-"""The typed config schema (DESIGN.md, "The config file").
+"""The typed config schema: every section and key of a cotune config, with defaults.
 
 Every key has a default, so a config names only what it changes. Unknown keys are
 errors. Which method-specific rules apply and which optional sections a method reads

@@ -7,12 +7,11 @@ dev_mismatched). Label indices follow the HF hub's `nyu-mll/glue` so both source
 from __future__ import annotations
 
 import csv
-import os
-import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from cotune import hub
 from cotune.data.task import Example
 from cotune.errors import DataError
 
@@ -273,12 +272,10 @@ def _hub_unavailable() -> str | None:
         import datasets  # noqa: F401
     except ImportError:
         return "the `datasets` package is not installed"
-    for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
-        if os.environ.get(var, "").strip().lower() in ("1", "true", "yes", "on"):
-            return f"{var} is set"
-    try:
-        socket.create_connection(("huggingface.co", 443), timeout=3).close()
-    except OSError:
+    var = hub.offline_by_env("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
+    if var is not None:
+        return f"{var} is set"
+    if not hub.reachable():
         return "huggingface.co cannot be reached"
     return None
 

@@ -52,7 +52,7 @@ def train(cfg: Config, recorder: Recorder, run_dir: Path | None = None) -> Metho
         return result.metrics
 
     checkpoints = Checkpoints(recorder, n_steps, cfg.train.eval_every, evaluate,
-                              lr=lambda: schedule.get_last_lr()[0])  # fmt: skip
+                              lr=lambda: float(schedule.get_last_lr()[0]))  # fmt: skip
     stats = fit(step, cycle(loader), n_steps, on_step=checkpoints,
                 progress=f"{cfg.method} {task.name}")  # fmt: skip
     if run_dir is not None and outputs:

@@ -242,6 +242,4 @@ class MethodSpec:
 
     @property
     def kind(self) -> str:
-        return {LocalSpec: "local", SplitSpec: "split", FederatedSpec: "federated"}[
-            type(self.runs)
-        ]
+        return {LocalSpec: "local", SplitSpec: "split", FederatedSpec: "federated"}[type(self.runs)]

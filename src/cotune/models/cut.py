@@ -17,7 +17,7 @@ Each side rebuilds what the layers need from the mask it has (attention masks th
 transformers' own `create_*_mask`, Llama's rotary embeddings, position ids), so running
 `head(cloud(*device(x)))` is the unsplit model's computation, op for op.
 
-With `sft_rank=r` the cut is inside layer `cut` (SFT, METHODS.md section 1): that layer's
+With `sft_rank=r` the cut is inside layer `cut` (SFT, split fine-tuning): that layer's
 first FFN matrix W (d_ff x d, for Llama gate and up stacked) is replaced by its truncated
 SVD as three trainable maps V_r (r x d), diag(S_r), U_r (d_ff x r, W's bias). The device
 computes layers `< cut`, layer `cut`'s attention block, then S_r V_r: an r-dim code per

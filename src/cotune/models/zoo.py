@@ -18,12 +18,9 @@ import importlib.util
 import json
 import logging
 import os
-import socket
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal, get_args
-from urllib.parse import urlparse
 
 import torch
 from transformers import (
@@ -43,6 +40,7 @@ from transformers import (
     ViTModel,
 )
 
+from cotune import hub
 from cotune.errors import ModelError
 from cotune.models import packaged
 from cotune.models.tiny import tiny_config
@@ -131,27 +129,9 @@ def _hub_offline() -> bool:
     """True when the HF hub is off limits or unreachable (checked once per process)."""
     from huggingface_hub import constants
 
-    if constants.is_offline_mode() or os.environ.get("HF_HUB_OFFLINE", "").lower() in (
-        "1",
-        "true",
-        "yes",
-        "on",
-    ):
+    if constants.is_offline_mode() or hub.offline_by_env() is not None:
         return True
-    return not _hub_reachable(constants.ENDPOINT)
-
-
-@lru_cache(maxsize=4)
-def _hub_reachable(endpoint: str) -> bool:
-    # Without this, huggingface_hub retries a dead network for ~30 s before failing.
-    parsed = urlparse(endpoint)
-    host = parsed.hostname or "huggingface.co"
-    port = parsed.port or (80 if parsed.scheme == "http" else 443)
-    try:
-        with socket.create_connection((host, port), timeout=3):
-            return True
-    except OSError:
-        return False
+    return not hub.reachable(constants.ENDPOINT)
 
 
 def _local_options() -> str:

@@ -1,4 +1,4 @@
-"""The run folder contract (DESIGN.md): config.toml, metrics.jsonl, summary.json,
+"""The run folder contract (README, "The run folder"): config.toml, metrics.jsonl, summary.json,
 train.jsonl (dense training loss), plots and report.html."""
 
 from __future__ import annotations

@@ -80,7 +80,9 @@ def run_experiment(cfg: Config, out: str | Path | None = None, resume: bool = Fa
     wall = time.perf_counter() - t0
     for name, tensors in result.saved.items():
         if tensors:
-            save_file({k: v.detach().contiguous() for k, v in tensors.items()}, str(run.path / name))
+            save_file(
+                {k: v.detach().contiguous() for k, v in tensors.items()}, str(run.path / name)
+            )
     summary: dict[str, Any] = {
         "method": cfg.method,
         "task": cfg.task.name,

@@ -10,7 +10,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,7 +34,7 @@ class EvalResult:
 def evaluate(
     model: Any,
     task: Any,
-    loaders: dict[str, Iterable[dict[str, torch.Tensor]]],
+    loaders: Mapping[str, Iterable[dict[str, torch.Tensor]]],
     precision: str = "fp32",
 ) -> EvalResult:
     """Evaluate `model` on every eval split of `task`; returns merged metrics and mean loss."""

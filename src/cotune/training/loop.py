@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import torch
 from torch import nn
@@ -29,7 +29,10 @@ def autocast(precision: str) -> AbstractContextManager[object]:
     return nullcontext()
 
 
-def cycle(loader: Iterable[dict[str, torch.Tensor]]) -> Iterator[dict[str, torch.Tensor]]:
+T = TypeVar("T")
+
+
+def cycle(loader: Iterable[T]) -> Iterator[T]:
     """Iterate a loader forever; each pass reshuffles (seeded by the loader's generator)."""
     while True:
         yield from loader
@@ -105,7 +108,8 @@ class Step(Protocol):
     skipped). `saved_bytes` is the largest saved-for-backward total of one step so far
     (0 when not measured)."""
 
-    saved_bytes: int
+    @property
+    def saved_bytes(self) -> int: ...
 
     def __call__(self, batch: dict[str, torch.Tensor]) -> float | None: ...
 

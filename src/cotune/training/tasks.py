@@ -19,16 +19,19 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
 from cotune.config import Config
 from cotune.config.schema import ModelConfig
 from cotune.data import Example, Task, encode, make_loader
-from cotune.data.pairs import encode_pairs, pair_loader
+from cotune.data.encode import EncodedDataset
+from cotune.data.pairs import PairDataset, encode_pairs, pair_loader
 from cotune.errors import ConfigError
 from cotune.models import build_classifier
 from cotune.models.causal_lm import build_lm, generation_model
 from cotune.training.evaluation import evaluate, evaluate_generation, write_generations
+
+Encoded = EncodedDataset | PairDataset  # examples tokenised once, unpadded
 
 
 @dataclass
@@ -50,12 +53,12 @@ class TaskAdapter(Protocol):
         """A fresh (model, tokenizer) for this task (`cfg.model` unless `model_cfg`)."""
         ...
 
-    def encode(self, examples: list[Example], tokenizer: Any) -> Dataset:
+    def encode(self, examples: list[Example], tokenizer: Any) -> Encoded:
         """Tokenise examples once (unpadded)."""
         ...
 
     def loader(
-        self, ds: Dataset, tokenizer: Any, *, shuffle: bool, seed: int, batch_size: int = 0
+        self, ds: Encoded, tokenizer: Any, *, shuffle: bool, seed: int, batch_size: int = 0
     ) -> DataLoader:
         """Seeded batches of `ds`, padded to their longest row (`train.batch_size`
         unless `batch_size`)."""
@@ -90,11 +93,11 @@ class ClassificationAdapter:
         )
         return model, tokenizer
 
-    def encode(self, examples: list[Example], tokenizer: Any) -> Dataset:
+    def encode(self, examples: list[Example], tokenizer: Any) -> Encoded:
         return encode(examples, tokenizer, self.cfg.train.max_seq_len)
 
     def loader(
-        self, ds: Dataset, tokenizer: Any, *, shuffle: bool, seed: int, batch_size: int = 0
+        self, ds: Encoded, tokenizer: Any, *, shuffle: bool, seed: int, batch_size: int = 0
     ) -> DataLoader:
         pad = tokenizer.pad_token_id if tokenizer is not None else 0
         return make_loader(ds, batch_size or self.cfg.train.batch_size, shuffle, seed, pad)
@@ -104,8 +107,11 @@ class ClassificationAdapter:
         if self._evals is None or self._evals[0] != id(tokenizer):
             loaders = {
                 split: self.loader(
-                    self.encode(examples, tokenizer), tokenizer, shuffle=False,
-                    seed=self.cfg.seed, batch_size=self.cfg.train.eval_batch_size,
+                    self.encode(examples, tokenizer),
+                    tokenizer,
+                    shuffle=False,
+                    seed=self.cfg.seed,
+                    batch_size=self.cfg.train.eval_batch_size,
                 )  # fmt: skip
                 for split, examples in self.task.eval.items()
             }
@@ -137,11 +143,11 @@ class GenerationAdapter:
         )
         return model, tokenizer
 
-    def encode(self, examples: list[Example], tokenizer: Any) -> Dataset:
+    def encode(self, examples: list[Example], tokenizer: Any) -> Encoded:
         return encode_pairs(examples, tokenizer, self.cfg.train.max_seq_len)
 
     def loader(
-        self, ds: Dataset, tokenizer: Any, *, shuffle: bool, seed: int, batch_size: int = 0
+        self, ds: Encoded, tokenizer: Any, *, shuffle: bool, seed: int, batch_size: int = 0
     ) -> DataLoader:
         size = batch_size or self.cfg.train.batch_size
         return pair_loader(ds, size, shuffle, seed, int(tokenizer.pad_token_id))

@@ -1,4 +1,5 @@
-"""Regenerate `cotune_link_pb2.py` from `cotune_link.proto` (run after editing the .proto file).
+"""Regenerate `cotune_link_pb2.py` and its type stub `cotune_link_pb2.pyi` from
+`cotune_link.proto` (run after editing the .proto file).
 
     .venv/bin/python -m cotune.link.proto.regenerate
 
@@ -20,7 +21,13 @@ def main() -> int:
     from grpc_tools import protoc  # grpcio-tools, a dependency of cotune
 
     code = protoc.main(
-        ["grpc_tools.protoc", f"-I{HERE}", f"--python_out={HERE}", str(HERE / "cotune_link.proto")]
+        [
+            "grpc_tools.protoc",
+            f"-I{HERE}",
+            f"--python_out={HERE}",
+            f"--pyi_out={HERE}",
+            str(HERE / "cotune_link.proto"),
+        ]  # fmt: skip
     )
     if code != 0:
         return int(code)

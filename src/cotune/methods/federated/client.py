@@ -12,7 +12,6 @@ from functools import lru_cache
 from typing import Any
 
 from torch import nn
-from torch.utils.data import Dataset
 
 from cotune.config import Config
 from cotune.memory import apply_memory_option
@@ -32,6 +31,7 @@ from cotune.training import (
     seed_everything,
     set_threads,
 )
+from cotune.training.tasks import Encoded
 
 
 def local_steps(cfg: Config, batches_per_epoch: int) -> int:
@@ -61,7 +61,7 @@ def _client_model(cfg_json: str) -> tuple[nn.Module, Any]:
     return model, tokenizer
 
 
-def partition_data(cfg: Config, partition_id: int, tokenizer: Any) -> Dataset:
+def partition_data(cfg: Config, partition_id: int, tokenizer: Any) -> Encoded:
     """The client's own training examples, tokenised."""
     task = task_for(cfg)
     indices = split_for(cfg).clients[partition_id]
@@ -69,13 +69,13 @@ def partition_data(cfg: Config, partition_id: int, tokenizer: Any) -> Dataset:
 
 
 @lru_cache(maxsize=4)
-def _client_data(cfg_json: str, partition_id: int) -> Dataset:
+def _client_data(cfg_json: str, partition_id: int) -> Encoded:
     cfg = Config.model_validate_json(cfg_json)
     return partition_data(cfg, partition_id, _client_model(cfg_json)[1])
 
 
 def train_round(
-    cfg: Config, model: nn.Module, tokenizer: Any, data: Dataset, partition_id: int,
+    cfg: Config, model: nn.Module, tokenizer: Any, data: Encoded, partition_id: int,
     server_round: int,
 ) -> StepStats:  # fmt: skip
     """Train `model` (already holding the global state) on `data` for one round: the

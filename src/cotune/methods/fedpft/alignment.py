@@ -33,7 +33,9 @@ def capture_layer_outputs(model: nn.Module) -> Iterator[list[Tensor]]:
     outs: list[Tensor] = []
 
     def hook(_m: nn.Module, _inp: object, output: object) -> None:
-        outs.append(output[0] if isinstance(output, tuple) else output)  # type: ignore[index]
+        out = output[0] if isinstance(output, tuple) else output
+        assert isinstance(out, Tensor)
+        outs.append(out)
 
     handles = [layer.register_forward_hook(hook) for layer in encoder_layers(model)]
     try:
@@ -47,7 +49,7 @@ def layer_outputs(model: nn.Module, batch: dict[str, Tensor]) -> list[Tensor]:
     """Every encoder layer's output for `batch` (input_ids, attention_mask[, token_type_ids])."""
     base = unwrap(model)
     with capture_layer_outputs(model) as outs:
-        base.encode(batch["input_ids"], batch.get("attention_mask"), batch.get("token_type_ids"))
+        base.encode(batch["input_ids"], batch.get("attention_mask"), batch.get("token_type_ids"))  # type: ignore[operator]
     return list(outs)
 
 
@@ -227,7 +229,9 @@ class NeuronStats:
         handles = [base.register_forward_pre_hook(grab_mask, with_kwargs=True)]
         for j, layer in enumerate(encoder_layers(self.model)):
             if self.plan.compressed[j]:
-                handles.append(layer.intermediate.register_forward_hook(self._hook(j)))
+                intermediate = layer.intermediate
+                assert isinstance(intermediate, nn.Module)
+                handles.append(intermediate.register_forward_hook(self._hook(j)))
         try:
             yield self
         finally:

@@ -304,5 +304,3 @@ def _save_aligned(hook: ProxyHook) -> None:
     save_file({n: named[n].detach().contiguous() for n in hook.align_names}, str(path))
     keys = ("gap_before", "gap_after", "align_first_loss", "align_last_loss")
     path.with_suffix(".json").write_text(json.dumps({k: hook.info[k] for k in keys}))
-
-

@@ -16,7 +16,6 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor, nn
-from torch.utils.data import Dataset
 
 from cotune.config import Config
 from cotune.memory import apply_memory_option
@@ -40,6 +39,7 @@ from cotune.models.proxy import (
     to_proxy_names,
 )
 from cotune.training import set_threads
+from cotune.training.tasks import Encoded
 
 
 def _digest(a: np.ndarray) -> str:
@@ -105,7 +105,7 @@ def _proxy_model(cfg_json: str) -> tuple[nn.Module, Any, ProxyPlan]:
 
 
 @lru_cache(maxsize=4)
-def _proxy_data(cfg_json: str, partition_id: int) -> Dataset:
+def _proxy_data(cfg_json: str, partition_id: int) -> Encoded:
     cfg = Config.model_validate_json(cfg_json)
     return partition_data(cfg, partition_id, _proxy_model(cfg_json)[1])
 

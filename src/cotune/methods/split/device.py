@@ -17,6 +17,7 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -256,7 +257,6 @@ class SplitDevice:
             return DeviceOutput(loss=torch.tensor(reply.loss), logits=logits)
 
 
-
 class ReconnectingStep:
     """`device.train_step` as a `fit` step that survives a dropped link.
 
@@ -323,8 +323,9 @@ def train_device(
     if codec.projection_rank is not None:
         # A loader of its own (same seed): calibration does not shift the training order.
         cal = adapter.loader(train_ds, tokenizer, shuffle=True, seed=cfg.seed)
-        device.calibrate([b for _, b in zip(range(cfg.link.calibration_batches), cal, strict=False)])
-    meter = device.transport.meter
+        device.calibrate(
+            [b for _, b in zip(range(cfg.link.calibration_batches), cal, strict=False)]
+        )
     step = ReconnectingStep(device, connect, n_steps)
     checkpoints = Checkpoints(
         recorder, n_steps, cfg.train.eval_every,
@@ -334,13 +335,13 @@ def train_device(
     )  # fmt: skip
     stats = fit(step, cycle(loader), n_steps, position=lambda: device.steps_done,
                 on_step=checkpoints, progress=f"split {task.name}")  # fmt: skip
-    meter = device.transport.meter.snapshot()
+    meter: dict[str, Any] = device.transport.meter.snapshot()
     device.transport.close()
     state = {n: p.detach().contiguous() for n, p in device.named.items()}
     return MethodResult(
         metrics=dict(checkpoints.last),
-        bytes_up=int(meter["bytes_up"]),  # type: ignore[call-overload]
-        bytes_down=int(meter["bytes_down"]),  # type: ignore[call-overload]
+        bytes_up=int(meter["bytes_up"]),
+        bytes_down=int(meter["bytes_down"]),
         device_peak_bytes=stats.peak_rss_bytes,
         saved_activation_bytes=device.saved_bytes,
         trainable_device=sum(p.numel() for p in device.params),

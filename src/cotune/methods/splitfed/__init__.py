@@ -107,8 +107,10 @@ def finish(
                 for d in devices
             ],
         },
-        saved={"device_trainable.safetensors": devices[0].state,
-               "cloud_trainable.safetensors": cloud.state},  # fmt: skip
+        saved={
+            "device_trainable.safetensors": devices[0].state,
+            "cloud_trainable.safetensors": cloud.state,
+        },  # fmt: skip
     )
 
 

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 
-from flwr.app import Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import Mod
 from flwr.serverapp import Grid, ServerApp
@@ -34,6 +34,7 @@ from cotune.runtime.federated.keys import (
     NUM_PARTITIONS_KEY,
     PARTITION_KEY,
     WEIGHT_KEY,
+    number,
 )
 
 if TYPE_CHECKING:
@@ -113,18 +114,21 @@ def train(message: Message, context: Context) -> Message:
     from cotune.runtime.federated.wire import from_arrays, to_arrays
 
     content = message.content
-    config = content[CONFIG_KEY]
+    config = content.config_records[CONFIG_KEY]
     cfg = _config(str(config[CONFIG_TEXT_KEY]))
     partition = _partition(context, cfg)
     # ArrayRecords besides the global state: method-specific extras (fedpft's proxy)
     extras = {k: from_arrays(v) for k, v in content.array_records.items() if k != ARRAYS_KEY}
-    state = from_arrays(content[ARRAYS_KEY])
-    rnd = int(config["server-round"])
+    state = from_arrays(content.array_records[ARRAYS_KEY])
+    rnd = int(number(config["server-round"], "server-round"))
     update = federated_spec(cfg).client_train(cfg, partition, state, rnd, extras)
     metrics = MetricRecord(
         {WEIGHT_KEY: update.num_examples, PARTITION_KEY: partition, **update.metrics}
     )
-    records = {ARRAYS_KEY: to_arrays(update.state), METRICS_KEY: metrics}
+    records: dict[str, ArrayRecord | MetricRecord | ConfigRecord] = {
+        ARRAYS_KEY: to_arrays(update.state),
+        METRICS_KEY: metrics,
+    }
     records.update({k: to_arrays(v) for k, v in update.extras.items()})
     return Message(RecordDict(records), reply_to=message)
 

@@ -55,7 +55,7 @@ class InlineGrid(Grid):
     def run(self) -> Run:
         return self._run
 
-    def create_message(  # type: ignore[override]
+    def create_message(
         self,
         content: RecordDict,
         message_type: str,

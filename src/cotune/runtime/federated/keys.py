@@ -11,3 +11,10 @@ NUM_PARTITIONS_KEY = "num-partitions"
 
 RESULT_FILE = "federated_result.json"  # written by the ServerApp at the end
 ERROR_FILE = "federated_error.txt"  # written by the ServerApp if it fails
+
+
+def number(value: object, what: str) -> float:
+    """A record value that must be a single number (Flower records also hold lists)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(f"{what} must be a number, got {value!r}")
+    return float(value)

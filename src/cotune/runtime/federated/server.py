@@ -35,6 +35,7 @@ from cotune.runtime.federated.keys import (
     PARTITION_KEY,
     RESULT_FILE,
     WEIGHT_KEY,
+    number,
 )
 from cotune.runtime.federated.strategy import CotuneFedAvg
 from cotune.runtime.federated.wire import from_arrays, to_arrays
@@ -111,7 +112,9 @@ def discover_partitions(grid: CountingGrid, n_clients: int, timeout: float) -> d
                         reply.error.reason,
                     )
                     continue
-                part = int(reply.content[METRICS_KEY][PARTITION_KEY])
+                part = int(
+                    number(reply.content.metric_records[METRICS_KEY][PARTITION_KEY], PARTITION_KEY)
+                )
                 if part in node_of and node_of[part] != reply.metadata.src_node_id:
                     raise RuntimeError(f"two SuperNodes claim partition-id {part}")
                 node_of[part] = reply.metadata.src_node_id
@@ -190,7 +193,9 @@ class FederatedServer:
             cm = dict(client_metrics or {})
             for key in ("peak_rss_bytes", "saved_activation_bytes"):
                 if key in cm:
-                    totals[f"client_{key}"] = max(int(totals[f"client_{key}"]), int(cm[key]))
+                    totals[f"client_{key}"] = max(
+                        int(totals[f"client_{key}"]), int(number(cm[key], key))
+                    )
             last = model.evaluate()
             totals["bytes_up"], totals["bytes_down"] = counting.bytes_up, counting.bytes_down
             totals["wall_s"] = wall0 + (time.perf_counter() - t_start)
@@ -257,9 +262,10 @@ def _observe_replies(
     for msg in replies:
         if msg.has_error() or METRICS_KEY not in msg.content.metric_records:
             continue
-        metrics = msg.content[METRICS_KEY]
-        part = int(metrics[PARTITION_KEY])
+        metrics = msg.content.metric_records[METRICS_KEY]
+        part = int(number(metrics[PARTITION_KEY], PARTITION_KEY))
         extras = {
             k: from_arrays(v) for k, v in msg.content.array_records.items() if k != ARRAYS_KEY
         }
-        hook.observe_reply(rnd, part, extras, float(metrics.get(WEIGHT_KEY, 0.0)), part in accepted)
+        weight = number(metrics.get(WEIGHT_KEY, 0.0), WEIGHT_KEY)
+        hook.observe_reply(rnd, part, extras, weight, part in accepted)

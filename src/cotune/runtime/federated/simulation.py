@@ -60,7 +60,7 @@ def run_in_simulation(
             server_app=build_server_app(options.to_run_config()),
             client_app=client_app or default_client_app,
             num_supernodes=cfg.federated.clients,
-            backend_config=backend_config(cfg),  # type: ignore[arg-type]
+            backend_config=backend_config(cfg),
         )
     finally:
         flwr_log.removeFilter(drop)

@@ -18,7 +18,7 @@ from flwr.serverapp.strategy import FedAvg
 
 from cotune.methods.federated.aggregation import check_update, weighted_average
 from cotune.methods.spec import State
-from cotune.runtime.federated.keys import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, WEIGHT_KEY
+from cotune.runtime.federated.keys import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, WEIGHT_KEY, number
 from cotune.runtime.federated.sampling import sample_partitions
 from cotune.runtime.federated.wire import from_arrays, to_arrays
 
@@ -114,14 +114,14 @@ class CotuneFedAvg(FedAvg):
                 continue
             seen.add(part)
             if msg.has_error():
-                out.failed[part] = msg.error.reason
+                out.failed[part] = str(msg.error.reason)
                 log.warning("round client %d failed: %s", part, msg.error.reason)
                 continue
             reason = _reply_problem(msg, self._reference)
             if reason is None:
-                state = from_arrays(msg.content[ARRAYS_KEY])
-                metrics = msg.content[METRICS_KEY]
-                accepted.append((part, state, float(metrics[WEIGHT_KEY]), metrics))
+                state = from_arrays(msg.content.array_records[ARRAYS_KEY])
+                metrics = msg.content.metric_records[METRICS_KEY]
+                accepted.append((part, state, number(metrics[WEIGHT_KEY], WEIGHT_KEY), metrics))
             else:
                 out.rejected[part] = reason
                 log.warning("update of client %d rejected: %s", part, reason)
@@ -149,10 +149,10 @@ PEAK_KEYS = ("peak_rss_bytes", "saved_activation_bytes")
 def _client_metrics(replies: list[tuple[float, MetricRecord]]) -> MetricRecord:
     """Example-weighted means of the clients' metrics; maxima of their peak memory."""
     total = sum(w for w, _ in replies)
-    out: dict[str, float] = {}
+    out: dict[str, int | float | list[int] | list[float]] = {}
     keys = set.intersection(*(set(m) for _, m in replies)) - {WEIGHT_KEY, "partition-id"}
     for key in sorted(keys):
-        values = [(w, m[key]) for w, m in replies if isinstance(m[key], int | float)]
+        values = [(w, float(v)) for w, m in replies if isinstance(v := m[key], int | float)]
         if len(values) != len(replies):
             continue
         if key in PEAK_KEYS:
@@ -167,11 +167,11 @@ def _reply_problem(msg: Message, reference: State) -> str | None:
     content = msg.content
     if ARRAYS_KEY not in content.array_records or METRICS_KEY not in content.metric_records:
         return f"reply lacks the {ARRAYS_KEY!r} ArrayRecord or the {METRICS_KEY!r} MetricRecord"
-    weight = content[METRICS_KEY].get(WEIGHT_KEY)
+    weight = content.metric_records[METRICS_KEY].get(WEIGHT_KEY)
     if not isinstance(weight, int | float) or not weight > 0:
         return f"{WEIGHT_KEY} must be a positive number, got {weight!r}"
     try:
-        state = from_arrays(content[ARRAYS_KEY])
+        state = from_arrays(content.array_records[ARRAYS_KEY])
     except (TypeError, ValueError) as err:
         return f"arrays cannot be decoded: {err}"
     return check_update(state, reference)

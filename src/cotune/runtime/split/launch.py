@@ -88,9 +88,13 @@ def grpc_connector(cfg: Config, address: str, token: str, device_id: int | None 
     return connect
 
 
-def inprocess_connector(cfg: Config, endpoint: CloudEndpoint, device_id: int, token: str) -> Connect:
+def inprocess_connector(
+    cfg: Config, endpoint: CloudEndpoint, device_id: int, token: str
+) -> Connect:
     def connect() -> Transport:
-        return InProcessTransport(endpoint, device_id, token, max_message_bytes=max_message_bytes(cfg))
+        return InProcessTransport(
+            endpoint, device_id, token, max_message_bytes=max_message_bytes(cfg)
+        )
 
     return connect
 
@@ -151,11 +155,15 @@ def run_split(
     result.extra.update(info)
     if spec.devices(cfg) > 1:
         result.extra["train_wall_s"] = train_wall
-        _log_final(recorder, result, t0, steps=max(int(o.result.extra.get("steps", 0)) for o in outcomes))
+        _log_final(
+            recorder, result, t0, steps=max(int(o.result.extra.get("steps", 0)) for o in outcomes)
+        )
     return result
 
 
-def _log_final(recorder: Recorder, result: MethodResult, t0: float, steps: int | None = None) -> None:
+def _log_final(
+    recorder: Recorder, result: MethodResult, t0: float, steps: int | None = None
+) -> None:
     step = steps if steps is not None else int(result.extra.get("steps", 0))
     recorder.log_eval(
         {"step": step, **result.metrics, "bytes_up": result.bytes_up,
@@ -177,7 +185,9 @@ def run_in_process(
     endpoint = CloudEndpoint(service, TokenBook(tokens))
     if len(ids) == 1:
         i = ids[0]
-        result = spec.device(cfg, i, inprocess_connector(cfg, endpoint, i, tokens[i]), recorder, run_dir)
+        result = spec.device(
+            cfg, i, inprocess_connector(cfg, endpoint, i, tokens[i]), recorder, run_dir
+        )
         outcomes = [outcome_of(i, result, spec)]
     else:
         shared = _SharedRecorder(recorder)
@@ -224,7 +234,9 @@ def _link_files(cfg: Config, ids: list[int]) -> Iterator[tuple[Path, Path, dict[
 
 
 def _cloud_outcome(out: Path) -> CloudOutcome:
-    info = json.loads((out / CLOUD_INFO_FILE).read_text()) if (out / CLOUD_INFO_FILE).exists() else {}
+    info = (
+        json.loads((out / CLOUD_INFO_FILE).read_text()) if (out / CLOUD_INFO_FILE).exists() else {}
+    )
     state = load_file(str(out / CLOUD_STATE_FILE)) if (out / CLOUD_STATE_FILE).exists() else {}
     return CloudOutcome(state, int(info.get("steps", 0)), int(info.get("trainable_params", 0)))
 

@@ -30,7 +30,6 @@ from cotune.training import seed_everything, set_threads
 log = logging.getLogger(__name__)
 
 
-
 CLOUD_STATE_FILE = "cloud_trainable.safetensors"
 CLOUD_INFO_FILE = "cloud.json"
 
