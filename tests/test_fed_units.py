@@ -20,8 +20,8 @@ from cotune.methods.federated.aggregation import check_update, weighted_average
 from cotune.methods.federated.data import split_train
 from cotune.methods.fedkd import mutual_distillation_losses
 from cotune.runtime.federated.checkpoint import ServerCheckpoint, load_checkpoint, save_checkpoint
-from cotune.runtime.federated.sampling import sample_partitions
-from cotune.runtime.federated.wire import message_bytes, messages_bytes, to_arrays
+from cotune.runtime.federated.client_sampling import sample_partitions
+from cotune.runtime.federated.records import message_bytes, messages_bytes, to_arrays
 
 POSITIVE = ["good", "great", "charming", "witty", "lovely", "brilliant", "moving", "fun"]
 NEGATIVE = ["bad", "dull", "boring", "awful", "lifeless", "clumsy", "tedious", "weak"]

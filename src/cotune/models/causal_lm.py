@@ -65,7 +65,7 @@ def build_lm(
     # lock private RNG streams take, so threads (splitfed's simulated devices) neither
     # build at once nor swap RNG states mid-build.
     with RNG_LOCK:
-        lm = load_causal_lm(model_cfg.name, seed=seed)
+        lm: nn.Module = load_causal_lm(model_cfg.name, seed=seed)
         if model_cfg.lora is not None:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -58,6 +58,27 @@ def last_token_pool(hidden_states: Tensor, attention_mask: Tensor | None) -> Ten
     positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
     last = (positions * (attention_mask > 0)).argmax(dim=1)
     return hidden_states[torch.arange(hidden_states.shape[0], device=hidden_states.device), last]
+
+
+class _Pools(Protocol):
+    """What `SequenceClassifier.pool` reads (the split cloud segment borrows the method)."""
+
+    @property
+    def pooling(self) -> str: ...
+
+
+class _Classifies(Protocol):
+    """What `classify` and `loss` read (the split head segment borrows both methods)."""
+
+    @property
+    def dropout(self) -> nn.Module: ...
+    @property
+    def head(self) -> nn.Module: ...
+    @property
+    def problem(self) -> str: ...
+    @property
+    def label_smoothing(self) -> float: ...
+    def loss(self, logits: Tensor, labels: Tensor) -> Tensor: ...
 
 
 class SequenceClassifier(nn.Module):
@@ -111,7 +132,7 @@ class SequenceClassifier(nn.Module):
             kwargs["token_type_ids"] = token_type_ids
         return self.backbone(**kwargs).last_hidden_state
 
-    def pool(self, hidden_states: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+    def pool(self: _Pools, hidden_states: Tensor, attention_mask: Tensor | None = None) -> Tensor:
         """(batch, tokens, hidden) -> (batch, hidden) by this model's pooling."""
         if self.pooling == "mean":
             return mean_pool(hidden_states, attention_mask)
@@ -119,13 +140,15 @@ class SequenceClassifier(nn.Module):
             return last_token_pool(hidden_states, attention_mask)
         return hidden_states[:, 0]
 
-    def classify(self, pooled: Tensor, labels: Tensor | None = None) -> ClassifierOutput:
+    def classify(
+        self: _Classifies, pooled: Tensor, labels: Tensor | None = None
+    ) -> ClassifierOutput:
         """Dropout + head on pooled features, and the loss when labels are given."""
         logits = self.head(self.dropout(pooled))
         loss = None if labels is None else self.loss(logits, labels)
         return ClassifierOutput(loss=loss, logits=logits)
 
-    def loss(self, logits: Tensor, labels: Tensor) -> Tensor:
+    def loss(self: _Classifies, logits: Tensor, labels: Tensor) -> Tensor:
         if self.problem == "regression":
             return nn.functional.mse_loss(logits.squeeze(-1).float(), labels.float())
         return nn.functional.cross_entropy(

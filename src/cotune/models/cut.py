@@ -60,6 +60,12 @@ def _with_cache(fn: Callable[..., Any], cache: Any) -> dict[str, Any]:
 Labels = Literal["cloud", "device"]
 Ctx = dict[str, Any]
 
+# A transformers base model, or one of its layers or blocks, reached through the attribute
+# names of its family's layout (`backbone.encoder.layer`, `layer.mlp.gate_proj`, ...).
+# Several architectures share one layout (mistral and qwen2 run as llama), so no one class
+# describes it, and nn.Module's `__getattr__` types every such attribute `Tensor | Module`.
+HFModule = Any
+
 
 # ----------------------------------------------------------------------------- families
 
@@ -71,17 +77,17 @@ class _Family:
     causal = False
 
     # embeddings -------------------------------------------------------------
-    def embed_modules(self, backbone: nn.Module) -> dict[str, nn.Module]:
+    def embed_modules(self, backbone: HFModule) -> dict[str, nn.Module]:
         raise NotImplementedError
 
     def embed(self, m: nn.ModuleDict, inputs: dict[str, Tensor | None]) -> Tensor:
         raise NotImplementedError
 
     # layers -----------------------------------------------------------------
-    def layers(self, backbone: nn.Module) -> nn.ModuleList:
+    def layers(self, backbone: HFModule) -> nn.ModuleList:
         raise NotImplementedError
 
-    def shared_modules(self, backbone: nn.Module) -> dict[str, nn.Module]:
+    def shared_modules(self, backbone: HFModule) -> dict[str, nn.Module]:
         """Parameter-free modules both sides need (e.g. rotary embeddings)."""
         return {}
 
@@ -106,25 +112,25 @@ class _Family:
         return layer(hidden, ctx["mask"])
 
     # final norm ---------------------------------------------------------------
-    def final_modules(self, backbone: nn.Module) -> dict[str, nn.Module]:
+    def final_modules(self, backbone: HFModule) -> dict[str, nn.Module]:
         return {}
 
     def final(self, m: nn.ModuleDict, hidden: Tensor) -> Tensor:
         return hidden
 
     # SFT: the cut layer split inside its FFN ----------------------------------
-    def sft_device_modules(self, layer: nn.Module) -> dict[str, nn.Module]:
+    def sft_device_modules(self, layer: HFModule) -> dict[str, nn.Module]:
         raise NotImplementedError
 
     def sft_pre_ffn(self, m: nn.ModuleDict, hidden: Tensor, ctx: Ctx) -> Tensor:
         """Layer `cut` up to the FFN's input (attention block, its residual and norms)."""
         raise NotImplementedError
 
-    def sft_ffn_in(self, layer: nn.Module) -> tuple[Tensor, Tensor | None]:
+    def sft_ffn_in(self, layer: HFModule) -> tuple[Tensor, Tensor | None]:
         """The first FFN matrix as (weight [d_ff, d], bias [d_ff] or None)."""
         raise NotImplementedError
 
-    def sft_cloud_modules(self, layer: nn.Module) -> dict[str, nn.Module]:
+    def sft_cloud_modules(self, layer: HFModule) -> dict[str, nn.Module]:
         raise NotImplementedError
 
     def sft_post_ffn(self, m: nn.ModuleDict, u: Tensor) -> Tensor:
@@ -159,7 +165,7 @@ class _Lambda(nn.Module):
 class _Bert(_Family):
     name = "bert"
 
-    def embed_modules(self, backbone: nn.Module) -> dict[str, nn.Module]:
+    def embed_modules(self, backbone: HFModule) -> dict[str, nn.Module]:
         return {"embeddings": backbone.embeddings}
 
     def embed(self, m: nn.ModuleDict, inputs: dict[str, Tensor | None]) -> Tensor:
@@ -167,51 +173,51 @@ class _Bert(_Family):
             input_ids=inputs["input_ids"], token_type_ids=inputs.get("token_type_ids")
         )
 
-    def layers(self, backbone: nn.Module) -> nn.ModuleList:
+    def layers(self, backbone: HFModule) -> nn.ModuleList:
         return backbone.encoder.layer
 
-    def sft_device_modules(self, layer: nn.Module) -> dict[str, nn.Module]:
+    def sft_device_modules(self, layer: HFModule) -> dict[str, nn.Module]:
         return {"attention": layer.attention}
 
     def sft_pre_ffn(self, m: nn.ModuleDict, hidden: Tensor, ctx: Ctx) -> Tensor:
         return m["attention"](hidden, ctx["mask"])[0]
 
-    def sft_ffn_in(self, layer: nn.Module) -> tuple[Tensor, Tensor | None]:
+    def sft_ffn_in(self, layer: HFModule) -> tuple[Tensor, Tensor | None]:
         lin = _linear(layer.intermediate.dense, "intermediate.dense")
         return lin.weight, lin.bias
 
-    def sft_cloud_modules(self, layer: nn.Module) -> dict[str, nn.Module]:
+    def sft_cloud_modules(self, layer: HFModule) -> dict[str, nn.Module]:
         return {"act": _act(layer.intermediate.intermediate_act_fn), "output": layer.output}
 
     def sft_post_ffn(self, m: nn.ModuleDict, u: Tensor) -> Tensor:
-        out = m["output"]
+        out: HFModule = m["output"]
         return out.LayerNorm(out.dropout(out.dense(m["act"](u))))
 
 
 class _DistilBert(_Family):
     name = "distilbert"
 
-    def embed_modules(self, backbone: nn.Module) -> dict[str, nn.Module]:
+    def embed_modules(self, backbone: HFModule) -> dict[str, nn.Module]:
         return {"embeddings": backbone.embeddings}
 
     def embed(self, m: nn.ModuleDict, inputs: dict[str, Tensor | None]) -> Tensor:
         return m["embeddings"](inputs["input_ids"], None, None)
 
-    def layers(self, backbone: nn.Module) -> nn.ModuleList:
+    def layers(self, backbone: HFModule) -> nn.ModuleList:
         return backbone.transformer.layer
 
-    def sft_device_modules(self, layer: nn.Module) -> dict[str, nn.Module]:
+    def sft_device_modules(self, layer: HFModule) -> dict[str, nn.Module]:
         return {"attention": layer.attention, "sa_layer_norm": layer.sa_layer_norm}
 
     def sft_pre_ffn(self, m: nn.ModuleDict, hidden: Tensor, ctx: Ctx) -> Tensor:
         attn = m["attention"](hidden, attention_mask=ctx["mask"])[0]
         return m["sa_layer_norm"](attn + hidden)
 
-    def sft_ffn_in(self, layer: nn.Module) -> tuple[Tensor, Tensor | None]:
+    def sft_ffn_in(self, layer: HFModule) -> tuple[Tensor, Tensor | None]:
         lin = _linear(layer.ffn.lin1, "ffn.lin1")
         return lin.weight, lin.bias
 
-    def sft_cloud_modules(self, layer: nn.Module) -> dict[str, nn.Module]:
+    def sft_cloud_modules(self, layer: HFModule) -> dict[str, nn.Module]:
         return {
             "act": _act(layer.ffn.activation),
             "lin2": layer.ffn.lin2,
@@ -227,16 +233,16 @@ class _Llama(_Family):
     name = "llama"
     causal = True
 
-    def embed_modules(self, backbone: nn.Module) -> dict[str, nn.Module]:
+    def embed_modules(self, backbone: HFModule) -> dict[str, nn.Module]:
         return {"embed_tokens": backbone.embed_tokens}
 
     def embed(self, m: nn.ModuleDict, inputs: dict[str, Tensor | None]) -> Tensor:
         return m["embed_tokens"](inputs["input_ids"])
 
-    def layers(self, backbone: nn.Module) -> nn.ModuleList:
+    def layers(self, backbone: HFModule) -> nn.ModuleList:
         return backbone.layers
 
-    def shared_modules(self, backbone: nn.Module) -> dict[str, nn.Module]:
+    def shared_modules(self, backbone: HFModule) -> dict[str, nn.Module]:
         return {"rotary_emb": backbone.rotary_emb}
 
     def context(
@@ -253,13 +259,13 @@ class _Llama(_Family):
             **_with_cache(type(layer).forward, ctx["cache"]),
         )  # fmt: skip
 
-    def final_modules(self, backbone: nn.Module) -> dict[str, nn.Module]:
+    def final_modules(self, backbone: HFModule) -> dict[str, nn.Module]:
         return {"norm": backbone.norm}
 
     def final(self, m: nn.ModuleDict, hidden: Tensor) -> Tensor:
         return m["norm"](hidden)
 
-    def sft_device_modules(self, layer: nn.Module) -> dict[str, nn.Module]:
+    def sft_device_modules(self, layer: HFModule) -> dict[str, nn.Module]:
         return {
             "input_layernorm": layer.input_layernorm,
             "self_attn": layer.self_attn,
@@ -275,13 +281,13 @@ class _Llama(_Family):
         )[0]  # fmt: skip
         return m["post_attention_layernorm"](hidden + attn)
 
-    def sft_ffn_in(self, layer: nn.Module) -> tuple[Tensor, Tensor | None]:
+    def sft_ffn_in(self, layer: HFModule) -> tuple[Tensor, Tensor | None]:
         gate = _linear(layer.mlp.gate_proj, "mlp.gate_proj")
         up = _linear(layer.mlp.up_proj, "mlp.up_proj")
         bias = None if gate.bias is None else torch.cat([gate.bias, up.bias])
         return torch.cat([gate.weight, up.weight]), bias
 
-    def sft_cloud_modules(self, layer: nn.Module) -> dict[str, nn.Module]:
+    def sft_cloud_modules(self, layer: HFModule) -> dict[str, nn.Module]:
         return {"act": _act(layer.mlp.act_fn), "down_proj": layer.mlp.down_proj}
 
     def sft_post_ffn(self, m: nn.ModuleDict, u: Tensor) -> Tensor:
@@ -293,7 +299,7 @@ class _Gpt2(_Family):
     name = "gpt2"
     causal = True
 
-    def embed_modules(self, backbone: nn.Module) -> dict[str, nn.Module]:
+    def embed_modules(self, backbone: HFModule) -> dict[str, nn.Module]:
         return {"wte": backbone.wte, "wpe": backbone.wpe, "drop": backbone.drop}
 
     def embed(self, m: nn.ModuleDict, inputs: dict[str, Tensor | None]) -> Tensor:
@@ -302,7 +308,7 @@ class _Gpt2(_Family):
         pos = torch.arange(ids.shape[1], device=ids.device).unsqueeze(0)
         return m["drop"](m["wte"](ids) + m["wpe"](pos))
 
-    def layers(self, backbone: nn.Module) -> nn.ModuleList:
+    def layers(self, backbone: HFModule) -> nn.ModuleList:
         return backbone.h
 
     def run_layer(self, layer: nn.Module, hidden: Tensor, ctx: Ctx) -> Tensor:
@@ -311,13 +317,13 @@ class _Gpt2(_Family):
             use_cache=ctx["cache"] is not None, position_ids=ctx["position_ids"],
         )  # fmt: skip
 
-    def final_modules(self, backbone: nn.Module) -> dict[str, nn.Module]:
+    def final_modules(self, backbone: HFModule) -> dict[str, nn.Module]:
         return {"ln_f": backbone.ln_f}
 
     def final(self, m: nn.ModuleDict, hidden: Tensor) -> Tensor:
         return m["ln_f"](hidden)
 
-    def sft_device_modules(self, layer: nn.Module) -> dict[str, nn.Module]:
+    def sft_device_modules(self, layer: HFModule) -> dict[str, nn.Module]:
         return {"ln_1": layer.ln_1, "attn": layer.attn, "ln_2": layer.ln_2}
 
     def sft_pre_ffn(self, m: nn.ModuleDict, hidden: Tensor, ctx: Ctx) -> Tensor:
@@ -329,13 +335,13 @@ class _Gpt2(_Family):
         )[0]
         return m["ln_2"](attn + hidden)
 
-    def sft_ffn_in(self, layer: nn.Module) -> tuple[Tensor, Tensor | None]:
+    def sft_ffn_in(self, layer: HFModule) -> tuple[Tensor, Tensor | None]:
         conv = layer.mlp.c_fc
         if type(conv).__name__ != "Conv1D":
             _linear(conv, "mlp.c_fc")
         return conv.weight.T, conv.bias  # Conv1D stores [d, d_ff]
 
-    def sft_cloud_modules(self, layer: nn.Module) -> dict[str, nn.Module]:
+    def sft_cloud_modules(self, layer: HFModule) -> dict[str, nn.Module]:
         mlp = layer.mlp
         return {"act": _act(mlp.act), "c_proj": mlp.c_proj, "dropout": mlp.dropout}
 
@@ -346,26 +352,26 @@ class _Gpt2(_Family):
 class _Vit(_Family):
     name = "vit"
 
-    def embed_modules(self, backbone: nn.Module) -> dict[str, nn.Module]:
+    def embed_modules(self, backbone: HFModule) -> dict[str, nn.Module]:
         return {"embeddings": backbone.embeddings}
 
     def embed(self, m: nn.ModuleDict, inputs: dict[str, Tensor | None]) -> Tensor:
         pixels = inputs["pixel_values"]
         assert pixels is not None
-        emb = m["embeddings"]
+        emb: HFModule = m["embeddings"]
         pixels = pixels.to(emb.patch_embeddings.projection.weight.dtype)
         return emb(pixels, bool_masked_pos=None, interpolate_pos_encoding=None)
 
-    def layers(self, backbone: nn.Module) -> nn.ModuleList:
+    def layers(self, backbone: HFModule) -> nn.ModuleList:
         return backbone.layers if hasattr(backbone, "layers") else backbone.encoder.layer
 
-    def final_modules(self, backbone: nn.Module) -> dict[str, nn.Module]:
+    def final_modules(self, backbone: HFModule) -> dict[str, nn.Module]:
         return {"layernorm": backbone.layernorm}
 
     def final(self, m: nn.ModuleDict, hidden: Tensor) -> Tensor:
         return m["layernorm"](hidden)
 
-    def sft_device_modules(self, layer: nn.Module) -> dict[str, nn.Module]:
+    def sft_device_modules(self, layer: HFModule) -> dict[str, nn.Module]:
         return {
             "layernorm_before": layer.layernorm_before,
             "attention": layer.attention,
@@ -377,11 +383,11 @@ class _Vit(_Family):
         attn = m["attention"](m["layernorm_before"](hidden), ctx["mask"])[0]
         return m["layernorm_after"](m["dropout"](attn) + hidden)
 
-    def sft_ffn_in(self, layer: nn.Module) -> tuple[Tensor, Tensor | None]:
+    def sft_ffn_in(self, layer: HFModule) -> tuple[Tensor, Tensor | None]:
         lin = _linear(layer.mlp.fc1, "mlp.fc1")
         return lin.weight, lin.bias
 
-    def sft_cloud_modules(self, layer: nn.Module) -> dict[str, nn.Module]:
+    def sft_cloud_modules(self, layer: HFModule) -> dict[str, nn.Module]:
         mlp = layer.mlp
         return {"act": _act(mlp.activation_fn), "fc2": mlp.fc2, "dropout": layer.dropout}
 
@@ -592,6 +598,7 @@ class SplitClassifier:
 
 def num_layers(model: nn.Module) -> int:
     clf = unwrap(model)
+    assert isinstance(clf, SequenceClassifier)
     return len(FAMILY_OPS[clf.family].layers(clf.backbone))
 
 
@@ -633,7 +640,7 @@ def cut_classifier(
 def cut_parts(
     model: nn.Module,
     family: _Family,
-    backbone: nn.Module,
+    backbone: HFModule,
     cut: int,
     *,
     sft_rank: int | None,

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from cotune.errors import ModelError
 from cotune.models.causal_lm import LMOutput, completion_loss
-from cotune.models.cut import FAMILY_OPS, CloudSegment, SplitClassifier, cut_parts
+from cotune.models.cut import FAMILY_OPS, CloudSegment, HFModule, SplitClassifier, cut_parts
 from cotune.models.lora import unwrap
 
 
@@ -44,7 +44,7 @@ def cut_causal_lm(
     """Cut a causal LM (a `CompletionLM`, or a peft-wrapped / plain HF causal LM) at
     layer `cut`. Labels (next tokens) live on the cloud with the LM head."""
     lm = getattr(model, "lm", model)
-    base = unwrap(lm)
+    base: HFModule = unwrap(lm)  # the HF causal LM
     family = getattr(base.config, "model_type", "")
     family = {"mistral": "llama", "qwen2": "llama"}.get(family, family)
     if family not in ("llama", "gpt2"):
@@ -58,7 +58,7 @@ def cut_causal_lm(
         names=names,
         device=device,
         cloud=cloud,
-        head=LMHeadSegment(base.get_output_embeddings(), label_smoothing),  # type: ignore[arg-type]
+        head=LMHeadSegment(base.get_output_embeddings(), label_smoothing),
         labels="cloud",
         width=width,
         hidden_size=int(backbone.config.hidden_size),

@@ -28,6 +28,7 @@ from torch import Tensor, nn
 
 from cotune.config.schema import ProxyConfig
 from cotune.errors import ModelError
+from cotune.models.cut import HFModule
 from cotune.models.lora import unwrap
 
 PROXY_FAMILIES = ("bert", "roberta")
@@ -51,7 +52,7 @@ def encoder_layers(model: nn.Module) -> nn.ModuleList:
     return layers
 
 
-def ffn_linears(layer: nn.Module) -> tuple[nn.Linear, nn.Linear]:
+def ffn_linears(layer: HFModule) -> tuple[nn.Linear, nn.Linear]:
     return layer.intermediate.dense, layer.output.dense
 
 
@@ -160,7 +161,7 @@ def _linear_like(src: nn.Linear, in_f: int, out_f: int) -> nn.Linear:
     return lin.to(dtype=src.weight.dtype, device=src.weight.device)
 
 
-def shrink_ffn(layer: nn.Module, neurons: Tensor) -> None:
+def shrink_ffn(layer: HFModule, neurons: Tensor) -> None:
     """Keep only FFN neurons `neurons` (sorted indices) of `layer`, in place."""
     inter, out = ffn_linears(layer)
     idx = neurons.to(torch.long)
@@ -190,7 +191,7 @@ def _apply_plan(proxy: nn.Module, plan: ProxyPlan, neurons: dict[int, Tensor]) -
     layers = encoder_layers(proxy)
     if plan.kind == "layer_drop":
         kept = nn.ModuleList([layers[i] for i in plan.layer_map])
-        parent = unwrap(proxy)
+        parent: HFModule = unwrap(proxy)
         parent = getattr(parent, "backbone", parent)
         parent.encoder.layer = kept
         parent.config.num_hidden_layers = len(kept)

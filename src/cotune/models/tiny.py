@@ -10,6 +10,8 @@ patches.
 
 from __future__ import annotations
 
+from typing import TypedDict
+
 from transformers import (
     BertConfig,
     DistilBertConfig,
@@ -40,6 +42,13 @@ MINILM_SEP_ID = 102
 TINY_FAMILIES = ("bert", "roberta", "distilbert", "llama", "gpt2", "vit")
 
 
+class _CommonText(TypedDict):
+    """Config keys every tiny text family shares."""
+
+    vocab_size: int
+    pad_token_id: int
+
+
 def tiny_config(
     family: str,
     *,
@@ -49,7 +58,7 @@ def tiny_config(
     eos_token_id: int = MINILM_SEP_ID,
 ) -> PretrainedConfig:
     """A tiny config of `family`; token ids default to the minilm tokenizer's."""
-    common_text = {"vocab_size": vocab_size, "pad_token_id": pad_token_id}
+    common_text: _CommonText = {"vocab_size": vocab_size, "pad_token_id": pad_token_id}
     if family == "bert":
         return BertConfig(
             **common_text,

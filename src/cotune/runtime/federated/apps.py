@@ -111,7 +111,7 @@ def query(message: Message, context: Context) -> Message:
 def train(message: Message, context: Context) -> Message:
     """One round of local training on this node's partition."""
     from cotune.methods.registry import federated_spec
-    from cotune.runtime.federated.wire import from_arrays, to_arrays
+    from cotune.runtime.federated.records import from_arrays, to_arrays
 
     content = message.content
     config = content.config_records[CONFIG_KEY]

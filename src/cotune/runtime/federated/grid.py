@@ -7,7 +7,7 @@ from collections.abc import Iterable
 from flwr.app import Message
 from flwr.serverapp import Grid
 
-from cotune.runtime.federated.wire import messages_bytes
+from cotune.runtime.federated.records import messages_bytes
 
 
 class CountingGrid:

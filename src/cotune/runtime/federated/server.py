@@ -38,7 +38,7 @@ from cotune.runtime.federated.keys import (
     number,
 )
 from cotune.runtime.federated.strategy import CotuneFedAvg
-from cotune.runtime.federated.wire import from_arrays, to_arrays
+from cotune.runtime.federated.records import from_arrays, to_arrays
 
 log = logging.getLogger("cotune.federated")
 

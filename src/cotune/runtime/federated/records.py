@@ -1,4 +1,5 @@
-"""Bytes of a Flower message as it crosses the wire.
+"""Flower records on the wire: a model state in and out of an ArrayRecord, and the bytes a
+message takes.
 
 Flower 1.41 sends a message as a tree of content-addressed objects (the message
 head, its RecordDict, each ArrayRecord, Array and ArrayChunk), each serialised by its
