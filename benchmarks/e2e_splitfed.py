@@ -1,5 +1,5 @@
 """E2E NLG: centralized LoRA vs splitfed (3 devices, cut 3) vs fedlora (3 clients), and
-the untuned model, on one budget (METHODS.md section 2, issue 5).
+the untuned model, on one budget (SplitLoRA's E2E comparison).
 
 Budget (the same for every method): `--steps` optimiser steps over a batch of `--batch`
 examples. centralized takes `steps` steps of `batch`; splitfed's 3 devices each take
@@ -31,6 +31,7 @@ METRICS = ("bleu", "nist", "meteor", "rouge_l", "cider")
 
 def base_config(args: argparse.Namespace, method: str) -> Any:
     from cotune.config import build_config
+    from cotune.methods import resolve
 
     per_device = args.batch // 3
     raw: dict[str, Any] = {
@@ -70,20 +71,20 @@ def base_config(args: argparse.Namespace, method: str) -> Any:
     if method == "fedlora":
         raw["federated"].update(rounds=args.steps // args.local, local_steps=args.local)
         raw["train"].pop("steps")
-    return build_config(raw)
+    return resolve(build_config(raw))
 
 
 def device_param_bytes(cfg: Any, method: str) -> int:
     """Bytes of the weights a device holds: the device segment for splitfed, the whole
     model otherwise."""
-    from cotune.methods.lm import build_lm
+    from cotune.models.causal_lm import build_lm
 
     if method == "splitfed":
         from cotune.methods.splitfed import build_lm_split
 
         split, _, _, _ = build_lm_split(cfg)
         return sum(p.numel() * p.element_size() for p in split.device.parameters())
-    model, _, _ = build_lm(cfg)
+    model, _, _ = build_lm(cfg.model, seed=cfg.seed, label_smoothing=cfg.train.label_smoothing)
     return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
@@ -96,27 +97,33 @@ def run_method(args: argparse.Namespace, method: str, out: Path) -> dict[str, An
     t0 = time.perf_counter()
     if method == "untuned":
         from cotune.methods.federated.data import task_for
-        from cotune.methods.lm import build_lm, evaluate_generation, write_outputs
-        from cotune.methods.training import set_threads
+        from cotune.models.causal_lm import build_lm
+        from cotune.training import set_threads
+        from cotune.training.evaluation import evaluate_generation, write_generations
 
         set_threads(cfg.train)
-        model, tokenizer, _ = build_lm(cfg)
+        model, tokenizer, _ = build_lm(
+            cfg.model, seed=cfg.seed, label_smoothing=cfg.train.label_smoothing
+        )
         task = task_for(cfg)
-        metrics, texts = evaluate_generation(model.lm, tokenizer, task, cfg)
-        write_outputs(run.path, task, texts)
+        metrics, texts = evaluate_generation(model.lm, tokenizer, task, cfg.generation)
+        write_generations(run.path, task, texts)
         return {"method": "untuned", "metrics": metrics, "wall_s": time.perf_counter() - t0}
     if method == "fedlora":
-        from cotune.runtime.federated import run_federated
+        from cotune.runtime.federated.engine import run_federated
 
-        result = run_federated(cfg, run, run.path, engine="inline")
-    elif method == "splitfed":
-        from cotune.methods.splitfed import run as run_splitfed
+        # the ServerApp writes metrics.jsonl into the run folder itself
+        result = run_federated(cfg, run.path, engine="inline")
+    else:  # centralized, splitfed: the method's spec, reporting into the run folder
+        from safetensors.torch import save_file
 
-        result = run_splitfed(cfg, run, run.path)
-    else:
-        from cotune.methods.centralized import run as run_centralized
+        from cotune.runtime.experiment import run_method as run_spec
 
-        result = run_centralized(cfg, run, run.path)
+        result = run_spec(cfg, run)
+        for name, tensors in result.saved.items():  # the trained tensors, as a run keeps them
+            if tensors:
+                save_file({k: v.detach().contiguous() for k, v in tensors.items()},
+                          str(run.path / name))  # fmt: skip
     wall = time.perf_counter() - t0
     return {
         "method": method,

@@ -30,10 +30,9 @@ from typing import Any
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from cotune.config import load_config  # noqa: E402
 from cotune.report import read_summary  # noqa: E402
 from cotune.report.run_folder import read_jsonl  # noqa: E402
-from cotune.runtime.local import run_experiment  # noqa: E402
+from cotune.runtime.experiment import load_experiment, run_experiment  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 METHODS = ("fedavg", "fedlora", "fedkd")
@@ -98,7 +97,7 @@ class TreePeakRSS:
 
 
 def run_one(method: str, overrides: list[str], out: Path) -> dict[str, Any]:
-    cfg = load_config(ROOT / "examples" / f"sst2-{method}.toml", overrides)
+    cfg = load_experiment(ROOT / "examples" / f"sst2-{method}.toml", overrides)
     t0 = time.perf_counter()
     with TreePeakRSS() as mem:
         path = run_experiment(cfg, out)

@@ -42,7 +42,7 @@ from flwr.app import Context, Message  # noqa: E402
 from flwr.clientapp.typing import ClientAppCallable  # noqa: E402
 
 from cotune.config import build_config  # noqa: E402
-from cotune.methods import NullRecorder  # noqa: E402
+from cotune.methods import resolve  # noqa: E402
 from cotune.report.run_folder import read_jsonl  # noqa: E402
 from cotune.runtime.federated.apps import build_client_app  # noqa: E402
 from cotune.runtime.federated.engine import run_federated  # noqa: E402
@@ -95,7 +95,7 @@ def config_for(run: str) -> Any:
         data["proxy"].update(proxy)
     else:
         del data["proxy"]
-    return build_config(data)
+    return resolve(build_config(data))
 
 
 class ClientClock:
@@ -120,9 +120,7 @@ def run_one(run: str, out_root: Path) -> dict[str, Any]:
     shutil.rmtree(run_dir, ignore_errors=True)
     clock = ClientClock()
     t0 = time.perf_counter()
-    result = run_federated(
-        cfg, NullRecorder(), run_dir, engine="inline", client_app=build_client_app([clock])
-    )
+    result = run_federated(cfg, run_dir, engine="inline", client_app=build_client_app([clock]))
     wall = time.perf_counter() - t0
     rounds = read_jsonl(run_dir / "metrics.jsonl")
     last = rounds[-1]
@@ -201,17 +199,11 @@ def proxy_only(steps: int) -> dict[str, Any]:
     elsewhere), measure its per-layer gap to the FM on held-out bbc-news text, align
     it layer by layer for `steps` steps, measure again."""
     from cotune.data import encode
-    from cotune.methods.federated.models import build_model
-    from cotune.methods.federated.pft import GAP_BATCHES, _batches, public_examples
-    from cotune.methods.federated.seeds import derive_seed
-    from cotune.methods.training import seed_everything
-    from cotune.models.proxy import (
-        align,
-        build_proxy,
-        ffn_param_names,
-        layer_gaps,
-        non_embedding_params,
-    )
+    from cotune.methods.federated.client import client_adapter
+    from cotune.methods.fedpft.alignment import align, layer_gaps
+    from cotune.methods.fedpft.cloud import GAP_BATCHES, _batches, public_examples
+    from cotune.models.proxy import build_proxy, ffn_param_names, non_embedding_params
+    from cotune.training import derive_seed, seed_everything
 
     cfg = config_for("fedpft-iid")
     torch_threads = cfg.train.threads
@@ -219,7 +211,7 @@ def proxy_only(steps: int) -> dict[str, Any]:
 
     torch.set_num_threads(torch_threads or 1)
     seed_everything(derive_seed(cfg.seed, "global-init"))
-    fm, tok = build_model(cfg)
+    fm, tok = client_adapter(cfg).build_model()
     proxy, plan, _ = build_proxy(fm, cfg.proxy)
     text, held_out = public_examples(cfg)
     held = _batches(encode(held_out, tok, cfg.train.max_seq_len), tok, cfg, 1)

@@ -65,15 +65,18 @@ def _bbc_batches(n: int, batch: int, seq: int) -> tuple[Any, Any, list[dict]]:
 
     from cotune.config import build_config
     from cotune.data import encode, load_task, make_loader
-    from cotune.methods.training import seed_everything
+    from cotune.methods import resolve
     from cotune.models import build_classifier
+    from cotune.training import seed_everything
 
-    cfg = build_config(
-        {
-            "task": {"name": "bbc-news"},
-            "model": {"name": "minilm"},
-            "train": {"batch_size": batch, "max_seq_len": seq, "lr": 5e-5},
-        }
+    cfg = resolve(
+        build_config(
+            {
+                "task": {"name": "bbc-news"},
+                "model": {"name": "minilm"},
+                "train": {"batch_size": batch, "max_seq_len": seq, "lr": 5e-5},
+            }
+        )
     )
     seed_everything(0)
     task = load_task(cfg.task, 0)
@@ -96,8 +99,7 @@ def worker_memory(mode: str, keep: float, steps: int, batch: int, seq: int) -> d
 
     from cotune.config import MemoryConfig
     from cotune.memory import apply_memory_option
-    from cotune.methods.loop import fit
-    from cotune.methods.training import make_optimizer
+    from cotune.training import ModelStep, fit, make_optimizer
 
     torch.set_num_threads(1)
     cfg, model, batches = _bbc_batches(steps, batch, seq)
@@ -105,7 +107,8 @@ def worker_memory(mode: str, keep: float, steps: int, batch: int, seq: int) -> d
     optimizer = make_optimizer(model.parameters(), cfg)
     saved, peak, times = [], [], []
     for b in batches:
-        st = fit(model, iter([b]), 1, optimizer, None, max_grad_norm=1.0)
+        # a fresh step per batch: its saved-bytes maximum covers this step only
+        st = fit(ModelStep(model, optimizer, None, max_grad_norm=1.0), iter([b]), 1)
         saved.append(st.saved_activation_bytes)
         peak.append(st.peak_rss_bytes)
         times.append(st.train_s)
@@ -125,8 +128,7 @@ def worker_time(
 
     from cotune.config import MemoryConfig
     from cotune.memory import apply_memory_option, remove_memory_option
-    from cotune.methods.loop import fit
-    from cotune.methods.training import make_optimizer
+    from cotune.training import ModelStep, fit, make_optimizer
 
     torch.set_num_threads(threads)
     cfgs = configs(keeps)
@@ -137,8 +139,8 @@ def worker_time(
         for mode, keep in cfgs:
             if mode != "none":
                 apply_memory_option(model, MemoryConfig(backward=mode, keep=keep))
-            st = fit(model, iter(batches), len(batches), optimizer, None, max_grad_norm=1.0,
-                     measure=False)  # fmt: skip
+            step = ModelStep(model, optimizer, None, max_grad_norm=1.0, measure=False)
+            st = fit(step, iter(batches), len(batches), measure=False)
             remove_memory_option(model)
             if r > 0:
                 times[label(mode, keep)].append(st.train_s / len(batches))

@@ -4,7 +4,7 @@ minilm, full fine-tuning, SST-2 batches (batch 32, max 48 tokens). Three ways to
 optimiser step on the same batch sequence, measured in interleaved rounds so that load
 drift on a shared machine hits all three alike:
 
-- `centralized`: the whole model in this process (`methods.loop.train_step`);
+- `centralized`: the whole model in this process (`training.train_step`);
 - `inprocess`: split at `--cut` with `--codec`, the cloud in this process behind the
   in-process transport (serialization and byte counting included);
 - `grpc`: the same split with the cloud in a separate `cotune cloud` process on
@@ -22,9 +22,13 @@ import argparse
 import json
 import os
 import platform
+import secrets
 import statistics
 import sys
+import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -32,17 +36,60 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from cotune.config import build_config  # noqa: E402
+from cotune.config import Config, build_config, to_toml  # noqa: E402
 from cotune.data import encode, load_task, make_loader  # noqa: E402
-from cotune.methods.loop import train_step  # noqa: E402
-from cotune.methods.split import build_split, grpc_factory, inprocess_factory  # noqa: E402
-from cotune.methods.split.device import SplitDevice  # noqa: E402
-from cotune.methods.training import make_optimizer, make_schedule  # noqa: E402
+from cotune.link.auth import TokenBook, write_token_file  # noqa: E402
+from cotune.link.service import CloudEndpoint  # noqa: E402
+from cotune.methods import resolve  # noqa: E402
+from cotune.methods.split import SplitCloud, SplitDevice, build_split  # noqa: E402
 from cotune.models import build_classifier, load_tokenizer  # noqa: E402
-from cotune.runtime.split_cloud import loopback_cloud  # noqa: E402
+from cotune.runtime.launcher import LOOPBACK, Child, cotune_command, stop_all  # noqa: E402
+from cotune.runtime.split.launch import (  # noqa: E402
+    STARTUP_TIMEOUT_S,
+    Connect,
+    grpc_connector,
+    inprocess_connector,
+)
+from cotune.training import make_optimizer, make_schedule, train_step  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
+
+
+def inprocess_cloud(cfg: Config) -> Connect:
+    """A `SplitCloud` in this process behind a fresh random token, reached in-process."""
+    device_id = cfg.runtime.device_id
+    token = secrets.token_urlsafe(24)
+    endpoint = CloudEndpoint(SplitCloud(cfg), TokenBook({device_id: token}))
+    return inprocess_connector(cfg, endpoint, device_id, token)
+
+
+@contextmanager
+def loopback_cloud(cfg: Config) -> Iterator[tuple[str, str]]:
+    """A `cotune cloud` process on 127.0.0.1 (a free port) for this config, with a fresh
+    token for device `runtime.device_id`; yields (address, token), stops it on exit."""
+    device_id = cfg.runtime.device_id
+    with tempfile.TemporaryDirectory(prefix="cotune-cloud-") as tmp:
+        folder = Path(tmp)
+        tokens_path = folder / "tokens"
+        token = write_token_file(tokens_path, [device_id])[device_id]
+        cloud_cfg = cfg.model_copy(deep=True)
+        cloud_cfg.runtime.tokens = str(tokens_path)
+        cloud_cfg.runtime.tls_cert = cloud_cfg.runtime.tls_key = None  # loopback: no TLS
+        cfg_path = folder / "config.toml"
+        cfg_path.write_text(to_toml(cloud_cfg))
+        port_file = folder / "port"
+        cloud = Child(
+            cotune_command("cloud", "--config", str(cfg_path), "--listen", f"{LOOPBACK}:0",
+                           "--port-file", str(port_file)),
+            folder / "cloud.log",
+        )  # fmt: skip
+        try:
+            wait = max(STARTUP_TIMEOUT_S, cfg.runtime.connect_timeout_s)
+            port = int(cloud.wait_for_file(port_file, wait, "the loopback cloud"))
+            yield f"{LOOPBACK}:{port}", token
+        finally:
+            stop_all([cloud], grace=60.0)
 
 
 def main() -> int:
@@ -77,6 +124,7 @@ def main() -> int:
             "runtime": {"connect_timeout_s": 1800},  # a busy machine starts the cloud slowly
         }
     )  # fmt: skip
+    resolve(cfg)
     task = load_task(cfg.task, cfg.seed)
     tok = load_tokenizer("minilm")
     loader = make_loader(
@@ -90,16 +138,16 @@ def main() -> int:
     opt = make_optimizer(model.parameters(), cfg)
     sched = make_schedule(opt, total, cfg.train)
 
-    def split_device(factory) -> SplitDevice:  # type: ignore[no-untyped-def]
+    def split_device(connect: Connect) -> SplitDevice:
         split, codec = build_split(cfg, n_labels, kind)
-        dev = SplitDevice(cfg, split, codec, factory(), num_labels=n_labels, problem=kind)
+        dev = SplitDevice(cfg, split, codec, connect(), num_labels=n_labels, problem=kind)
         dev.connect(total)
         return dev
 
-    inproc = split_device(inprocess_factory(cfg))
+    inproc = split_device(inprocess_cloud(cfg))
     times: dict[str, list[float]] = {"centralized": [], "inprocess": [], "grpc": []}
     with loopback_cloud(cfg) as (address, token):
-        remote = split_device(grpc_factory(cfg, address, token))
+        remote = split_device(grpc_connector(cfg, address, token))
         ways = {
             "centralized": lambda b: train_step(model, b, opt, sched, max_grad_norm=1.0),
             "inprocess": inproc.train_step,

@@ -29,14 +29,16 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from cotune.config import build_config  # noqa: E402
 from cotune.data import encode, load_task, make_loader  # noqa: E402
-from cotune.methods.loop import fit  # noqa: E402
-from cotune.methods.training import (  # noqa: E402
+from cotune.methods import resolve  # noqa: E402
+from cotune.models import build_classifier  # noqa: E402
+from cotune.training import (  # noqa: E402
+    ModelStep,
     autocast,
+    fit,
     make_optimizer,
     make_schedule,
     seed_everything,
 )
-from cotune.models import build_classifier  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -95,12 +97,14 @@ def main() -> None:
     ap.add_argument("--out", default=str(RESULTS / "train_throughput.json"))
     args = ap.parse_args()
 
-    cfg = build_config(
-        {
-            "task": {"name": "bbc-news"},
-            "model": {"name": "minilm"},
-            "train": {"batch_size": args.batch, "max_seq_len": args.seq, "lr": 5e-5},
-        }
+    cfg = resolve(
+        build_config(
+            {
+                "task": {"name": "bbc-news"},
+                "model": {"name": "minilm"},
+                "train": {"batch_size": args.batch, "max_seq_len": args.seq, "lr": 5e-5},
+            }
+        )
     )
     seed_everything(0)
     task = load_task(cfg.task, 0)
@@ -136,17 +140,19 @@ def main() -> None:
         dtype = torch.float32 if precision == "fp32" else torch.bfloat16
         optimizer = make_optimizer(model.parameters(), cfg)
         schedule = make_schedule(optimizer, 10_000, cfg.train)
-        hand_loop(model, batches[:2], optimizer, precision)  # warm-up both paths
-        fit(model, iter(batches[:2]), 2, optimizer, schedule, precision=precision,
-            max_grad_norm=cfg.train.max_grad_norm)  # fmt: skip
+        # cotune's step function: train_step with saved-tensor measurement, as in a run
+        step = ModelStep(model, optimizer, schedule, precision=precision,
+                         max_grad_norm=cfg.train.max_grad_norm)  # fmt: skip
+        warm = batches[:2]  # warm-up both paths (fewer batches when --steps is 1)
+        hand_loop(model, warm, optimizer, precision)
+        fit(step, iter(warm), len(warm))
         hand_times, cotune_times = [], []
         for _ in range(args.rounds):  # alternate blocks so drift hits both loops alike
             t0 = time.perf_counter()
             hand_loop(model, batches, optimizer, precision)
             hand_times.append(time.perf_counter() - t0)
             t0 = time.perf_counter()
-            fit(model, iter(batches), len(batches), optimizer, schedule, precision=precision,
-                max_grad_norm=cfg.train.max_grad_norm)  # fmt: skip
+            fit(step, iter(batches), len(batches))
             cotune_times.append(time.perf_counter() - t0)
         flops = step_flops(model, batches[0], precision)
         peak = matmul_flops_per_s(dtype)

@@ -37,8 +37,8 @@ from cotune.runtime.federated.keys import (
     WEIGHT_KEY,
     number,
 )
-from cotune.runtime.federated.strategy import CotuneFedAvg
 from cotune.runtime.federated.records import from_arrays, to_arrays
+from cotune.runtime.federated.strategy import CotuneFedAvg
 
 log = logging.getLogger("cotune.federated")
 

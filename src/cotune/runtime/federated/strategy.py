@@ -18,8 +18,8 @@ from flwr.serverapp.strategy import FedAvg
 
 from cotune.methods.federated.aggregation import check_update, weighted_average
 from cotune.methods.spec import State
-from cotune.runtime.federated.keys import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, WEIGHT_KEY, number
 from cotune.runtime.federated.client_sampling import sample_partitions
+from cotune.runtime.federated.keys import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, WEIGHT_KEY, number
 from cotune.runtime.federated.records import from_arrays, to_arrays
 
 log = logging.getLogger("cotune.federated")
