@@ -10,7 +10,7 @@ import os
 import tomllib
 from pathlib import Path
 
-from test_fed_units import write_sst2
+from helpers import write_sst2
 
 from cotune.cli.main import main
 from cotune.report.run_folder import read_jsonl

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 from flwr.app import Array, Message, MessageType, MetricRecord, RecordDict
-from test_fed_units import tiny_config, write_sst2
+from helpers import tiny_config, write_sst2
 
 from cotune.methods import NullRecorder
 from cotune.methods.federated import GlobalModel, local_train

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_fed_units import tiny_config, write_sst2
+from helpers import tiny_config, write_sst2
 
 from cotune.cli.main import main
 from cotune.methods import NullRecorder

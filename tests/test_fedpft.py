@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from flwr.app import Context, Message
-from test_fed_units import tiny_config, write_sst2
+from helpers import tiny_config, write_sst2
 
 from cotune.methods import NullRecorder
 from cotune.methods.federated.models import build_model

@@ -15,13 +15,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from split_helpers import one_thread  # noqa: F401
 
 from cotune.cli.main import main
 from cotune.config import build_config, to_toml
 from cotune.errors import ConfigError
 from cotune.link.auth import write_token_file
 from cotune.methods.split import device_token, run
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 CONFIG: dict[str, Any] = {
     "name": "split-grpc-test",

@@ -7,14 +7,14 @@ import signal
 import subprocess
 from pathlib import Path
 
-from test_splitfed import config, write_e2e
+from helpers import splitfed_config, write_e2e
 
 from cotune.methods.result import NullRecorder
 from cotune.methods.splitfed.launch import run_loopback
 
 
 def test_three_device_processes_survive_one_being_killed(tmp_path: Path) -> None:
-    cfg = config(
+    cfg = splitfed_config(
         write_e2e(tmp_path / "e2e", n_train=9),
         train={"steps": 6, "batch_size": 1},
         split={"server": "shared"},
