@@ -1,11 +1,12 @@
-# cotune: `make demo` sets up and runs the main job; `make test` sets up and runs the tests.
+# cotune: `make demo` sets up and runs the main job; `make test` sets up and runs the tests
+# (`make test-fast`: all but the ones marked slow).
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.cotune-installed
 EXT := $(VENV)/.cotune-ext
 
-.PHONY: setup demo test lint format bench clean
+.PHONY: setup demo test test-fast lint format bench clean
 
 setup: $(STAMP) $(EXT)
 
@@ -31,6 +32,10 @@ demo: setup
 test: setup
 	$(VENV)/bin/ruff check src tests benchmarks
 	$(PY) -m pytest -q -p no:cacheprovider
+
+test-fast: setup
+	$(VENV)/bin/ruff check src tests benchmarks
+	$(PY) -m pytest -q -p no:cacheprovider -m "not slow"
 
 lint:
 	$(VENV)/bin/ruff check src tests benchmarks

@@ -10,6 +10,7 @@ import os
 import tomllib
 from pathlib import Path
 
+import pytest
 from helpers import write_sst2
 
 from cotune.cli.main import main
@@ -29,6 +30,7 @@ def _processes_with_env(needle: str) -> list[int]:
     return found
 
 
+@pytest.mark.slow
 def test_two_fedlora_rounds_on_a_loopback_superlink(tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
     data = write_sst2(tmp_path, n_train=80)
     run_dir = tmp_path / "run"

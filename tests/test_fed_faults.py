@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 from flwr.app import Array, Message, MessageType, MetricRecord, RecordDict
 from helpers import tiny_config, write_sst2
 
@@ -48,6 +49,7 @@ def faulty(message: Message, context, call_next):  # type: ignore[no-untyped-def
     return _poison(reply, "nan" if part == 2 else "shape") if part in (2, 3) else reply
 
 
+@pytest.mark.slow
 def test_failed_slow_and_bad_clients_do_not_stop_the_round(tmp_path: Path) -> None:
     data = write_sst2(tmp_path, n_train=100)
     cfg = tiny_config(data, federated={"clients": 5, "rounds": 1, "round_timeout": ROUND_TIMEOUT})

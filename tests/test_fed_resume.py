@@ -18,6 +18,7 @@ from cotune.runtime.federated.checkpoint import load_checkpoint
 from cotune.runtime.federated.engine import run_federated
 
 
+@pytest.mark.slow
 def test_stopped_and_resumed_run_equals_uninterrupted(tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
     data = write_sst2(tmp_path, n_train=120)
     # 3 clients, 2 sampled per round: the seeded sampling must also line up after resume

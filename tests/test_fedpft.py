@@ -37,6 +37,7 @@ class Tap:
         return call_next(msg, ctx)
 
 
+@pytest.mark.slow
 def test_fedpft_round_trip_sends_only_the_proxy_and_realigns(tmp_path: Path) -> None:
     data = write_sst2(tmp_path, n_train=96)
     cfg = tiny_config(

@@ -86,6 +86,7 @@ def inprocess(cli_cloud: dict[str, Any]) -> tuple[Records, Any]:
     return rec, result
 
 
+@pytest.mark.slow
 def test_grpc_loopback_matches_inprocess(inprocess: tuple[Records, Any]) -> None:
     rec, result = inprocess
     cfg = build_config({**CONFIG, "runtime": {**CONFIG["runtime"], "transport": "grpc"}})
@@ -98,6 +99,7 @@ def test_grpc_loopback_matches_inprocess(inprocess: tuple[Records, Any]) -> None
     assert result.bytes_up > 0 and result.bytes_down > 0
 
 
+@pytest.mark.slow
 def test_cloud_and_device_commands(
     cli_cloud: dict[str, Any], inprocess: tuple[Records, Any], capsys: pytest.CaptureFixture[str]
 ) -> None:

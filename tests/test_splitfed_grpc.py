@@ -7,12 +7,14 @@ import signal
 import subprocess
 from pathlib import Path
 
+import pytest
 from helpers import splitfed_config, write_e2e
 
 from cotune.methods.result import NullRecorder
 from cotune.methods.splitfed.launch import run_loopback
 
 
+@pytest.mark.slow
 def test_three_device_processes_survive_one_being_killed(tmp_path: Path) -> None:
     cfg = splitfed_config(
         write_e2e(tmp_path / "e2e", n_train=9),
