@@ -3,7 +3,9 @@ centralized SGD step on the concatenated batch; adapter averaging is counted."""
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -12,7 +14,7 @@ from helpers import splitfed_config, write_e2e
 from cotune.link.errors import MalformedMessage
 from cotune.methods.lm import LMCollator, build_lm, encode_pairs
 from cotune.methods.splitfed import Aggregator, simulate
-from cotune.methods.splitfed.cloud import SplitFedCloud
+from cotune.methods.splitfed.cloud import LMSession, SplitFedCloud
 
 
 def test_per_client_round_equals_one_centralized_sgd_step(tmp_path: Path) -> None:
@@ -50,7 +52,9 @@ def test_per_client_round_equals_one_centralized_sgd_step(tmp_path: Path) -> Non
     assert moved >= len(named) // 2  # the step changed the adapters (not a vacuous check)
 
 
-def test_devices_train_concurrently_and_averaging_is_counted(tmp_path: Path) -> None:
+def test_devices_train_concurrently_and_averaging_is_counted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     data_dir = write_e2e(tmp_path / "e2e", n_train=9)
     cfg = splitfed_config(
         data_dir,
@@ -58,6 +62,18 @@ def test_devices_train_concurrently_and_averaging_is_counted(tmp_path: Path) -> 
         split={"server": "shared"},
         federated={"aggregate_every": 2},
     )
+    # Each training step reaches the cloud only once every device's step has: the steps
+    # overlap whatever the scheduler does, and devices that could only take turns would
+    # never all get there (the barrier breaks after its timeout and the devices fail).
+    together = threading.Barrier(3, timeout=120)
+    handle = LMSession.handle
+
+    def handle_together(self: LMSession, msg: Any) -> Any:
+        if msg.WhichOneof("kind") == "forward" and msg.forward.backward:
+            together.wait()
+        return handle(self, msg)
+
+    monkeypatch.setattr(LMSession, "handle", handle_together)
     cloud, results = simulate(cfg)
     reports = [results[i] for i in range(3)]
     assert all(r.steps == 4 and r.rounds == [3, 3] for r in reports)
@@ -86,8 +102,6 @@ def test_aggregator_weights_by_data_size_and_skips_departed_devices() -> None:
     for d in (0, 1, 2):
         agg.join(d)
     agg.leave(2)  # e.g. killed: not waited for
-    import threading
-
     out = {}
 
     def submit(d: int, value: float, weight: float) -> None:

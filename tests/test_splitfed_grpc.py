@@ -8,10 +8,23 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from helpers import splitfed_config, write_e2e
+from helpers import eventually, splitfed_config, write_e2e
 
 from cotune.methods.result import NullRecorder
 from cotune.methods.splitfed.launch import run_loopback
+
+
+def _logged(folder: Path, device: int, step: int) -> bool:
+    log = (folder / f"device-{device}.log").read_text(errors="replace")
+    return f"splitfed device {device} step {step} " in log
+
+
+def _stopped(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True  # gone
+    return stat.rsplit(")", 1)[1].split()[0] in ("T", "t", "Z", "X")
 
 
 @pytest.mark.slow
@@ -25,12 +38,28 @@ def test_three_device_processes_survive_one_being_killed(tmp_path: Path) -> None
         generation={"num_beams": 2, "max_new_tokens": 6, "metrics": ["bleu", "rouge_l"]},
     )
     killed: list[int] = []
+    # Device 2 is killed once it has logged step 2. So that it cannot have run on to the
+    # end before `watch` (every 0.5 s) sees that line, device 0 is held (SIGSTOP) from
+    # the start until then: round 1's averaging waits for every device (bounded by
+    # federated.round_timeout), so device 2 stays in round 1 until it is killed.
+    held: list[int] = []
+    first_call = [True]
 
     def watch(devices: dict[int, subprocess.Popen[bytes]], folder: Path) -> None:
-        log = (folder / "device-2.log").read_text(errors="replace")
-        if not killed and "splitfed device 2 step 2 " in log:
+        if first_call:  # the devices were started just now
+            first_call.clear()
+            devices[0].send_signal(signal.SIGSTOP)
+            held.append(0)
+            eventually(lambda: _stopped(devices[0].pid), timeout=30)
+            if _logged(folder, 0, 2):  # already in round 1: it cannot hold device 2 back
+                devices[0].send_signal(signal.SIGCONT)
+                held.clear()
+        if not killed and _logged(folder, 2, 2):
             devices[2].send_signal(signal.SIGKILL)
             killed.append(2)
+        if held and (killed or devices[2].poll() is not None):
+            devices[0].send_signal(signal.SIGCONT)
+            held.clear()
 
     result = run_loopback(cfg, NullRecorder(), tmp_path / "run", watch=watch, timeout=300)
     assert killed == [2]
