@@ -1,11 +1,12 @@
-# cotune: `make demo` sets up and runs the main job; `make test` sets up and runs the tests.
+# cotune: `make demo` sets up and runs the main job; `make test` sets up and runs the tests
+# (`make test-fast`: all but the ones marked slow).
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.cotune-installed
 EXT := $(VENV)/.cotune-ext
 
-.PHONY: setup demo test lint format bench clean
+.PHONY: setup demo test test-fast lint format bench clean
 
 setup: $(STAMP) $(EXT)
 
@@ -28,9 +29,13 @@ demo: setup
 	$(VENV)/bin/cotune run examples/bbc-news-lora.toml --out runs/demo
 	$(VENV)/bin/cotune compare runs/demo --plot runs/demo/compare.png
 
-# static checks first (seconds), then the tests
+# the static checks (make lint), then every test
 test: setup lint
 	$(PY) -m pytest -q -p no:cacheprovider
+
+# the same, without the tests marked slow (under 3 minutes of pytest on 2 cores)
+test-fast: setup lint
+	$(PY) -m pytest -q -p no:cacheprovider -m "not slow"
 
 # ruff (lint + format), the layer contracts (import-linter) and the type checker (mypy)
 lint: setup

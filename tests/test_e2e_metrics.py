@@ -66,6 +66,7 @@ def test_nist_matches_nltk_doctest() -> None:
     assert nist([h2], [[r1, r2, r3]], lowercase=False) == pytest.approx(1.4619, abs=1e-4)
 
 
+@pytest.mark.slow
 @needs_java
 def test_meteor_rouge_cider_match_nlgeval_readme_example() -> None:
     scores = e2e_scores(NLGEVAL_HYP, NLGEVAL_REFS)
@@ -78,6 +79,7 @@ def test_meteor_rouge_cider_match_nlgeval_readme_example() -> None:
     assert perfect == {"bleu": pytest.approx(100.0), "rouge_l": pytest.approx(100.0)}
 
 
+@pytest.mark.slow
 @needs_java
 def test_empty_output_scores_zero_without_hanging() -> None:
     scores = e2e_scores(["", NLGEVAL_HYP[1]], NLGEVAL_REFS, ["meteor", "rouge_l"])

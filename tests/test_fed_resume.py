@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_fed_units import tiny_config, write_sst2
+from helpers import tiny_config, write_sst2
 
 from cotune.cli.main import main
 from cotune.report.run_folder import read_jsonl
@@ -17,6 +17,7 @@ from cotune.runtime.federated.checkpoint import load_checkpoint
 from cotune.runtime.federated.engine import run_federated
 
 
+@pytest.mark.slow
 def test_stopped_and_resumed_run_equals_uninterrupted(tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
     data = write_sst2(tmp_path, n_train=120)
     # 3 clients, 2 sampled per round: the seeded sampling must also line up after resume

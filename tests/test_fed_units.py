@@ -1,11 +1,9 @@
 """Federated building blocks without an engine: aggregation, update screening, the
-fedkd losses, seeded sampling, message byte counting and checkpoints. Also the small
-helpers the other test_fed_* files share (a synthetic SST-2 folder, a tiny config)."""
+fedkd losses, seeded sampling, message byte counting and checkpoints."""
 
 from __future__ import annotations
 
 import math
-import random
 from pathlib import Path
 
 import numpy as np
@@ -13,8 +11,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+from helpers import tiny_config
 
-from cotune.config import Config, build_config
+from cotune.config import build_config
 from cotune.methods import resolve
 from cotune.methods.federated.aggregation import check_update, weighted_average
 from cotune.methods.federated.data import split_train
@@ -22,47 +21,6 @@ from cotune.methods.fedkd import mutual_distillation_losses
 from cotune.runtime.federated.checkpoint import ServerCheckpoint, load_checkpoint, save_checkpoint
 from cotune.runtime.federated.client_sampling import sample_partitions
 from cotune.runtime.federated.records import message_bytes, messages_bytes, to_arrays
-
-POSITIVE = ["good", "great", "charming", "witty", "lovely", "brilliant", "moving", "fun"]
-NEGATIVE = ["bad", "dull", "boring", "awful", "lifeless", "clumsy", "tedious", "weak"]
-FILLER = ["the", "movie", "film", "plot", "is", "a", "very", "and", "story", "acting"]
-
-
-def write_sst2(root: Path, n_train: int = 160, n_dev: int = 48, seed: int = 0) -> Path:
-    """An SST-2-layout folder whose label is carried by sentiment words."""
-    rng = random.Random(seed)
-    d = root / "SST-2"
-    d.mkdir(parents=True, exist_ok=True)
-
-    def rows(n: int) -> list[str]:
-        out = ["sentence\tlabel"]
-        for _ in range(n):
-            label = rng.randint(0, 1)
-            words = rng.sample(FILLER, 5) + rng.sample(POSITIVE if label else NEGATIVE, 2)
-            rng.shuffle(words)
-            out.append(f"{' '.join(words)} .\t{label}")
-        return out
-
-    (d / "train.tsv").write_text("\n".join(rows(n_train)) + "\n")
-    (d / "dev.tsv").write_text("\n".join(rows(n_dev)) + "\n")
-    return d
-
-
-def tiny_config(data_dir: Path, **sections: dict) -> Config:
-    """A fedlora config on tiny-bert that trains in about a second per client round."""
-    data: dict = {
-        "name": "test-fed",
-        "method": "fedlora",
-        "seed": 0,
-        "task": {"name": "glue/sst2", "data_dir": str(data_dir), "max_eval_examples": 32},
-        "model": {"name": "tiny-bert"},
-        "train": {"batch_size": 8, "max_seq_len": 24, "threads": 1},
-        "federated": {"clients": 2, "rounds": 2, "local_steps": 2},
-    }
-    for key, value in sections.items():
-        data[key] = {**data.get(key, {}), **value} if isinstance(value, dict) else value
-    return resolve(build_config(data))
-
 
 # ----------------------------------------------------------------------- aggregation
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from flwr.app import Context, Message
-from test_fed_units import tiny_config, write_sst2
+from helpers import tiny_config, write_sst2
 
 from cotune.methods.federated.client import client_adapter
 from cotune.methods.fedpft.cloud import META_KEY, PROXY_KEY
@@ -37,6 +37,7 @@ class Tap:
         return call_next(msg, ctx)
 
 
+@pytest.mark.slow
 def test_fedpft_round_trip_sends_only_the_proxy_and_realigns(tmp_path: Path) -> None:
     data = write_sst2(tmp_path, n_train=96)
     cfg = tiny_config(

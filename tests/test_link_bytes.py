@@ -7,13 +7,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from split_helpers import TOKEN, batch_for, inprocess_pair, make_device, one_thread, tiny_cfg  # noqa: F401
+from helpers import TOKEN, batch_for, inprocess_pair, make_device, tiny_cfg
 
 from cotune.link.accounting import GRPC_PREFIX_BYTES
 from cotune.link.auth import TokenBook
 from cotune.link.grpc_transport import GrpcTransport
 from cotune.link.proto import pb
 from cotune.runtime.split.serve import CloudServer
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 HIDDEN = 64  # tiny models
 

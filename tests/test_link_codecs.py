@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from split_helpers import one_thread  # noqa: F401
 
 from cotune.config import LinkConfig
 from cotune.link.codecs import FloatFormat, Int8Format, TopKFormat, make_codec
@@ -14,6 +13,8 @@ from cotune.link.pca import PcaProjection
 from cotune.link.proto import pb
 from cotune.link.wire import from_wire, pack_mask, to_wire, unpack_mask
 from cotune.models.cut import SftFactors
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize(

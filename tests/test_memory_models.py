@@ -21,17 +21,11 @@ from cotune.memory import (
 from cotune.models import build_classifier, unwrap
 from cotune.training import ModelStep, fit
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 FAMILIES = ["bert", "roberta", "distilbert", "llama", "gpt2", "vit"]
 MODES = ["random", "norm", "backrazor"]
 HIDDEN = 64  # tiny models' width
-
-
-@pytest.fixture(autouse=True)
-def one_thread():  # type: ignore[no-untyped-def]
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _batch(family: str, b: int = 3, length: int = 16, seed: int = 1) -> dict[str, torch.Tensor]:

@@ -12,15 +12,9 @@ from cotune.memory.kernels import _pack_bits_torch, _unpack_bits_torch
 from cotune.memory.pack import Policy, pack, select_elems
 from cotune.memory.swap import swap_in
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 MODES = ["random", "norm", "backrazor"]
-
-
-@pytest.fixture(autouse=True)
-def one_thread():  # type: ignore[no-untyped-def]
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.mark.parametrize("n", [1, 7, 8, 9, 64, 1000])

@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from split_helpers import batch_for, inprocess_pair, one_thread, tiny_cfg  # noqa: F401
+from helpers import batch_for, inprocess_pair, tiny_cfg
 
 from cotune.memory import apply_memory_option, sparse_op_counts
 from cotune.models.rng import RngStream
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _capture(optimizer: torch.optim.Optimizer, named: dict, into: dict) -> None:

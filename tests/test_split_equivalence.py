@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from split_helpers import batch_for, inprocess_pair, one_thread, tiny_cfg  # noqa: F401
+from helpers import batch_for, inprocess_pair, tiny_cfg
 
 from cotune.models import build_classifier
 from cotune.models.rng import RngStream
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 FAMILIES = ["bert", "roberta", "distilbert", "llama", "gpt2", "vit"]
 

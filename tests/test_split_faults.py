@@ -7,13 +7,12 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
-from split_helpers import batch_for, make_device, one_thread, tiny_cfg  # noqa: F401
+from helpers import batch_for, eventually, make_device, tiny_cfg
 
 from cotune.link.auth import TokenBook
 from cotune.link.errors import AuthError, LinkClosed, LinkError, MalformedMessage, TooLarge
@@ -21,6 +20,8 @@ from cotune.link.grpc_transport import GrpcTransport, TlsFiles
 from cotune.link.proto import pb
 from cotune.link.wire import to_wire
 from cotune.runtime.split.serve import CloudServer
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 TOKENS = {0: "token-zero", 1: "token-one"}
 STEPS = 20
@@ -42,14 +43,6 @@ def _snapshot(srv: CloudServer) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in srv.cloud.named.items()}
 
 
-def _eventually(cond, timeout: float = 60.0) -> bool:  # type: ignore[no-untyped-def]
-    """The cloud's optimiser step runs after its answer is sent: wait for it (bounded)."""
-    deadline = time.monotonic() + timeout
-    while not cond() and time.monotonic() < deadline:
-        time.sleep(0.02)
-    return bool(cond())
-
-
 def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
@@ -65,6 +58,9 @@ def test_wrong_or_missing_token_is_refused_and_changes_nothing(server: CloudServ
     good = _device(server, 0, TOKENS[0])
     good.connect(STEPS)
     good.train_step(batch_for("bert"))
+    # the cloud's optimiser step runs after its answer is sent: let it finish before the
+    # snapshot, or it could land between the two snapshots
+    assert eventually(lambda: server.cloud.state(0).steps_done == 1)
     before, steps = _snapshot(server), server.cloud.steps
     intruder = _device(server, 1, "guess")
     with pytest.raises(AuthError):
@@ -132,8 +128,8 @@ def test_malformed_messages_get_an_error_while_others_train(server: CloudServer)
     assert not errors and len(done) == 4
     # the faulty device's stream is still usable: a valid step goes through
     faulty.train_step(batch)
-    assert _eventually(lambda: server.cloud.state(1).steps_done == 1)
-    assert _eventually(lambda: server.cloud.state(0).steps_done == 5)
+    assert eventually(lambda: server.cloud.state(1).steps_done == 1)
+    assert eventually(lambda: server.cloud.state(0).steps_done == 5)
     honest.transport.close()
     faulty.transport.close()
 
@@ -146,9 +142,7 @@ def test_device_dropping_mid_step_can_reconnect(server: CloudServer) -> None:
     msg, _ = dev._forward_message(batch, train=True)
     dev.transport.send(msg)  # step 1 sent; the device dies before the gradient arrives
     dev.transport.abort()
-    deadline = time.monotonic() + 30
-    while server.endpoint.active_devices() and time.monotonic() < deadline:
-        time.sleep(0.05)
+    eventually(lambda: server.endpoint.active_devices() == [])  # the cloud notices the drop
     assert server.endpoint.active_devices() == []
     assert server.cloud.state(0).steps_done in (1, 2)  # the cloud may have finished it
 
@@ -157,7 +151,7 @@ def test_device_dropping_mid_step_can_reconnect(server: CloudServer) -> None:
     dev.connect(STEPS, again)
     assert dev.steps_done == server.cloud.state(0).steps_done  # both sides agree
     dev.train_step(batch)
-    assert _eventually(lambda: dev.steps_done == server.cloud.state(0).steps_done)
+    assert eventually(lambda: dev.steps_done == server.cloud.state(0).steps_done)
     lr = server.cloud.optimizer.param_groups[0]["lr"]
     assert lr == pytest.approx(dev.optimizer.param_groups[0]["lr"])  # same LR schedule
     again.close()

@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from split_helpers import one_thread  # noqa: F401
 
 from cotune.cli.main import main
 from cotune.config import Config, build_config, to_toml
@@ -23,6 +22,8 @@ from cotune.errors import ConfigError
 from cotune.link.auth import write_token_file
 from cotune.methods import MethodResult, Recorder, get_spec, resolve
 from cotune.runtime.split.launch import device_token, run_split
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 CONFIG: dict[str, Any] = {
     "name": "split-grpc-test",
@@ -91,6 +92,7 @@ def inprocess(cli_cloud: dict[str, Any]) -> tuple[Records, Any]:
     return rec, result
 
 
+@pytest.mark.slow
 def test_grpc_loopback_matches_inprocess(inprocess: tuple[Records, Any]) -> None:
     rec, result = inprocess
     cfg = build_config({**CONFIG, "runtime": {**CONFIG["runtime"], "transport": "grpc"}})
@@ -103,6 +105,7 @@ def test_grpc_loopback_matches_inprocess(inprocess: tuple[Records, Any]) -> None
     assert result.bytes_up > 0 and result.bytes_down > 0
 
 
+@pytest.mark.slow
 def test_cloud_and_device_commands(
     cli_cloud: dict[str, Any], inprocess: tuple[Records, Any], capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -3,50 +3,21 @@ centralized SGD step on the concatenated batch; adapter averaging is counted."""
 
 from __future__ import annotations
 
-import csv
+import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
+from helpers import splitfed_config, write_e2e
 
-from cotune.config import build_config
 from cotune.data.pairs import PairCollator, encode_pairs
 from cotune.link.errors import MalformedMessage
 from cotune.methods import NullRecorder, get_spec, resolve
 from cotune.methods.splitfed import Aggregator
-from cotune.methods.splitfed.cloud import SplitFedCloud
+from cotune.methods.splitfed.cloud import LMSession, SplitFedCloud
 from cotune.models.causal_lm import build_lm
 from cotune.runtime.split.launch import run_in_process
-
-# Single WordPiece tokens, so every example has the same number of tokens.
-WORDS = ["red", "blue", "green", "black", "white", "brown", "gold", "pink", "gray"]
-
-
-def write_e2e(folder: Path, n_train: int) -> str:
-    folder.mkdir(parents=True, exist_ok=True)
-    rows = [(f"name[{w}], eatType[pub]", f"{w} is a pub near the river.") for w in WORDS]
-    for name, part in (("trainset.csv", rows[:n_train]), ("testset_w_refs.csv", rows[:2])):
-        with open(folder / name, "w", newline="") as f:
-            writer = csv.writer(f)
-            writer.writerow(["mr", "ref"])
-            writer.writerows(part)
-    return str(folder)
-
-
-def config(data_dir: str, **over):  # type: ignore[no-untyped-def]
-    raw = {
-        "method": "splitfed",
-        "seed": 3,
-        "task": {"name": "e2e", "data_dir": data_dir},
-        "model": {"name": "tiny-llama", "lora": {"r": 4, "alpha": 8, "dropout": 0.0}},
-        "train": {"steps": 1, "batch_size": 2, "max_seq_len": 32, "label_smoothing": 0.1},
-        "split": {"cut": 2},
-        "federated": {"clients": 3, "aggregate_every": 1, "round_timeout": 60},
-        "runtime": {"timeout_s": 120},
-    }
-    for section, values in over.items():
-        raw[section] = {**raw.get(section, {}), **values}
-    return build_config(raw)
 
 
 def simulate(cfg):  # type: ignore[no-untyped-def]
@@ -58,7 +29,7 @@ def simulate(cfg):  # type: ignore[no-untyped-def]
 
 def test_per_client_round_equals_one_centralized_sgd_step(tmp_path: Path) -> None:
     data_dir = write_e2e(tmp_path / "e2e", n_train=6)
-    cfg = config(
+    cfg = splitfed_config(
         data_dir,
         train={"optimizer": "sgd", "lr": 0.5, "warmup_ratio": 0.0, "max_grad_norm": None},
         split={"server": "per_client"},
@@ -93,14 +64,28 @@ def test_per_client_round_equals_one_centralized_sgd_step(tmp_path: Path) -> Non
     assert moved >= len(named) // 2  # the step changed the adapters (not a vacuous check)
 
 
-def test_devices_train_concurrently_and_averaging_is_counted(tmp_path: Path) -> None:
+def test_devices_train_concurrently_and_averaging_is_counted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     data_dir = write_e2e(tmp_path / "e2e", n_train=9)
-    cfg = config(
+    cfg = splitfed_config(
         data_dir,
         train={"steps": 4, "batch_size": 1},
         split={"server": "shared"},
         federated={"aggregate_every": 2},
     )
+    # Each training step reaches the cloud only once every device's step has: the steps
+    # overlap whatever the scheduler does, and devices that could only take turns would
+    # never all get there (the barrier breaks after its timeout and the devices fail).
+    together = threading.Barrier(3, timeout=120)
+    handle = LMSession.handle
+
+    def handle_together(self: LMSession, msg: Any) -> Any:
+        if msg.WhichOneof("kind") == "forward" and msg.forward.backward:
+            together.wait()
+        return handle(self, msg)
+
+    monkeypatch.setattr(LMSession, "handle", handle_together)
     cloud, results = simulate(cfg)
     reports = [results[i] for i in range(3)]
     assert all(r.result.extra["steps"] == 4 and r.result.extra["rounds"] == [3, 3] for r in reports)
@@ -133,8 +118,6 @@ def test_aggregator_weights_by_data_size_and_skips_departed_devices() -> None:
     for d in (0, 1, 2):
         agg.join(d)
     agg.leave(2)  # e.g. killed: not waited for
-    import threading
-
     out = {}
 
     def submit(d: int, value: float, weight: float) -> None:
@@ -157,7 +140,7 @@ def test_cloud_refuses_malformed_adapter_state(tmp_path: Path) -> None:
     from cotune.link.proto import pb
     from cotune.link.wire import to_wire
 
-    cfg = config(write_e2e(tmp_path / "e2e", n_train=6), split={"server": "per_client"})
+    cfg = splitfed_config(write_e2e(tmp_path / "e2e", n_train=6), split={"server": "per_client"})
     cloud = SplitFedCloud(cfg)
     session = cloud.open_session(0)
     cloud.cloud_for(0).build(30522, "causal_lm", 1)

@@ -1,0 +1,173 @@
+"""Plain helpers shared by the test modules (fixtures live in conftest.py).
+
+Split and link tests: tiny split configs, batches, a device + cloud pair.
+Federated tests: a synthetic SST-2 folder and a tiny fedlora config.
+splitfed tests: a synthetic E2E folder and a tiny splitfed config.
+Anything that waits on another thread or process: `eventually`.
+"""
+
+from __future__ import annotations
+
+import csv
+import random
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from cotune.config import Config, build_config
+from cotune.link.accounting import Tap
+from cotune.link.auth import TokenBook
+from cotune.link.service import CloudEndpoint
+from cotune.link.transport import InProcessTransport, Transport
+from cotune.methods import resolve
+from cotune.methods.split import SplitCloud, SplitDevice, build_split
+from cotune.models.rng import RngStream
+
+# ----------------------------------------------------------------------------- waiting
+
+
+def eventually(cond: Callable[[], object], timeout: float = 60.0, every: float = 0.02) -> bool:
+    """Wait until `cond()` holds, for at most `timeout` seconds; returns its last value.
+
+    For state that another thread or process updates after the call the test made has
+    returned (e.g. the cloud's optimiser step, which runs after its answer is sent). The
+    bound is generous: it only decides how long a broken run takes to fail.
+    """
+    deadline = time.monotonic() + timeout
+    while not cond() and time.monotonic() < deadline:
+        time.sleep(every)
+    return bool(cond())
+
+
+# ------------------------------------------------------------------------ split / link
+
+TOKEN = "secret-token-0"
+
+
+def tiny_cfg(family: str = "bert", **sections: dict) -> Config:
+    data: dict = {
+        "method": "split",
+        "seed": 0,
+        "model": {"name": f"tiny-{family}"},
+        "split": {"cut": 2, "labels": "cloud"},
+        "link": {"codec": "identity"},
+        "train": {"optimizer": "sgd", "lr": 0.1, "max_grad_norm": None, "max_seq_len": 32},
+    }
+    for key, value in sections.items():
+        data.setdefault(key, {}).update(value)
+    return build_config(data)
+
+
+def batch_for(family: str, b: int = 3, length: int = 7, seed: int = 1) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, 3, (b,), generator=g)
+    if family == "vit":
+        return {"pixel_values": torch.randn(b, 1, 28, 28, generator=g), "labels": labels}
+    ids = torch.randint(1000, 2000, (b, length), generator=g)
+    mask = torch.ones(b, length, dtype=torch.long)
+    for row in range(1, b):  # right padding of different lengths
+        mask[row, length - 2 * row :] = 0
+    ids[mask == 0] = 0
+    return {
+        "input_ids": ids,
+        "attention_mask": mask,
+        "token_type_ids": torch.zeros_like(ids),
+        "labels": labels,
+    }
+
+
+def make_device(
+    cfg: Config, transport: Transport, rng: RngStream | None = None, num_labels: int = 3
+) -> SplitDevice:
+    split, codec = build_split(cfg, num_labels, "classification")
+    return SplitDevice(
+        cfg, split, codec, transport, num_labels=num_labels, problem="classification", rng=rng
+    )
+
+
+def inprocess_pair(
+    cfg: Config, *, rng: RngStream | None = None, tap: Tap | None = None, total_steps: int = 10
+) -> tuple[SplitDevice, SplitCloud, CloudEndpoint]:
+    cloud = SplitCloud(cfg, rng=rng)
+    endpoint = CloudEndpoint(cloud, TokenBook({0: TOKEN}))
+    device = make_device(cfg, InProcessTransport(endpoint, 0, TOKEN, tap=tap), rng=rng)
+    device.connect(total_steps)
+    return device, cloud, endpoint
+
+
+# --------------------------------------------------------------------------- federated
+
+POSITIVE = ["good", "great", "charming", "witty", "lovely", "brilliant", "moving", "fun"]
+NEGATIVE = ["bad", "dull", "boring", "awful", "lifeless", "clumsy", "tedious", "weak"]
+FILLER = ["the", "movie", "film", "plot", "is", "a", "very", "and", "story", "acting"]
+
+
+def write_sst2(root: Path, n_train: int = 160, n_dev: int = 48, seed: int = 0) -> Path:
+    """An SST-2-layout folder whose label is carried by sentiment words."""
+    rng = random.Random(seed)
+    d = root / "SST-2"
+    d.mkdir(parents=True, exist_ok=True)
+
+    def rows(n: int) -> list[str]:
+        out = ["sentence\tlabel"]
+        for _ in range(n):
+            label = rng.randint(0, 1)
+            words = rng.sample(FILLER, 5) + rng.sample(POSITIVE if label else NEGATIVE, 2)
+            rng.shuffle(words)
+            out.append(f"{' '.join(words)} .\t{label}")
+        return out
+
+    (d / "train.tsv").write_text("\n".join(rows(n_train)) + "\n")
+    (d / "dev.tsv").write_text("\n".join(rows(n_dev)) + "\n")
+    return d
+
+
+def tiny_config(data_dir: Path, **sections: dict) -> Config:
+    """A fedlora config on tiny-bert that trains in about a second per client round."""
+    data: dict = {
+        "name": "test-fed",
+        "method": "fedlora",
+        "seed": 0,
+        "task": {"name": "glue/sst2", "data_dir": str(data_dir), "max_eval_examples": 32},
+        "model": {"name": "tiny-bert"},
+        "train": {"batch_size": 8, "max_seq_len": 24, "threads": 1},
+        "federated": {"clients": 2, "rounds": 2, "local_steps": 2},
+    }
+    for key, value in sections.items():
+        data[key] = {**data.get(key, {}), **value} if isinstance(value, dict) else value
+    return resolve(build_config(data))
+
+
+# ---------------------------------------------------------------------------- splitfed
+
+# Single WordPiece tokens, so every example has the same number of tokens.
+WORDS = ["red", "blue", "green", "black", "white", "brown", "gold", "pink", "gray"]
+
+
+def write_e2e(folder: Path, n_train: int) -> str:
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = [(f"name[{w}], eatType[pub]", f"{w} is a pub near the river.") for w in WORDS]
+    for name, part in (("trainset.csv", rows[:n_train]), ("testset_w_refs.csv", rows[:2])):
+        with open(folder / name, "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["mr", "ref"])
+            writer.writerows(part)
+    return str(folder)
+
+
+def splitfed_config(data_dir: str, **over):  # type: ignore[no-untyped-def]
+    raw = {
+        "method": "splitfed",
+        "seed": 3,
+        "task": {"name": "e2e", "data_dir": data_dir},
+        "model": {"name": "tiny-llama", "lora": {"r": 4, "alpha": 8, "dropout": 0.0}},
+        "train": {"steps": 1, "batch_size": 2, "max_seq_len": 32, "label_smoothing": 0.1},
+        "split": {"cut": 2},
+        "federated": {"clients": 3, "aggregate_every": 1, "round_timeout": 60},
+        "runtime": {"timeout_s": 120},
+    }
+    for section, values in over.items():
+        raw[section] = {**raw.get(section, {}), **values}
+    return build_config(raw)
