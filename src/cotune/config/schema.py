@@ -12,6 +12,11 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
+MemoryOp = Literal["linear", "matmul", "softmax", "layernorm", "activation"]
+MEMORY_OPS: tuple[MemoryOp, ...] = ("linear", "matmul", "softmax", "layernorm", "activation")
+GenerationMetric = Literal["bleu", "nist", "meteor", "rouge_l", "cider"]
+GENERATION_METRICS: tuple[GenerationMetric, ...] = ("bleu", "nist", "meteor", "rouge_l", "cider")
+
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
@@ -93,9 +98,7 @@ class MemoryConfig(_Section):
     keep: float = Field(default=0.5, gt=0, le=1)
     rescale: bool = True
     norm: Literal["linf", "l1", "l2"] = "linf"
-    ops: list[Literal["linear", "matmul", "softmax", "layernorm", "activation"]] = Field(
-        default_factory=lambda: ["linear", "matmul", "softmax", "layernorm", "activation"]
-    )
+    ops: list[MemoryOp] = Field(default_factory=lambda: list(MEMORY_OPS))
 
 
 class RuntimeConfig(_Section):
@@ -130,9 +133,7 @@ class GenerationConfig(_Section):
     no_repeat_ngram_size: int = Field(default=4, ge=0)
     max_new_tokens: int = Field(default=64, ge=1)
     batch_size: int = Field(default=8, ge=1)
-    metrics: list[Literal["bleu", "nist", "meteor", "rouge_l", "cider"]] = Field(
-        default_factory=lambda: ["bleu", "nist", "meteor", "rouge_l", "cider"]
-    )
+    metrics: list[GenerationMetric] = Field(default_factory=lambda: list(GENERATION_METRICS))
 
 
 class KDConfig(_Section):

@@ -72,7 +72,9 @@ def load_bbc(
     label_names = sorted({topic for topic, _ in pairs})
     index = {name: i for i, name in enumerate(label_names)}
     examples = [Example(text.strip(), None, index[topic]) for topic, text in pairs]
-    train_idx, test_idx = stratified_split([ex.label for ex in examples], test_fraction, seed)
+    train_idx, test_idx = stratified_split(
+        [index[topic] for topic, _ in pairs], test_fraction, seed
+    )
     train = subsample([examples[i] for i in train_idx], max_train, seed, "train")
     test = subsample([examples[i] for i in test_idx], max_eval, seed, "eval")
     return Task(

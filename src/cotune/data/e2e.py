@@ -14,8 +14,11 @@ from __future__ import annotations
 
 import csv
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import numpy as np
 
 from cotune.data.sampling import rng_for, subsample
 from cotune.data.task import Example, Task
@@ -74,7 +77,9 @@ class GenerationTask(Task):
 
     references: dict[str, list[list[str]]] = field(default_factory=dict)
 
-    def compute_metrics(self, split: str, preds, labels=None) -> dict[str, float]:  # type: ignore[override]
+    def compute_metrics(  # type: ignore[override]
+        self, split: str, preds: Sequence[str], labels: np.ndarray | None = None
+    ) -> dict[str, float]:
         """The E2E metrics of generated texts `preds` (one per input of `split`)."""
         from cotune.data.e2e_metrics import e2e_scores
 
@@ -152,7 +157,7 @@ def load_e2e(
         )
     return GenerationTask(
         name=NAME,
-        kind="generation",  # type: ignore[arg-type]
+        kind="generation",
         num_labels=0,
         label_names=[],
         train=subsample(train, max_train_examples, seed, "train"),

@@ -57,7 +57,9 @@ def bleu(hyps: Sequence[str], refs: Sequence[Sequence[str]], lowercase: bool = T
 
     width = max(len(r) for r in refs)
     streams = [[r[k] if k < len(r) else None for r in refs] for k in range(width)]
-    score = sacrebleu.corpus_bleu(list(hyps), streams, lowercase=lowercase, tokenize="13a")
+    # sacrebleu skips None references (inputs with fewer references) but annotates the
+    # streams as Sequence[Sequence[str]]
+    score = sacrebleu.corpus_bleu(list(hyps), streams, lowercase=lowercase, tokenize="13a")  # type: ignore[arg-type]
     return float(score.score)
 
 

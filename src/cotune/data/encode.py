@@ -37,7 +37,7 @@ class EncodedDataset(Dataset):
         return EncodedDataset([self.items[i] for i in indices])
 
 
-def _tokenize(tokenizer, examples: list[Example], max_len: int) -> dict[str, list]:
+def _tokenize(tokenizer: Any, examples: list[Example], max_len: int) -> dict[str, list]:
     texts_a = [ex.text_a for ex in examples]
     if examples[0].text_b is None:
         return tokenizer(texts_a, truncation=True, max_length=max_len)
@@ -45,7 +45,7 @@ def _tokenize(tokenizer, examples: list[Example], max_len: int) -> dict[str, lis
     return tokenizer(texts_a, texts_b, truncation=True, max_length=max_len)
 
 
-def encode(examples: list[Example], tokenizer, max_len: int) -> EncodedDataset:
+def encode(examples: list[Example], tokenizer: Any, max_len: int) -> EncodedDataset:
     """Tokenise `examples` in batches (truncated to `max_len`, no padding)."""
     items: list[dict[str, Any]] = [{} for _ in examples]
     for start in range(0, len(examples), ENCODE_BATCH):

@@ -9,7 +9,7 @@ from __future__ import annotations
 import csv
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from cotune import hub
 from cotune.data.task import Example
@@ -45,7 +45,7 @@ class GlueSpec:
         return "regression" if self.label_values is None else "classification"
 
 
-def _spec(key: str, folder: str, **kw) -> GlueSpec:
+def _spec(key: str, folder: str, **kw: Any) -> GlueSpec:
     kw.setdefault("header", None)
     kw.setdefault("n_columns", None)
     kw.setdefault("text_b", None)
@@ -203,7 +203,10 @@ def read_tsv(spec: GlueSpec, path: Path) -> list[Example]:
         reader = csv.reader(fh, delimiter="\t", quoting=csv.QUOTE_NONE)
         if spec.header is None:
             n_columns = spec.n_columns
-            cols = {"a": spec.text_a, "b": spec.text_b, "label": spec.label}
+            # a header-less spec gives its columns by index, a spec with a header by name
+            assert isinstance(spec.text_a, int) and isinstance(spec.label, int)
+            assert spec.text_b is None or isinstance(spec.text_b, int)
+            col_a, col_b, col_label = spec.text_a, spec.text_b, spec.label
             layout = f"{n_columns} tab-separated columns and no header"
         else:
             header = next(reader, None)
@@ -219,11 +222,11 @@ def read_tsv(spec: GlueSpec, path: Path) -> list[Example]:
                     f"file in GLUE layout has a header naming {', '.join(spec.header)}"
                 )
             n_columns = len(header)
-            cols = {
-                "a": header.index(spec.text_a),
-                "b": None if spec.text_b is None else header.index(spec.text_b),
-                "label": header.index(spec.label),
-            }
+            assert isinstance(spec.text_a, str) and isinstance(spec.label, str)
+            assert spec.text_b is None or isinstance(spec.text_b, str)
+            col_a = header.index(spec.text_a)
+            col_b = None if spec.text_b is None else header.index(spec.text_b)
+            col_label = header.index(spec.label)
             layout = f"{n_columns} tab-separated columns like its header"
         for row in reader:
             if not row:
@@ -231,9 +234,9 @@ def read_tsv(spec: GlueSpec, path: Path) -> list[Example]:
             where = f"{path} line {reader.line_num}"
             if len(row) != n_columns:
                 raise DataError(f"{where}: found {len(row)} columns, expected {layout}")
-            label = _parse_label(spec, row[cols["label"]], where)
-            text_b = None if cols["b"] is None else row[cols["b"]].strip()
-            examples.append(Example(row[cols["a"]].strip(), text_b, label))
+            label = _parse_label(spec, row[col_label], where)
+            text_b = None if col_b is None else row[col_b].strip()
+            examples.append(Example(row[col_a].strip(), text_b, label))
     if not examples:
         raise DataError(f"{path} has no data rows")
     return examples

@@ -81,7 +81,7 @@ def start_server(
         endpoint.meter.record(DOWN, data)
         return data
 
-    def connect(requests, context):  # type: ignore[no-untyped-def]
+    def connect(requests, context):
         try:
             device_id = endpoint.authenticate(context.invocation_metadata())
         except AuthError as err:
@@ -194,7 +194,7 @@ class GrpcTransport(Transport):
         self.meter.record(DOWN, data)
         return pb.CloudMessage.FromString(data)
 
-    def _requests(self):  # type: ignore[no-untyped-def]
+    def _requests(self):
         while True:
             item = self._outgoing.get()
             if item is _CLOSE:
@@ -204,13 +204,13 @@ class GrpcTransport(Transport):
     def _read(self) -> None:
         assert self._call is not None
         try:
-            for answer in self._call:  # type: ignore[attr-defined]
+            for answer in self._call:
                 self._incoming.put(answer)
         except grpc.RpcError as err:
-            code = err.code()  # type: ignore[attr-defined]
+            code = err.code()
             if not (self._closed and code == grpc.StatusCode.CANCELLED):
                 name = code.name if code is not None else "UNKNOWN"
-                self._incoming.put(error_for(name, err.details() or name))  # type: ignore[attr-defined]
+                self._incoming.put(error_for(name, err.details() or name))
         finally:
             self._incoming.put(_EOF)
 
@@ -256,7 +256,7 @@ class GrpcTransport(Transport):
         if self._reader is not None:
             self._reader.join(timeout=CLOSE_TIMEOUT_S)
             if self._reader.is_alive() and self._call is not None:
-                self._call.cancel()  # type: ignore[attr-defined]
+                self._call.cancel()
                 self._reader.join(timeout=CLOSE_TIMEOUT_S)
         self._channel.close()
 
@@ -264,5 +264,5 @@ class GrpcTransport(Transport):
         """Drop the stream at once, as a crashing device would (tests, fault injection)."""
         self._closed = True
         if self._call is not None:
-            self._call.cancel()  # type: ignore[attr-defined]
+            self._call.cancel()
         self._channel.close()

@@ -11,6 +11,8 @@ in a `Calibrate` message, and are counted like everything else.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 
 from cotune.link.errors import MalformedMessage
@@ -57,9 +59,9 @@ class PcaProjection:
         assert self.mean is not None and self.basis is not None, "calibrate first"
         return {"mean": to_wire(self.mean), "basis": to_wire(self.basis)}
 
-    def load_state(self, state: dict[str, pb.Tensor] | object) -> None:
+    def load_state(self, state: Mapping[str, pb.Tensor]) -> None:
         """Load a `Calibrate.state` map, validating names, shapes and values."""
-        parts = dict(state)  # type: ignore[call-overload]
+        parts = dict(state)
         if set(parts) != {"mean", "basis"}:
             raise MalformedMessage(f"pca state: parts {sorted(parts)} where basis, mean expected")
         mean = from_wire(parts["mean"], "pca.mean", dtypes=("float32",), shape=(self.width,))

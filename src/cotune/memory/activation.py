@@ -20,6 +20,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -50,8 +51,8 @@ class SparseActivationFunction(torch.autograd.Function):
     """y = f(x) with f the stock module's forward; sparse x + sign bits saved."""
 
     @staticmethod
-    def forward(  # type: ignore[override]
-        ctx,
+    def forward(
+        ctx: Any,
         x: torch.Tensor,
         stock_forward: Callable[[torch.Tensor], torch.Tensor],
         policy: Policy,
@@ -72,7 +73,7 @@ class SparseActivationFunction(torch.autograd.Function):
         return y
 
     @staticmethod
-    def backward(ctx, dy: torch.Tensor):  # type: ignore[override]
+    def backward(ctx: Any, dy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         xs, bits = SaveList.restore(ctx.metas, ctx.saved_tensors)
         if xs is not None and xs.kind == "dense":
             (dx,) = _grad_of(ctx.fn, (xs.dense(),), dy)
@@ -95,8 +96,8 @@ class SparseGatedFunction(torch.autograd.Function):
     """y = act(g) * u; the same rows (elements) of g and u are kept, chosen on y."""
 
     @staticmethod
-    def forward(  # type: ignore[override]
-        ctx,
+    def forward(
+        ctx: Any,
         g: torch.Tensor,
         u: torch.Tensor,
         act: Callable[[torch.Tensor], torch.Tensor],
@@ -121,7 +122,7 @@ class SparseGatedFunction(torch.autograd.Function):
         return y
 
     @staticmethod
-    def backward(ctx, dy: torch.Tensor):  # type: ignore[override]
+    def backward(ctx: Any, dy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         gs, us = SaveList.restore(ctx.metas, ctx.saved_tensors)
         assert gs is not None and us is not None
         act = ctx.act
@@ -156,7 +157,7 @@ class BitMaskDropoutFunction(torch.autograd.Function):
     """Dropout that saves its mask as bits (stock dropout keeps a byte per element)."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, p: float) -> torch.Tensor:  # type: ignore[override]
+    def forward(ctx: Any, x: torch.Tensor, p: float) -> torch.Tensor:
         mask = dropout_mask(x, p)
         saves = SaveList()
         saves.add(pack_positive(mask))
@@ -166,7 +167,7 @@ class BitMaskDropoutFunction(torch.autograd.Function):
         return x * mask * (1.0 / (1.0 - p))
 
     @staticmethod
-    def backward(ctx, dy: torch.Tensor):  # type: ignore[override]
+    def backward(ctx: Any, dy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         (bits,) = SaveList.restore(ctx.metas, ctx.saved_tensors)
         assert bits is not None
         return bits.where_set(dy).mul_(1.0 / (1.0 - ctx.p)), None

@@ -53,8 +53,8 @@ def _sum_groups(t: torch.Tensor, n_rep: int) -> torch.Tensor:
 
 class SparseAttentionFunction(torch.autograd.Function):
     @staticmethod
-    def forward(  # type: ignore[override]
-        ctx,
+    def forward(
+        ctx: Any,
         q: torch.Tensor,
         k: torch.Tensor,
         v: torch.Tensor,
@@ -99,7 +99,7 @@ class SparseAttentionFunction(torch.autograd.Function):
         return out
 
     @staticmethod
-    def backward(ctx, dout: torch.Tensor):  # type: ignore[override]
+    def backward(ctx: Any, dout: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         qs, ks, vs, ps, st = SaveList.restore(ctx.metas, ctx.saved_tensors)
         assert qs is not None and ks is not None and vs is not None and ps is not None
         n_rep, scaling, p = ctx.n_rep, ctx.scaling, ctx.p

@@ -24,14 +24,18 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
-try:
+if TYPE_CHECKING:  # the extension's stub (_bitpack.pyi); every use is behind COMPILED
     from cotune.memory import _bitpack
-except ImportError:  # pragma: no cover - the extension is optional at install time
-    _bitpack = None
+else:
+    try:
+        from cotune.memory import _bitpack
+    except ImportError:  # pragma: no cover - the extension is optional at install time
+        _bitpack = None
 
 COMPILED = _bitpack is not None
 
@@ -115,10 +119,10 @@ def threshold_keys(
     rows = 1 if valid is None else valid.shape[1]
     absmask = abs_mask(x.dtype)
     if x.device.type != "cpu":
-        keys = _key_tensor(x).reshape(b, n).gather(1, probe).long() & absmask
+        keys_t = _key_tensor(x).reshape(b, n).gather(1, probe).long() & absmask
         if valid is not None:
-            keys = keys.masked_fill(~valid.gather(1, probe // (n // rows)), -1)
-        return keys.kthvalue(rank + 1, dim=1).values
+            keys_t = keys_t.masked_fill(~valid.gather(1, probe // (n // rows)), -1)
+        return keys_t.kthvalue(rank + 1, dim=1).values
     keys = int_view(x).reshape(b, n)
     valid_np = _valid_array(valid, b)
     probe_np = probe.contiguous().numpy()
@@ -162,10 +166,10 @@ def select_compress(
     absmask = abs_mask(x.dtype)
     if x.device.type != "cpu":
         flat = x.detach().reshape(b, n)
-        mask = (_key_tensor(x).reshape(b, n).long() & absmask) > thr.to(x.device).unsqueeze(1)
+        mask_t = (_key_tensor(x).reshape(b, n).long() & absmask) > thr.to(x.device).unsqueeze(1)
         if valid is not None:
-            mask &= valid.repeat_interleave(n // rows, dim=1)
-        return flat[mask], _pack_bits_torch(mask)
+            mask_t &= valid.repeat_interleave(n // rows, dim=1)
+        return flat[mask_t], _pack_bits_torch(mask_t)
     keys = int_view(x).reshape(b, n)
     thr_np = thr.contiguous().numpy()
     valid_np = _valid_array(valid, b)

@@ -10,6 +10,7 @@ makes dW an unbiased estimate of the dense one.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -24,8 +25,8 @@ class SparseLinearFunction(torch.autograd.Function):
     """Exact forward (the stock module's own forward); sparse x saved for dW."""
 
     @staticmethod
-    def forward(  # type: ignore[override]
-        ctx,
+    def forward(
+        ctx: Any,
         x: torch.Tensor,
         weight: torch.Tensor,
         bias: torch.Tensor | None,
@@ -47,7 +48,7 @@ class SparseLinearFunction(torch.autograd.Function):
         return y
 
     @staticmethod
-    def backward(ctx, dy: torch.Tensor):  # type: ignore[override]
+    def backward(ctx: Any, dy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         xs, ws = SaveList.restore(ctx.metas, ctx.saved_tensors)
         assert ws is not None
         weight = ws.dense()

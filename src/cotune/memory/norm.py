@@ -17,6 +17,7 @@ mean(g * x_hat)).
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -39,8 +40,8 @@ class SparseNormFunction(torch.autograd.Function):
     """Exact forward (stock module); saves sparse x_hat and the dense per-row scale."""
 
     @staticmethod
-    def forward(  # type: ignore[override]
-        ctx,
+    def forward(
+        ctx: Any,
         x: torch.Tensor,
         weight: torch.Tensor | None,
         bias: torch.Tensor | None,
@@ -76,7 +77,7 @@ class SparseNormFunction(torch.autograd.Function):
         return y
 
     @staticmethod
-    def backward(ctx, dy: torch.Tensor):  # type: ignore[override]
+    def backward(ctx: Any, dy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         xs, rs, ws = SaveList.restore(ctx.metas, ctx.saved_tensors)
         assert xs is not None and rs is not None
         rstd = rs.dense()

@@ -294,7 +294,7 @@ def pack_shared(x: torch.Tensor, policy: Policy, dtype: torch.dtype | None = Non
             and hit_dtype == dtype
             and all(t is not None for t in tensors)
         ):
-            return Packed(meta, tensors)  # type: ignore[arg-type]
+            return Packed(meta, tensors)
     packed = pack(x, policy)
     if dtype is not None and packed.tensors[0].dtype != dtype:
         packed.tensors[0] = packed.tensors[0].to(dtype)

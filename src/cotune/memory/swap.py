@@ -26,7 +26,7 @@ import inspect
 from collections import Counter
 from collections.abc import Callable
 from functools import cache
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -55,9 +55,22 @@ def _grad_on(*tensors: torch.Tensor | None) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
-class _LinearMixin:
+# The mixins are only ever mixed into the nn.Module subclass they name (`_sparse_class`),
+# whose attributes they declare; type checkers see them as modules.
+if TYPE_CHECKING:
+    _Module = nn.Module
+else:
+    _Module = object
+
+
+class _LinearMixin(_Module):
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    _cotune_policy: Policy
+    _cotune_transposed: bool
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.weight  # type: ignore[attr-defined]
+        w = self.weight
         if torch.is_grad_enabled() and w.requires_grad:
             return SparseLinearFunction.apply(
                 x,
@@ -65,14 +78,19 @@ class _LinearMixin:
                 self.bias,
                 stock_forward(self),
                 self._cotune_policy,
-                self._cotune_transposed,  # type: ignore[attr-defined]
+                self._cotune_transposed,
             )
-        return super().forward(x)  # type: ignore[misc]
+        return super().forward(x)
 
 
-class _LayerNormMixin:
+class _LayerNormMixin(_Module):
+    weight: torch.Tensor | None
+    bias: torch.Tensor | None
+    eps: float
+    _cotune_policy: Policy
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() >= 3 and _grad_on(x, self.weight):  # type: ignore[attr-defined]
+        if x.dim() >= 3 and _grad_on(x, self.weight):
             return SparseNormFunction.apply(
                 x,
                 self.weight,
@@ -80,51 +98,66 @@ class _LayerNormMixin:
                 stock_forward(self),
                 self._cotune_policy,
                 self.eps,
-                True,  # type: ignore[attr-defined]
+                True,
             )
-        return super().forward(x)  # type: ignore[misc]
+        return super().forward(x)
 
 
-class _RMSNormMixin:
+class _RMSNormMixin(_Module):
+    weight: torch.Tensor
+    variance_epsilon: float
+    _cotune_policy: Policy
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() >= 3 and _grad_on(x, self.weight):  # type: ignore[attr-defined]
+        if x.dim() >= 3 and _grad_on(x, self.weight):
             return SparseNormFunction.apply(
-                x, self.weight, None, stock_forward(self), self._cotune_policy,  # type: ignore[attr-defined]
-                self.variance_epsilon, False,  # type: ignore[attr-defined]
+                x, self.weight, None, stock_forward(self), self._cotune_policy,
+                self.variance_epsilon, False,
             )  # fmt: skip
-        return super().forward(x)  # type: ignore[misc]
+        return super().forward(x)
 
 
-class _ActivationMixin:
+class _ActivationMixin(_Module):
+    _cotune_policy: Policy
+    _cotune_relu: bool
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() >= 3 and _grad_on(x):
             return SparseActivationFunction.apply(
                 x,
                 stock_forward(self),
                 self._cotune_policy,
-                self._cotune_relu,  # type: ignore[attr-defined]
+                self._cotune_relu,
             )
-        return super().forward(x)  # type: ignore[misc]
+        return super().forward(x)
 
 
-class _GatedMLPMixin:
+class _GatedMLPMixin(_Module):
+    gate_proj: nn.Module
+    up_proj: nn.Module
+    down_proj: nn.Module
+    act_fn: nn.Module
+    _cotune_policy: Policy
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        g = self.gate_proj(x)  # type: ignore[attr-defined]
-        u = self.up_proj(x)  # type: ignore[attr-defined]
-        act = stock_forward(self.act_fn)  # type: ignore[attr-defined]
+        g = self.gate_proj(x)
+        u = self.up_proj(x)
+        act = stock_forward(self.act_fn)
         if g.dim() >= 3 and _grad_on(g, u):
-            y = SparseGatedFunction.apply(g, u, act, self._cotune_policy)  # type: ignore[attr-defined]
+            y = SparseGatedFunction.apply(g, u, act, self._cotune_policy)
         else:
             y = act(g) * u
-        return self.down_proj(y)  # type: ignore[attr-defined]
+        return self.down_proj(y)
 
 
-class _DropoutMixin:
+class _DropoutMixin(_Module):
+    p: float
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        p = self.p  # type: ignore[attr-defined]
-        if self.training and 0 < p < 1 and _grad_on(x):  # type: ignore[attr-defined]
+        p = self.p
+        if self.training and 0 < p < 1 and _grad_on(x):
             return BitMaskDropoutFunction.apply(x, p)
-        return super().forward(x)  # type: ignore[misc]
+        return super().forward(x)
 
 
 _CLASSES: dict[tuple[type, type], type] = {}
@@ -148,7 +181,7 @@ def _source(fn: Callable[..., Any]) -> str | None:
         return None
 
 
-def _same_forward(cls: type, reference: type) -> bool:
+def _same_forward(cls: type[nn.Module], reference: type[nn.Module]) -> bool:
     return cls is reference or (
         _source(cls.forward) is not None and _source(cls.forward) == _source(reference.forward)
     )
@@ -203,7 +236,9 @@ def _is_attention(module: nn.Module) -> bool:
     )
 
 
-def _patch_attention(module: nn.Module, name: str) -> None:
+def _patch_attention(module: Any, name: str) -> None:
+    # `module` is a transformers attention module; its `config` and cotune's markers are
+    # plain attributes, which nn.Module's attribute typing (Tensor | Module) does not cover.
     if getattr(module, "_cotune_stock_attn", "unset") != "unset":
         return
     stock = module.config._attn_implementation
@@ -235,11 +270,12 @@ def _find_attention_mask(
     return normalize_token_mask(mask) if isinstance(mask, torch.Tensor) else None
 
 
-def _pre_hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+# The hooks' `module` is the subtree root holding `_cotune_mask_tokens`, a plain list.
+def _pre_hook(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
     module._cotune_mask_tokens.append(_TOKEN_MASK.set(_find_attention_mask(module, args, kwargs)))
 
 
-def _post_hook(module: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
+def _post_hook(module: Any, args: Any, kwargs: Any, output: Any) -> None:
     if module._cotune_mask_tokens:
         _TOKEN_MASK.reset(module._cotune_mask_tokens.pop())
 
@@ -286,13 +322,15 @@ def swap_in(model: nn.Module, policy: Policy) -> Counter[str]:
             "Linear/Conv1D, LayerNorm/RMSNorm, FFN activations and transformers attention "
             "(BERT, RoBERTa, DistilBERT, Llama, GPT-2, ViT families)"
         )
+    # (torch types Module.__setattr__ values as Tensor | Module; plain attributes such as
+    # these take any value)
     if not hasattr(model, "_cotune_mask_tokens"):
-        model._cotune_mask_tokens = []
-        model._cotune_hooks = [
+        model._cotune_mask_tokens = []  # type: ignore[assignment]
+        model._cotune_hooks = [  # type: ignore[assignment]
             model.register_forward_pre_hook(_pre_hook, with_kwargs=True),
             model.register_forward_hook(_post_hook, with_kwargs=True, always_call=True),
         ]
-    model._cotune_memory_counts = dict(counts)
+    model._cotune_memory_counts = dict(counts)  # type: ignore[assignment]
     return counts
 
 

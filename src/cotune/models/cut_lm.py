@@ -58,7 +58,9 @@ def cut_causal_lm(
         names=names,
         device=device,
         cloud=cloud,
-        head=LMHeadSegment(base.get_output_embeddings(), label_smoothing),
+        # SplitClassifier.head is typed HeadSegment, which the split runtime relies on;
+        # the LM head is used through the same call, head(hidden, labels)
+        head=LMHeadSegment(base.get_output_embeddings(), label_smoothing),  # type: ignore[arg-type]
         labels="cloud",
         width=width,
         hidden_size=int(backbone.config.hidden_size),

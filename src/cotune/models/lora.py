@@ -74,7 +74,8 @@ def apply_lora(
     save = [m for m in modules_to_save if _has_module(names, m)]
     peft_cfg = PeftLoraConfig(
         r=lora_cfg.r,
-        lora_alpha=lora_cfg.alpha,
+        # peft annotates lora_alpha as int, but any number works (the scale is alpha / r)
+        lora_alpha=lora_cfg.alpha,  # type: ignore[arg-type]
         lora_dropout=lora_cfg.dropout,
         target_modules=targets,
         modules_to_save=save or None,

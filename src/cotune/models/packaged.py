@@ -104,7 +104,9 @@ def ensure_smollm2() -> Path:
         )
         # The weights are de-quantized fp32 now: drop the GGUF quantizer so that
         # save_pretrained writes (and later loads read) plain safetensors.
-        model.hf_quantizer = None
+        # (torch types Module.__setattr__ values as Tensor | Module; plain attributes
+        # such as this one take any value)
+        model.hf_quantizer = None  # type: ignore[assignment]
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
         model.save_pretrained(tmp)

@@ -22,14 +22,17 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 
 from cotune.config.schema import ProxyConfig
 from cotune.errors import ModelError
-from cotune.models.cut import HFModule
 from cotune.models.lora import unwrap
+
+if TYPE_CHECKING:
+    from cotune.models.cut import HFModule
 
 PROXY_FAMILIES = ("bert", "roberta")
 

@@ -364,13 +364,17 @@ def load_backbone(
     """
     source = resolve(name)
     if source.path is None:
-        model = _tiny_model(source.family, seed=seed, causal=False).to(dtype)
+        # PreTrainedModel.to is wrapped in functools.wraps, which typeshed types as an
+        # unbound callable: mypy takes `dtype` for `self`.
+        model = _tiny_model(source.family, seed=seed, causal=False).to(dtype)  # type: ignore[arg-type]
     else:
         model = _from_pretrained(AutoModel, source, dtype, _pretrained_kwargs(source))
         if source.family in _POOLER_FAMILIES and getattr(model, "pooler", None) is not None:
             # Same as building with add_pooling_layer=False, minus a load report about
             # the checkpoint's (unused) pooler weights.
-            model.pooler = None
+            # torch types Module.__setattr__ values as Tensor | Module, but None is how
+            # a registered submodule is removed
+            model.pooler = None  # type: ignore[assignment]
     _fill_pad_token_id(model)
     return model
 
@@ -387,7 +391,8 @@ def load_causal_lm(
             f"generation tasks need a decoder, e.g. {', '.join(decoders)}"
         )
     if source.path is None:
-        model = _tiny_model(source.family, seed=seed, causal=True).to(dtype)
+        # (functools.wraps on PreTrainedModel.to, as in load_backbone)
+        model = _tiny_model(source.family, seed=seed, causal=True).to(dtype)  # type: ignore[arg-type]
     else:
         model = _from_pretrained(AutoModelForCausalLM, source, dtype, _pretrained_kwargs(source))
     _fill_pad_token_id(model)
