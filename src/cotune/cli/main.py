@@ -222,6 +222,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # before anything imports transformers / huggingface_hub (they read these at import)
+    from cotune.runtime.launcher import offline_env
+
+    offline_env()
     warnings.showwarning = _show_warning
     warnings.filterwarnings("ignore", category=FutureWarning)
     logging.basicConfig(level=logging.WARNING, format="cotune: %(levelname)s: %(message)s")
