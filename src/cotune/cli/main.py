@@ -1,4 +1,5 @@
-"""`cotune run / compare / models / tasks / methods` (and split methods' `cloud` / `device`)."""
+"""`cotune run / sweep / compare / models / tasks / methods` (and split methods' `cloud` /
+`device`)."""
 
 from __future__ import annotations
 
@@ -18,9 +19,37 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
         print(f"cotune: warning: {message}", file=sys.stderr)
 
 
+def _print_aggregate(folder: str) -> None:
+    import json
+    from pathlib import Path
+
+    from cotune.report.aggregate import AGGREGATE_FILE, format_metric
+
+    agg = json.loads((Path(folder) / AGGREGATE_FILE).read_text())
+    size = f", {agg['eval_size']} eval examples" if agg.get("eval_size") else ""
+    print(f"{agg['method']} on {agg['task']}, {agg['n_seeds']} seeds {agg['seeds']}{size}:")
+    for name, m in agg["metrics"].items():
+        if m["mean"] is not None:
+            print(f"  {format_metric(name, m, agg['confidence'])}")
+    print(f"aggregate: {Path(folder) / AGGREGATE_FILE}")
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from cotune.runtime.experiment import load_experiment, run_experiment
 
+    if args.seeds is not None:
+        from cotune.errors import ConfigError
+        from cotune.runtime.seeds import parse_seeds, run_seeds
+
+        if args.resume:
+            raise ConfigError(
+                "--seeds resumes by itself (finished seeds are skipped): give CONFIG and the "
+                "same --out again instead of --resume"
+            )
+        folder = run_seeds(args.config, args.set, parse_seeds(args.seeds), args.out)
+        _print_aggregate(str(folder))
+        print(f"seed group folder: {folder} (again with --out {folder} to resume or add seeds)")
+        return 0
     if args.resume:
         from pathlib import Path
 
@@ -50,10 +79,30 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from cotune.runtime.seeds import parse_seeds
+    from cotune.runtime.sweep import parse_grid, run_sweep
+
+    axes = parse_grid(args.grid)
+    seeds = parse_seeds(args.seeds) if args.seeds is not None else None
+    result = run_sweep(args.config, args.set, axes, seeds=seeds, parallel=args.parallel,
+                       out=args.out)  # fmt: skip
+    from cotune.report.compare import compare
+
+    if any(c.get("aggregate") for c in result.combinations):
+        compare([result.out], result.out / "compare.png")
+    print(f"sweep folder: {result.out} (again with --out {result.out} to resume)")
+    if result.failed:
+        print(f"cotune: {len(result.failed)} run(s) failed: {', '.join(result.failed)}",
+              file=sys.stderr)  # fmt: skip
+        return 1
+    return 0
+
+
 def cmd_compare(args: argparse.Namespace) -> int:
     from cotune.report.compare import compare
 
-    compare(args.runs, args.plot)
+    compare(args.runs, args.plot, resamples=args.resamples)
     return 0
 
 
@@ -175,11 +224,60 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="RUN_DIR",
         help="continue RUN_DIR from its last checkpoint (federated methods), with its config",
     )
+    p.add_argument(
+        "--seeds",
+        metavar="SEEDS",
+        help="repeat the run once per seed (e.g. 0,1,2 or 0-4) into --out DIR/seed-S, then "
+        "write DIR/aggregate.json: per metric the mean, sample std and 95%% t-interval "
+        "across seeds; seeds already finished in DIR are not run again",
+    )
     p.set_defaults(func=cmd_run)
 
-    p = sub.add_parser("compare", help="compare finished runs")
-    p.add_argument("runs", nargs="+", help="run folders")
+    p = sub.add_parser(
+        "sweep",
+        help="run a grid of config values (x seeds), each as its own `cotune run` process",
+        description="Run every combination of the --grid values (times every --seeds seed) "
+        "as its own `cotune run` child process, at most --parallel at once (each with "
+        "train.threads = 1 when more than one), into OUT/<key=value>__.../seed-S, then "
+        "aggregate each combination (OUT/<combination>/aggregate.json) and compare them. "
+        "Finished runs are skipped, so the same command resumes an interrupted sweep.",
+    )
+    p.add_argument("config", nargs="?", help="TOML config file (defaults apply if omitted)")
+    p.add_argument(
+        "--grid",
+        action="append",
+        default=[],
+        required=True,
+        metavar="KEY=V1,V2",
+        help="a config key and its values, parsed as TOML like --set, e.g. "
+        "--grid train.lr=1e-3,2e-3 (repeatable: the grid is every combination)",
+    )
+    p.add_argument("--seeds", metavar="SEEDS", help="seeds of every combination (e.g. 0,1,2)")
+    p.add_argument("--parallel", type=int, default=1, metavar="N", help="runs at once (default 1)")
+    p.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE",
+        help="override a config key in every run (repeatable)",
+    )  # fmt: skip
+    p.add_argument("--out", help="sweep folder (default runs/<timestamp>-<name>-sweep)")
+    p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser(
+        "compare",
+        help="compare finished runs and seed groups",
+        description="A table of final metrics, bytes, memory and time, and a plot of the "
+        "primary metric against bytes on the wire. A seed group (a folder with "
+        "aggregate.json, a sweep folder, or run folders of one config differing only in "
+        "seed) shows mean ± half-width of its 95% t-interval across seeds and n, and an error "
+        "bar in the plot; with exactly two entries evaluated on the same examples, the "
+        "paired bootstrap interval of their difference (primary metric, first eval split) "
+        "is printed with whether it excludes 0.",
+    )
+    p.add_argument("runs", nargs="+", help="run folders, seed-group folders or sweep folders")
     p.add_argument("--plot", help="where to write the comparison plot (PNG)")
+    p.add_argument(
+        "--resamples", type=int, default=2000, metavar="B",
+        help="bootstrap resamples of the paired difference (default 2000)",
+    )  # fmt: skip
     p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("models", help="list the models available and where they come from")

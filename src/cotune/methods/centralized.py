@@ -45,10 +45,12 @@ def train(cfg: Config, recorder: Recorder, run_dir: Path | None = None) -> Metho
     step = ModelStep(model, optimizer, schedule, precision=cfg.train.precision,
                      max_grad_norm=cfg.train.max_grad_norm)  # fmt: skip
     outputs: dict[str, list[str]] = {}
+    last: list[Evaluation] = []  # the latest evaluation (the final one after `fit`)
 
     def evaluate() -> dict[str, float]:
         result = adapter.evaluate(model, tokenizer)
         outputs.update(result.outputs)
+        last[:] = [result]
         return result.metrics
 
     checkpoints = Checkpoints(recorder, n_steps, cfg.train.eval_every, evaluate,
@@ -66,6 +68,7 @@ def train(cfg: Config, recorder: Recorder, run_dir: Path | None = None) -> Metho
         trainable_cloud=0,
         extra=stats.summary(),
         saved={"trainable.safetensors": trainable},
+        predictions=last[0].predictions if last else [],
     )
 
 

@@ -53,8 +53,10 @@ class NullRecorder:
 
 @dataclass
 class MethodResult:
-    """What a run (or one device of it) did; the runtime writes it as summary.json and
-    saves each entry of `saved` as a safetensors file in the run folder."""
+    """What a run (or one device of it) did; the runtime writes it as summary.json,
+    saves each entry of `saved` as a safetensors file in the run folder, and writes
+    `predictions` (one record per eval example of the final evaluation, the task
+    adapter's `Evaluation.predictions`) as predictions.jsonl."""
 
     metrics: dict[str, float]
     bytes_up: int = 0
@@ -65,6 +67,7 @@ class MethodResult:
     trainable_cloud: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
     saved: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict, repr=False)
+    predictions: list[dict[str, Any]] = field(default_factory=list, repr=False)
 
     @classmethod
     def from_summary(cls, summary: dict[str, Any]) -> MethodResult:

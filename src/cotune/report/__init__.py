@@ -5,10 +5,12 @@ from __future__ import annotations
 from cotune.report.html import human_bytes, write_report
 from cotune.report.plots import plot_run
 from cotune.report.run_folder import (
+    PREDICTIONS_FILE,
     SUMMARY_KEYS,
     RunFolder,
     default_run_dir,
     read_jsonl,
+    read_predictions,
     read_summary,
 )
 
@@ -25,12 +27,14 @@ def finish_run(run: RunFolder) -> None:
 
 
 __all__ = [
+    "PREDICTIONS_FILE",
     "SUMMARY_KEYS",
     "RunFolder",
     "default_run_dir",
     "finish_run",
     "human_bytes",
     "read_jsonl",
+    "read_predictions",
     "read_summary",
     "write_report",
 ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -9,6 +10,8 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+
+from cotune.report.stats import DEFAULT_CONFIDENCE  # noqa: E402
 
 METRIC_KEYS = (
     "accuracy",
@@ -70,23 +73,42 @@ def plot_run(
     return out
 
 
+def _finite(x: Any) -> bool:
+    return isinstance(x, int | float) and math.isfinite(x)
+
+
 def plot_compare(runs: list[dict[str, Any]], metric: str, out: Path) -> Path:
-    """Final metric against total bytes on the wire, one point per run."""
+    """Final metric against total bytes on the wire, one point per run; a seed group
+    (a row with `interval[metric] = (low, high)`) is its mean with the interval as an
+    error bar."""
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     ax = axes[0]
+    bars = False
     for r in runs:
-        total = (r["comm"]["bytes_up"] + r["comm"]["bytes_down"]) / 1e6
+        total = max((r["comm"]["bytes_up"] + r["comm"]["bytes_down"]) / 1e6, 1e-6)
         value = r["metrics"].get(metric)
-        if value is not None:
-            ax.scatter([max(total, 1e-6)], [value], s=50)
-            ax.annotate(r["label"], (max(total, 1e-6), value), fontsize=8)
+        if value is None:
+            continue
+        low, high = r.get("interval", {}).get(metric, (None, None))
+        if _finite(low) and _finite(high):
+            bars = True
+            ax.errorbar([total], [value], yerr=[[value - low], [high - value]], fmt="o",
+                        markersize=7, capsize=4)  # fmt: skip
+            label = f"{r['label']} (n={r.get('n', '?')})"
+        else:
+            ax.scatter([total], [value], s=50)
+            label = r["label"]
+        ax.annotate(label, (total, value), fontsize=8)
+    if bars:
+        ax.text(0.01, 0.01, f"error bars: {DEFAULT_CONFIDENCE:.0%} t-interval over seeds", transform=ax.transAxes,
+                fontsize=7, va="bottom")  # fmt: skip
     ax.set_xscale("symlog", linthresh=1e-3)
     ax.set_xlabel("bytes on the wire (MB, up + down)")
     ax.set_ylabel(metric)
     ax.set_title(f"{metric} vs traffic")
     ax = axes[1]
     labels = [r["label"] for r in runs]
-    ax.barh(labels, [r.get("wall_s", 0) for r in runs])
+    ax.barh(labels, [r.get("wall_s") or 0 for r in runs])
     ax.set_xlabel("wall time (s)")
     ax.set_title("wall time")
     fig.tight_layout()

@@ -1,5 +1,6 @@
 """The run folder contract (README, "The run folder"): config.toml, metrics.jsonl, summary.json,
-train.jsonl (dense training loss), plots and report.html."""
+train.jsonl (dense training loss), predictions.jsonl (the final evaluation, one line per
+eval example), plots and report.html."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import math
 import time
 from pathlib import Path
 from typing import Any
+
+PREDICTIONS_FILE = "predictions.jsonl"
 
 SUMMARY_KEYS = (
     "method",
@@ -53,10 +56,13 @@ class RunFolder:
         self.path.mkdir(parents=True, exist_ok=True)
         self.metrics_path = self.path / "metrics.jsonl"
         self.train_path = self.path / "train.jsonl"
+        self.predictions_path = self.path / PREDICTIONS_FILE
 
     def start_fresh(self) -> None:
         """Forget the records of an earlier run written to the same folder."""
-        for path in (self.metrics_path, self.train_path, self.path / "summary.json"):
+        for path in (
+            self.metrics_path, self.train_path, self.predictions_path, self.path / "summary.json"
+        ):  # fmt: skip
             path.unlink(missing_ok=True)
 
     def write_config(self, toml_text: str) -> None:
@@ -77,6 +83,16 @@ class RunFolder:
         """Training progress (step, loss, lr, ...), denser than evaluations."""
         self._append(self.train_path, record)
 
+    def write_predictions(self, records: list[dict[str, Any]]) -> None:
+        """predictions.jsonl: one line per eval example of the final evaluation
+        (`{"split", "index", "label", "prediction"[, "correct"]}`, or `{"split",
+        "index", "prompt", "output"}` for generation), replacing an earlier file."""
+        tmp = self.predictions_path.with_suffix(".jsonl.tmp")
+        with tmp.open("w", encoding="utf-8") as f:
+            for record in records:
+                f.write(json.dumps(_clean(record), ensure_ascii=False) + "\n")
+        tmp.replace(self.predictions_path)
+
     def write_summary(self, summary: dict[str, Any]) -> None:
         missing = [k for k in SUMMARY_KEYS if k not in summary]
         if missing:
@@ -96,6 +112,11 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
     if not p.exists():
         return []
     return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+
+
+def read_predictions(run_dir: str | Path) -> list[dict[str, Any]]:
+    """A run folder's predictions.jsonl (empty if the run wrote none)."""
+    return read_jsonl(Path(run_dir) / PREDICTIONS_FILE)
 
 
 def read_summary(run_dir: str | Path) -> dict[str, Any]:

@@ -3,8 +3,9 @@
 `run_experiment` resolves the config against its method (`cotune.methods.resolve`),
 then executes the method's spec: a `LocalSpec` in this process, a `SplitSpec` through
 `runtime.split.launch`, a `FederatedSpec` on Flower (`runtime.federated.engine`). It
-writes the resolved config first and `summary.json`, the method's saved tensors, the
-plot and the report last.
+writes the resolved config first and `summary.json`, the method's saved tensors, its
+per-example predictions of the final evaluation (`predictions.jsonl`; a federated
+ServerApp writes its own), the plot and the report last.
 """
 
 from __future__ import annotations
@@ -83,6 +84,8 @@ def run_experiment(cfg: Config, out: str | Path | None = None, resume: bool = Fa
             save_file(
                 {k: v.detach().contiguous() for k, v in tensors.items()}, str(run.path / name)
             )
+    if result.predictions:
+        run.write_predictions(result.predictions)
     summary: dict[str, Any] = {
         "method": cfg.method,
         "task": cfg.task.name,

@@ -5,13 +5,18 @@
   link), predictions are argmax (or the regression value), metrics are the task's.
 - `generate_texts` / `evaluate_generation`: beam search (beam, length penalty, no
   repeated n-grams, max new tokens from `[generation]`) and the task's metrics.
+
+Both also return what the model predicted for every eval example, as the records of a
+run folder's `predictions.jsonl` (`prediction_records`, `generation_records`): the
+metrics are computed from exactly these predictions, so per-example statistics
+(bootstrap intervals, paired differences) can be taken over them afterwards.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,11 +28,41 @@ from cotune.config import GenerationConfig
 from cotune.data.pairs import eos_id, prompt_ids
 from cotune.training.loop import autocast, model_inputs
 
+PredictionRecord = dict[str, Any]  # one line of predictions.jsonl
+
 
 @dataclass
 class EvalResult:
     metrics: dict[str, float]
     loss: float
+    predictions: list[PredictionRecord] = field(default_factory=list)
+
+
+def prediction_records(
+    split: str, preds: np.ndarray, labels: np.ndarray, kind: str
+) -> list[PredictionRecord]:
+    """One record per example of `split`, in the split's order: `{"split", "index",
+    "label", "prediction"}`, plus `"correct"` for classification (so the mean of
+    `correct` is the split's accuracy)."""
+    records: list[PredictionRecord] = []
+    if kind == "regression":
+        for i, (p, y) in enumerate(zip(preds.tolist(), labels.tolist(), strict=True)):
+            records.append({"split": split, "index": i, "label": float(y), "prediction": float(p)})
+    else:
+        for i, (p, y) in enumerate(zip(preds.tolist(), labels.tolist(), strict=True)):
+            records.append({"split": split, "index": i, "label": int(y), "prediction": int(p),
+                            "correct": int(p) == int(y)})  # fmt: skip
+    return records
+
+
+def generation_records(outputs: Mapping[str, list[str]], task: Any) -> list[PredictionRecord]:
+    """One record per eval input: `{"split", "index", "prompt", "output"}` (the
+    references are the task's, in the same order)."""
+    return [
+        {"split": split, "index": i, "prompt": ex.text_a, "output": hyp}
+        for split, hyps in outputs.items()
+        for i, (ex, hyp) in enumerate(zip(task.eval[split], hyps, strict=True))
+    ]
 
 
 @torch.no_grad()
@@ -37,10 +72,12 @@ def evaluate(
     loaders: Mapping[str, Iterable[dict[str, torch.Tensor]]],
     precision: str = "fp32",
 ) -> EvalResult:
-    """Evaluate `model` on every eval split of `task`; returns merged metrics and mean loss."""
+    """Evaluate `model` on every eval split of `task`; returns merged metrics, mean loss
+    and the per-example predictions the metrics were computed from."""
     was_training = model.training
     model.eval()
     merged: dict[str, float] = {}
+    records: list[PredictionRecord] = []
     loss_sum, n_sum = 0.0, 0
     for split, loader in loaders.items():
         preds, labels = [], []
@@ -56,9 +93,11 @@ def evaluate(
             else:
                 preds.append(logits.argmax(-1).numpy())
             labels.append(batch["labels"].numpy())
-        merged.update(task.compute_metrics(split, np.concatenate(preds), np.concatenate(labels)))
+        split_preds, split_labels = np.concatenate(preds), np.concatenate(labels)
+        merged.update(task.compute_metrics(split, split_preds, split_labels))
+        records.extend(prediction_records(split, split_preds, split_labels, task.kind))
     model.train(was_training)
-    return EvalResult(metrics=merged, loss=loss_sum / max(n_sum, 1))
+    return EvalResult(metrics=merged, loss=loss_sum / max(n_sum, 1), predictions=records)
 
 
 @torch.no_grad()

@@ -8,6 +8,9 @@ model to train, how examples become batches, and how a model is scored.
 | classification, regression | `build_classifier` (pooling head; LoRA via peft) | `encode` + `PadCollator` | argmax / value, the task's metrics, loss |
 | generation | `build_lm` (causal LM, completion-only loss) | `encode_pairs` + `PairCollator` | beam search, the task's metrics; texts saved |
 
+Every evaluation also carries its per-example predictions (`Evaluation.predictions`,
+the records of a run folder's `predictions.jsonl`).
+
 A new task kind (e.g. extractive QA, images) is one new adapter class and one line in
 `ADAPTERS`.
 """
@@ -29,18 +32,28 @@ from cotune.data.pairs import PairDataset, encode_pairs, pair_loader
 from cotune.errors import ConfigError
 from cotune.models import build_classifier
 from cotune.models.causal_lm import build_lm, generation_model
-from cotune.training.evaluation import evaluate, evaluate_generation, write_generations
+from cotune.training.evaluation import (
+    PredictionRecord,
+    evaluate,
+    evaluate_generation,
+    generation_records,
+    write_generations,
+)
 
 Encoded = EncodedDataset | PairDataset  # examples tokenised once, unpadded
 
 
 @dataclass
 class Evaluation:
-    """Metrics of one evaluation (with `loss` when the task has one), and what the model
-    produced (generated texts per split; empty for classifiers)."""
+    """Metrics of one evaluation (with `loss` when the task has one), what the model
+    produced (generated texts per split; empty for classifiers), and one prediction
+    record per eval example (`{"split", "index", "label", "prediction"[, "correct"]}`,
+    or `{"split", "index", "prompt", "output"}` for generation), from which the metrics
+    were computed."""
 
     metrics: dict[str, float]
     outputs: dict[str, list[str]] = field(default_factory=dict)
+    predictions: list[PredictionRecord] = field(default_factory=list, repr=False)
 
 
 class TaskAdapter(Protocol):
@@ -120,7 +133,7 @@ class ClassificationAdapter:
 
     def evaluate(self, model: Any, tokenizer: Any) -> Evaluation:
         result = evaluate(model, self.task, self.eval_loaders(tokenizer), self.cfg.train.precision)
-        return Evaluation({**result.metrics, "loss": result.loss})
+        return Evaluation({**result.metrics, "loss": result.loss}, predictions=result.predictions)
 
     def save_outputs(self, run_dir: str | Path, evaluation: Evaluation) -> None:
         pass
@@ -156,7 +169,7 @@ class GenerationAdapter:
         metrics, texts = evaluate_generation(
             generation_model(model), tokenizer, self.task, self.cfg.generation
         )
-        return Evaluation(metrics, texts)
+        return Evaluation(metrics, texts, generation_records(texts, self.task))
 
     def save_outputs(self, run_dir: str | Path, evaluation: Evaluation) -> None:
         write_generations(run_dir, self.task, evaluation.outputs)

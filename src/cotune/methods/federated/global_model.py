@@ -17,6 +17,7 @@ from cotune.methods.federated.data import FederatedSplit, split_for, task_for
 from cotune.methods.federated.state import get_state, set_state
 from cotune.methods.spec import State
 from cotune.training import (
+    Evaluation,
     TaskAdapter,
     adapter_for,
     derive_seed,
@@ -55,4 +56,9 @@ class GlobalModel:
     def evaluate(self) -> dict[str, float]:
         """Task metrics of the current global model on every eval split (with `loss`
         for classifiers)."""
-        return self.adapter.evaluate(self.model, self.tokenizer).metrics
+        return self.evaluation().metrics
+
+    def evaluation(self) -> Evaluation:
+        """The whole evaluation of the current global model: its metrics, its
+        generated texts (generation tasks) and one prediction record per eval example."""
+        return self.adapter.evaluate(self.model, self.tokenizer)

@@ -46,6 +46,7 @@ from cotune.models.cut import DeviceSegment, HeadSegment, SplitClassifier
 from cotune.models.rng import RngStream
 from cotune.training import (
     Checkpoints,
+    Evaluation,
     Recorder,
     adapter_for,
     autocast,
@@ -327,9 +328,15 @@ def train_device(
             [b for _, b in zip(range(cfg.link.calibration_batches), cal, strict=False)]
         )
     step = ReconnectingStep(device, connect, n_steps)
+    last: list[Evaluation] = []  # the latest evaluation (the final one after `fit`)
+
+    def evaluate() -> dict[str, float]:
+        last[:] = [adapter.evaluate(device, tokenizer)]
+        return last[0].metrics
+
     checkpoints = Checkpoints(
         recorder, n_steps, cfg.train.eval_every,
-        evaluate=lambda: adapter.evaluate(device, tokenizer).metrics,
+        evaluate=evaluate,
         lr=lambda: device.optimizer.param_groups[0]["lr"],
         traffic=lambda: (device.transport.meter.up, device.transport.meter.down),
     )  # fmt: skip
@@ -363,4 +370,5 @@ def train_device(
             },
         },
         saved={"device_trainable.safetensors": state},
+        predictions=last[0].predictions if last else [],
     )

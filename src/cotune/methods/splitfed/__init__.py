@@ -111,6 +111,7 @@ def finish(
             "device_trainable.safetensors": devices[0].state,
             "cloud_trainable.safetensors": cloud.state,
         },  # fmt: skip
+        predictions=evaluation.predictions,
     )
 
 

@@ -3,8 +3,9 @@ global model on the server every round, log, checkpoint, and write the result.
 
 It runs in the ServerApp (a thread of `cotune run` in simulation, a `flwr-serverapp`
 process next to the SuperLink in deployment) and talks to its caller only through
-the run folder: config.toml in; metrics.jsonl, train.jsonl, checkpoint/ and
-federated_result.json out.
+the run folder: config.toml in; metrics.jsonl, train.jsonl, checkpoint/,
+predictions.jsonl (the last evaluation, one line per eval example; and generations.jsonl
+for generation tasks) and federated_result.json out.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from cotune.runtime.federated.keys import (
 )
 from cotune.runtime.federated.records import from_arrays, to_arrays
 from cotune.runtime.federated.strategy import CotuneFedAvg
+from cotune.training import Evaluation
 
 log = logging.getLogger("cotune.federated")
 
@@ -168,6 +170,7 @@ class FederatedServer:
         timeout = fed.round_timeout or DEFAULT_ROUND_TIMEOUT
         wall0 = float(totals["wall_s"])
         last: dict[str, float] = {}
+        evaluation: Evaluation | None = None
         completed = first - 1
         for rnd in range(first, fed.rounds + 1):
             up0, down0 = counting.bytes_up, counting.bytes_down
@@ -196,7 +199,8 @@ class FederatedServer:
                     totals[f"client_{key}"] = max(
                         int(totals[f"client_{key}"]), int(number(cm[key], key))
                     )
-            last = model.evaluate()
+            evaluation = model.evaluation()
+            last = evaluation.metrics
             totals["bytes_up"], totals["bytes_down"] = counting.bytes_up, counting.bytes_down
             totals["wall_s"] = wall0 + (time.perf_counter() - t_start)
             self.run.log_eval(
@@ -221,8 +225,11 @@ class FederatedServer:
             completed = rnd
             if self.options.stop_after and rnd >= self.options.stop_after:
                 break
-        if not last:  # nothing left to run (resumed a finished run): score the model as is
-            last = model.evaluate()
+        if evaluation is None:  # nothing left to run (resumed a finished run): score it as is
+            evaluation = model.evaluation()
+            last = evaluation.metrics
+        self.run.write_predictions(evaluation.predictions)
+        model.adapter.save_outputs(self.options.run_dir, evaluation)
         result = {
             "metrics": last,
             "rounds_completed": completed,
