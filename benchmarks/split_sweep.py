@@ -1,8 +1,8 @@
 """Accuracy against bytes on the wire for split fine-tuning on SST-2 (minilm).
 
-Sweeps the cut (2, 3, 4) and the link codec (identity, int8, pca r=16, sft r=8,
-sft r=32), plus the centralized baseline, all with one budget (full fine-tuning, the same
-steps, batch, sequence length, LR and seed). Each run is a `cotune run` process writing
+Sweeps the cut (2, 3, 4) and the link codec (identity, int8, pca r=16, sft r=8 and r=32
+with the code in fp32 or int8), plus the centralized baseline, all with one budget (full
+fine-tuning, the same steps, batch, sequence length, LR and seed). Each run is a `cotune run` process writing
 its own run folder under the output folder; several run at once (`--workers`).
 
     nice .venv/bin/python benchmarks/split_sweep.py [--steps 80] [--batch 16] [--workers 4]
@@ -34,6 +34,9 @@ CODECS: dict[str, dict[str, Any]] = {
     "pca16": {"codec": "pca", "rank": 16},
     "sft8": {"codec": "sft", "rank": 8},
     "sft32": {"codec": "sft", "rank": 32},
+    # the r-dim code and its gradient as int8 (+ a float32 scale per token row)
+    "sft8-int8": {"codec": "sft", "rank": 8, "code_format": "int8"},
+    "sft32-int8": {"codec": "sft", "rank": 32, "code_format": "int8"},
 }
 CUTS = (2, 3, 4)
 
@@ -178,7 +181,8 @@ def plot(result: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
-    markers = {"identity": "o", "int8": "s", "pca16": "^", "sft8": "D", "sft32": "P"}
+    markers = {"identity": "o", "int8": "s", "pca16": "^", "sft8": "D", "sft32": "P",
+               "sft8-int8": "d", "sft32-int8": "X"}  # fmt: skip
     colors = {2: "tab:blue", 3: "tab:orange", 4: "tab:green"}
     for r in result["runs"]:
         if r["method"] == "centralized":

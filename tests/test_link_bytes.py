@@ -93,34 +93,48 @@ def _metadata_bytes() -> int:
 
 
 @pytest.mark.parametrize(
-    ("codec", "labels", "per_token"),
+    ("link", "labels", "per_token"),
     [
-        ("fp16", "cloud", HIDDEN * 2),
-        ("bf16", "device", HIDDEN * 2),
-        ("int8", "cloud", HIDDEN + 4),  # int8 values + a float32 scale
-        ("topk", "device", 7 * 4 + 7 * 2),  # ceil(0.1 * 64) = 7 float32 values + int16 indices
-        ("pca", "cloud", 4 * 4),  # rank 4
+        ({"codec": "fp16"}, "cloud", HIDDEN * 2),
+        ({"codec": "bf16"}, "device", HIDDEN * 2),
+        ({"codec": "int8"}, "cloud", HIDDEN + 4),  # int8 values + a float32 scale
+        ({"codec": "topk"}, "device", 7 * 4 + 7 * 2),  # ceil(0.1 * 64) = 7 float32 + int16 indices
+        ({"codec": "pca"}, "cloud", 4 * 4),  # rank 4
+        ({"codec": "sft"}, "cloud", 4 * 4),  # the rank-4 code of the cut layer's FFN
+        ({"codec": "sft", "code_format": "int8"}, "device", 4 + 4),  # 4 int8 + a scale
+        ({"codec": "pca", "code_format": "bf16"}, "cloud", 4 * 2),
     ],
 )
-def test_every_codec_trains_and_sends_its_payload(codec: str, labels: str, per_token: int) -> None:
-    cfg = tiny_cfg("bert", link={"codec": codec, "rank": 4}, split={"labels": labels})
+def test_every_codec_trains_and_sends_its_payload(
+    link: dict[str, str], labels: str, per_token: int
+) -> None:
+    cfg = tiny_cfg("bert", link={**link, "rank": 4}, split={"labels": labels})
     wire: list[tuple[str, bytes]] = []
     device, cloud, _ = inprocess_pair(cfg, tap=lambda d, b: wire.append((d, b)))
     batch = batch_for("bert")
-    if codec == "pca":
+    if link["codec"] == "pca":
         device.calibrate([batch_for("bert", seed=s) for s in range(3)])
     before = {n: p.detach().clone() for n, p in cloud.named.items()}
     losses = [device.train_step(batch) for _ in range(2)]
     assert all(torch.isfinite(torch.tensor(losses)))
     assert any(not torch.equal(before[n], p) for n, p in cloud.named.items())  # cloud learned
     real_tokens = int(batch["attention_mask"].sum())
+    grads = 0
     for direction, data in wire:
         msg = (pb.DeviceMessage if direction == "up" else pb.CloudMessage).FromString(data)
         if direction == "up" and msg.WhichOneof("kind") == "forward":
             parts = msg.forward.activations.parts
             assert sum(len(t.data) for t in parts.values()) == real_tokens * per_token
             assert msg.forward.HasField("labels") == (labels == "cloud")
-        if direction == "down" and msg.WhichOneof("kind") == "result" and labels == "device":
-            if msg.result.HasField("output"):  # pooled features come down for the head
+        if direction == "down" and msg.WhichOneof("kind") == "result":
+            if msg.result.HasField("grad"):  # the activations' gradient, same format
+                parts = msg.result.grad.parts
+                assert sum(len(t.data) for t in parts.values()) == real_tokens * per_token
+                grads += 1
+            if msg.result.HasField("output") and labels == "device":  # pooled features
                 assert list(msg.result.output.shape) == [3, HIDDEN]
+                assert msg.result.output.format == (
+                    "fp32" if link["codec"] in ("pca", "sft") else link["codec"]
+                )
+    assert grads == 2
     _check_tap(wire, device.transport.meter)

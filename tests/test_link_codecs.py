@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cotune.config import LinkConfig
+from cotune.config import LinkConfig, build_config
+from cotune.errors import ConfigError
 from cotune.link.codecs import FloatFormat, Int8Format, TopKFormat, make_codec
 from cotune.link.errors import MalformedMessage
 from cotune.link.pca import PcaProjection
@@ -115,6 +116,17 @@ def test_codec_families_match_both_ways() -> None:
         assert type(codec.forward) is type(codec.backward)
     assert make_codec(LinkConfig(codec="pca", rank=5)).projection_rank == 5
     assert make_codec(LinkConfig(codec="sft", rank=5)).sft_rank == 5
+    sft8 = make_codec(LinkConfig(codec="sft", rank=5, code_format="int8"))
+    assert isinstance(sft8.forward, Int8Format) and isinstance(sft8.backward, Int8Format)
+    assert sft8.top_forward.name == "fp32"  # pooled features have no bottleneck
+
+
+def test_code_format_is_only_for_bottleneck_codecs() -> None:
+    with pytest.raises(ConfigError, match="code_format applies to .* 'pca' and 'sft'"):
+        build_config({"link": {"codec": "identity", "code_format": "int8"}})
+    assert (
+        build_config({"link": {"codec": "pca", "code_format": "fp16"}}).link.code_format == "fp16"
+    )
 
 
 def test_pca_keeps_low_rank_data_and_projects_gradients() -> None:

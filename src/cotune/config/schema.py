@@ -76,8 +76,19 @@ class SplitConfig(_Section):
 class LinkConfig(_Section):
     codec: Literal["identity", "fp16", "bf16", "int8", "topk", "pca", "sft"] = "identity"
     rank: int = Field(default=8, ge=1)
+    # pca / sft: the wire format of the r-dim code and its gradient (default fp32)
+    code_format: Literal["fp32", "fp16", "bf16", "int8"] = "fp32"
     keep: float = Field(default=0.1, gt=0, le=1)  # topk
     calibration_batches: int = Field(default=4, ge=1)  # pca
+
+    @model_validator(mode="after")
+    def _code_format_needs_a_code(self) -> LinkConfig:
+        if self.code_format != "fp32" and self.codec not in ("pca", "sft"):
+            raise ValueError(
+                f"code_format applies to the r-dim code of codecs 'pca' and 'sft', not "
+                f"{self.codec!r}; for the full-width cut use codec = 'fp16', 'bf16' or 'int8'"
+            )
+        return self
 
 
 class FederatedConfig(_Section):

@@ -24,7 +24,12 @@ def fingerprint(cfg: Config) -> str:
         "seed": cfg.seed,
         "model": cfg.model.model_dump(),
         "split": {"cut": cfg.split.cut, "labels": cfg.split.labels},
-        "link": {"codec": cfg.link.codec, "rank": cfg.link.rank, "keep": cfg.link.keep},
+        "link": {
+            "codec": cfg.link.codec,
+            "rank": cfg.link.rank,
+            "keep": cfg.link.keep,
+            "code_format": cfg.link.code_format,
+        },
         "train": {
             "lr": cfg.resolved_lr(),
             **cfg.train.model_dump(
