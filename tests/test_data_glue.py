@@ -13,6 +13,7 @@ from cotune.config.schema import TaskConfig
 from cotune.data import canonical_name, list_tasks, load_task, task_names
 from cotune.errors import ConfigError, DataError
 
+SHARED_GLUE = Path(__file__).resolve().parents[2] / "shared" / "data" / "glue"
 GLUE = ["cola", "sst2", "mrpc", "qqp", "stsb", "mnli", "qnli", "rte", "wnli"]
 
 
@@ -342,6 +343,46 @@ def test_eval_only_when_asked(tmp_path):
         load_task(TaskConfig(name="qnli", data_dir=str(d)), 0)
     t = load_task(TaskConfig(name="qnli", data_dir=str(d)), 0, require_train=False)
     assert t.train == [] and len(t.eval["eval"]) == 2
+
+
+def _qnli_dev_only(tmp_path: Path, n: int = 40) -> Path:
+    d = tmp_path / "QNLI"
+    head = tsv("index", "question", "sentence", "label")
+    rows = [
+        tsv(str(i), f"Question {i}?", f"Sentence {i}.", "entailment" if i % 4 else "not_entailment")
+        for i in range(n)
+    ]
+    write(d, "dev.tsv", [head, *rows])
+    return d
+
+
+def test_split_eval_trains_on_a_stratified_share_of_the_dev_file(tmp_path):
+    d = _qnli_dev_only(tmp_path)  # 30 entailment (label 0), 10 not_entailment (label 1)
+    cfg = TaskConfig(name="qnli", data_dir=str(d), split_eval=0.2)
+    t = load_task(cfg, 0)
+    held = t.eval["eval"]
+    assert (len(t.train), len(held)) == (32, 8)
+    assert sorted(ex.text_a for ex in t.train + held) == sorted(f"Question {i}?" for i in range(40))
+    assert sum(ex.label for ex in held) == 2 and sum(ex.label for ex in t.train) == 8  # 20% each
+    # the same held-out examples for every run seed (paired comparisons across seeds)
+    assert [ex.text_a for ex in load_task(cfg, 7).eval["eval"]] == [ex.text_a for ex in held]
+    assert "held out" in t.source
+
+
+def test_split_eval_refuses_folders_with_train_data_or_several_eval_files(tmp_path):
+    d = make_fixture(tmp_path, "qnli")  # has train.tsv
+    with pytest.raises(ConfigError, match="split_eval is for glue/qnli folders without train.tsv"):
+        load_task(TaskConfig(name="qnli", data_dir=str(d), split_eval=0.2), 0)
+    m = make_fixture(tmp_path / "m", "mnli")
+    (m / "train.tsv").unlink()
+    with pytest.raises(ConfigError, match="one evaluation file"):
+        load_task(TaskConfig(name="mnli", data_dir=str(m), split_eval=0.2), 0)
+
+
+@pytest.mark.skipif(not (SHARED_GLUE / "QNLI" / "dev.tsv").is_file(), reason="no ../shared/data")
+def test_split_eval_on_the_offline_qnli_dev_file():
+    t = load_task(TaskConfig(name="qnli", data_dir=str(SHARED_GLUE / "QNLI"), split_eval=0.2), 0)
+    assert (len(t.train), len(t.eval["eval"])) == (4371, 1092)  # of 5,463 dev pairs
 
 
 # --- seeded subsampling -------------------------------------------------------------------

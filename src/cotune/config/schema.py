@@ -28,6 +28,9 @@ class TaskConfig(_Section):
     max_train_examples: int | None = Field(default=None, ge=1)
     max_eval_examples: int | None = Field(default=None, ge=1)
     test_fraction: float = Field(default=0.2, gt=0.0, lt=1.0)  # tasks with no eval split
+    # GLUE folders with an evaluation file but no train.tsv (QNLI offline): train on a
+    # stratified share of the evaluation file and evaluate on the other `split_eval`
+    split_eval: float | None = Field(default=None, gt=0.0, lt=1.0)
 
 
 class LoraConfig(_Section):

@@ -7,8 +7,8 @@ import difflib
 from cotune.config.schema import TaskConfig
 from cotune.data import bbc, e2e
 from cotune.data.glue import GLUE_SPECS, GlueSpec, load_folder, load_hub
-from cotune.data.sampling import subsample
-from cotune.data.task import Task
+from cotune.data.sampling import stratified_split, subsample
+from cotune.data.task import Example, Task
 from cotune.errors import ConfigError
 
 GLUE_SOURCE = "task.data_dir (folder in GLUE TSV layout) or HF hub nyu-mll/glue when online"
@@ -69,12 +69,16 @@ def load_task(cfg: TaskConfig, seed: int, *, require_train: bool = True) -> Task
             require_train=require_train,
         )  # fmt: skip
     spec = _glue_spec(name)
+    need_train = require_train and cfg.split_eval is None
     if cfg.data_dir is not None:
-        train, evals = load_folder(spec, cfg.data_dir, require_train)
+        train, evals = load_folder(spec, cfg.data_dir, need_train)
         source = cfg.data_dir
     else:
-        train, evals = load_hub(spec, require_train)
+        train, evals = load_hub(spec, need_train)
         source = "hf:nyu-mll/glue"
+    if cfg.split_eval is not None:
+        train, evals = split_eval_file(spec.name, train, evals, cfg.split_eval)
+        source += f" (train/eval split of its evaluation file, {cfg.split_eval:g} held out)"
     return Task(
         name=name,
         kind=spec.kind,
@@ -89,6 +93,31 @@ def load_task(cfg: TaskConfig, seed: int, *, require_train: bool = True) -> Task
         metrics=dict(spec.metrics),
         source=source,
     )
+
+
+SPLIT_EVAL_SEED = 0  # the same held-out examples for every run seed (paired comparisons)
+
+
+def split_eval_file(
+    name: str, train: list[Example], evals: dict[str, list[Example]], fraction: float
+) -> tuple[list[Example], dict[str, list[Example]]]:
+    """`task.split_eval`: a stratified, seeded split of the one evaluation file into
+    training examples and the held-out `fraction` that stays the evaluation split. The
+    split does not depend on the run's seed, so every seed is scored on the same
+    examples."""
+    if train:
+        raise ConfigError(
+            f"task.split_eval is for {name} folders without train.tsv; this one has "
+            f"{len(train)} training rows: remove task.split_eval to use them"
+        )
+    if len(evals) != 1:
+        raise ConfigError(
+            f"task.split_eval needs a task with one evaluation file; {name} has {', '.join(evals)}"
+        )
+    ((split, pool),) = evals.items()
+    labels = [int(ex.label) if isinstance(ex.label, int) else 0 for ex in pool]
+    train_idx, eval_idx = stratified_split(labels, fraction, SPLIT_EVAL_SEED)
+    return [pool[i] for i in sorted(train_idx)], {split: [pool[i] for i in sorted(eval_idx)]}
 
 
 def list_tasks() -> list[dict]:
