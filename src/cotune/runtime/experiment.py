@@ -37,11 +37,13 @@ def load_experiment(path: str | Path | None, overrides: list[str] | None = None)
 
 
 def resumable_methods() -> list[str]:
-    return [
-        m
-        for m in method_names()
-        if isinstance(get_spec(m).runs, FederatedSpec) and get_spec(m).runs.resumable  # type: ignore[union-attr]
-    ]
+    """Methods whose spec can continue a run from its checkpoint (federated ones)."""
+    out = []
+    for name in method_names():
+        runs = get_spec(name).runs
+        if isinstance(runs, FederatedSpec) and runs.resumable:
+            out.append(name)
+    return out
 
 
 def run_method(cfg: Config, run: RunFolder, resume: bool = False) -> MethodResult:

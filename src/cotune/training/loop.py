@@ -264,13 +264,17 @@ class Checkpoints:
 
     def __call__(self, step: int, loss: float, stats: StepStats) -> None:
         self.since_eval.append(loss)
+        logs = step % 10 == 0 or step == self.n_steps
+        evals = step % self.eval_every == 0 or step == self.n_steps
+        if not (logs or evals):
+            return
         up, down = self.traffic()
-        if step % 10 == 0 or step == self.n_steps:
+        if logs:
             self.recorder.log_train(
                 {"step": step, "loss": stats.recent_loss(), "lr": self.lr(),
                  "tokens_per_s": stats.tokens_per_s, "bytes_up": up, "bytes_down": down}
             )  # fmt: skip
-        if step % self.eval_every == 0 or step == self.n_steps:
+        if evals:
             self.last = dict(self.evaluate())
             self.recorder.log_eval(
                 {"step": step, **self.last,
