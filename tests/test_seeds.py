@@ -22,7 +22,7 @@ from cotune.report.stats import metric_statistic
 from cotune.runtime.experiment import load_experiment, run_experiment
 from cotune.runtime.federated.engine import run_federated
 from cotune.runtime.seeds import parse_seeds
-from cotune.runtime.sweep import parse_grid, split_values
+from cotune.runtime.sweep import combo_label, parse_grid, plan, split_values
 
 # ----------------------------------------------------------------------------- helpers
 
@@ -177,6 +177,25 @@ def test_seeds_resume_without_rerunning_finished_seeds(tmp_path: Path, capsys) -
 
 
 # ----------------------------------------------------------------------------- sweep
+
+
+def test_sweep_plan_is_seed_major_and_labels_drop_quotes(tmp_path: Path) -> None:
+    config = _config_file(tmp_path)
+    axes = parse_grid(["train.lr=1e-3,3e-3", 'name="a","b"'])
+    jobs = plan(config, [], axes, [0, 1], tmp_path / "out", threads_one=True)
+    assert [(j.label, j.seed) for j in jobs] == [
+        ("train.lr=1e-3__name=a", 0), ("train.lr=1e-3__name=b", 0),
+        ("train.lr=3e-3__name=a", 0), ("train.lr=3e-3__name=b", 0),
+        ("train.lr=1e-3__name=a", 1), ("train.lr=1e-3__name=b", 1),
+        ("train.lr=3e-3__name=a", 1), ("train.lr=3e-3__name=b", 1),
+    ]  # fmt: skip
+    assert jobs[5].cfg.name == "b" and jobs[5].cfg.seed == 1 and jobs[5].cfg.train.lr == 1e-3
+    assert jobs[5].run_dir == tmp_path / "out" / "train.lr=1e-3__name=b" / "seed-1"
+    assert (
+        combo_label((("method", "'split'"), ("link.codec", "sft")))
+        == "method=split__link.codec=sft"
+    )
+    assert combo_label((("x", '"a b/c"'),)) == "x=a_b_c"
 
 
 @pytest.mark.slow

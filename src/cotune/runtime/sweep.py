@@ -92,10 +92,15 @@ def parse_grid(items: list[str]) -> list[Axis]:
     return axes
 
 
+def _unquoted(value: str) -> str:
+    v = value.strip()
+    return v[1:-1] if len(v) >= 2 and v[0] == v[-1] and v[0] in "\"'" else v
+
+
 def combo_label(combo: tuple[tuple[str, str], ...]) -> str:
-    """The combination's folder name: `key=value` joined by `__`, characters other than
-    letters, digits and `.=+-` replaced by `_`."""
-    text = "__".join(f"{k}={v}" for k, v in combo)
+    """The combination's folder name: `key=value` joined by `__` (a quoted string value
+    without its quotes), characters other than letters, digits and `.=+-` replaced by `_`."""
+    text = "__".join(f"{k}={_unquoted(v)}" for k, v in combo)
     return re.sub(r"[^A-Za-z0-9.=+\-]", "_", text)[:200]
 
 
@@ -127,8 +132,9 @@ def plan(
     out: Path,
     threads_one: bool,
 ) -> list[Job]:
-    """Every (combination, seed) with its `--set`s and resolved config."""
-    jobs: list[Job] = []
+    """Every (combination, seed) with its `--set`s and resolved config, seed-major (every
+    combination's first seed, then every combination's second seed, ...): a sweep stopped
+    half-way leaves complete seeds, which pair up across combinations."""
     combos = [
         tuple(zip([a.key for a in axes], values, strict=True))
         for values in itertools.product(*[a.values for a in axes])
@@ -136,13 +142,16 @@ def plan(
     labels = [combo_label(c) for c in combos]
     if len(set(labels)) != len(labels):
         raise ConfigError("two grid combinations map to one folder name; use distinct values")
+    by_combo: list[list[Job]] = []
     for combo, label in zip(combos, labels, strict=True):
         base = [*overrides, *(f"{k}={v}" for k, v in combo)]
+        by_combo.append([])
         for seed in seeds if seeds is not None else [load_experiment(config, base).seed]:
             sets = [*base, f"seed={seed}", *(["train.threads=1"] if threads_one else [])]
-            jobs.append(Job(combo, seed, seed_dir(out / label, seed), sets,
-                            load_experiment(config, sets)))  # fmt: skip
-    return jobs
+            by_combo[-1].append(Job(combo, seed, seed_dir(out / label, seed), sets,
+                                    load_experiment(config, sets)))  # fmt: skip
+    nth_seeds = itertools.zip_longest(*by_combo)
+    return [job for jobs in nth_seeds for job in jobs if job is not None]
 
 
 def _command(config: str | Path | None, job: Job) -> list[str]:
