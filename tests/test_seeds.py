@@ -89,6 +89,19 @@ def test_federated_server_writes_predictions_of_its_last_evaluation(tmp_path: Pa
     assert read_jsonl(tmp_path / "run" / "metrics.jsonl")[-1]["accuracy"] == rate
 
 
+def test_federated_eval_every_scores_every_kth_round_and_the_last(tmp_path: Path) -> None:
+    data = write_sst2(tmp_path, n_train=80, n_dev=30)
+    cfg = tiny_config(data, federated={"clients": 2, "rounds": 5, "local_steps": 1, "eval_every": 2},
+                      runtime={"engine": "inline"})  # fmt: skip
+    result = run_experiment(cfg, tmp_path / "run")
+    rows = read_jsonl(result / "metrics.jsonl")
+    assert [r["round"] for r in rows] == [1, 2, 3, 4, 5]
+    assert ["accuracy" in r for r in rows] == [False, True, False, True, True]
+    assert all(r["bytes_up"] > 0 for r in rows)
+    assert _summary(result)["metrics"]["accuracy"] == rows[-1]["accuracy"]
+    assert _summary(result)["engine"] == "inline"
+
+
 def test_splitfed_generation_predictions_and_their_bleu(tmp_path: Path) -> None:
     data_dir = write_e2e(tmp_path / "e2e", n_train=6)
     cfg = resolve(splitfed_config(

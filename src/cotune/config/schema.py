@@ -105,6 +105,8 @@ class FederatedConfig(_Section):
     shards_per_client: int = Field(default=2, ge=1)
     aggregate_every: int = Field(default=100, ge=1)
     round_timeout: float | None = Field(default=None, gt=0)  # seconds
+    # score the global model every `eval_every` rounds (the last round always)
+    eval_every: int = Field(default=1, ge=1)
 
 
 class MemoryConfig(_Section):
@@ -117,7 +119,9 @@ class MemoryConfig(_Section):
 
 class RuntimeConfig(_Section):
     transport: Literal["inprocess", "grpc"] = "inprocess"
-    engine: Literal["simulation", "deployment"] = "simulation"
+    # federated: "simulation" (Flower's Ray engine), "deployment" (SuperLink + SuperNodes),
+    # "inline" (the clients one after another in this process, no Ray: least overhead)
+    engine: Literal["simulation", "deployment", "inline"] = "simulation"
     checkpoint: bool = True
     # split methods over gRPC (see docs/split.md). `cloud`: address (host:port) of a
     # running `cotune cloud`; None with transport="grpc" starts one on loopback.

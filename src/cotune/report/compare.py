@@ -80,7 +80,8 @@ def _single(path: Path) -> Entry:
     return Entry(path.name, path, [path], [summary])
 
 
-def _group(label: str, path: Path, runs: list[Path]) -> Entry:
+def seed_group(label: str, path: Path, runs: list[Path]) -> Entry:
+    """The runs of one config differing only in seed, as one entry."""
     return Entry(label, path, runs, [read_summary(r) for r in runs], aggregate_runs(runs))
 
 
@@ -104,12 +105,12 @@ def load_entries(paths: list[str | Path]) -> list[Entry]:
             for combo in sweep.get("combinations", []):
                 runs = group_runs(path / combo["dir"])
                 if runs:
-                    entries.append(_group(combo["label"], path / combo["dir"], runs))
+                    entries.append(seed_group(combo["label"], path / combo["dir"], runs))
         elif (path / AGGREGATE_FILE).is_file():
             runs = group_runs(path)
             if not runs:
                 raise UserError(f"{str(path)!r}: its aggregate.json lists no finished run")
-            entries.append(_group(path.name, path, runs))
+            entries.append(seed_group(path.name, path, runs))
         else:
             entries.append(_single(path))
     return group_loose_runs(entries)
@@ -133,7 +134,7 @@ def group_loose_runs(entries: list[Entry]) -> list[Entry]:
         first = entries[members[0]]
         name = first.summaries[0].get("name") or first.label
         label = f"{name} (seeds {', '.join(str(s) for s in seeds)})"
-        merged[members[0]] = _group(label, first.path.parent, runs)
+        merged[members[0]] = seed_group(label, first.path.parent, runs)
         dropped.update(members[1:])
     return [merged.get(i, e) for i, e in enumerate(entries) if i not in dropped]
 

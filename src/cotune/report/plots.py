@@ -45,7 +45,8 @@ def plot_run(
         ax.set_xlabel(key)
     if evals and any("loss" in r for r in evals):
         key, xs = _x(evals)
-        ax.plot(xs, [r.get("loss") for r in evals], "o-", label="eval loss")
+        points = [(x, r["loss"]) for x, r in zip(xs, evals, strict=True) if "loss" in r]
+        ax.plot(*zip(*points, strict=True), "o-", label="eval loss")
         ax.set_xlabel(key)
     ax.set_title("loss")
     ax.legend(loc="best")
@@ -53,8 +54,9 @@ def plot_run(
     if evals:
         key, xs = _x(evals)
         for m in METRIC_KEYS:
-            if any(m in r for r in evals):
-                ax.plot(xs, [r.get(m) for r in evals], "o-", label=m)
+            points = [(x, r[m]) for x, r in zip(xs, evals, strict=True) if m in r]
+            if points:  # rounds between evaluations have no metric
+                ax.plot(*zip(*points, strict=True), "o-", label=m)
         ax.set_xlabel(key)
         ax.legend(loc="best")
     ax.set_title("eval metrics")

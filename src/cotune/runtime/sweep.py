@@ -106,15 +106,19 @@ def combo_label(combo: tuple[tuple[str, str], ...]) -> str:
 
 @dataclass
 class Job:
+    """One `cotune run` of a sweep: `config` with `sets`, into `run_dir`."""
+
     combo: tuple[tuple[str, str], ...]
     seed: int
     run_dir: Path
     sets: list[str]
     cfg: Config
+    config: str | Path | None = None
+    name: str = ""  # shown in the log instead of the combination's label
 
     @property
     def label(self) -> str:
-        return combo_label(self.combo)
+        return self.name or combo_label(self.combo)
 
 
 @dataclass
@@ -149,13 +153,13 @@ def plan(
         for seed in seeds if seeds is not None else [load_experiment(config, base).seed]:
             sets = [*base, f"seed={seed}", *(["train.threads=1"] if threads_one else [])]
             by_combo[-1].append(Job(combo, seed, seed_dir(out / label, seed), sets,
-                                    load_experiment(config, sets)))  # fmt: skip
+                                    load_experiment(config, sets), config))  # fmt: skip
     nth_seeds = itertools.zip_longest(*by_combo)
     return [job for jobs in nth_seeds for job in jobs if job is not None]
 
 
-def _command(config: str | Path | None, job: Job) -> list[str]:
-    args = ["run", *([str(config)] if config is not None else [])]
+def _command(job: Job) -> list[str]:
+    args = ["run", *([str(job.config)] if job.config is not None else [])]
     for s in job.sets:
         args += ["--set", s]
     return cotune_command(*args, "--out", str(job.run_dir))
@@ -180,42 +184,8 @@ def run_sweep(
         out = default_run_dir(f"{load_experiment(config, overrides).name}-sweep")
     folder = Path(out)
     jobs = plan(config, overrides, axes, seeds, folder, threads_one=parallel > 1)
-    todo: list[Job] = []
-    for job in jobs:
-        if is_finished(job.run_dir):
-            check_resumable(job.run_dir, job.cfg)
-            log(f"[skip] {job.label} seed {job.seed}: already finished (summary.json): not re-run")
-        else:
-            todo.append(job)
-    log(f"{len(jobs)} runs: {len(jobs) - len(todo)} already finished, {len(todo)} to run, "
-        f"{min(parallel, max(len(todo), 1))} at a time")  # fmt: skip
     folder.mkdir(parents=True, exist_ok=True)
-    result = SweepResult(folder)
-    active: dict[Child, tuple[Job, float]] = {}
-    done, total = 0, len(todo)
-    try:
-        while todo or active:
-            while todo and len(active) < parallel:
-                job = todo.pop(0)
-                job.run_dir.mkdir(parents=True, exist_ok=True)
-                active[Child(_command(config, job), job.run_dir / LOG_FILE)] = (
-                    job,
-                    time.monotonic(),
-                )
-            time.sleep(POLL_S)
-            for child in [c for c in active if not c.alive()]:
-                job, t0 = active.pop(child)
-                done += 1
-                took = time.monotonic() - t0
-                head = f"[{done}/{total}] {job.label} seed {job.seed}"
-                if child.returncode == 0 and is_finished(job.run_dir):
-                    log(f"{head}: {metrics_line(job.run_dir)} ({took:.0f} s)")
-                else:
-                    result.failed.append(f"{job.label}/seed-{job.seed}")
-                    log(f"{head}: FAILED (exit code {child.returncode}, {took:.0f} s); "
-                        f"log: {job.run_dir / LOG_FILE}")  # fmt: skip
-    finally:
-        stop_all(list(active))
+    result = SweepResult(folder, failed=run_jobs(jobs, parallel, log))
     result.combinations = _aggregate(folder, axes, jobs)
     sweep = {
         "config": str(config) if config is not None else None,
@@ -228,6 +198,47 @@ def run_sweep(
     }
     (folder / SWEEP_FILE).write_text(json.dumps(sweep, indent=2) + "\n")
     return result
+
+
+def run_jobs(jobs: list[Job], parallel: int, log: Log = print) -> list[str]:
+    """Run the jobs not already finished (in order, at most `parallel` at once, each a
+    `cotune run` child logging to its run folder); returns the failed ones as
+    `label/seed-S` (a failure does not stop the others)."""
+    if parallel < 1:
+        raise ConfigError(f"--parallel must be at least 1, got {parallel}")
+    todo: list[Job] = []
+    for job in jobs:
+        if is_finished(job.run_dir):
+            check_resumable(job.run_dir, job.cfg)
+            log(f"[skip] {job.label} seed {job.seed}: already finished (summary.json): not re-run")
+        else:
+            todo.append(job)
+    log(f"{len(jobs)} runs: {len(jobs) - len(todo)} already finished, {len(todo)} to run, "
+        f"{min(parallel, max(len(todo), 1))} at a time")  # fmt: skip
+    failed: list[str] = []
+    active: dict[Child, tuple[Job, float]] = {}
+    done, total = 0, len(todo)
+    try:
+        while todo or active:
+            while todo and len(active) < parallel:
+                job = todo.pop(0)
+                job.run_dir.mkdir(parents=True, exist_ok=True)
+                active[Child(_command(job), job.run_dir / LOG_FILE)] = (job, time.monotonic())
+            time.sleep(POLL_S)
+            for child in [c for c in active if not c.alive()]:
+                job, t0 = active.pop(child)
+                done += 1
+                took = time.monotonic() - t0
+                head = f"[{done}/{total}] {job.label} seed {job.seed}"
+                if child.returncode == 0 and is_finished(job.run_dir):
+                    log(f"{head}: {metrics_line(job.run_dir)} ({took:.0f} s)")
+                else:
+                    failed.append(f"{job.label}/seed-{job.seed}")
+                    log(f"{head}: FAILED (exit code {child.returncode}, {took:.0f} s); "
+                        f"log: {job.run_dir / LOG_FILE}")  # fmt: skip
+    finally:
+        stop_all(list(active))
+    return failed
 
 
 def _aggregate(folder: Path, axes: list[Axis], jobs: list[Job]) -> list[dict[str, Any]]:

@@ -199,14 +199,19 @@ class FederatedServer:
                     totals[f"client_{key}"] = max(
                         int(totals[f"client_{key}"]), int(number(cm[key], key))
                     )
-            evaluation = model.evaluation()
-            last = evaluation.metrics
+            final = rnd == fed.rounds or bool(
+                self.options.stop_after and rnd >= self.options.stop_after
+            )
+            scored = final or rnd % fed.eval_every == 0
+            if scored:
+                evaluation = model.evaluation()
+                last = evaluation.metrics
             totals["bytes_up"], totals["bytes_down"] = counting.bytes_up, counting.bytes_down
             totals["wall_s"] = wall0 + (time.perf_counter() - t_start)
             self.run.log_eval(
                 {
                     "round": rnd,
-                    **last,
+                    **(last if scored else {}),
                     **hook.round_metrics(),
                     **({"train_loss": cm["train_loss"]} if "train_loss" in cm else {}),
                     **outcome.counts(),
