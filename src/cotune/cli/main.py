@@ -202,6 +202,16 @@ def cmd_device(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_memory(args: argparse.Namespace) -> int:
+    from cotune.report.memory import format_breakdown
+    from cotune.runtime.memory_report import measure_memory
+
+    path, breakdown = measure_memory(args.config, args.set, steps=args.steps, out=args.out)
+    print(format_breakdown(breakdown))
+    print(f"run folder: {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="cotune",
@@ -279,6 +289,23 @@ def build_parser() -> argparse.ArgumentParser:
         help="bootstrap resamples of the paired difference (default 2000)",
     )  # fmt: skip
     p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser(
+        "memory",
+        help="where the device's training memory goes: a short run with memory.report on",
+        description="Train CONFIG for --steps steps with memory.report = true and print the "
+        "breakdown of the device process's peak RSS: runtime at rest, parameters, optimizer "
+        "state, gradients and saved activations alive at the peak, transient buffers, data, "
+        "allocator retention. Split methods run their device as its own process (loopback "
+        "gRPC), so the cloud is not counted.",
+    )
+    p.add_argument("config", nargs="?", help="TOML config file (defaults apply if omitted)")
+    p.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key"
+    )
+    p.add_argument("--steps", type=int, default=5, help="training steps to measure (default 5)")
+    p.add_argument("--out", help="run folder (default runs/<timestamp>-<name>-memory)")
+    p.set_defaults(func=cmd_memory)
 
     p = sub.add_parser("models", help="list the models available and where they come from")
     p.set_defaults(func=cmd_models)

@@ -115,6 +115,11 @@ class MemoryConfig(_Section):
     rescale: bool = True
     norm: Literal["linf", "l1", "l2"] = "linf"
     ops: list[MemoryOp] = Field(default_factory=lambda: list(MEMORY_OPS))
+    # the training process's C allocator: "release" gives freed large blocks back to the
+    # OS at once (RSS follows the memory in use); "default" leaves glibc as it is
+    allocator: Literal["release", "default"] = "release"
+    # measure where each step's peak RSS goes (summary.json: memory_breakdown)
+    report: bool = False
 
 
 class RuntimeConfig(_Section):

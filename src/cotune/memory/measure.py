@@ -5,23 +5,71 @@
   activations and are excluded; a storage saved twice is counted once.
 - `PeakRSS`: the process's peak resident memory during a region, reset at its start
   through /proc/self/clear_refs (Linux); elsewhere the lifetime peak (ru_maxrss).
+- `HeapSampler`: RSS and glibc's heap counters sampled by a thread during a region (the
+  sample at the highest RSS, the most heap in use), for `MemoryBreakdown`.
+- `MemoryBreakdown`: where a training step's peak RSS goes (see its docstring).
 """
 
 from __future__ import annotations
 
+import os
 import resource
 import sys
+import threading
+import weakref
 from collections.abc import Iterable
 from contextlib import AbstractContextManager
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from cotune.memory.allocator import HeapStats, heap_stats
+
 
 def _storage_key(t: torch.Tensor) -> tuple[int, int]:
     s = t.untyped_storage()
     return (s.data_ptr(), s.nbytes())
+
+
+class _Held:
+    """What the meter hands autograd for a saved tensor: the tensor, plus a weak
+    reference target whose finalizer marks the storage no longer held by the graph."""
+
+    __slots__ = ("t", "__weakref__")
+
+    def __init__(self, t: torch.Tensor) -> None:
+        self.t = t
+
+
+class _Live:
+    """Bytes of saved-for-backward storages alive right now, across meters (read by
+    `HeapSampler` from its thread)."""
+
+    def __init__(self) -> None:
+        self.bytes = 0
+        self._refs: dict[tuple[int, int], int] = {}
+        self._lock = threading.Lock()
+
+    def hold(self, key: tuple[int, int]) -> None:
+        with self._lock:
+            n = self._refs.get(key, 0)
+            if n == 0:
+                self.bytes += key[1]
+            self._refs[key] = n + 1
+
+    def release(self, key: tuple[int, int]) -> None:
+        with self._lock:
+            n = self._refs.get(key, 0) - 1
+            if n <= 0:
+                self._refs.pop(key, None)
+                self.bytes -= key[1] if n == 0 else 0
+            else:
+                self._refs[key] = n
+
+
+LIVE_SAVED = _Live()
 
 
 class SavedTensorMeter(AbstractContextManager["SavedTensorMeter"]):
@@ -30,7 +78,9 @@ class SavedTensorMeter(AbstractContextManager["SavedTensorMeter"]):
     `params` are the module parameters whose storages are not counted (weights saved by
     Linear for the input gradient are not activations). Objects that are not plain
     tensors (e.g. packed sparse activations from `cotune.memory`) report their size
-    through a `nbytes_saved()` method, or are counted tensor by tensor.
+    through a `nbytes_saved()` method, or are counted tensor by tensor. Until the graph
+    lets go of them (after their backward), the storages counted are also in
+    `LIVE_SAVED.bytes`, which a `HeapSampler` reads at every sample.
     """
 
     def __init__(self, params: Iterable[torch.Tensor] = ()) -> None:
@@ -40,13 +90,22 @@ class SavedTensorMeter(AbstractContextManager["SavedTensorMeter"]):
         self.count = 0
         self._hooks: Any = None
 
-    def _pack(self, t: torch.Tensor) -> torch.Tensor:
+    def _pack(self, t: torch.Tensor) -> Any:
         key = _storage_key(t)
-        if key not in self._param_keys and key not in self._seen and key[0] != 0:
+        if key in self._param_keys or key[0] == 0:
+            return t
+        if key not in self._seen:
             self._seen.add(key)
             self.bytes += key[1]
             self.count += 1
-        return t
+        held = _Held(t)
+        LIVE_SAVED.hold(key)
+        weakref.finalize(held, LIVE_SAVED.release, key)
+        return held
+
+    @staticmethod
+    def _unpack(x: Any) -> torch.Tensor:
+        return x.t if isinstance(x, _Held) else x
 
     def add(self, nbytes: int) -> None:
         """Count bytes saved outside autograd's hooks (custom functions' own buffers)."""
@@ -54,7 +113,7 @@ class SavedTensorMeter(AbstractContextManager["SavedTensorMeter"]):
         self.count += 1
 
     def __enter__(self) -> SavedTensorMeter:
-        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
         self._hooks.__enter__()
         _ACTIVE.append(self)
         return self
@@ -88,9 +147,16 @@ def _status_kib(field: str) -> int | None:
     return None
 
 
+_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
 def current_rss_bytes() -> int:
-    kib = _status_kib("VmRSS")
-    return kib * 1024 if kib is not None else 0
+    try:  # /proc/self/statm: size resident shared ... in pages (cheaper than status)
+        with open("/proc/self/statm", "rb") as f:
+            return int(f.read().split()[1]) * _PAGE
+    except (OSError, IndexError, ValueError):
+        kib = _status_kib("VmRSS")
+        return kib * 1024 if kib is not None else 0
 
 
 def lifetime_peak_rss_bytes() -> int:
@@ -124,3 +190,184 @@ class PeakRSS(AbstractContextManager["PeakRSS"]):
     def __exit__(self, *exc: object) -> None:
         kib = _status_kib("VmHWM") if self._exact else None
         self.peak_bytes = kib * 1024 if kib is not None else lifetime_peak_rss_bytes()
+
+
+class HeapSampler(AbstractContextManager["HeapSampler"]):
+    """Sample RSS, glibc's heap counters, the saved-for-backward bytes alive
+    (`LIVE_SAVED`) and the gradient bytes of `params` every `interval_s` from a thread
+    during the `with` block; keeps the heap at the start and the sample with the highest
+    RSS. Off glibc the heap fields stay None."""
+
+    def __init__(self, params: Iterable[torch.Tensor] = (), interval_s: float = 0.001) -> None:
+        self.params = [p for p in params if p.requires_grad]
+        self.interval_s = interval_s
+        self.start: HeapStats | None = None
+        self.peak: Sample | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _sample(self) -> None:
+        rss = current_rss_bytes()
+        if self.peak is not None and rss < self.peak.rss:
+            return
+        grads = sum(p.grad.numel() * p.grad.element_size() for p in self.params if p.grad is not None)
+        self.peak = Sample(rss, heap_stats(), LIVE_SAVED.bytes, grads)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self._sample()
+
+    def __enter__(self) -> HeapSampler:
+        self.start = heap_stats()
+        self._sample()
+        self._thread = threading.Thread(target=self._run, name="cotune-heap-sampler", daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        self._sample()
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One sample of `HeapSampler`."""
+
+    rss: int
+    heap: HeapStats | None
+    saved_live: int
+    grads_live: int
+
+
+@dataclass(frozen=True)
+class RestPoint:
+    """The process before data and model: its RSS and heap counters."""
+
+    rss: int
+    heap: HeapStats | None
+
+
+_REST: list[RestPoint] = []
+
+
+def mark_rest() -> RestPoint:
+    """Record the process at rest (interpreter and libraries loaded, no data or model
+    yet); the first call wins. The runtime calls it before a run builds anything."""
+    if not _REST:
+        _REST.append(RestPoint(current_rss_bytes(), heap_stats()))
+    return _REST[0]
+
+
+def tensor_bytes(tensors: Iterable[torch.Tensor]) -> int:
+    """Bytes of distinct storages among `tensors`."""
+    seen: dict[tuple[int, int], int] = {}
+    for t in tensors:
+        key = _storage_key(t)
+        if key[0] != 0:
+            seen[key] = key[1]
+    return sum(seen.values())
+
+
+def _file_mappings() -> list[tuple[int, int]]:
+    """Address ranges of this process mapped from files (/proc/self/maps)."""
+    ranges = []
+    try:
+        for line in Path("/proc/self/maps").read_text().splitlines():
+            fields = line.split()
+            if len(fields) >= 6 and fields[4] != "0" and fields[5].startswith("/"):
+                lo, hi = fields[0].split("-")
+                ranges.append((int(lo, 16), int(hi, 16)))
+    except OSError:
+        return []
+    return ranges
+
+
+def model_state_bytes(
+    modules: Iterable[torch.nn.Module], optimizer: torch.optim.Optimizer | None
+) -> dict[str, int]:
+    """`parameters` (parameters and buffers of `modules`), of which `parameters_mapped`
+    are pages of a mapped file (weights loaded with mmap, outside the heap), `gradients`
+    (one gradient per trainable parameter: what backward allocates each step) and
+    `optimizer_state`."""
+    mods = list(modules)
+    tensors = [t for m in mods for t in (*m.parameters(), *m.buffers())]
+    trainable = {id(p): p for m in mods for p in m.parameters() if p.requires_grad}
+    state: list[torch.Tensor] = []
+    if optimizer is not None:
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                trainable.setdefault(id(p), p)
+                state += [v for v in optimizer.state.get(p, {}).values() if torch.is_tensor(v)]
+    maps = _file_mappings()
+    mapped = [t for t in tensors if any(lo <= t.data_ptr() < hi for lo, hi in maps)]
+    return {
+        "parameters": tensor_bytes(tensors),
+        "parameters_mapped": tensor_bytes(mapped),
+        "gradients": sum(p.numel() * p.element_size() for p in trainable.values()),
+        "optimizer_state": tensor_bytes(state),
+    }
+
+
+@dataclass(frozen=True)
+class MemoryBreakdown:
+    """What the process held at the highest-RSS moment of a training step (bytes).
+
+    Measured directly: `runtime_at_rest` (RSS before data and model: interpreter and
+    libraries), `parameters` (parameters and buffers), `optimizer_state`, `gradients`
+    and `saved_activations` alive at that moment (gradient tensors; saved-for-backward
+    storages the graph still holds), `allocator_retention` (freed heap bytes glibc held
+    beyond what it held at rest). From glibc's heap counters: `transient` (heap in use
+    at that moment beyond the step's start, other than saved activations and gradients:
+    forward/backward temporaries, optimizer scratch) and `data_and_other` (heap in use
+    at the step's start beyond rest, parameters and optimizer state: data, tokenizer,
+    Python objects). `peak_rss` is the kernel's exact high-water mark of the step;
+    `unexplained` = peak_rss - the parts (sampling misses the exact peak by up to a
+    millisecond; RSS outside the heap can grow, heap pages can be untouched).
+    """
+
+    peak_rss: int
+    runtime_at_rest: int
+    parameters: int
+    optimizer_state: int
+    gradients: int
+    saved_activations: int
+    transient: int
+    data_and_other: int
+    allocator_retention: int
+
+    PARTS = (
+        "runtime_at_rest", "parameters", "optimizer_state", "gradients", "saved_activations",
+        "transient", "data_and_other", "allocator_retention",
+    )  # fmt: skip
+
+    @property
+    def total(self) -> int:
+        return sum(getattr(self, k) for k in self.PARTS)
+
+    def as_dict(self) -> dict[str, int]:
+        return {**asdict(self), "parts_total": self.total, "unexplained": self.peak_rss - self.total}
+
+
+def breakdown(
+    peak_rss: int, sampler: HeapSampler, state: dict[str, int], rest: RestPoint | None = None
+) -> MemoryBreakdown | None:
+    """The breakdown of one step, from `state` (`model_state_bytes` at the step's start)
+    and `sampler` (run around the step); None off glibc."""
+    rest = rest or mark_rest()
+    at = sampler.peak
+    if sampler.start is None or at is None or at.heap is None or rest.heap is None:
+        return None
+    in_heap = state["parameters"] - state.get("parameters_mapped", 0) + state["optimizer_state"]
+    return MemoryBreakdown(
+        peak_rss=peak_rss,
+        runtime_at_rest=rest.rss,
+        parameters=state["parameters"],
+        optimizer_state=state["optimizer_state"],
+        gradients=at.grads_live,
+        saved_activations=at.saved_live,
+        transient=max(at.heap.in_use - sampler.start.in_use - at.saved_live - at.grads_live, 0),
+        data_and_other=max(sampler.start.in_use - rest.heap.in_use - in_heap, 0),
+        allocator_retention=max(at.heap.free_held - rest.heap.free_held, 0),
+    )

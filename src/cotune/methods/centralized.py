@@ -56,7 +56,7 @@ def train(cfg: Config, recorder: Recorder, run_dir: Path | None = None) -> Metho
     checkpoints = Checkpoints(recorder, n_steps, cfg.train.eval_every, evaluate,
                               lr=lambda: float(schedule.get_last_lr()[0]))  # fmt: skip
     stats = fit(step, cycle(loader), n_steps, on_step=checkpoints,
-                progress=f"{cfg.method} {task.name}")  # fmt: skip
+                breakdown_memory=cfg.memory.report, progress=f"{cfg.method} {task.name}")  # fmt: skip
     if run_dir is not None and outputs:
         adapter.save_outputs(run_dir, Evaluation(checkpoints.last, outputs))
     trainable = {n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad}

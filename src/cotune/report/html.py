@@ -6,6 +6,7 @@ import html
 import json
 from pathlib import Path
 from typing import Any
+from cotune.report.memory import breakdown_html
 
 
 def _fmt(value: Any) -> str:
@@ -63,6 +64,7 @@ img {{ max-width: 100%; }}
 <h1>{html.escape(summary["method"])} &middot; {html.escape(summary["task"])} &middot; {html.escape(summary["model"])}</h1>
 <h2>Summary</h2>
 <table>{table}</table>
+{breakdown_html(summary.get("memory_breakdown"))}
 <h2>Curves</h2>
 <img src="plot.png" alt="loss, metrics and traffic over training">
 <h2>Evaluations</h2>

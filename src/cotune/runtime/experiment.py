@@ -18,6 +18,7 @@ from safetensors.torch import save_file
 
 from cotune.config import Config, load_config, to_toml
 from cotune.errors import ConfigError
+from cotune.memory import mark_rest, tune_allocator
 from cotune.methods import (
     FederatedSpec,
     LocalSpec,
@@ -68,6 +69,8 @@ def run_experiment(cfg: Config, out: str | Path | None = None, resume: bool = Fa
     """
     offline_env()
     resolve(cfg)
+    tune_allocator(cfg.memory.allocator)
+    mark_rest()  # the process at rest, for memory breakdowns (memory.report)
     spec = get_spec(cfg.method)
     if resume and cfg.method not in resumable_methods():
         raise ConfigError(

@@ -19,7 +19,14 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from cotune.memory.measure import PeakRSS, SavedTensorMeter
+from cotune.memory.measure import (
+    HeapSampler,
+    MemoryBreakdown,
+    PeakRSS,
+    SavedTensorMeter,
+    breakdown,
+    model_state_bytes,
+)
 
 
 def autocast(precision: str) -> AbstractContextManager[object]:
@@ -67,6 +74,7 @@ class StepStats:
     saved_activation_bytes: int = 0
     losses: list[float] = field(default_factory=list)
     step_times: list[float] = field(default_factory=list)
+    memory: MemoryBreakdown | None = None  # the breakdown of the step with the highest peak
 
     @property
     def mean_loss(self) -> float:
@@ -90,10 +98,15 @@ class StepStats:
         self.saved_activation_bytes = max(self.saved_activation_bytes, other.saved_activation_bytes)
         self.losses.extend(other.losses)
         self.step_times.extend(other.step_times)
+        if other.memory is not None and (
+            self.memory is None or other.memory.peak_rss > self.memory.peak_rss
+        ):
+            self.memory = other.memory
 
-    def summary(self) -> dict[str, float | int]:
+    def summary(self) -> dict[str, Any]:
         """The figures every method reports in summary.json's extras."""
         return {
+            **({"memory_breakdown": self.memory.as_dict()} if self.memory else {}),
             "steps": self.steps,
             "examples_seen": self.examples,
             "tokens_per_s": self.tokens_per_s,
@@ -106,7 +119,9 @@ class Step(Protocol):
     """One optimiser step on one batch. Returns the loss, or None when no step was
     taken (e.g. a split device's link dropped and it reconnected; the batch is
     skipped). `saved_bytes` is the largest saved-for-backward total of one step so far
-    (0 when not measured)."""
+    (0 when not measured). A step may also have `memory_state() -> dict[str, int]`
+    (`parameters`, `gradients`, `optimizer_state` bytes: `memory.model_state_bytes`),
+    which `fit(..., breakdown_memory=True)` reads."""
 
     @property
     def saved_bytes(self) -> int: ...
@@ -173,6 +188,9 @@ class ModelStep:
             self.saved_bytes = max(self.saved_bytes, meter.bytes)
         return loss
 
+    def memory_state(self) -> dict[str, int]:
+        return model_state_bytes([self.model], self.optimizer)
+
 
 OnStep = Callable[[int, float, StepStats], None]
 
@@ -184,6 +202,7 @@ def fit(
     *,
     position: Callable[[], int] | None = None,
     measure: bool = True,
+    breakdown_memory: bool = False,
     on_step: OnStep | None = None,
     progress: str | None = None,
 ) -> StepStats:
@@ -191,8 +210,11 @@ def fit(
 
     `position()` says how many steps are done (default: the steps this call took); a
     split device counts a step the cloud finished before a reconnect as done. With
-    `measure`, the peak RSS during each step is recorded. `on_step(step, loss, stats)`
-    runs after each step (evaluation, logging), outside the timed region.
+    `measure`, the peak RSS during each step is recorded; with `breakdown_memory` too,
+    where it goes (`stats.memory`: a `MemoryBreakdown` of the step with the highest
+    peak; parameters, gradients and optimizer state from the step's `memory_state()`
+    when it has one). `on_step(step, loss, stats)` runs after each step (evaluation,
+    logging), outside the timed region.
     """
     stats = StepStats()
     done = position or (lambda: stats.steps)
@@ -202,14 +224,21 @@ def fit(
     )  # fmt: skip
     while done() < n_steps:
         batch = next(batches)
+        state_of = getattr(step, "memory_state", None)
+        state = state_of() if measure and breakdown_memory and state_of is not None else None
+        params = getattr(step, "params", ())
+        sampler = HeapSampler(params) if measure and breakdown_memory else None
         t0 = time.perf_counter()
-        with PeakRSS() if measure else nullcontext() as peak:
+        with PeakRSS() if measure else nullcontext() as peak, sampler or nullcontext():
             loss = step(batch)
         dt = time.perf_counter() - t0
         if loss is None:
             bar.update(done() - bar.n)
             continue
         if peak is not None:
+            if sampler is not None and peak.peak_bytes >= stats.peak_rss_bytes:
+                zero = {"parameters": 0, "gradients": 0, "optimizer_state": 0}
+                stats.memory = breakdown(peak.peak_bytes, sampler, state or zero) or stats.memory
             stats.peak_rss_bytes = max(stats.peak_rss_bytes, peak.peak_bytes)
         stats.saved_activation_bytes = max(stats.saved_activation_bytes, step.saved_bytes)
         stats.steps += 1

@@ -88,7 +88,7 @@ def train_round(
     schedule = round_schedule(optimizer, cfg.train, n_steps, cfg.federated.rounds, server_round)
     step = ModelStep(model, optimizer, schedule, precision=cfg.train.precision,
                      max_grad_norm=cfg.train.max_grad_norm)  # fmt: skip
-    return fit(step, cycle(loader), n_steps)
+    return fit(step, cycle(loader), n_steps, breakdown_memory=cfg.memory.report)
 
 
 def round_metrics(stats: StepStats) -> dict[str, float]:

@@ -31,7 +31,7 @@ from cotune.link.proto import pb
 from cotune.link.transport import Transport
 from cotune.link.wire import from_wire, pack_mask, to_wire
 from cotune.memory import apply_memory_option
-from cotune.memory.measure import SavedTensorMeter
+from cotune.memory.measure import SavedTensorMeter, model_state_bytes
 from cotune.methods.spec import MethodResult, TransportFactory
 from cotune.methods.split.protocol import (
     DEVICE_STREAM,
@@ -109,6 +109,10 @@ class SplitDevice:
         self.training = True
         self.saved_bytes = 0  # largest saved-for-backward bytes of one step (device side)
         self.timeout = cfg.runtime.timeout_s
+
+    def memory_state(self) -> dict[str, int]:
+        """What the device holds: its segment (and head), their gradients, optimiser state."""
+        return model_state_bytes(self.modules, self.optimizer)
 
     # -------------------------------------------------------------- connection
 
@@ -277,6 +281,13 @@ class ReconnectingStep:
     def saved_bytes(self) -> int:
         return self.device.saved_bytes
 
+    @property
+    def params(self) -> list[nn.Parameter]:
+        return self.device.params
+
+    def memory_state(self) -> dict[str, int]:
+        return self.device.memory_state()
+
     def __call__(self, batch: dict[str, torch.Tensor]) -> float | None:
         try:
             return self.device.train_step(batch)
@@ -341,6 +352,7 @@ def train_device(
         traffic=lambda: (device.transport.meter.up, device.transport.meter.down),
     )  # fmt: skip
     stats = fit(step, cycle(loader), n_steps, position=lambda: device.steps_done,
+                breakdown_memory=cfg.memory.report,
                 on_step=checkpoints, progress=f"split {task.name}")  # fmt: skip
     meter: dict[str, Any] = device.transport.meter.snapshot()
     device.transport.close()

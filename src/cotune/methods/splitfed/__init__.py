@@ -98,6 +98,7 @@ def finish(
                     "steps": d.result.extra.get("steps"),
                     "rounds": d.result.extra.get("rounds"),
                     "train_s": d.result.extra.get("train_s"),
+                    "memory_breakdown": d.result.extra.get("memory_breakdown"),
                     "reconnects": d.result.extra.get("reconnects"),
                     "peak_rss_bytes": d.result.device_peak_bytes,
                     "bytes_up": d.result.bytes_up,

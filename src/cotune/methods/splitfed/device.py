@@ -114,7 +114,8 @@ def train_device(
             rounds.append(device.aggregate(math.ceil(step / every), float(len(data))))
 
     step = ReconnectingStep(device, connect, n_steps)
-    stats = fit(step, cycle(loader), n_steps, position=lambda: device.steps_done, on_step=on_step)
+    stats = fit(step, cycle(loader), n_steps, position=lambda: device.steps_done,
+                on_step=on_step, breakdown_memory=cfg.memory.report)  # fmt: skip
     meter: dict[str, Any] = device.transport.meter.snapshot()
     device.transport.close()
     state = {n: p.detach().clone().contiguous() for n, p in device.named.items()}
@@ -128,6 +129,7 @@ def train_device(
         trainable_device=sum(p.numel() for p in device.params),
         trainable_cloud=0,  # the cloud reports its own
         extra={
+            **({"memory_breakdown": stats.memory.as_dict()} if stats.memory else {}),
             "device": device_id,
             "examples": len(data),
             "steps": device.steps_done,
