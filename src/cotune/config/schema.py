@@ -110,7 +110,12 @@ class FederatedConfig(_Section):
 
 
 class MemoryConfig(_Section):
-    backward: Literal["none", "random", "norm", "backrazor"] = "none"
+    """`backward`: which activations are saved sparsely (none: all, dense). `checkpoint`:
+    recompute each transformer layer's forward during backward, combinable with any
+    `backward` mode. `backward = "checkpoint"` is shorthand for `backward = "none"` with
+    `checkpoint = true`, rewritten so on validation (the resolved config says what runs)."""
+
+    backward: Literal["none", "random", "norm", "backrazor", "checkpoint"] = "none"
     keep: float = Field(default=0.5, gt=0, le=1)
     rescale: bool = True
     norm: Literal["linf", "l1", "l2"] = "linf"
@@ -120,6 +125,24 @@ class MemoryConfig(_Section):
     allocator: Literal["release", "default"] = "release"
     # measure where each step's peak RSS goes (summary.json: memory_breakdown)
     report: bool = False
+    checkpoint: bool = False
+
+    @model_validator(mode="after")
+    def _checkpoint_shorthand(self) -> MemoryConfig:
+        if self.backward != "checkpoint":
+            return self
+        if "checkpoint" in self.model_fields_set and not self.checkpoint:
+            raise ValueError(
+                'backward = "checkpoint" turns activation checkpointing on, but checkpoint = '
+                "false turns it off; for checkpointing alone drop checkpoint = false, for "
+                'sparse saving alone pick backward = "random", "norm" or "backrazor"'
+            )
+        # object.__setattr__: a plain assignment would re-run this validator (assignments
+        # are validated), and the fields are already valid
+        object.__setattr__(self, "backward", "none")
+        object.__setattr__(self, "checkpoint", True)
+        self.model_fields_set.add("checkpoint")
+        return self
 
 
 class RuntimeConfig(_Section):

@@ -2,7 +2,10 @@
 
 - `SavedTensorMeter`: bytes of the tensors autograd saves for backward, counted with
   saved-tensor hooks while a forward pass runs. Parameters (and views of them) are not
-  activations and are excluded; a storage saved twice is counted once.
+  activations and are excluded; a storage saved twice is counted once. With activation
+  checkpointing (`cotune.memory.checkpoint`) it also counts what each checkpointed layer
+  would save, which backward holds again while it recomputes that layer, and reports the
+  peak (`peak_bytes`).
 - `PeakRSS`: the process's peak resident memory during a region, reset at its start
   through /proc/self/clear_refs (Linux); elsewhere the lifetime peak (ru_maxrss).
 - `HeapSampler`: RSS and glibc's heap counters sampled by a thread during a region (the
@@ -17,8 +20,8 @@ import resource
 import sys
 import threading
 import weakref
-from collections.abc import Iterable
-from contextlib import AbstractContextManager
+from collections.abc import Iterable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -73,14 +76,23 @@ LIVE_SAVED = _Live()
 
 
 class SavedTensorMeter(AbstractContextManager["SavedTensorMeter"]):
-    """Count bytes saved for backward inside the `with` block.
+    """Count bytes saved for backward inside the `with` block (a forward pass).
 
     `params` are the module parameters whose storages are not counted (weights saved by
     Linear for the input gradient are not activations). Objects that are not plain
     tensors (e.g. packed sparse activations from `cotune.memory`) report their size
-    through a `nbytes_saved()` method, or are counted tensor by tensor. Until the graph
-    lets go of them (after their backward), the storages counted are also in
-    `LIVE_SAVED.bytes`, which a `HeapSampler` reads at every sample.
+    through a `nbytes_saved()` method, or are counted tensor by tensor.
+
+    `bytes` is what autograd holds when the forward pass ends. Under non-reentrant
+    activation checkpointing that is the checkpointed layers' inputs plus what the other
+    modules save; each checkpointed layer's own saves are dropped and recomputed in
+    backward. `recompute_region()` (entered by the checkpointing in each layer's
+    forward) counts those saves too, and `peak_bytes` is the largest total held at once:
+    `bytes`, or, for the worst layer i, everything saved up to and including layer i's
+    input plus layer i's recomputed saves (when backward reaches layer i, what was saved
+    after it has been consumed and freed). Without checkpointing `peak_bytes == bytes`. Until the graph lets go of them (after
+    their backward), the storages counted are also in `LIVE_SAVED.bytes`, which a
+    `HeapSampler` reads at every sample.
     """
 
     def __init__(self, params: Iterable[torch.Tensor] = ()) -> None:
@@ -88,7 +100,19 @@ class SavedTensorMeter(AbstractContextManager["SavedTensorMeter"]):
         self._seen: set[tuple[int, int]] = set()
         self.bytes = 0
         self.count = 0
+        self.recompute_bytes = 0  # the largest one layer's recomputation keeps
+        self._recompute_peak = 0
+        self._region_depth = 0
+        self._region_base = 0
+        self._region_bytes = 0
+        self._region_seen: set[tuple[int, int]] = set()
+        self._region_hold: list[torch.Tensor] = []
         self._hooks: Any = None
+
+    @property
+    def peak_bytes(self) -> int:
+        """The most bytes saved for backward that are alive at once (see the class doc)."""
+        return max(self.bytes, self._recompute_peak)
 
     def _pack(self, t: torch.Tensor) -> Any:
         key = _storage_key(t)
@@ -106,6 +130,38 @@ class SavedTensorMeter(AbstractContextManager["SavedTensorMeter"]):
     @staticmethod
     def _unpack(x: Any) -> torch.Tensor:
         return x.t if isinstance(x, _Held) else x
+
+    def _count_recomputed(self, t: torch.Tensor) -> None:
+        key = _storage_key(t)
+        if (
+            key not in self._param_keys
+            and key not in self._seen  # e.g. the layer's input: already held
+            and key not in self._region_seen
+            and key[0] != 0
+        ):
+            self._region_seen.add(key)
+            self._region_bytes += key[1]
+            # checkpoint drops the tensor after its pack hook; held until the layer's
+            # forward ends, its storage cannot be freed and reused by a later save of the
+            # same layer (which would then look like the same storage). Backward holds
+            # these tensors again while it recomputes the layer, so this raises no peak.
+            self._region_hold.append(t)
+
+    def _begin_region(self) -> None:
+        self._region_depth += 1
+        if self._region_depth == 1:
+            self._region_base = self.bytes
+            self._region_bytes = 0
+            self._region_seen = set()
+            self._region_hold = []
+
+    def _end_region(self) -> None:
+        self._region_depth -= 1
+        if self._region_depth == 0:
+            self.recompute_bytes = max(self.recompute_bytes, self._region_bytes)
+            self._recompute_peak = max(self._recompute_peak, self._region_base + self._region_bytes)
+            self._region_seen = set()
+            self._region_hold = []
 
     def add(self, nbytes: int) -> None:
         """Count bytes saved outside autograd's hooks (custom functions' own buffers)."""
@@ -131,6 +187,42 @@ def report_saved_bytes(nbytes: int) -> None:
     """Called by custom autograd functions that keep buffers outside `save_for_backward`."""
     for meter in _ACTIVE:
         meter.add(nbytes)
+
+
+@contextmanager
+def recompute_region() -> Iterator[None]:
+    """Count, for the active meters, what a checkpointed layer saves in its forward.
+
+    Entered inside `torch.utils.checkpoint`'s forward (non-reentrant), where its own
+    saved-tensor hooks are the innermost ones: they replace each saved tensor by a
+    placeholder, so the meter's hooks see nothing. This pushes a hook that counts the
+    tensor and hands it on to checkpoint's hooks unchanged. Backward recomputes the
+    same tensors (the same ops on the same inputs), so their size is what backward
+    holds again for the layer. No active meter: nothing is pushed.
+    """
+    meters = list(_ACTIVE)
+    # torch has no public accessor for the innermost hooks; this private one is what
+    # torch itself uses (AOTAutograd). Without it the recomputation is not counted.
+    top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+    inner = top(False) if meters and top is not None else None
+    if inner is None:
+        yield
+        return
+    pack_inner, unpack_inner = inner
+
+    def pack(t: torch.Tensor) -> Any:
+        for meter in meters:
+            meter._count_recomputed(t)
+        return pack_inner(t)
+
+    for meter in meters:
+        meter._begin_region()
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, unpack_inner):
+            yield
+    finally:
+        for meter in meters:
+            meter._end_region()
 
 
 _CLEAR_REFS = Path("/proc/self/clear_refs")
@@ -210,7 +302,9 @@ class HeapSampler(AbstractContextManager["HeapSampler"]):
         rss = current_rss_bytes()
         if self.peak is not None and rss < self.peak.rss:
             return
-        grads = sum(p.grad.numel() * p.grad.element_size() for p in self.params if p.grad is not None)
+        grads = sum(
+            p.grad.numel() * p.grad.element_size() for p in self.params if p.grad is not None
+        )
         self.peak = Sample(rss, heap_stats(), LIVE_SAVED.bytes, grads)
 
     def _run(self) -> None:
@@ -347,7 +441,11 @@ class MemoryBreakdown:
         return sum(getattr(self, k) for k in self.PARTS)
 
     def as_dict(self) -> dict[str, int]:
-        return {**asdict(self), "parts_total": self.total, "unexplained": self.peak_rss - self.total}
+        return {
+            **asdict(self),
+            "parts_total": self.total,
+            "unexplained": self.peak_rss - self.total,
+        }
 
 
 def breakdown(

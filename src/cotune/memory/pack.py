@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 import weakref
+from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -93,6 +94,26 @@ def normalize_token_mask(mask: torch.Tensor | None) -> torch.Tensor | None:
 
 def current_token_mask() -> torch.Tensor | None:
     return _TOKEN_MASK.get()
+
+
+# Inside a checkpointed layer (see `cotune.memory.checkpoint`) autograd does not keep the
+# saved tensors (checkpoint's hooks drop them), so the weak references of `pack_shared`'s
+# cache would die before the next projection reads the same input. While this holds a
+# list, `pack_shared` puts its latest pack in it, so the Q, K and V projections share one
+# pack there too (the same selection as without checkpointing).
+_HOLD_LAST_PACK: ContextVar[list[torch.Tensor] | None] = ContextVar(
+    "cotune_hold_last_pack", default=None
+)
+
+
+@contextmanager
+def hold_last_pack() -> Iterator[None]:
+    """Keep `pack_shared`'s latest pack alive inside the block (checkpointed layers)."""
+    token = _HOLD_LAST_PACK.set([])
+    try:
+        yield
+    finally:
+        _HOLD_LAST_PACK.reset(token)
 
 
 def _valid_rows(x: torch.Tensor) -> torch.Tensor | None:
@@ -305,6 +326,9 @@ def pack_shared(x: torch.Tensor, policy: Policy, dtype: torch.dtype | None = Non
         packed.meta,
         [weakref.ref(t) for t in packed.tensors],
     )
+    hold = _HOLD_LAST_PACK.get()
+    if hold is not None:
+        hold[:] = packed.tensors
     return packed
 
 

@@ -312,9 +312,12 @@ class _Gpt2(_Family):
         return backbone.h
 
     def run_layer(self, layer: nn.Module, hidden: Tensor, ctx: Ctx) -> Tensor:
+        # the cache by keyword: a checkpointed layer (memory.checkpoint) drops a cache
+        # given by keyword, which its recomputation in backward would write a second time
         return layer(
-            hidden, ctx["cache"], ctx["mask"], None, encoder_attention_mask=None,
-            use_cache=ctx["cache"] is not None, position_ids=ctx["position_ids"],
+            hidden, attention_mask=ctx["mask"], encoder_hidden_states=None,
+            encoder_attention_mask=None, use_cache=ctx["cache"] is not None,
+            position_ids=ctx["position_ids"], **_with_cache(type(layer).forward, ctx["cache"]),
         )  # fmt: skip
 
     def final_modules(self, backbone: HFModule) -> dict[str, nn.Module]:

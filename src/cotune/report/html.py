@@ -6,6 +6,7 @@ import html
 import json
 from pathlib import Path
 from typing import Any
+
 from cotune.report.memory import breakdown_html
 
 

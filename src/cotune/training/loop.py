@@ -185,7 +185,7 @@ class ModelStep:
             precision=self.precision, max_grad_norm=self.max_grad_norm, meter=meter,
         )  # fmt: skip
         if meter is not None:
-            self.saved_bytes = max(self.saved_bytes, meter.bytes)
+            self.saved_bytes = max(self.saved_bytes, meter.peak_bytes)
         return loss
 
     def memory_state(self) -> dict[str, int]:

@@ -30,7 +30,7 @@ from cotune.link.pca import PcaProjection
 from cotune.link.proto import pb
 from cotune.link.transport import Transport
 from cotune.link.wire import from_wire, pack_mask, to_wire
-from cotune.memory import apply_memory_option
+from cotune.memory import apply_memory_option, checkpointed_layers
 from cotune.memory.measure import SavedTensorMeter, model_state_bytes
 from cotune.methods.spec import MethodResult, TransportFactory
 from cotune.methods.split.protocol import (
@@ -183,7 +183,7 @@ class SplitDevice:
             if self.pca is not None:
                 rows = self.pca.project(rows)
         if meter is not None:
-            self.saved_bytes = max(self.saved_bytes, meter.bytes)
+            self.saved_bytes = max(self.saved_bytes, meter.peak_bytes)
         fwd = pb.Forward(
             step=self.steps_done,
             train=train or self.training,
@@ -225,7 +225,16 @@ class SplitDevice:
             loss = float(out.loss.detach())
         else:
             loss = float(reply.loss)
-        rows.backward(self._cut_grad(reply, rows))
+        grad = self._cut_grad(reply, rows)
+        if checkpointed_layers(self.segment):
+            # backward recomputes the checkpointed layers, and torch puts the RNG state
+            # of their forward back meanwhile (dropout): hold the process-wide RNG lock
+            # as the forward did, so a device in another thread draws nothing meanwhile
+            # (the stream itself is left as it was: the recomputation restores it)
+            with self.rng.scope():
+                rows.backward(grad)
+        else:
+            rows.backward(grad)
         if self.cfg.train.max_grad_norm is not None:
             torch.nn.utils.clip_grad_norm_(self.params, self.cfg.train.max_grad_norm)
         self.optimizer.step()
