@@ -138,3 +138,69 @@ def test_cotune_memory_parts_add_up_to_the_peak_on_minilm(tmp_path: Path) -> Non
     n = norm["memory_breakdown"]
     assert abs(n["parts_total"] - n["peak_rss"]) <= 0.10 * n["peak_rss"]
     assert n["peak_rss"] < b["peak_rss"] - 200 * (1 << 20)
+
+
+# ----------------------------------------------------------------------------- the cap
+
+
+def _tiny_config(tmp_path: Path) -> Path:
+    from helpers import write_sst2
+
+    data = write_sst2(tmp_path, n_train=64, n_dev=16)
+    path = tmp_path / "tiny.toml"
+    path.write_text(
+        'name = "cap-test"\nmethod = "centralized"\n\n'
+        f'[task]\nname = "glue/sst2"\ndata_dir = {json.dumps(str(data))}\n\n'
+        '[model]\nname = "tiny-bert"\n\n'
+        "[train]\nsteps = 3\nbatch_size = 8\nmax_seq_len = 24\nthreads = 1\n"
+    )
+    return path
+
+
+def test_parse_memory_size() -> None:
+    from cotune.cli.main import parse_memory_size
+    from cotune.errors import UserError
+
+    assert parse_memory_size("1.5GiB") == 1536.0
+    assert parse_memory_size("800MiB") == parse_memory_size("800M") == 800.0
+    assert parse_memory_size("2GB") == pytest.approx(2e9 / 2**20)
+    assert parse_memory_size(str(3 << 20)) == 3.0
+    for bad in ("", "lots", "-1GiB", "1.5 parsecs", "0"):
+        with pytest.raises(UserError, match="positive size such as 1.5GiB"):
+            parse_memory_size(bad)
+
+
+@pytest.mark.slow
+def test_max_memory_below_the_need_fails_before_training_with_status_2(tmp_path: Path) -> None:
+    config = _tiny_config(tmp_path)
+    out = tmp_path / "run"
+    args = [sys.executable, "-m", "cotune", "run", str(config), "--out", str(out),
+            "--max-memory", "64MiB"]  # fmt: skip
+    done = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 2, done.stderr[-2000:]
+    err = done.stderr
+    assert "above its cap of 64 MiB" in err and "nothing was trained" in err
+    assert "Traceback" not in err
+    need = float(err.split("this run needs ")[1].split(" MiB")[0].replace(",", ""))
+    assert need > 64  # the measured need is a real RSS: the interpreter alone exceeds it
+    # no option fits 64 MiB either, and the message says which were measured
+    assert "No single option measured fits" in err and "memory.checkpoint = true (" in err
+    assert not (out / "train.jsonl").exists() and not (out / "summary.json").exists()
+    # a cap above the need: measured, accepted, trained
+    done = subprocess.run([*args[:-1], f"{need + 400:.0f}MiB"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=900)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "within its cap" in done.stdout and (out / "summary.json").is_file()
+
+
+def test_cap_checked_after_each_step_stops_a_run_that_grows_past_it() -> None:
+    from cotune.memory.cap import MemoryCapExceeded, check_memory_cap, set_memory_cap
+
+    set_memory_cap(100 << 20)
+    try:
+        check_memory_cap(100 << 20)  # at the cap: fine
+        with pytest.raises(MemoryCapExceeded, match="above its cap of 100 MiB"):
+            check_memory_cap((100 << 20) + 1)
+    finally:
+        set_memory_cap(None)
+    check_memory_cap(1 << 40)  # no cap: nothing to check

@@ -34,8 +34,36 @@ def _print_aggregate(folder: str) -> None:
     print(f"aggregate: {Path(folder) / AGGREGATE_FILE}")
 
 
+_UNITS = {"": 1 / 2**20, "b": 1 / 2**20, "k": 1 / 1024, "kb": 1e3 / 2**20, "kib": 1 / 1024,
+          "m": 1.0, "mb": 1e6 / 2**20, "mib": 1.0, "g": 1024.0, "gb": 1e9 / 2**20,
+          "gib": 1024.0}  # fmt: skip
+
+
+def parse_memory_size(text: str) -> float:
+    """`1.5GiB`, `800MiB`, `2GB`, `900M` -> MiB (a bare number is bytes)."""
+    import re
+
+    from cotune.errors import UserError
+
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", text)
+    unit = m.group(2).lower() if m else ""
+    if m is None or unit not in _UNITS or float(m.group(1)) <= 0:
+        raise UserError(
+            f"--max-memory {text!r}: give a positive size such as 1.5GiB, 800MiB, 2GB or 900M "
+            "(units B, K/KiB, KB, M/MiB, MB, G/GiB, GB)"
+        )
+    return float(m.group(1)) * _UNITS[unit]
+
+
+def _cap_sets(args: argparse.Namespace) -> list[str]:
+    cap = getattr(args, "max_memory", None)
+    return [f"memory.max_device_mib={parse_memory_size(cap)}"] if cap else []
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from cotune.runtime.experiment import load_experiment, run_experiment
+
+    args.set = [*args.set, *_cap_sets(args)]
 
     if args.seeds is not None:
         from cotune.errors import ConfigError
@@ -183,7 +211,8 @@ def cmd_device(args: argparse.Namespace) -> int:
     from cotune.report import read_summary
     from cotune.runtime.experiment import load_experiment, run_experiment
 
-    sets = [*args.set, f'runtime.cloud="{args.cloud}"', f"runtime.device_id={args.device_id}"]
+    sets = [*args.set, *_cap_sets(args), f'runtime.cloud="{args.cloud}"',
+            f"runtime.device_id={args.device_id}"]  # fmt: skip
     sets.append('runtime.transport="grpc"')
     cfg = load_experiment(args.config, sets)
     try:
@@ -210,6 +239,13 @@ def cmd_memory(args: argparse.Namespace) -> int:
     print(format_breakdown(breakdown))
     print(f"run folder: {path}")
     return 0
+
+
+MAX_MEMORY_HELP = (
+    "the device's memory cap, e.g. 1.5GiB or 800MiB (memory.max_device_mib): the need is "
+    "measured before training and a run that does not fit stops with status 2, listing "
+    "settings measured to fit"
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -241,6 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
         "write DIR/aggregate.json: per metric the mean, sample std and 95%% t-interval "
         "across seeds; seeds already finished in DIR are not run again",
     )
+    p.add_argument("--max-memory", metavar="SIZE", help=MAX_MEMORY_HELP)
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser(
@@ -340,6 +377,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--cloud", required=True, metavar="HOST:PORT", help="address of `cotune cloud`")
     p.add_argument("--device-id", type=int, default=0, help="this device's id in the token file")
+    p.add_argument("--max-memory", metavar="SIZE", help=MAX_MEMORY_HELP)
     p.add_argument("--out", help="run folder (default runs/<timestamp>-<name>)")
     p.set_defaults(func=cmd_device)
 

@@ -125,6 +125,9 @@ class MemoryConfig(_Section):
     allocator: Literal["release", "default"] = "release"
     # measure where each step's peak RSS goes (summary.json: memory_breakdown)
     report: bool = False
+    # the device's memory cap (MiB of RSS): measured before training (a short run in a
+    # process of its own), checked after every step; `--max-memory` on the CLI
+    max_device_mib: float | None = Field(default=None, gt=0)
     checkpoint: bool = False
 
     @model_validator(mode="after")

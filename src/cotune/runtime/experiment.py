@@ -30,6 +30,7 @@ from cotune.methods import (
 )
 from cotune.report import RunFolder, default_run_dir, finish_run
 from cotune.runtime.launcher import offline_env
+from cotune.runtime.memory_cap import apply_memory_cap
 
 
 def load_experiment(path: str | Path | None, overrides: list[str] | None = None) -> Config:
@@ -72,6 +73,8 @@ def run_experiment(cfg: Config, out: str | Path | None = None, resume: bool = Fa
     tune_allocator(cfg.memory.allocator)
     mark_rest()  # the process at rest, for memory breakdowns (memory.report)
     spec = get_spec(cfg.method)
+    apply_memory_cap(cfg, device_process=spec.kind == "local"
+                     or (spec.kind == "split" and cfg.runtime.cloud is not None))  # fmt: skip
     if resume and cfg.method not in resumable_methods():
         raise ConfigError(
             f"method {cfg.method!r} cannot resume a run; resumable methods: "

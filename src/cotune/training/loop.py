@@ -19,6 +19,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from cotune.memory.cap import check_memory_cap
 from cotune.memory.measure import (
     HeapSampler,
     MemoryBreakdown,
@@ -240,6 +241,7 @@ def fit(
                 zero = {"parameters": 0, "gradients": 0, "optimizer_state": 0}
                 stats.memory = breakdown(peak.peak_bytes, sampler, state or zero) or stats.memory
             stats.peak_rss_bytes = max(stats.peak_rss_bytes, peak.peak_bytes)
+            check_memory_cap(peak.peak_bytes)
         stats.saved_activation_bytes = max(stats.saved_activation_bytes, step.saved_bytes)
         stats.steps += 1
         stats.examples += int(batch["labels"].shape[0])
