@@ -1,4 +1,8 @@
-"""Task metrics with scikit-learn and scipy (HF `evaluate` cannot load offline)."""
+"""Task metrics with scikit-learn and scipy (HF `evaluate` cannot load offline).
+
+scikit-learn is imported at the first score, not with this module: a device process
+that trains without evaluating never loads it (about 40 MiB of RSS).
+"""
 
 from __future__ import annotations
 
@@ -7,18 +11,21 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 from scipy import stats
-from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
 
 METRIC_KEYS = ("accuracy", "accuracy_mm", "f1", "mcc", "pearson", "spearman")
 
 
 def _accuracy(preds: np.ndarray, labels: np.ndarray, num_labels: int) -> float:
+    from sklearn.metrics import accuracy_score
+
     return float(accuracy_score(labels, preds))
 
 
 def _f1(preds: np.ndarray, labels: np.ndarray, num_labels: int) -> float:
     # Binary tasks (MRPC, QQP): F1 of the positive class 1, as GLUE reports it.
     # More classes: macro F1 over all label indices.
+    from sklearn.metrics import f1_score
+
     if num_labels == 2:
         return float(f1_score(labels, preds, pos_label=1, average="binary", zero_division=0))
     return float(
@@ -27,6 +34,8 @@ def _f1(preds: np.ndarray, labels: np.ndarray, num_labels: int) -> float:
 
 
 def _mcc(preds: np.ndarray, labels: np.ndarray, num_labels: int) -> float:
+    from sklearn.metrics import matthews_corrcoef
+
     return float(matthews_corrcoef(labels, preds))
 
 

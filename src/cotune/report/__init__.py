@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from cotune.report.html import human_bytes, write_report
-from cotune.report.plots import plot_run
 from cotune.report.run_folder import (
     PREDICTIONS_FILE,
     SUMMARY_KEYS,
@@ -16,7 +15,10 @@ from cotune.report.run_folder import (
 
 
 def finish_run(run: RunFolder) -> None:
-    """Write the plot and report.html from the files already in the run folder."""
+    """Write the plot and report.html from the files already in the run folder
+    (matplotlib is imported here, after training, not by a device that trains)."""
+    from cotune.report.plots import plot_run
+
     summary = read_summary(run.path)
     evals = read_jsonl(run.metrics_path)
     train = read_jsonl(run.train_path)

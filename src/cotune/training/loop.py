@@ -19,6 +19,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from cotune.memory.allocator import release_free_memory
 from cotune.memory.cap import check_memory_cap
 from cotune.memory.measure import (
     HeapSampler,
@@ -219,6 +220,8 @@ def fit(
     """
     stats = StepStats()
     done = position or (lambda: stats.steps)
+    if measure:  # the setup's garbage (tokenising, loading) goes back to the OS first
+        release_free_memory()
     bar = tqdm(
         total=n_steps, initial=done(), desc=progress, unit="step",
         disable=None if progress else True, leave=False,

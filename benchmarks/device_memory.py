@@ -1,0 +1,166 @@
+"""Device memory for real: the peak RSS of a device's training step, and where it goes,
+for every memory setting cotune has.
+
+Each row is `cotune memory CONFIG --steps N` in a process of its own (the device alone:
+split runs put their device in its own process on loopback gRPC), with the breakdown of
+the step with the highest peak RSS (`memory.report`): runtime at rest, parameters,
+optimizer state, gradients and saved activations alive at the peak, transient buffers,
+data, allocator retention. Settings:
+
+- minilm full fine-tuning and minilm LoRA (r8 on query/key/value/dense), BBC News,
+  batch 16 x 128 tokens (every row 128 real tokens);
+- the smollm2-135m split device segment (cut 3, LoRA r4), E2E, batch 4 x 64;
+- memory modes none / checkpoint / norm and backrazor at keep 0.1 and 0.3 / checkpoint
+  combined with each sparse mode; for LoRA also the frozen base in bf16 and int8;
+  `none` and the best mode once more with glibc's default allocator settings.
+
+Step time is the median step of the row's run, its ratio taken against `none` of the
+same group; rows run one after another, but the machine is shared, so the ratios are
+indicative (the step-time benchmark of record is memory_backward.py's interleaved one).
+
+    nice .venv/bin/python benchmarks/device_memory.py [--steps 6] [--only minilm-full]
+    .venv/bin/python benchmarks/device_memory.py --table      # JSON + Markdown from finished rows
+
+Writes benchmarks/results/device_memory.json (+ .md); rows are resumable (a finished
+row's run folder is kept under benchmarks/results/device_memory/<group>/<row>).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+OUT = ROOT / "benchmarks" / "results" / "device_memory"
+MiB = float(1 << 20)
+
+SPARSE = {
+    "norm@0.1": ['memory.backward="norm"', "memory.keep=0.1"],
+    "norm@0.3": ['memory.backward="norm"', "memory.keep=0.3"],
+    "backrazor@0.1": ['memory.backward="backrazor"', "memory.keep=0.1"],
+    "backrazor@0.3": ['memory.backward="backrazor"', "memory.keep=0.3"],
+}
+MODES: dict[str, list[str]] = {
+    "none": [],
+    "checkpoint": ["memory.checkpoint=true"],
+    **SPARSE,
+    **{f"checkpoint+{k}": ["memory.checkpoint=true", *v] for k, v in SPARSE.items()},
+}
+DEFAULT_ALLOCATOR = ['memory.allocator="default"']
+MINILM = ["train.batch_size=16", "train.max_seq_len=128", "train.threads=1"]
+LORA = ['model.lora={r = 8, alpha = 16, dropout = 0.1, target_modules = ["query", "key", "value", "dense"]}',
+        "train.lr=2e-3"]  # fmt: skip
+
+
+def groups() -> dict[str, tuple[str, list[str], dict[str, list[str]]]]:
+    """group -> (config, common sets, rows)."""
+    bbc = str(ROOT / "examples" / "bbc-news-centralized.toml")
+    e2e = str(ROOT / "examples" / "e2e-splitfed.toml")
+    full_rows = {**MODES, "none/glibc-default": DEFAULT_ALLOCATOR,
+                 "norm@0.1/glibc-default": [*SPARSE["norm@0.1"], *DEFAULT_ALLOCATOR]}  # fmt: skip
+    lora_rows: dict[str, list[str]] = {}
+    for dtype in ("fp32", "bf16", "int8"):
+        for mode in ("none", "checkpoint", "norm@0.1", "backrazor@0.3", "checkpoint+norm@0.1"):
+            lora_rows[f"{mode}/{dtype}"] = [*MODES[mode], f'model.base_dtype="{dtype}"']
+    split_rows = {m: MODES[m] for m in ("none", "checkpoint", "norm@0.1", "backrazor@0.1",
+                                        "backrazor@0.3", "checkpoint+norm@0.1")}  # fmt: skip
+    split_sets = ['method="split"', "split.cut=3", "train.batch_size=4", "train.max_seq_len=64",
+                  "train.threads=1", "federated.clients=1"]  # fmt: skip
+    return {
+        "minilm-full": (bbc, MINILM, full_rows),
+        "minilm-lora": (bbc, [*MINILM, *LORA], lora_rows),
+        "smollm2-split-device": (e2e, split_sets, split_rows),
+    }
+
+
+def run_row(config: str, sets: list[str], out: Path, steps: int) -> dict[str, Any] | None:
+    if not (out / "summary.json").is_file():
+        args = [sys.executable, "-m", "cotune", "memory", config, "--steps", str(steps),
+                "--out", str(out)] + [x for s in sets for x in ("--set", s)]  # fmt: skip
+        done = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, check=False)
+        if done.returncode != 0:
+            print(f"  FAILED: {done.stderr.strip().splitlines()[-1] if done.stderr else '?'}")
+            return None
+    summary = json.loads((out / "summary.json").read_text())
+    b = summary.get("memory_breakdown")
+    if b is None:
+        devs = [
+            d.get("memory_breakdown")
+            for d in summary.get("devices", [])
+            if d.get("memory_breakdown")
+        ]
+        b = max(devs, key=lambda d: d["peak_rss"]) if devs else None
+    return {
+        "peak_rss_mib": (b or {}).get("peak_rss", summary.get("device_peak_bytes", 0)) / MiB,
+        "breakdown_mib": {k: v / MiB for k, v in (b or {}).items()},
+        "saved_activation_mib": (summary.get("saved_activation_bytes") or 0) / MiB,
+        "step_s_median": summary.get("step_s_median")
+        or (summary.get("train_s", 0) / max(summary.get("steps", 1), 1)),
+        "trainable_device": summary["trainable_params"]["device"],
+        "device_weight_bytes": summary.get("device_weight_bytes"),
+    }
+
+
+def table(data: dict[str, Any]) -> str:
+    lines = []
+    for group, rows in data["groups"].items():
+        none = rows.get("none") or rows.get("none/fp32") or {}
+        lines += [f"### {group}", "",
+                  "| setting | peak RSS (MiB) | vs none | saved at peak | gradients | optimizer | transient | retention | at rest | step time vs none |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+        for name, r in rows.items():
+            if r is None:
+                lines.append(f"| {name} | failed | | | | | | | | |")
+                continue
+            b = r["breakdown_mib"]
+            ratio = r["peak_rss_mib"] / none["peak_rss_mib"] if none else float("nan")
+            t = (
+                r["step_s_median"] / none["step_s_median"]
+                if none and none.get("step_s_median")
+                else float("nan")
+            )
+            lines.append(
+                f"| {name} | {r['peak_rss_mib']:,.0f} | {ratio:.2f} | {b.get('saved_activations', 0):,.0f} "
+                f"| {b.get('gradients', 0):,.0f} | {b.get('optimizer_state', 0):,.0f} | {b.get('transient', 0):,.0f} "
+                f"| {b.get('allocator_retention', 0):,.0f} | {b.get('runtime_at_rest', 0):,.0f} | {t:.2f} |"
+            )
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--steps", type=int, default=6)
+    p.add_argument("--only", nargs="*", default=None, help="groups to run (default: all)")
+    p.add_argument("--table", action="store_true", help="only collect finished rows")
+    args = p.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    data: dict[str, Any] = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+                            "steps": args.steps, "groups": {}}  # fmt: skip
+    for group, (config, common, rows) in groups().items():
+        if args.only and group not in args.only:
+            continue
+        data["groups"][group] = {}
+        for name, sets in rows.items():
+            out = OUT / group / name.replace("/", "_").replace("@", "-").replace("+", "_")
+            if args.table and not (out / "summary.json").is_file():
+                continue
+            print(f"{group} / {name}", flush=True)
+            data["groups"][group][name] = run_row(config, [*common, *sets], out, args.steps)
+    path = OUT.parent / "device_memory.json"
+    path.write_text(json.dumps(data, indent=1) + "\n")
+    text = table(data)
+    path.with_suffix(".md").write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
