@@ -358,3 +358,23 @@ def test_federated_state_is_the_fp32_adapters_and_averages() -> None:
     set_state(a, avg)
     for n, v in get_state(a).items():
         np.testing.assert_allclose(v, 0.25 * sa[n] + 0.75 * sb[n], rtol=1e-6, atol=1e-7)
+
+
+def test_fedlora_with_an_int8_base_runs_and_reports_device_weight_bytes(
+    sst2: Path, tmp_path: Path
+) -> None:
+    from helpers import tiny_config
+
+    from cotune.runtime.federated.engine import run_federated
+
+    cfg = tiny_config(sst2, model={"name": "tiny-bert", "lora": {}, "base_dtype": "int8"})
+    result = run_federated(cfg, tmp_path / "fed", engine="inline")
+    assert 0.0 <= result.metrics["accuracy"] <= 1.0
+    client, _, _ = build_classifier(cfg.model, 2)  # what each client builds
+    assert frozen_linear_count(client) == 4 * 6 + 1
+    assert result.extra["device_weight_bytes"] == weight_bytes(client)
+    assert (
+        weight_bytes(client)
+        < weight_bytes(build_classifier(cfg.model.model_copy(update={"base_dtype": "fp32"}), 2)[0])
+        / 3
+    )
