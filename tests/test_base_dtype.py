@@ -303,12 +303,24 @@ def test_split_device_segment_holds_the_int8_base_and_sends_only_adapters() -> N
     named = split.named_trainable([split.device])
     assert named and all("lora_" in n for n in named)
     assert all(p.dtype == torch.float32 for p in named.values())
-    # the SFT codec factorises the dequantized FFN weight of the cut layer
-    sft = tiny_cfg(
-        "bert", model={"lora": {}, "base_dtype": "int8"}, link={"codec": "sft", "rank": 4}
-    )
-    split_sft, _ = build_split(sft, 3, "classification")
-    assert split_sft.width == 4
+
+
+@pytest.mark.parametrize(
+    ("family", "ffn_in"), [("bert", "intermediate.dense"), ("gpt2", "mlp.c_fc")]
+)
+def test_sft_cut_factorises_the_dequantized_ffn_weight(family: str, ffn_in: str) -> None:
+    from cotune.models.cut import cut_classifier
+
+    cfg = ModelConfig(name=f"tiny-{family}", lora=LoraConfig(), base_dtype="int8")
+    model, _, _ = build_classifier(cfg, 3, seed=0)
+    layer = next(m for n, m in model.named_modules() if n.endswith(f".2.{ffn_in}"))
+    assert isinstance(layer, FrozenLinear)
+    w_hat = layer.dequantized_weight()  # [d_ff, d] = [128, 64]
+    split = cut_classifier(model, 2, sft_rank=64)  # full rank: U diag(S) V == W_hat
+    device_half, cloud_half = split.device.sft, split.cloud.sft
+    assert device_half is not None and cloud_half is not None
+    rebuilt = cloud_half.U @ torch.diag(device_half.S) @ device_half.V
+    torch.testing.assert_close(rebuilt, w_hat, atol=1e-5, rtol=0)
 
 
 # ----------------------------------------------------------------------------- runs
@@ -378,3 +390,23 @@ def test_fedlora_with_an_int8_base_runs_and_reports_device_weight_bytes(
         < weight_bytes(build_classifier(cfg.model.model_copy(update={"base_dtype": "fp32"}), 2)[0])
         / 3
     )
+
+
+def test_int8_base_under_bf16_autocast_matches_the_dequantized_twin() -> None:
+    """train.precision = "bf16": the stored weight is dequantized, then autocast runs the
+    matmul in bf16 as it does for the stock layer; the input gradient comes back fp32."""
+    model = lora_model("int8", dropout=0.0)
+    randomize_trainable(model)
+    twin = dequantized_twin(model)
+    model.eval()
+    twin.eval()
+    batch = batch_for("bert")
+    for m in (model, twin):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = m(**batch).loss
+        loss.backward()
+    ref = dict(twin.named_parameters())
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            assert p.grad is not None and p.grad.dtype == torch.float32, n
+            torch.testing.assert_close(p.grad, ref[n].grad, rtol=2e-2, atol=1e-5, msg=n)
