@@ -366,6 +366,12 @@ def test_federated_state_is_the_fp32_adapters_and_averages() -> None:
     assert set(sa) == {n for n, p in a.named_parameters() if p.requires_grad}
     assert all(v.dtype == np.float32 for v in sa.values())
     assert not any("stored_weight" in n or "weight_scale" in n for n in sa)
+    # peft's own adapter state (what save_pretrained writes): LoRA and the head, fp32
+    from peft import get_peft_model_state_dict
+
+    peft_state = get_peft_model_state_dict(a)
+    assert peft_state and all(t.dtype == torch.float32 for t in peft_state.values())
+    assert all("lora_" in n or "head" in n for n in peft_state)
     avg = weighted_average([sa, sb], [1.0, 3.0])
     set_state(a, avg)
     for n, v in get_state(a).items():
