@@ -416,3 +416,19 @@ def test_int8_base_under_bf16_autocast_matches_the_dequantized_twin() -> None:
         if p.requires_grad:
             assert p.grad is not None and p.grad.dtype == torch.float32, n
             torch.testing.assert_close(p.grad, ref[n].grad, rtol=2e-2, atol=1e-5, msg=n)
+
+
+def test_a_trainable_bias_of_a_frozen_linear_gets_its_gradient() -> None:
+    torch.manual_seed(2)
+    lin = nn.Linear(16, 8)
+    lin.weight.requires_grad_(False)
+    model = nn.Sequential(lin)
+    apply_base_dtype(model, "int8")
+    frozen = model[0]
+    assert isinstance(frozen, FrozenLinear) and frozen.bias is not None
+    assert frozen.bias.requires_grad
+    x = torch.randn(5, 16)
+    dy = torch.randn(5, 8)
+    frozen(x).backward(dy)
+    assert frozen.bias.grad is not None
+    torch.testing.assert_close(frozen.bias.grad, dy.sum(0))

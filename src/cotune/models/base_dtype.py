@@ -85,6 +85,7 @@ class FrozenLinearFunction(torch.autograd.Function):
         del w
         ctx.save_for_backward(stored, scale)
         ctx.x_dtype = x.dtype
+        ctx.bias_dtype = None if bias is None else bias.dtype
         return y
 
     @staticmethod
@@ -94,8 +95,8 @@ class FrozenLinearFunction(torch.autograd.Function):
         dx = db = None
         if need_x:
             dx = (dy @ dequantize(stored, scale, dy.dtype)).to(ctx.x_dtype)
-        if need_b:
-            db = dy.reshape(-1, dy.shape[-1]).sum(0)
+        if need_b:  # a bias left trainable; in its own dtype (autocast ran it in dy's)
+            db = dy.reshape(-1, dy.shape[-1]).sum(0).to(ctx.bias_dtype)
         return dx, None, None, db
 
 
