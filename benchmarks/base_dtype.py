@@ -10,9 +10,16 @@ median of the per-round ratios of the round medians. Also: how far the stored ba
 the pooled sentence features of the batch from the fp32 model's (min cosine, relative
 error), before any training.
 
-    nice .venv/bin/python benchmarks/base_dtype.py [--rounds 5 --steps 3]
+With --rss: resident memory instead, one fresh process per configuration and per
+allocator setting (glibc's default, and MALLOC_MMAP_THRESHOLD_=65536 so that freed large
+blocks leave RSS): RSS once the model is built, and the peak RSS of each of --rss-steps
+training steps (the max over steps 2..N is reported; step 1 allocates Adam's state).
 
-Writes benchmarks/results/base_dtype.json and prints a markdown table.
+    nice .venv/bin/python benchmarks/base_dtype.py [--rounds 5 --steps 3]
+    nice .venv/bin/python benchmarks/base_dtype.py --rss [--rss-steps 4]
+
+Writes benchmarks/results/base_dtype.json (the --rss results under "rss", kept across
+runs of the other phase and vice versa) and prints markdown tables.
 """
 
 from __future__ import annotations
@@ -22,6 +29,8 @@ import json
 import os
 import platform
 import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -53,21 +62,91 @@ def base_linear_bytes(model: torch.nn.Module) -> int:
     return total
 
 
+def make_batch(size: int, tokens: int) -> dict[str, torch.Tensor]:
+    torch.manual_seed(0)
+    ids = torch.randint(1000, 29000, (size, tokens))
+    return {
+        "input_ids": ids,
+        "attention_mask": torch.ones_like(ids),
+        "labels": torch.randint(0, 2, (size,)),
+    }
+
+
+def rss_worker(dt: str, steps: int, size: int, tokens: int) -> dict[str, Any]:
+    """One configuration in this (fresh) process: RSS after the build, peak per step."""
+    from cotune.memory.measure import PeakRSS, current_rss_bytes
+
+    torch.set_num_threads(1)
+    batch = make_batch(size, tokens)
+    before = current_rss_bytes()
+    model, _, _ = build_classifier(ModelConfig(name="minilm", lora=LoraConfig(), base_dtype=dt), 2)
+    built = current_rss_bytes()
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    peaks = []
+    for _ in range(steps):
+        with PeakRSS() as peak:
+            model(**batch).loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        peaks.append(peak.peak_bytes)
+    return {
+        "rss_before_build_bytes": before,
+        "rss_after_build_bytes": built,
+        "peak_rss_bytes_per_step": peaks,
+        "peak_rss_bytes": max(peaks[1:]),
+        "weight_bytes": weight_bytes(model),
+    }
+
+
+def phase_rss(args: argparse.Namespace) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for label, env in (
+        ("glibc_default", {}),
+        ("mmap_threshold_64k", {"MALLOC_MMAP_THRESHOLD_": "65536"}),
+    ):
+        out[label] = {}
+        for dt in DTYPES:
+            cmd = [sys.executable, __file__, "--rss-worker", dt, "--rss-steps", str(args.rss_steps),
+                   "--batch", str(args.batch), "--tokens", str(args.tokens)]  # fmt: skip
+            proc = subprocess.run(
+                cmd, env={**os.environ, **env}, capture_output=True, text=True, check=True
+            )
+            out[label][dt] = json.loads(proc.stdout.strip().splitlines()[-1])
+    print("| base_dtype | allocator | RSS after build (MiB) | peak RSS of a step (MiB) |")
+    print("| --- | --- | ---: | ---: |")
+    for label, rows in out.items():
+        for dt, r in rows.items():
+            print(
+                f"| {dt} | {label} | {r['rss_after_build_bytes'] / MiB:.0f} | "
+                f"{r['peak_rss_bytes'] / MiB:.0f} |"
+            )
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--tokens", type=int, default=128)
+    ap.add_argument("--rss", action="store_true", help="measure resident memory instead")
+    ap.add_argument("--rss-steps", type=int, default=4)
+    ap.add_argument("--rss-worker", choices=DTYPES, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.rss_worker:
+        print(json.dumps(rss_worker(args.rss_worker, args.rss_steps, args.batch, args.tokens)))
+        return
+    path = RESULTS / "base_dtype.json"
+    previous = json.loads(path.read_text()) if path.exists() else {}
+    if args.rss:
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        previous["rss"] = {"steps": args.rss_steps, "threads": 1, **phase_rss(args)}
+        path.write_text(json.dumps(previous, indent=2) + "\n")
+        return
     torch.set_num_threads(1)
-    torch.manual_seed(0)
-    ids = torch.randint(1000, 29000, (args.batch, args.tokens))
-    batch = {
-        "input_ids": ids,
-        "attention_mask": torch.ones_like(ids),
-        "labels": torch.randint(0, 2, (args.batch,)),
-    }
+    batch = make_batch(args.batch, args.tokens)
+    ids = batch["input_ids"]
     arms: dict[str, Any] = {}
     rows: dict[str, dict[str, Any]] = {}
     for dt in DTYPES:
@@ -135,8 +214,10 @@ def main() -> None:
         "note": "shared 2-core machine, other jobs running: times are indicative",
         "arms": rows,
     }
+    if "rss" in previous:
+        result["rss"] = previous["rss"]
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "base_dtype.json").write_text(json.dumps(result, indent=2) + "\n")
+    path.write_text(json.dumps(result, indent=2) + "\n")
     print(
         "| base_dtype | weights (MiB) | base Linear weights (MiB) | step (s) | vs fp32 "
         "| pooled features: min cosine / rel. error vs fp32 |"

@@ -432,3 +432,30 @@ def test_a_trainable_bias_of_a_frozen_linear_gets_its_gradient() -> None:
     frozen(x).backward(dy)
     assert frozen.bias.grad is not None
     torch.testing.assert_close(frozen.bias.grad, dy.sum(0))
+
+
+def test_a_loaded_checkpoint_file_is_released_after_quantizing(tmp_path: Path) -> None:
+    """transformers maps the checkpoint file; the fp32 tensors left (norms, biases) must
+    not keep it mapped, or every page quantizing read stays resident."""
+    import gc
+
+    from cotune.models import load_backbone, load_tokenizer
+
+    folder = tmp_path / "tiny-bert-saved"
+    load_backbone("tiny-bert", seed=0).save_pretrained(folder)
+    load_tokenizer("tiny-bert").save_pretrained(folder)
+    weights = str(folder / "model.safetensors")
+
+    def mapped() -> bool:
+        gc.collect()
+        return weights in Path("/proc/self/maps").read_text()
+
+    fp32, _, _ = build_classifier(ModelConfig(name=str(folder), lora=LoraConfig()), 2)
+    assert mapped()  # the control: an fp32 model keeps its checkpoint mapped
+    del fp32
+    assert not mapped()
+    low, _, _ = build_classifier(
+        ModelConfig(name=str(folder), lora=LoraConfig(), base_dtype="int8"), 2
+    )
+    assert frozen_linear_count(low) > 0
+    assert not mapped()

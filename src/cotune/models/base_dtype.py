@@ -51,9 +51,10 @@ def quantize_int8(weight: Tensor) -> tuple[Tensor, Tensor]:
     """(q, scale): symmetric per-output-channel (row) int8 of a [out, in] weight, with
     `q * scale[:, None]` the dequantized weight; a zero row gets scale 1 (q = 0)."""
     w = weight.detach().float()
-    amax = w.abs().amax(dim=1)
+    amax = torch.maximum(w.amax(dim=1), -w.amin(dim=1))  # no |w| temporary
     scale = torch.where(amax > 0, amax / INT8_MAX, torch.ones_like(amax))
-    q = torch.round(w / scale[:, None]).clamp_(-INT8_MAX, INT8_MAX).to(torch.int8)
+    t = w / scale[:, None]  # the one full-size fp32 temporary
+    q = t.round_().clamp_(-INT8_MAX, INT8_MAX).to(torch.int8)
     return q, scale
 
 
@@ -264,7 +265,27 @@ def apply_base_dtype(model: nn.Module, base_dtype: BaseDtype) -> nn.Module:
         for name, child in list(parent._modules.items()):
             if child is not None and id(child) in new:
                 parent._modules[name] = new[id(child)]
+    _own_storage(model, holders)
     return model
+
+
+def _own_storage(model: nn.Module, holders: dict[int, int]) -> None:
+    """Give the frozen tensors left in fp32 (norms, biases, ...) a storage of their own.
+    transformers loads a checkpoint as tensors over one memory-mapped file, which stays
+    mapped while any of them lives, and every page that quantizing read stays resident
+    (86 MiB for minilm). These tensors are small; a table that stays fp32 (tied to the
+    LM head, or in an nn.Embedding) is left as it is: it is most of the file anyway, and
+    a copy would double it for a moment."""
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.Embedding):
+                continue
+            for p in m._parameters.values():
+                if p is not None and not p.requires_grad and holders.get(id(p), 0) == 1:
+                    p.data = p.data.clone()
+            for key, b in list(m._buffers.items()):
+                if b is not None and not isinstance(m, (FrozenLinear, FrozenEmbedding)):
+                    m._buffers[key] = b.clone()
 
 
 def frozen_linear_count(model: nn.Module) -> int:
