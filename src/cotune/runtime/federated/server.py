@@ -236,6 +236,7 @@ class FederatedServer:
             last = evaluation.metrics
         self.run.write_predictions(evaluation.predictions)
         model.adapter.save_outputs(self.options.run_dir, evaluation)
+        held = hook.device_model()
         result = {
             "metrics": last,
             "rounds_completed": completed,
@@ -246,7 +247,7 @@ class FederatedServer:
             "trainable_device": model.trainable,
             # what a client stores of its model (clients build the global model, or the
             # hook's device model, exactly as the server did)
-            "device_weight_bytes": weight_bytes(hook.device_model() or model.model),
+            "device_weight_bytes": weight_bytes(held if held is not None else model.model),
             "trainable_cloud": hook.trainable,
             "client_peak_rss_bytes": totals["client_peak_rss_bytes"] or None,
             "client_saved_activation_bytes": totals["client_saved_activation_bytes"] or None,
