@@ -44,6 +44,10 @@ class ModelConfig(_Section):
     name: str = "minilm"
     lora: LoraConfig | None = None
     pooling: Literal["auto", "mean", "cls", "last"] = "auto"
+    # How the frozen base's Linear weights are stored (LoRA only; embeddings, norms and
+    # everything that trains stay fp32): "bf16", or "int8" weight-only with a per-output-
+    # channel scale. See docs/memory.md ("A low-memory frozen base").
+    base_dtype: Literal["fp32", "bf16", "int8"] = "fp32"
 
 
 class TrainConfig(_Section):

@@ -13,6 +13,7 @@ from cotune.config import Config
 from cotune.data import load_task
 from cotune.memory import apply_memory_option
 from cotune.methods.spec import LocalSpec, MethodResult, MethodSpec
+from cotune.models.base_dtype import weight_bytes
 from cotune.training import (
     Checkpoints,
     ModelStep,
@@ -66,7 +67,7 @@ def train(cfg: Config, recorder: Recorder, run_dir: Path | None = None) -> Metho
         saved_activation_bytes=stats.saved_activation_bytes,
         trainable_device=trainable_count(model),
         trainable_cloud=0,
-        extra=stats.summary(),
+        extra={**stats.summary(), "device_weight_bytes": weight_bytes(model)},
         saved={"trainable.safetensors": trainable},
         predictions=last[0].predictions if last else [],
     )

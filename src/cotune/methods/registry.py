@@ -61,6 +61,7 @@ def resolve(cfg: Config) -> Config:
     about optional sections the method does not read. Idempotent; returns `cfg`."""
     spec = get_spec(cfg.method)
     spec.configure(cfg)
+    check_base_dtype(cfg)
     if cfg._reads is None:
         for section in unused_sections(cfg._given, spec.reads):
             warnings.warn(
@@ -70,6 +71,19 @@ def resolve(cfg: Config) -> Config:
             )
     cfg._reads = spec.reads
     return cfg
+
+
+def check_base_dtype(cfg: Config) -> None:
+    """`model.base_dtype` other than fp32 stores the frozen base in bf16 / int8, which
+    only LoRA leaves frozen: a `ConfigError` without `model.lora` (after the method
+    filled its defaults, so a method that always uses LoRA passes)."""
+    if cfg.model.base_dtype != "fp32" and cfg.model.lora is None:
+        raise ConfigError(
+            f"model.base_dtype = {cfg.model.base_dtype!r} stores the frozen base model in "
+            f"{cfg.model.base_dtype}, which needs LoRA (full fine-tuning trains every "
+            "weight, and an int8 or bf16 weight cannot train here): add a [model.lora] "
+            "section, or set model.base_dtype = 'fp32'."
+        )
 
 
 def federated_spec(cfg: Config) -> FederatedSpec:

@@ -185,6 +185,10 @@ class ServerHook:
         """Extra per-round metrics to log (e.g. the teacher's accuracy)."""
         return {}
 
+    def device_model(self) -> torch.nn.Module | None:
+        """The model a client holds, when it is not the global model (fedpft's proxy)."""
+        return None
+
     def state_dict(self) -> State:
         """What must be checkpointed to continue after this round."""
         return {}

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from cotune.config.schema import ModelConfig
 from cotune.data.pairs import IGNORE
+from cotune.models.base_dtype import apply_base_dtype
 from cotune.models.lora import apply_lora
 from cotune.models.rng import RNG_LOCK
 from cotune.models.zoo import load_causal_lm, load_tokenizer, resolve
@@ -58,7 +59,8 @@ def build_lm(
 ) -> tuple[CompletionLM, Any, str]:
     """(model, tokenizer, family) for `model_cfg`: the causal LM with LoRA when
     `model_cfg.lora` is set (LoRA initialised from `seed`, so every party that builds it
-    gets the same weights), in eval mode."""
+    gets the same weights), its frozen base stored in `model_cfg.base_dtype`, in eval
+    mode."""
     source = resolve(model_cfg.name)
     tokenizer = load_tokenizer(model_cfg.name)
     # Building draws from torch's global RNG (tiny random weights, LoRA init): hold the
@@ -70,6 +72,7 @@ def build_lm(
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed)
                 lm = apply_lora(lm, model_cfg.lora, source.family)
+    apply_base_dtype(lm, model_cfg.base_dtype)
     model = CompletionLM(lm, label_smoothing)
     model.eval()
     return model, tokenizer, source.family

@@ -18,6 +18,7 @@ from transformers import PreTrainedModel
 
 from cotune.config.schema import ModelConfig
 from cotune.errors import ModelError
+from cotune.models.base_dtype import apply_base_dtype
 from cotune.models.zoo import (
     DECODER_FAMILIES,
     Family,
@@ -212,7 +213,8 @@ def build_classifier(
     """(model, tokenizer, source) for `model_cfg`.
 
     The model is a SequenceClassifier, wrapped by peft when `model_cfg.lora` is set
-    (`unwrap(model)` gives the SequenceClassifier back), returned in eval mode. The
+    (`unwrap(model)` gives the SequenceClassifier back), its frozen base stored in
+    `model_cfg.base_dtype` (`cotune.models.base_dtype`), returned in eval mode. The
     tokenizer is None for image models. Tiny backbones and the head are initialised
     from `seed`.
     """
@@ -247,5 +249,6 @@ def build_classifier(
     if model_cfg.lora is not None:
         from cotune.models.lora import apply_lora
 
-        return apply_lora(model, model_cfg.lora, source.family), tokenizer, source
-    return model, tokenizer, source
+        wrapped = apply_lora(model, model_cfg.lora, source.family)
+        return apply_base_dtype(wrapped, model_cfg.base_dtype), tokenizer, source
+    return apply_base_dtype(model, model_cfg.base_dtype), tokenizer, source

@@ -42,6 +42,7 @@ from transformers import DynamicCache
 from transformers.masking_utils import create_bidirectional_mask, create_causal_mask
 
 from cotune.errors import ModelError
+from cotune.models.base_dtype import FrozenLinear
 from cotune.models.classifier import SequenceClassifier
 from cotune.models.lora import unwrap
 
@@ -139,6 +140,14 @@ class _Family:
 
 
 def _linear(module: nn.Module, where: str) -> nn.Linear:
+    if isinstance(module, FrozenLinear):
+        # a bf16 / int8 base (model.base_dtype): SFT factorises the weight it computes with
+        lin = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
+        with torch.no_grad():
+            lin.weight.copy_(module.dequantized_weight())
+            if module.bias is not None:
+                lin.bias.copy_(module.bias)
+        return lin
     if type(module) is not nn.Linear:
         raise ModelError(
             f"split with link.codec = 'sft' factorises {where}, which is a "
@@ -340,9 +349,10 @@ class _Gpt2(_Family):
 
     def sft_ffn_in(self, layer: HFModule) -> tuple[Tensor, Tensor | None]:
         conv = layer.mlp.c_fc
-        if type(conv).__name__ != "Conv1D":
-            _linear(conv, "mlp.c_fc")
-        return conv.weight.T, conv.bias  # Conv1D stores [d, d_ff]
+        if type(conv).__name__ == "Conv1D":
+            return conv.weight.T, conv.bias  # Conv1D stores [d, d_ff]
+        lin = _linear(conv, "mlp.c_fc")  # a bf16 / int8 base: stored as [d_ff, d]
+        return lin.weight, lin.bias
 
     def sft_cloud_modules(self, layer: HFModule) -> dict[str, nn.Module]:
         mlp = layer.mlp

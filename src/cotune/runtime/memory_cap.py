@@ -56,8 +56,7 @@ def alternatives(cfg: Config) -> dict[str, list[str]]:
     if m.backward == "none" and not m.checkpoint:
         out['memory.checkpoint = true with memory.backward = "norm", keep 0.1'] = [
             "memory.checkpoint=true", 'memory.backward="norm"', "memory.keep=0.1"]  # fmt: skip
-    base_dtype = getattr(cfg.model, "base_dtype", None)
-    if cfg.model.lora is not None and base_dtype == "fp32":
+    if cfg.model.lora is not None and cfg.model.base_dtype == "fp32" and cfg.method != "fedpft":
         out['model.base_dtype = "int8"'] = ['model.base_dtype="int8"']
     if cfg.train.batch_size >= 2:
         half = cfg.train.batch_size // 2

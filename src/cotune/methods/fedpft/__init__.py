@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from cotune.config import Config
 from cotune.config.schema import LoraConfig
+from cotune.errors import ConfigError
 from cotune.methods.fedpft.cloud import ProxyHook
 from cotune.methods.fedpft.device import proxy_local_train
 from cotune.methods.spec import FederatedSpec, MethodSpec
@@ -26,6 +27,14 @@ FEDPFT_TARGETS = ("query", "key", "value", "attention.output.dense")
 
 
 def configure(cfg: Config) -> None:
+    if cfg.model.base_dtype != "fp32":
+        # the cloud aligns the proxy's frozen FFN weights by training them and ships
+        # them to the devices as fp32 tensors: a bf16 / int8 base does not fit that yet
+        raise ConfigError(
+            f"fedpft does not support model.base_dtype = {cfg.model.base_dtype!r} (the "
+            "cloud trains and ships the proxy's frozen weights in fp32); use "
+            "model.base_dtype = 'fp32', or a low-memory base with method 'fedlora'."
+        )
     if cfg.model.lora is None:
         cfg.model.lora = LoraConfig()
     if cfg.model.lora.target_modules is None:

@@ -123,6 +123,10 @@ class ProxyHook(ServerHook):
         self._metrics: dict[str, float] = {}
         self._first_round_logged = False
 
+    def device_model(self) -> torch.nn.Module:
+        """Devices hold the proxy, not the FM."""
+        return self.proxy
+
     def summary(self) -> dict[str, float]:
         """Proxy size and its layer gaps to the FM before / after layer-level alignment."""
         gb, ga = self.info["gap_before"], self.info["gap_after"]

@@ -42,6 +42,7 @@ from cotune.methods.split.protocol import (
     trainable,
 )
 from cotune.models import load_tokenizer
+from cotune.models.base_dtype import weight_bytes
 from cotune.models.cut import DeviceSegment, HeadSegment, SplitClassifier
 from cotune.models.rng import RngStream
 from cotune.training import (
@@ -376,6 +377,7 @@ def train_device(
         trainable_cloud=trainable_cloud,
         extra={
             **stats.summary(),
+            "device_weight_bytes": weight_bytes(*device.modules),
             "steps": device.steps_done,
             "step_s_median": float(torch.tensor(stats.step_times).median())
             if stats.step_times

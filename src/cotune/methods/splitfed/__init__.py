@@ -88,6 +88,7 @@ def finish(
         trainable_device=results[0].trainable_device,
         trainable_cloud=cloud.trainable,
         extra={
+            "device_weight_bytes": results[0].extra.get("device_weight_bytes"),
             "server": cfg.split.server,
             "cloud_steps": cloud.steps,
             "final_train_loss": sum(losses) / max(len(losses), 1),

@@ -71,7 +71,7 @@ class LMCloud(SplitCloud):
 
     def make_split(self, num_labels: int, problem: str) -> Any:
         split, _, model, _ = build_lm_split(self.cfg)
-        vocab = int(model.lm.get_output_embeddings().weight.shape[0])
+        vocab = int(model.lm.get_output_embeddings().out_features)  # nn.Linear or FrozenLinear
         if num_labels != vocab:
             raise ProtocolError(f"the device's vocabulary has {num_labels} ids; this model {vocab}")
         self.device_shapes = {

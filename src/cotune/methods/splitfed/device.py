@@ -21,6 +21,7 @@ from cotune.methods.spec import MethodResult, TransportFactory
 from cotune.methods.split.device import ReconnectingStep, SplitDevice
 from cotune.methods.split.protocol import DEVICE_STREAM
 from cotune.methods.splitfed.cloud import PROBLEM, build_lm_split
+from cotune.models.base_dtype import weight_bytes
 from cotune.models.rng import RngStream
 from cotune.training import (
     Recorder,
@@ -85,7 +86,7 @@ def train_device(
     adapter = adapter_for(task, cfg)
     indices = split_for(cfg).clients[device_id]
     split, codec, model, tokenizer = build_lm_split(cfg)
-    vocab = int(model.lm.get_output_embeddings().weight.shape[0])
+    vocab = int(model.lm.get_output_embeddings().out_features)  # nn.Linear or FrozenLinear
     device = LMDevice(
         cfg, split, codec, connect(), num_labels=vocab, problem=PROBLEM,
         rng=RngStream(cfg.seed + device_id, DEVICE_STREAM),
@@ -131,6 +132,7 @@ def train_device(
         extra={
             **({"memory_breakdown": stats.memory.as_dict()} if stats.memory else {}),
             "device": device_id,
+            "device_weight_bytes": weight_bytes(*device.modules),
             "examples": len(data),
             "steps": device.steps_done,
             "rounds": rounds,

@@ -94,6 +94,7 @@ def to_method_result(engine: str, result: dict[str, Any]) -> MethodResult:
             "rounds_completed": int(result["rounds_completed"]),
             "bytes_per_round": (int(result["bytes_up"]) + int(result["bytes_down"])) / rounds,
             "server_peak_rss_bytes": result.get("server_peak_rss_bytes"),
+            "device_weight_bytes": result.get("device_weight_bytes"),
             "federated_wall_s": result.get("wall_s"),
         },
     )

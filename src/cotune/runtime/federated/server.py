@@ -26,6 +26,7 @@ from cotune.config import Config, build_config, to_toml
 from cotune.methods import ServerHook, resolve
 from cotune.methods.federated.global_model import GlobalModel
 from cotune.methods.registry import federated_spec
+from cotune.models.base_dtype import weight_bytes
 from cotune.report import RunFolder
 from cotune.runtime.federated.checkpoint import ServerCheckpoint, load_checkpoint, save_checkpoint
 from cotune.runtime.federated.grid import CountingGrid
@@ -235,6 +236,7 @@ class FederatedServer:
             last = evaluation.metrics
         self.run.write_predictions(evaluation.predictions)
         model.adapter.save_outputs(self.options.run_dir, evaluation)
+        held = hook.device_model()
         result = {
             "metrics": last,
             "rounds_completed": completed,
@@ -243,6 +245,9 @@ class FederatedServer:
             "bytes_down": totals["bytes_down"],
             "wall_s": totals["wall_s"],
             "trainable_device": model.trainable,
+            # what a client stores of its model (clients build the global model, or the
+            # hook's device model, exactly as the server did)
+            "device_weight_bytes": weight_bytes(held if held is not None else model.model),
             "trainable_cloud": hook.trainable,
             "client_peak_rss_bytes": totals["client_peak_rss_bytes"] or None,
             "client_saved_activation_bytes": totals["client_saved_activation_bytes"] or None,
