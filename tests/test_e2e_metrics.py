@@ -66,6 +66,17 @@ def test_nist_matches_nltk_doctest() -> None:
     assert nist([h2], [[r1, r2, r3]], lowercase=False) == pytest.approx(1.4619, abs=1e-4)
 
 
+def test_nist_of_hypotheses_shorter_than_its_order() -> None:
+    """A degenerate model's 3-token outputs: orders 4 and 5 have no n-grams and add
+    nothing (nltk alone divides by zero); the score is that of orders 1 to 3."""
+    refs = [["the pub is by the pub"], ["a cheap pub"]]
+    hyps = ["the pub is", "a pub"]
+    short = nist(hyps, refs)
+    assert short > 0.0
+    assert short == pytest.approx(nist(hyps, refs, n=3))
+    assert nist(hyps, refs, n=2) < short  # the third order does add information here
+
+
 @pytest.mark.slow
 @needs_java
 def test_meteor_rouge_cider_match_nlgeval_readme_example() -> None:

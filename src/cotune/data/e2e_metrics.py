@@ -73,6 +73,9 @@ def nist(
     if not any(hyp_toks):
         return 0.0
     ref_toks = [[mteval_tokens(r, lowercase) for r in rs] for rs in refs]
+    # an order no hypothesis reaches has no n-grams and adds nothing (mteval's reading);
+    # nltk divides by their count, so it is left out here instead of raising
+    n = min(n, max(len(t) for t in hyp_toks))
     return float(corpus_nist(ref_toks, hyp_toks, n=n))
 
 
