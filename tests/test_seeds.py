@@ -242,3 +242,24 @@ def test_sweep_resumes_and_aggregates_each_combination(tmp_path: Path, capsys) -
     assert main(args) == 0
     assert "2 already finished, 0 to run" in capsys.readouterr().out
     assert (other / "summary.json").stat().st_mtime_ns == stamp
+
+
+def test_a_run_written_before_a_key_existed_counts_that_key_as_its_default(tmp_path: Path) -> None:
+    from cotune.runtime.seeds import config_differences
+
+    config = _config_file(tmp_path)
+    cfg = load_experiment(config, ["seed=0"])
+    run = tmp_path / "old-run"
+    run.mkdir()
+    # as an older cotune wrote it: no `allocator` or `report` in [memory]
+    text = to_toml(cfg)
+    old = "\n".join(
+        line for line in text.splitlines() if not line.startswith(("allocator", "report"))
+    )
+    assert old != text
+    (run / "config.toml").write_text(old)
+    assert config_differences(run, cfg) == []
+    changed = load_experiment(config, ["seed=0", "train.lr=0.5"])
+    assert config_differences(run, changed) == ["train.lr"]
+    (run / "config.toml").write_text(text + "\n[no_such_section]\nx = 1\n")  # not loadable now
+    assert "no_such_section.x" in config_differences(run, cfg)

@@ -16,8 +16,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from cotune.config import Config, to_toml
+from cotune.config import Config, build_config, to_toml
 from cotune.errors import ConfigError, UserError
+from cotune.methods import resolve
 from cotune.report import default_run_dir, read_summary
 from cotune.report.aggregate import is_finished, seed_dir, write_aggregate
 from cotune.runtime.experiment import load_experiment, run_experiment
@@ -63,11 +64,21 @@ def _flatten(data: dict[str, Any], prefix: tuple[str, ...] = ()) -> dict[tuple[s
 
 
 def config_differences(run_dir: Path, cfg: Config) -> list[str]:
-    """Keys whose value in `run_dir/config.toml` differs from `cfg` (threads aside)."""
+    """Keys whose value in `run_dir/config.toml` differs from `cfg` (threads aside).
+
+    The finished run's config is read through the current schema first, so a key added
+    to cotune after that run (written by newer runs with its default) counts as its
+    default, not as a difference; a config the schema no longer accepts is compared as
+    written."""
     path = run_dir / "config.toml"
     if not path.is_file():
         return ["(no config.toml)"]
-    old = _flatten(tomllib.loads(path.read_text()))
+    data = tomllib.loads(path.read_text())
+    try:
+        data = tomllib.loads(to_toml(resolve(build_config(data))))
+    except UserError:
+        pass
+    old = _flatten(data)
     new = _flatten(tomllib.loads(to_toml(cfg)))
     keys = sorted(k for k in set(old) | set(new) if k not in IGNORED_KEYS)
     return [".".join(k) for k in keys if old.get(k) != new.get(k)]
