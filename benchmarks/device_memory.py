@@ -70,7 +70,7 @@ def groups() -> dict[str, tuple[str, list[str], dict[str, list[str]]]]:
             lora_rows[f"{mode}/{dtype}"] = [*MODES[mode], f'model.base_dtype="{dtype}"']
     split_rows = {m: MODES[m] for m in ("none", "checkpoint", "norm@0.1", "backrazor@0.1",
                                         "backrazor@0.3", "checkpoint+norm@0.1")}  # fmt: skip
-    split_sets = ['method="split"', "split.cut=3", "train.batch_size=4", "train.max_seq_len=64",
+    split_sets = ['method="splitfed"', "split.cut=3", "train.batch_size=4", "train.max_seq_len=64",
                   "train.threads=1", "federated.clients=1"]  # fmt: skip
     return {
         "minilm-full": (bbc, MINILM, full_rows),
