@@ -189,21 +189,28 @@ def points(x: float | None) -> str:
     return "n/a" if x is None else f"{100 * x:+.2f}"
 
 
-def interval(i: dict[str, Any]) -> str:
-    """`[low, high]` in points."""
-    return f"[{points(i['low'])}, {points(i['high'])}]"
+def interval(i: dict[str, Any], scale: float = 100.0) -> str:
+    """`[low, high]` in points (`scale` 1 for a metric that is a percentage already)."""
+    return f"[{scale * i['low']:+.2f}, {scale * i['high']:+.2f}]"
+
+
+def mean_pm(arm: dict[str, Any], metric: str, scale: float = 100.0) -> str | None:
+    """`mean ± half-width` in points, or None before any seed finished."""
+    m = arm.get("metrics", {}).get(metric)
+    if not m:
+        return None
+    hw = m.get("half_width")
+    return f"{scale * m['mean']:.2f}" + (
+        f" ± {scale * hw:.2f}" if hw is not None and hw == hw else ""
+    )
 
 
 def describe(arm: dict[str, Any], metric: str, scale: float = 100.0) -> str:
     """`mean ± half-width (n seeds, m examples)` in points."""
-    m = arm.get("metrics", {}).get(metric)
-    if not m:
+    text = mean_pm(arm, metric, scale)
+    if text is None:
         return "not run yet"
-    hw = m.get("half_width")
-    spread = f" ± {scale * hw:.2f}" if hw is not None and hw == hw else ""
-    return (
-        f"{scale * m['mean']:.2f}{spread} ({len(arm['seeds'])} seeds, {arm['eval_size']} examples)"
-    )
+    return f"{text} ({len(arm['seeds'])} seeds, {arm['eval_size']} examples)"
 
 
 def write(

@@ -36,6 +36,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from cotune.report.memory import device_breakdown
+
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "benchmarks" / "results" / "device_memory"
 MiB = float(1 << 20)
@@ -88,14 +90,7 @@ def run_row(config: str, sets: list[str], out: Path, steps: int) -> dict[str, An
             print(f"  FAILED: {done.stderr.strip().splitlines()[-1] if done.stderr else '?'}")
             return None
     summary = json.loads((out / "summary.json").read_text())
-    b = summary.get("memory_breakdown")
-    if b is None:
-        devs = [
-            d.get("memory_breakdown")
-            for d in summary.get("devices", [])
-            if d.get("memory_breakdown")
-        ]
-        b = max(devs, key=lambda d: d["peak_rss"]) if devs else None
+    b = device_breakdown(summary)
     return {
         "peak_rss_mib": (b or {}).get("peak_rss", summary.get("device_peak_bytes", 0)) / MiB,
         "breakdown_mib": {k: v / MiB for k, v in (b or {}).items()},

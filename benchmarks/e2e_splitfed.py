@@ -34,7 +34,8 @@ from comparison import (
     Arm,
     Comparison,
     Pair,
-    describe,
+    interval,
+    mean_pm,
     run,
     summarise,
     write,
@@ -85,10 +86,8 @@ def render(data: dict[str, Any]) -> str:
     lines = [f"## E2E: centralized vs splitfed vs fedlora ({len(data['seeds'])} seeds)", "",
              f"| arm | {head} | MB on the wire |", "|---|" + "---|" * (len(METRICS) + 1)]  # fmt: skip
     for name, arm in data["arms"].items():
-        cells = []
-        for m in METRICS:
-            # bleu and rouge_l are reported as percentages already; the others as-is
-            cells.append(describe(arm, m, scale=1.0).split(" (")[0] if arm.get("metrics") else "-")
+        # bleu and rouge_l are percentages already, the others as they are
+        cells = [mean_pm(arm, m, scale=1.0) or "-" for m in METRICS]
         b = arm.get("bytes_mean")
         n = f" ({len(arm['seeds'])} seeds, {arm.get('eval_size')} MRs)" if arm.get("seeds") else ""
         lines.append(f"| {name}{n} | {' | '.join(cells)} | {f'{b / 1e6:.1f}' if b else '-'} |")
@@ -101,14 +100,10 @@ def render(data: dict[str, Any]) -> str:
         si, ei = d.get("seeds_interval"), d.get("examples_interval")
         lines.append(
             f"| {d['a']} - {d['b']} | {', '.join(f'{x:+.2f}' for x in d['per_seed'])} "
-            f"| {d['mean']:+.2f} | {_iv(si) if si else 'one seed'} | {_iv(ei) if ei else '-'} "
+            f"| {d['mean']:+.2f} | {interval(si, 1.0) if si else 'one seed'} | {interval(ei, 1.0) if ei else '-'} "
             f"| {d['verdict']} |"
         )
     return "\n".join(lines) + "\n"
-
-
-def _iv(i: dict[str, Any]) -> str:
-    return f"[{i['low']:+.2f}, {i['high']:+.2f}]"
 
 
 def main() -> None:

@@ -64,12 +64,11 @@ class _Live:
 
     def release(self, key: tuple[int, int]) -> None:
         with self._lock:
-            n = self._refs.get(key, 0) - 1
-            if n <= 0:
-                self._refs.pop(key, None)
-                self.bytes -= key[1] if n == 0 else 0
-            else:
+            n = self._refs.pop(key) - 1
+            if n:
                 self._refs[key] = n
+            else:
+                self.bytes -= key[1]
 
 
 LIVE_SAVED = _Live()

@@ -24,6 +24,17 @@ PARTS: dict[str, str] = {
 }
 
 
+def device_breakdown(summary: dict[str, Any]) -> dict[str, Any] | None:
+    """The memory breakdown of a run's summary: its own, or (splitfed: one per device)
+    the device's with the highest peak; None if the run did not measure one."""
+    if summary.get("memory_breakdown"):
+        return dict(summary["memory_breakdown"])
+    devices = [
+        d["memory_breakdown"] for d in summary.get("devices", []) if d.get("memory_breakdown")
+    ]
+    return max(devices, key=lambda d: d["peak_rss"]) if devices else None
+
+
 def breakdown_rows(breakdown: dict[str, Any]) -> list[tuple[str, float, float, str]]:
     """(part, MiB, share of peak, what it is) per part, then the unexplained rest."""
     peak = float(breakdown["peak_rss"]) or 1.0

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from cotune.config import Config, to_toml
 from cotune.memory.cap import MemoryCapExceeded, MiB, set_memory_cap
+from cotune.report.memory import device_breakdown
 from cotune.runtime.launcher import cotune_command
 
 log = logging.getLogger(__name__)
@@ -85,11 +86,9 @@ def measure_need(
             log.warning("memory probe failed (%s): %s", sets, done.stderr[-2000:])
             return None
         data = json.loads(summary.read_text())
-        peaks = [data.get("device_peak_bytes")] + [
-            (d.get("memory_breakdown") or {}).get("peak_rss") for d in data.get("devices", [])
-        ]
-        measured = [int(p) for p in peaks if p]
-        return max(measured) if measured else None
+        breakdown = device_breakdown(data)
+        peak = breakdown["peak_rss"] if breakdown else data.get("device_peak_bytes")
+        return int(peak) if peak else None
 
 
 def apply_memory_cap(cfg: Config, device_process: bool) -> None:

@@ -18,6 +18,7 @@ from cotune.config import Config
 from cotune.errors import UserError
 from cotune.methods import get_spec
 from cotune.report import default_run_dir, read_summary
+from cotune.report.memory import device_breakdown
 from cotune.runtime.experiment import load_experiment, run_experiment
 
 EVAL_EXAMPLES = 16
@@ -55,10 +56,4 @@ def measure_memory(
     """Run the short measurement; returns the run folder and its breakdown."""
     cfg = memory_config(config, overrides, steps)
     path = run_experiment(cfg, out if out is not None else default_run_dir(f"{cfg.name}-memory"))
-    summary = read_summary(path)
-    breakdown = summary.get("memory_breakdown")
-    if breakdown is None:  # splitfed: per device; the device with the highest peak
-        devices = [d.get("memory_breakdown") for d in summary.get("devices", [])]
-        devices = [d for d in devices if d]
-        breakdown = max(devices, key=lambda d: d["peak_rss"]) if devices else None
-    return path, breakdown
+    return path, device_breakdown(read_summary(path))

@@ -178,8 +178,6 @@ def run_sweep(
     """Run every combination x seed not already finished, at most `parallel` at once,
     then aggregate each combination; returns what was done (failed runs are listed,
     not raised: the others still run)."""
-    if parallel < 1:
-        raise ConfigError(f"--parallel must be at least 1, got {parallel}")
     if out is None:
         out = default_run_dir(f"{load_experiment(config, overrides).name}-sweep")
     folder = Path(out)
