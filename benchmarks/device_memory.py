@@ -12,7 +12,8 @@ data, allocator retention. Settings:
 - the smollm2-135m split device segment (cut 3, LoRA r4), E2E, batch 4 x 64;
 - memory modes none / checkpoint / norm and backrazor at keep 0.1 and 0.3 / checkpoint
   combined with each sparse mode; for LoRA also the frozen base in bf16 and int8;
-  `none` and the best mode once more with glibc's default allocator settings.
+  `none` and the best mode once more with glibc's default allocator settings, and the
+  main modes on jemalloc (`memory.allocator = "jemalloc"`).
 
 Step time is the median step of the row's run, its ratio taken against `none` of the
 same group; rows run one after another, but the machine is shared, so the ratios are
@@ -55,6 +56,7 @@ MODES: dict[str, list[str]] = {
     **{f"checkpoint+{k}": ["memory.checkpoint=true", *v] for k, v in SPARSE.items()},
 }
 DEFAULT_ALLOCATOR = ['memory.allocator="default"']
+JEMALLOC = ['memory.allocator="jemalloc"']
 MINILM = ["train.batch_size=16", "train.max_seq_len=128", "train.threads=1"]
 LORA = ['model.lora={r = 8, alpha = 16, dropout = 0.1, target_modules = ["query", "key", "value", "dense"]}',
         "train.lr=2e-3"]  # fmt: skip
@@ -65,13 +67,18 @@ def groups() -> dict[str, tuple[str, list[str], dict[str, list[str]]]]:
     bbc = str(ROOT / "examples" / "bbc-news-centralized.toml")
     e2e = str(ROOT / "examples" / "e2e-splitfed.toml")
     full_rows = {**MODES, "none/glibc-default": DEFAULT_ALLOCATOR,
-                 "norm@0.1/glibc-default": [*SPARSE["norm@0.1"], *DEFAULT_ALLOCATOR]}  # fmt: skip
+                 "norm@0.1/glibc-default": [*SPARSE["norm@0.1"], *DEFAULT_ALLOCATOR],
+                 **{f"{m}/jemalloc": [*MODES[m], *JEMALLOC]
+                    for m in ("none", "checkpoint", "norm@0.1", "checkpoint+norm@0.1")}}  # fmt: skip
     lora_rows: dict[str, list[str]] = {}
     for dtype in ("fp32", "bf16", "int8"):
         for mode in ("none", "checkpoint", "norm@0.1", "backrazor@0.3", "checkpoint+norm@0.1"):
             lora_rows[f"{mode}/{dtype}"] = [*MODES[mode], f'model.base_dtype="{dtype}"']
+    for mode in ("none", "norm@0.1", "checkpoint+norm@0.1"):
+        lora_rows[f"{mode}/int8/jemalloc"] = [*MODES[mode], 'model.base_dtype="int8"', *JEMALLOC]
     split_rows = {m: MODES[m] for m in ("none", "checkpoint", "norm@0.1", "backrazor@0.1",
                                         "backrazor@0.3", "checkpoint+norm@0.1")}  # fmt: skip
+    split_rows.update({f"{m}/jemalloc": [*MODES[m], *JEMALLOC] for m in ("none", "norm@0.1")})
     split_sets = ['method="splitfed"', "split.cut=3", "train.batch_size=4", "train.max_seq_len=64",
                   "train.threads=1", "federated.clients=1"]  # fmt: skip
     return {

@@ -33,6 +33,25 @@ def test_collator_pads_to_batch_max_only():
     assert batch["input_ids"].dtype == torch.long
 
 
+def test_token_arrays_pad_like_lists_at_4_bytes_per_id():
+    from cotune.data.encode import token_array
+
+    lists = [
+        {"input_ids": [101, 30521, 102], "token_type_ids": [0, 0, 0], "labels": 1},
+        {"input_ids": [101, 5, 6, 7, 102], "token_type_ids": [0, 0, 0, 1, 1], "labels": 0},
+    ]
+    arrays = [
+        {k: token_array(v) if isinstance(v, list) else v for k, v in item.items()} for item in lists
+    ]
+    a, b = PadCollator(pad_token_id=9)(lists), PadCollator(pad_token_id=9)(arrays)
+    assert set(a) == set(b)
+    for key in a:
+        assert a[key].dtype == b[key].dtype and torch.equal(a[key], b[key])
+    assert arrays[1]["input_ids"].itemsize == 4
+    with pytest.raises(OverflowError):
+        token_array([2**31])  # ids beyond int32 are refused, never wrapped
+
+
 def test_collator_regression_labels_and_no_token_types():
     items = [{"input_ids": [1, 2], "labels": 3.5}, {"input_ids": [1], "labels": 0.0}]
     batch = PadCollator(pad_token_id=0)(items)
@@ -50,6 +69,7 @@ def test_encode_single_sentences(tokenizer):
     assert first["input_ids"][-1] == tokenizer.sep_token_id
     assert len(first["input_ids"]) == 5  # [CLS] a short one [SEP]: not padded
     assert len(second["input_ids"]) == 16  # truncated to max_len
+    assert first["input_ids"].itemsize == 4  # held compactly (token_array)
     assert first["labels"] == 0 and second["labels"] == 1
     batch = PadCollator(tokenizer.pad_token_id)([first, second])
     assert batch["input_ids"].shape == (2, 16)
@@ -75,7 +95,7 @@ def test_encode_keeps_order_across_batches_and_kinds(tokenizer, monkeypatch):
     ds = encode(examples, tokenizer, max_len=16)
     for i, ex in enumerate(examples):
         expected = tokenizer(ex.text_a, ex.text_b, truncation=True, max_length=16)["input_ids"]
-        assert ds[i]["input_ids"] == expected
+        assert list(ds[i]["input_ids"]) == expected
         assert ds[i]["labels"] == ex.label
 
 

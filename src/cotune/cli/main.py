@@ -62,6 +62,7 @@ def _cap_sets(args: argparse.Namespace) -> list[str]:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from cotune.runtime.experiment import load_experiment, run_experiment
+    from cotune.runtime.process_allocator import ensure_process_allocator
 
     args.set = [*args.set, *_cap_sets(args)]
 
@@ -92,9 +93,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         if not saved.is_file():
             raise ConfigError(f"--resume {args.resume}: no config.toml there; is it a run folder?")
         cfg = load_experiment(saved, args.set)
+        ensure_process_allocator(cfg)
         path = run_experiment(cfg, args.resume, resume=True)
     else:
         cfg = load_experiment(args.config, args.set)
+        ensure_process_allocator(cfg)
         path = run_experiment(cfg, args.out)
     from cotune.report import read_summary
 
@@ -199,10 +202,12 @@ def cmd_methods(args: argparse.Namespace) -> int:
 def cmd_cloud(args: argparse.Namespace) -> int:
     from cotune.runtime.experiment import load_experiment
     from cotune.runtime.launcher import offline_env
+    from cotune.runtime.process_allocator import ensure_process_allocator
     from cotune.runtime.split.serve import serve_forever
 
     offline_env()
     cfg = load_experiment(args.config, args.set)
+    ensure_process_allocator(cfg)
     return serve_forever(cfg, args.listen, out=args.out, port_file=args.port_file)
 
 
@@ -215,6 +220,9 @@ def cmd_device(args: argparse.Namespace) -> int:
             f"runtime.device_id={args.device_id}"]  # fmt: skip
     sets.append('runtime.transport="grpc"')
     cfg = load_experiment(args.config, sets)
+    from cotune.runtime.process_allocator import ensure_process_allocator
+
+    ensure_process_allocator(cfg)
     try:
         path = run_experiment(cfg, args.out)
     except LinkError as err:
@@ -233,8 +241,10 @@ def cmd_device(args: argparse.Namespace) -> int:
 
 def cmd_memory(args: argparse.Namespace) -> int:
     from cotune.report.memory import format_breakdown
-    from cotune.runtime.memory_report import measure_memory
+    from cotune.runtime.memory_report import measure_memory, memory_config
+    from cotune.runtime.process_allocator import ensure_process_allocator
 
+    ensure_process_allocator(memory_config(args.config, args.set, args.steps))
     path, breakdown = measure_memory(args.config, args.set, steps=args.steps, out=args.out)
     print(format_breakdown(breakdown))
     print(f"run folder: {path}")

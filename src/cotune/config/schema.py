@@ -125,8 +125,10 @@ class MemoryConfig(_Section):
     norm: Literal["linf", "l1", "l2"] = "linf"
     ops: list[MemoryOp] = Field(default_factory=lambda: list(MEMORY_OPS))
     # the training process's C allocator: "release" gives freed large blocks back to the
-    # OS at once (RSS follows the memory in use); "default" leaves glibc as it is
-    allocator: Literal["release", "default"] = "release"
+    # OS at once (RSS follows the memory in use); "default" leaves glibc as it is;
+    # "jemalloc" runs the process on jemalloc returning freed pages at once (the cotune
+    # command restarts itself with it preloaded; needs libjemalloc installed)
+    allocator: Literal["release", "default", "jemalloc"] = "release"
     # measure where each step's peak RSS goes (summary.json: memory_breakdown)
     report: bool = False
     # the device's memory cap (MiB of RSS): measured before training (a short run in a

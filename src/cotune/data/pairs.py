@@ -9,13 +9,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from cotune.data.encode import make_loader
+from cotune.data.encode import long_tensor, make_loader, token_array
 from cotune.data.task import Example
 
 IGNORE = -100
@@ -37,13 +38,13 @@ def prompt_ids(tokenizer: Any, prompt: str) -> list[int]:
 class PairDataset(Dataset):
     """Tokenised (prompt, target) pairs: item i is {"input_ids", "labels"} (unpadded)."""
 
-    def __init__(self, items: list[dict[str, list[int]]]) -> None:
+    def __init__(self, items: list[dict[str, Sequence[int]]]) -> None:
         self.items = items
 
     def __len__(self) -> int:
         return len(self.items)
 
-    def __getitem__(self, i: int) -> dict[str, list[int]]:
+    def __getitem__(self, i: int) -> dict[str, Sequence[int]]:
         return self.items[i]
 
     def subset(self, indices: list[int]) -> PairDataset:
@@ -58,11 +59,13 @@ def encode_pairs(examples: list[Example], tokenizer: Any, max_len: int) -> PairD
     targets = [" " + (ex.text_b or "") for ex in examples]
     p_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
     t_ids = tokenizer(targets, add_special_tokens=False)["input_ids"]
-    items = []
+    items: list[dict[str, Sequence[int]]] = []
     for p, t in zip(p_ids, t_ids, strict=True):
         p = list(p)[: max(max_len // 2, 1)]
         t = (list(t) + [end])[: max_len - len(p)]
-        items.append({"input_ids": p + t, "labels": [IGNORE] * len(p) + t})
+        items.append(
+            {"input_ids": token_array(p + t), "labels": token_array([IGNORE] * len(p) + t)}
+        )
     return PairDataset(items)
 
 
@@ -73,7 +76,7 @@ class PairCollator:
     def __init__(self, pad_token_id: int) -> None:
         self.pad_token_id = int(pad_token_id)
 
-    def __call__(self, features: list[dict[str, list[int]]]) -> dict[str, Tensor]:
+    def __call__(self, features: list[dict[str, Sequence[int]]]) -> dict[str, Tensor]:
         width = max(len(f["input_ids"]) for f in features)
         n = len(features)
         input_ids = torch.full((n, width), self.pad_token_id, dtype=torch.long)
@@ -81,8 +84,8 @@ class PairCollator:
         mask = torch.zeros((n, width), dtype=torch.long)
         for row, f in enumerate(features):
             k = len(f["input_ids"])
-            input_ids[row, :k] = torch.as_tensor(f["input_ids"])
-            labels[row, :k] = torch.as_tensor(f["labels"])
+            input_ids[row, :k] = long_tensor(f["input_ids"])
+            labels[row, :k] = long_tensor(f["labels"])
             mask[row, :k] = 1
         return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
 

@@ -70,7 +70,7 @@ def run_experiment(cfg: Config, out: str | Path | None = None, resume: bool = Fa
     """
     offline_env()
     resolve(cfg)
-    tune_allocator(cfg.memory.allocator)
+    allocator = tune_allocator(cfg.memory.allocator)
     mark_rest()  # the process at rest, for memory breakdowns (memory.report)
     spec = get_spec(cfg.method)
     apply_memory_cap(cfg, device_process=spec.kind == "local"
@@ -107,6 +107,7 @@ def run_experiment(cfg: Config, out: str | Path | None = None, resume: bool = Fa
         "seed": cfg.seed,
         "name": cfg.name,
         "method_kind": spec.kind,
+        "allocator": allocator,  # what this process ran on (memory.allocator, as applied)
         **result.extra,
     }
     run.write_summary(summary)
