@@ -284,33 +284,51 @@ class PeakRSS(AbstractContextManager["PeakRSS"]):
 
 
 class HeapSampler(AbstractContextManager["HeapSampler"]):
-    """Sample RSS, glibc's heap counters, the saved-for-backward bytes alive
+    """Sample RSS, the allocator's counters, the saved-for-backward bytes alive
     (`LIVE_SAVED`) and the gradient bytes of `params` every `interval_s` from a thread
     during the `with` block; keeps the heap at the start and the sample with the highest
-    RSS. Off glibc the heap fields stay None."""
+    RSS. Off glibc and jemalloc the heap fields stay None.
+
+    The thread reads plain numbers only, never a tensor: reading `p.grad` while autograd
+    assigns it crashed libtorch (a NULL reference in a Python tensor object, seen as
+    segfaults of `cotune memory` rows). Gradient bytes are counted on the training
+    thread instead, by a post-accumulate-grad hook on each of `params`: a gradient is
+    counted when backward first fills it in the block (the step starts with none, as
+    the optimizer sets them to None) and stays counted until the block ends."""
 
     def __init__(self, params: Iterable[torch.Tensor] = (), interval_s: float = 0.001) -> None:
         self.params = [p for p in params if p.requires_grad]
         self.interval_s = interval_s
         self.start: HeapStats | None = None
         self.peak: Sample | None = None
+        self._grads = 0
+        self._counted: set[int] = set()
+        self._hooks: list[Any] = []
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+
+    def _grad_filled(self, p: torch.Tensor) -> None:
+        if id(p) not in self._counted and p.grad is not None:
+            self._counted.add(id(p))
+            self._grads += p.grad.numel() * p.grad.element_size()
 
     def _sample(self) -> None:
         rss = current_rss_bytes()
         if self.peak is not None and rss < self.peak.rss:
             return
-        grads = sum(
-            p.grad.numel() * p.grad.element_size() for p in self.params if p.grad is not None
-        )
-        self.peak = Sample(rss, heap_stats(), LIVE_SAVED.bytes, grads)
+        self.peak = Sample(rss, heap_stats(), LIVE_SAVED.bytes, self._grads)
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval_s):
             self._sample()
 
     def __enter__(self) -> HeapSampler:
+        self._counted = {id(p) for p in self.params if p.grad is not None}
+        self._grads = sum(
+            p.grad.numel() * p.grad.element_size() for p in self.params if p.grad is not None
+        )
+        self._hooks = [p.register_post_accumulate_grad_hook(self._grad_filled)
+                       for p in self.params]  # fmt: skip
         self.start = heap_stats()
         self._sample()
         self._thread = threading.Thread(target=self._run, name="cotune-heap-sampler", daemon=True)
@@ -322,6 +340,9 @@ class HeapSampler(AbstractContextManager["HeapSampler"]):
         if self._thread is not None:
             self._thread.join()
         self._sample()
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
 
 
 @dataclass(frozen=True)
