@@ -261,3 +261,35 @@ def test_fedlora_tiny_bert_trains_and_reports_squad_metrics(tmp_path: Path) -> N
                    runtime={"engine": "inline"})  # fmt: skip
     out = run_experiment(cfg, tmp_path / "run")  # type: ignore[arg-type]
     _check_run(out, 6)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("memory", [{"backward": "norm", "checkpoint": True}, {"report": True}])
+def test_centralized_full_fine_tuning_with_the_memory_option(tmp_path: Path, memory: dict) -> None:
+    from cotune.methods import resolve
+    from cotune.runtime.experiment import run_experiment
+
+    data = write_squad(tmp_path / "squad", n_articles=8)
+    cfg = _run_cfg(data, "centralized", memory=memory)
+    cfg.model.lora = None  # type: ignore[attr-defined]
+    out = run_experiment(resolve(cfg), tmp_path / "run")  # type: ignore[arg-type]
+    _check_run(out, 6)
+
+
+@pytest.mark.slow
+def test_fedavg_tiny_bert_trains_and_reports_squad_metrics(tmp_path: Path) -> None:
+    from cotune.runtime.experiment import run_experiment
+
+    data = write_squad(tmp_path / "squad", n_articles=8)
+    cfg = _run_cfg(data, "fedavg", federated={"clients": 2, "rounds": 1, "local_steps": 1},
+                   runtime={"engine": "inline"}, model={"name": "tiny-bert"})  # fmt: skip
+    out = run_experiment(cfg, tmp_path / "run")  # type: ignore[arg-type]
+    _check_run(out, 6)
+
+
+@pytest.mark.parametrize("method", ["split", "fedkd", "fedpft"])
+def test_methods_without_qa_support_say_so(tmp_path: Path, method: str) -> None:
+    from cotune.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=f"{method} does not support task kind qa yet"):
+        _run_cfg(tmp_path, method)
