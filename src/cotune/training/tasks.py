@@ -53,8 +53,9 @@ class Evaluation:
     """Metrics of one evaluation (with `loss` when the task has one), what the model
     produced (generated texts per split; empty for classifiers), and one prediction
     record per eval example (`{"split", "index", "label", "prediction"[, "correct"]}`,
-    or `{"split", "index", "prompt", "output"}` for generation), from which the metrics
-    were computed."""
+    `{"split", "index", "prompt", "output"}` for generation, `{"split", "index", "id",
+    "question", "prediction", "answers", "exact_match", "f1"}` for extractive QA), from
+    which the metrics were computed."""
 
     metrics: dict[str, float]
     outputs: dict[str, list[str]] = field(default_factory=dict)
