@@ -9,6 +9,7 @@ Anything that waits on another thread or process: `eventually`.
 from __future__ import annotations
 
 import csv
+import json
 import random
 import time
 from collections.abc import Callable
@@ -171,3 +172,30 @@ def splitfed_config(data_dir: str, **over):  # type: ignore[no-untyped-def]
     for section, values in over.items():
         raw[section] = {**raw.get(section, {}), **values}
     return build_config(raw)
+
+
+# ------------------------------------------------------------------------------- squad
+
+NAMES = ["car", "house", "door", "kite", "boat", "hat", "cup", "bike"]
+
+
+def write_squad(folder: Path, n_articles: int = 6, per_article: int = 4, seed: int = 0) -> Path:
+    """A SQuAD v1.1 folder (dev-v1.1.json only): each article one paragraph of
+    "the <thing> is <colour> ." sentences; each question asks a thing's colour."""
+    rng = random.Random(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    data = []
+    for a in range(n_articles):
+        things = rng.sample(NAMES, per_article)
+        colours = [rng.choice(WORDS) for _ in things]
+        sentences = [f"the {t} is {c} ." for t, c in zip(things, colours, strict=True)]
+        context = " ".join(sentences)
+        qas = []
+        for q, (t, c) in enumerate(zip(things, colours, strict=True)):
+            start = context.index(f"the {t} is ") + len(f"the {t} is ")
+            answer = {"text": c, "answer_start": start}
+            qas.append({"id": f"a{a}q{q}", "question": f"what colour is the {t} ?",
+                        "answers": [answer, answer]})  # fmt: skip
+        data.append({"title": f"Article_{a}", "paragraphs": [{"context": context, "qas": qas}]})
+    (folder / "dev-v1.1.json").write_text(json.dumps({"version": "1.1", "data": data}))
+    return folder

@@ -31,6 +31,12 @@ class TaskConfig(_Section):
     # GLUE folders with an evaluation file but no train.tsv (QNLI offline): train on a
     # stratified share of the evaluation file and evaluate on the other `split_eval`
     split_eval: float | None = Field(default=None, gt=0.0, lt=1.0)
+    # squad: a train-v1.1.json elsewhere than data_dir (default: data_dir's own, if any)
+    train_file: str | None = None
+    # extractive QA: tokens shared by successive windows of a long context (None:
+    # min(128, train.max_seq_len // 2)), and the longest answer span in tokens
+    doc_stride: int | None = Field(default=None, ge=1)
+    max_answer_len: int = Field(default=30, ge=1)
 
 
 class LoraConfig(_Section):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import difflib
 
 from cotune.config.schema import TaskConfig
-from cotune.data import bbc, e2e
+from cotune.data import bbc, e2e, squad
 from cotune.data.glue import GLUE_SPECS, GlueSpec, load_folder, load_hub
 from cotune.data.sampling import stratified_split, subsample
 from cotune.data.task import Example, Task
@@ -16,7 +16,7 @@ GLUE_SOURCE = "task.data_dir (folder in GLUE TSV layout) or HF hub nyu-mll/glue 
 
 def task_names() -> list[str]:
     """Canonical names of every task `load_task` knows."""
-    return [bbc.NAME, *(spec.name for spec in GLUE_SPECS.values()), e2e.NAME]
+    return [bbc.NAME, *(spec.name for spec in GLUE_SPECS.values()), e2e.NAME, squad.NAME]
 
 
 def _squash(name: str) -> str:
@@ -31,6 +31,7 @@ for _key in GLUE_SPECS:
     _ALIASES[f"glue{_key}"] = f"glue/{_key}"
 _ALIASES["glue/sts"] = _ALIASES["sts"] = "glue/stsb"
 _ALIASES["e2e"] = _ALIASES["e2enlg"] = e2e.NAME
+_ALIASES["squad"] = _ALIASES["squad11"] = _ALIASES["squadv11"] = squad.NAME
 
 
 def canonical_name(name: str) -> str:
@@ -67,6 +68,11 @@ def load_task(cfg: TaskConfig, seed: int, *, require_train: bool = True) -> Task
         return e2e.load_e2e(
             cfg.data_dir, seed, cfg.max_train_examples, cfg.max_eval_examples,
             require_train=require_train,
+        )  # fmt: skip
+    if name == squad.NAME:
+        return squad.load_squad(
+            cfg.data_dir, seed, cfg.max_train_examples, cfg.max_eval_examples,
+            split_eval=cfg.split_eval, train_file=cfg.train_file,
         )  # fmt: skip
     spec = _glue_spec(name)
     need_train = require_train and cfg.split_eval is None
@@ -145,11 +151,19 @@ def list_tasks() -> list[dict]:
             "source": e2e.SOURCE,
         }
     )
+    rows.append(
+        {
+            "name": squad.NAME,
+            "kind": "qa",
+            "metrics": list(squad.METRIC_KEYS),
+            "source": squad.SOURCE,
+        }
+    )
     return rows
 
 
 def task_kind(name: str) -> str:
-    """The kind of task `name` ("classification", "regression", "generation") without
+    """The kind of task `name` ("classification", "regression", "generation", "qa") without
     loading it; a `ConfigError` for an unknown name (like `load_task`)."""
     canonical = canonical_name(name)
     return next(row["kind"] for row in list_tasks() if canonical_name(row["name"]) == canonical)

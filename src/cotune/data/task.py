@@ -30,7 +30,7 @@ class Task:
     """
 
     name: str
-    kind: str  # "classification" | "regression" | "generation" (picks the task adapter)
+    kind: str  # "classification" | "regression" | "generation" | "qa" (picks the adapter)
     num_labels: int
     label_names: list[str]
     train: list[Example]

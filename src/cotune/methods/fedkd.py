@@ -30,7 +30,7 @@ from cotune.errors import ConfigError
 from cotune.methods.federated.client import local_train
 from cotune.methods.federated.global_model import GlobalModel
 from cotune.methods.federated.state import get_state, set_state
-from cotune.methods.spec import FederatedSpec, MethodSpec, ServerHook, State
+from cotune.methods.spec import FederatedSpec, MethodSpec, ServerHook, State, reject_task_kind
 from cotune.training import (
     ModelStep,
     adapter_for,
@@ -125,7 +125,7 @@ class KDHook(ServerHook):
         if global_model.task.kind != "classification":
             raise ConfigError(
                 f"fedkd distils class distributions; task {global_model.task.name!r} is a "
-                "regression task. Use fedlora or fedavg for it."
+                f"{global_model.task.kind} task. Use fedlora or fedavg for it."
             )
         if not global_model.split.public:
             raise ConfigError("fedkd needs a public share: set kd.public_fraction above 0")
@@ -243,6 +243,7 @@ class KDHook(ServerHook):
 
 
 def configure(cfg: Config) -> None:
+    reject_task_kind(cfg, ("qa",), "fedlora or fedavg for extractive QA")
     if cfg.model.lora is None:  # the student trains LoRA (default r = 8)
         cfg.model.lora = LoraConfig()
 

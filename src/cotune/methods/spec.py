@@ -235,6 +235,23 @@ def no_rules(cfg: Config) -> None:
     pass
 
 
+def reject_task_kind(cfg: Config, kinds: tuple[str, ...], alternatives: str) -> None:
+    """A `ConfigError` when `cfg.task` is of one of `kinds`, which `cfg.method` cannot
+    train; an unknown task name is left for `load_task` to report."""
+    from cotune.data.registry import task_kind
+    from cotune.errors import ConfigError
+
+    try:
+        kind = task_kind(cfg.task.name)
+    except ConfigError:
+        return
+    if kind in kinds:
+        raise ConfigError(
+            f"{cfg.method} does not support task kind {kind} yet (task {cfg.task.name!r}); "
+            f"use {alternatives}"
+        )
+
+
 @dataclass(frozen=True)
 class MethodSpec:
     """A method: `name`, a one-line `summary`, how it `runs`, the optional config

@@ -85,8 +85,10 @@ class RunFolder:
 
     def write_predictions(self, records: list[dict[str, Any]]) -> None:
         """predictions.jsonl: one line per eval example of the final evaluation
-        (`{"split", "index", "label", "prediction"[, "correct"]}`, or `{"split",
-        "index", "prompt", "output"}` for generation), replacing an earlier file."""
+        (`{"split", "index", "label", "prediction"[, "correct"]}`, `{"split", "index",
+        "prompt", "output"}` for generation, or `{"split", "index", "id", "question",
+        "prediction", "answers", "exact_match", "f1"}` for extractive QA), replacing an
+        earlier file."""
         tmp = self.predictions_path.with_suffix(".jsonl.tmp")
         with tmp.open("w", encoding="utf-8") as f:
             for record in records:

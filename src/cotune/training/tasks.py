@@ -7,11 +7,12 @@ model to train, how examples become batches, and how a model is scored.
 |---|---|---|---|
 | classification, regression | `build_classifier` (pooling head; LoRA via peft) | `encode` + `PadCollator` | argmax / value, the task's metrics, loss |
 | generation | `build_lm` (causal LM, completion-only loss) | `encode_pairs` + `PairCollator` | beam search, the task's metrics; texts saved |
+| qa | `build_span_model` (start/end logits per token) | `encode_qa` (context windows) + `PadCollator` | best valid span per question, SQuAD EM / F1 |
 
 Every evaluation also carries its per-example predictions (`Evaluation.predictions`,
 the records of a run folder's `predictions.jsonl`).
 
-A new task kind (e.g. extractive QA, images) is one new adapter class and one line in
+A new task kind (e.g. images) is one new adapter class and one line in
 `ADAPTERS`.
 """
 
@@ -29,9 +30,12 @@ from cotune.config.schema import ModelConfig
 from cotune.data import Example, Task, encode, make_loader
 from cotune.data.encode import EncodedDataset
 from cotune.data.pairs import PairDataset, encode_pairs, pair_loader
+from cotune.data.qa_features import encode_qa
+from cotune.data.squad import QAExample
 from cotune.errors import ConfigError
 from cotune.models import build_classifier
 from cotune.models.causal_lm import build_lm, generation_model
+from cotune.models.span import build_span_model
 from cotune.training.evaluation import (
     PredictionRecord,
     evaluate,
@@ -39,6 +43,7 @@ from cotune.training.evaluation import (
     generation_records,
     write_generations,
 )
+from cotune.training.qa_evaluation import QASplit, evaluate_qa
 
 Encoded = EncodedDataset | PairDataset  # examples tokenised once, unpadded
 
@@ -48,8 +53,9 @@ class Evaluation:
     """Metrics of one evaluation (with `loss` when the task has one), what the model
     produced (generated texts per split; empty for classifiers), and one prediction
     record per eval example (`{"split", "index", "label", "prediction"[, "correct"]}`,
-    or `{"split", "index", "prompt", "output"}` for generation), from which the metrics
-    were computed."""
+    `{"split", "index", "prompt", "output"}` for generation, `{"split", "index", "id",
+    "question", "prediction", "answers", "exact_match", "f1"}` for extractive QA), from
+    which the metrics were computed."""
 
     metrics: dict[str, float]
     outputs: dict[str, list[str]] = field(default_factory=dict)
@@ -175,10 +181,62 @@ class GenerationAdapter:
         write_generations(run_dir, self.task, evaluation.outputs)
 
 
-ADAPTERS: dict[str, type[ClassificationAdapter] | type[GenerationAdapter]] = {
+class QAAdapter:
+    """Extractive QA: a span head on an encoder, context windows, SQuAD EM / F1."""
+
+    def __init__(self, task: Task, cfg: Config) -> None:
+        self.task = task
+        self.cfg = cfg
+        self._evals: tuple[int, dict[str, QASplit]] | None = None
+
+    def build_model(
+        self, model_cfg: ModelConfig | None = None, seed: int | None = None
+    ) -> tuple[nn.Module, Any]:
+        model, tokenizer, _ = build_span_model(
+            model_cfg or self.cfg.model, seed=self.cfg.seed if seed is None else seed
+        )
+        return model, tokenizer
+
+    def encode(self, examples: list[Example], tokenizer: Any) -> Encoded:
+        return encode_qa(examples, tokenizer, self.cfg.train.max_seq_len, self.cfg.task.doc_stride)
+
+    def loader(
+        self, ds: Encoded, tokenizer: Any, *, shuffle: bool, seed: int, batch_size: int = 0
+    ) -> DataLoader:
+        return make_loader(
+            ds, batch_size or self.cfg.train.batch_size, shuffle, seed, tokenizer.pad_token_id
+        )
+
+    def eval_splits(self, tokenizer: Any) -> dict[str, QASplit]:
+        """Each eval split's questions, features and batches (built once per tokenizer)."""
+        if self._evals is None or self._evals[0] != id(tokenizer):
+            splits: dict[str, QASplit] = {}
+            for split, examples in self.task.eval.items():
+                questions = [ex for ex in examples if isinstance(ex, QAExample)]
+                features = encode_qa(questions, tokenizer, self.cfg.train.max_seq_len,
+                                     self.cfg.task.doc_stride)  # fmt: skip
+                loader = self.loader(features, tokenizer, shuffle=False, seed=self.cfg.seed,
+                                     batch_size=self.cfg.train.eval_batch_size)  # fmt: skip
+                splits[split] = QASplit(questions, features, loader)
+            self._evals = (id(tokenizer), splits)
+        return self._evals[1]
+
+    def evaluate(self, model: Any, tokenizer: Any) -> Evaluation:
+        result = evaluate_qa(
+            model, self.eval_splits(tokenizer), self.cfg.train.precision,
+            max_answer_len=self.cfg.task.max_answer_len,
+        )  # fmt: skip
+        return Evaluation({**result.metrics, "loss": result.loss}, predictions=result.predictions)
+
+    def save_outputs(self, run_dir: str | Path, evaluation: Evaluation) -> None:
+        pass  # the answers are in predictions.jsonl
+
+
+ADAPTERS: dict[str, type[ClassificationAdapter] | type[GenerationAdapter] | type[QAAdapter]] = {
     "classification": ClassificationAdapter,
     "regression": ClassificationAdapter,
     "generation": GenerationAdapter,
+    "qa": QAAdapter,
 }
 
 

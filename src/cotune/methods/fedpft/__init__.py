@@ -20,13 +20,14 @@ from cotune.config.schema import LoraConfig
 from cotune.errors import ConfigError
 from cotune.methods.fedpft.cloud import ProxyHook
 from cotune.methods.fedpft.device import proxy_local_train
-from cotune.methods.spec import FederatedSpec, MethodSpec
+from cotune.methods.spec import FederatedSpec, MethodSpec, reject_task_kind
 
 # LoRA on the proxy's attention projections (Q, K, V, attention output)
 FEDPFT_TARGETS = ("query", "key", "value", "attention.output.dense")
 
 
 def configure(cfg: Config) -> None:
+    reject_task_kind(cfg, ("qa",), "fedlora or fedavg for extractive QA")
     if cfg.model.base_dtype != "fp32":
         # the cloud aligns the proxy's frozen FFN weights by training them and ships
         # them to the devices as fp32 tensors: a bf16 / int8 base does not fit that yet

@@ -20,16 +20,24 @@ loopback, or as a device of a cloud at `runtime.cloud` (`cotune device`).
 
 from __future__ import annotations
 
-from cotune.methods.spec import MethodSpec, SplitSpec
+from cotune.config import Config
+from cotune.methods.spec import MethodSpec, SplitSpec, reject_task_kind
 from cotune.methods.split.cloud import SplitCloud, SplitSession
 from cotune.methods.split.device import ReconnectingStep, SplitDevice, train_device
 from cotune.methods.split.protocol import build_split, fingerprint
+
+
+def configure(cfg: Config) -> None:
+    # the cut model pools into a classifier head; a span head is not cut yet
+    reject_task_kind(cfg, ("qa",), "centralized, fedavg or fedlora for extractive QA")
+
 
 SPEC = MethodSpec(
     name="split",
     summary="device runs the layers before the cut, the cloud the rest; any link codec",
     runs=SplitSpec(cloud=SplitCloud, device=train_device),
     reads=frozenset({"split", "link", "memory", "runtime"}),
+    configure=configure,
 )
 
 __all__ = [
