@@ -290,3 +290,19 @@ def test_compare_pairs_groups_seed_by_seed(tmp_path: Path) -> None:
     assert "different seeds" in str(
         paired_difference(ga, load_entries([tmp_path / "B2"])[0], "accuracy")
     )
+
+
+def test_qa_exact_match_and_f1_resample_the_mean_of_question_scores() -> None:
+    from cotune.report.stats import metric_statistic
+
+    records = [
+        {"answers": ["Denver Broncos"], "prediction": "Denver Broncos", "exact_match": 100.0, "f1": 100.0},
+        {"answers": ["Denver Broncos"], "prediction": "Denver", "exact_match": 0.0, "f1": 200 / 3},
+        {"answers": ["x"], "prediction": "", "exact_match": 0.0, "f1": 0.0},
+    ]  # fmt: skip
+    em, f1 = metric_statistic("exact_match", records), metric_statistic("f1", records)
+    rows = np.array([[0, 1, 2], [1, 1, 1], [0, 0, 2]])
+    assert em(rows).tolist() == pytest.approx([100 / 3, 0.0, 200 / 3])
+    assert f1(rows).tolist() == pytest.approx([(100 + 200 / 3) / 3, 200 / 3, 200 / 3])
+    with pytest.raises(ValueError, match="extractive-QA predictions"):
+        metric_statistic("f1", [{"label": 1, "prediction": 1, "correct": True}])

@@ -30,11 +30,12 @@ predictions.jsonl for the metrics that can be recomputed from per-example record
 | `accuracy` | the mean of `correct` | vectorised: O(n) |
 | `mcc` | Matthews correlation of `label`, `prediction` from each resample's confusion matrix (scikit-learn's multi-class formula) | vectorised: O(n) |
 | `pearson`, `spearman` | scipy, of `prediction` against `label` (regression) | O(n log n) |
+| `exact_match`, `f1` (extractive QA) | the mean of each question's own score (SQuAD's metrics are means over questions) | vectorised: O(n) |
 | `bleu` | sacrebleu's per-sentence sufficient statistics (13a tokens, lower-cased, all references), summed over the resampled inputs: the corpus BLEU of the resample | O(n) sums; the n-gram matching is done once |
 
 The records are those of one eval split (`compare` takes the first). Others are not
-supported: `accuracy_mm` (MNLI's second split), `f1` (binary or macro depends on the task's label count,
-which predictions.jsonl does not carry), `nist`, `meteor`, `rouge_l` and `cider` (corpus
+supported: `accuracy_mm` (MNLI's second split), a classification `f1` (binary or macro depends on
+the task's label count, which predictions.jsonl does not carry), `nist`, `meteor`, `rouge_l` and `cider` (corpus
 metrics whose per-resample recomputation would run pycocoevalcap's Java tools or nltk on
 every resample: seconds to minutes each).
 """
@@ -58,7 +59,7 @@ CHUNK_ELEMENTS = 2_000_000  # indices drawn at once (bounds memory for large eva
 # rows of example indices, shape (B, n) -> the statistic of each row, shape (B,)
 IndexStatistic = Callable[[np.ndarray], np.ndarray]
 
-PER_EXAMPLE_METRICS = ("accuracy", "mcc", "pearson", "spearman", "bleu")
+PER_EXAMPLE_METRICS = ("accuracy", "mcc", "pearson", "spearman", "bleu", "exact_match", "f1")
 
 
 @dataclass(frozen=True)
@@ -396,6 +397,13 @@ def metric_statistic(
         p = np.asarray([r["prediction"] for r in records], dtype=np.float64)
         fn = scipy_stats.pearsonr if metric == "pearson" else scipy_stats.spearmanr
         return _correlation(fn, p, y)
+    if metric in ("exact_match", "f1"):
+        if not records or metric not in records[0] or "answers" not in records[0]:
+            raise ValueError(
+                f"{metric} per example needs extractive-QA predictions (with 'answers' and "
+                f"'{metric}'); a classification f1 cannot be recomputed from predictions.jsonl"
+            )
+        return mean_statistic([float(r[metric]) for r in records])
     if metric == "bleu":
         if references is None or len(references) != len(records):
             raise ValueError("bleu needs every input's references (generations.jsonl)")
