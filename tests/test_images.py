@@ -224,3 +224,9 @@ def test_dinov2_small_conversion_matches_onnxruntime(tmp_path: Path, monkeypatch
         got = model(pixel_values=torch.from_numpy(pixels)).last_hidden_state.numpy()
     assert got.shape == expected.shape == (2, 257, 384)
     assert np.abs(got - expected).max() < 1e-4  # measured: 2.3e-5 (|features| up to 8.4)
+
+
+@pytest.mark.parametrize("method", ["fedkd", "fedpft", "splitfed"])
+def test_methods_without_image_support_say_so(tmp_path: Path, method: str) -> None:
+    with pytest.raises(ConfigError, match="image-classification"):
+        _cfg(tmp_path, method, model={"lora": {"r": 4}})
