@@ -178,6 +178,7 @@ def _check_run(out: Path, n_eval: int) -> dict:
         ("fedavg", {"federated": {"clients": 2, "rounds": 1, "local_steps": 1},
                     "runtime": {"engine": "inline"}}),
         ("split", {"split": {"cut": 2}, "link": {"codec": "identity"}}),
+        ("split", {"split": {"cut": 2, "labels": "device"}, "link": {"codec": "sft", "rank": 8}}),
     ],
 )  # fmt: skip
 def test_tiny_dinov2_runs(tmp_path: Path, method: str, sections: dict) -> None:

@@ -60,7 +60,7 @@ def _split(folder: Path, split: str, k: int | None, seed: int, purpose: str) -> 
         raise DataError(f"{labels_file}: labels must be in 0..{len(LABEL_NAMES) - 1}")
     chosen = subsample(list(range(len(labels))), k, seed, purpose)
     return [
-        image_example(np.ascontiguousarray(images[i], dtype=np.uint8), int(labels[i]),
+        image_example(images[i].astype(np.uint8, copy=True), int(labels[i]),
                       f"{images_file}#{i}")
         for i in chosen
     ]  # fmt: skip
