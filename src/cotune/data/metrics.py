@@ -73,7 +73,7 @@ def compute(
     """Compute the metrics named in `keys` for one evaluation split."""
     preds = np.asarray(preds)
     labels = np.asarray(labels)
-    if kind == "classification":
+    if kind in ("classification", "image-classification"):
         if preds.ndim == 2:  # logits or probabilities
             preds = preds.argmax(axis=-1)
         preds = preds.astype(np.int64).reshape(-1)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import difflib
 
 from cotune.config.schema import TaskConfig
-from cotune.data import bbc, e2e, squad
+from cotune.data import bbc, e2e, fashion_mnist, image_folder, squad
 from cotune.data.glue import GLUE_SPECS, GlueSpec, load_folder, load_hub
 from cotune.data.sampling import stratified_split, subsample
 from cotune.data.task import Example, Task
@@ -16,7 +16,10 @@ GLUE_SOURCE = "task.data_dir (folder in GLUE TSV layout) or HF hub nyu-mll/glue 
 
 def task_names() -> list[str]:
     """Canonical names of every task `load_task` knows."""
-    return [bbc.NAME, *(spec.name for spec in GLUE_SPECS.values()), e2e.NAME, squad.NAME]
+    return [
+        bbc.NAME, *(spec.name for spec in GLUE_SPECS.values()), e2e.NAME, squad.NAME,
+        fashion_mnist.NAME, image_folder.NAME,
+    ]  # fmt: skip
 
 
 def _squash(name: str) -> str:
@@ -32,6 +35,8 @@ for _key in GLUE_SPECS:
 _ALIASES["glue/sts"] = _ALIASES["sts"] = "glue/stsb"
 _ALIASES["e2e"] = _ALIASES["e2enlg"] = e2e.NAME
 _ALIASES["squad"] = _ALIASES["squad11"] = _ALIASES["squadv11"] = squad.NAME
+_ALIASES["fashionmnist"] = _ALIASES["fmnist"] = fashion_mnist.NAME
+_ALIASES["imagefolder"] = _ALIASES["images"] = image_folder.NAME
 
 
 def canonical_name(name: str) -> str:
@@ -73,6 +78,15 @@ def load_task(cfg: TaskConfig, seed: int, *, require_train: bool = True) -> Task
         return squad.load_squad(
             cfg.data_dir, seed, cfg.max_train_examples, cfg.max_eval_examples,
             split_eval=cfg.split_eval, train_file=cfg.train_file,
+        )  # fmt: skip
+    if name == fashion_mnist.NAME:
+        return fashion_mnist.load_fashion_mnist(
+            cfg.data_dir, seed, cfg.max_train_examples, cfg.max_eval_examples
+        )
+    if name == image_folder.NAME:
+        return image_folder.load_image_folder(
+            cfg.data_dir, seed, cfg.max_train_examples, cfg.max_eval_examples,
+            split_eval=cfg.split_eval,
         )  # fmt: skip
     spec = _glue_spec(name)
     need_train = require_train and cfg.split_eval is None
@@ -159,11 +173,21 @@ def list_tasks() -> list[dict]:
             "source": squad.SOURCE,
         }
     )
+    for module in (fashion_mnist, image_folder):
+        rows.append(
+            {
+                "name": module.NAME,
+                "kind": module.KIND,
+                "metrics": ["accuracy"],
+                "source": module.SOURCE,
+            }  # fmt: skip
+        )
     return rows
 
 
 def task_kind(name: str) -> str:
-    """The kind of task `name` ("classification", "regression", "generation", "qa") without
+    """The kind of task `name` ("classification", "regression", "generation", "qa",
+    "image-classification") without
     loading it; a `ConfigError` for an unknown name (like `load_task`)."""
     canonical = canonical_name(name)
     return next(row["kind"] for row in list_tasks() if canonical_name(row["name"]) == canonical)

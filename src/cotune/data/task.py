@@ -30,7 +30,8 @@ class Task:
     """
 
     name: str
-    kind: str  # "classification" | "regression" | "generation" | "qa" (picks the adapter)
+    # "classification" | "regression" | "generation" | "qa" | "image-classification"
+    kind: str  # (picks the adapter)
     num_labels: int
     label_names: list[str]
     train: list[Example]

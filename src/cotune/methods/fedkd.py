@@ -243,7 +243,7 @@ class KDHook(ServerHook):
 
 
 def configure(cfg: Config) -> None:
-    reject_task_kind(cfg, ("qa",), "fedlora or fedavg for extractive QA")
+    reject_task_kind(cfg, ("qa", "image-classification"), "fedlora or fedavg for QA and images")
     if cfg.model.lora is None:  # the student trains LoRA (default r = 8)
         cfg.model.lora = LoraConfig()
 

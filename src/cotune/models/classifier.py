@@ -21,6 +21,7 @@ from cotune.errors import ModelError
 from cotune.models.base_dtype import apply_base_dtype
 from cotune.models.zoo import (
     DECODER_FAMILIES,
+    IMAGE_FAMILIES,
     Family,
     ModelSource,
     load_backbone,
@@ -85,8 +86,8 @@ class _Classifies(Protocol):
 class SequenceClassifier(nn.Module):
     """`backbone` (an HF base model) -> `pool` -> `dropout` -> `head`.
 
-    Text models take `input_ids` / `attention_mask` (/ `token_type_ids`); ViT takes
-    `pixel_values`. With `num_labels == 1` the problem is regression (MSE on the single
+    Text models take `input_ids` / `attention_mask` (/ `token_type_ids`); ViT and DINOv2
+    take `pixel_values`. With `num_labels == 1` the problem is regression (MSE on the single
     logit); otherwise classification (cross-entropy with `label_smoothing`).
     """
 
@@ -191,13 +192,13 @@ def checkpoint_pooling(path: str | None) -> Pooling | None:
 
 def auto_pooling(source: ModelSource) -> Pooling:
     """The checkpoint's own pooling if it records one; else mean for text encoders,
-    last token for decoders, CLS for ViT."""
+    last token for decoders, CLS for image models (ViT, DINOv2)."""
     recorded = checkpoint_pooling(source.path)
     if recorded is not None:
         return recorded
     if source.family in DECODER_FAMILIES:
         return "last"
-    if source.family == "vit":
+    if source.family in IMAGE_FAMILIES:
         return "cls"
     return "mean"
 

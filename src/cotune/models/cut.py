@@ -25,7 +25,8 @@ token. The cloud computes U_r, the activation, the FFN output projection (dropou
 LayerNorm for post-norm models) without the FFN residual, then layers `> cut`.
 
 Family support: bert, roberta, distilbert (post-norm encoders), llama, gpt2 (decoders),
-vit. Valid cuts: 1 <= cut < number of layers.
+vit, dinov2 (image encoders: the device holds the patch embedding, so raw pixels never
+leave it). Valid cuts: 1 <= cut < number of layers.
 """
 
 from __future__ import annotations
@@ -408,6 +409,59 @@ class _Vit(_Family):
         return m["dropout"](m["fc2"](m["act"](u)))
 
 
+class _Dinov2(_Family):
+    """DINOv2: pre-norm layers with layer scale; position embeddings interpolated to the
+    image's patch grid inside the embeddings."""
+
+    name = "dinov2"
+
+    def embed_modules(self, backbone: HFModule) -> dict[str, nn.Module]:
+        return {"embeddings": backbone.embeddings}
+
+    def embed(self, m: nn.ModuleDict, inputs: dict[str, Tensor | None]) -> Tensor:
+        pixels = inputs["pixel_values"]
+        assert pixels is not None
+        emb: HFModule = m["embeddings"]
+        return emb(pixels, bool_masked_pos=None)
+
+    def layers(self, backbone: HFModule) -> nn.ModuleList:
+        return backbone.encoder.layer
+
+    def final_modules(self, backbone: HFModule) -> dict[str, nn.Module]:
+        return {"layernorm": backbone.layernorm}
+
+    def final(self, m: nn.ModuleDict, hidden: Tensor) -> Tensor:
+        return m["layernorm"](hidden)
+
+    def sft_device_modules(self, layer: HFModule) -> dict[str, nn.Module]:
+        return {
+            "norm1": layer.norm1,
+            "attention": layer.attention,
+            "layer_scale1": layer.layer_scale1,
+            "drop_path": layer.drop_path,
+            "norm2": layer.norm2,
+        }
+
+    def sft_pre_ffn(self, m: nn.ModuleDict, hidden: Tensor, ctx: Ctx) -> Tensor:
+        attn = m["attention"](m["norm1"](hidden), attention_mask=ctx["mask"])[0]
+        return m["norm2"](m["drop_path"](m["layer_scale1"](attn)) + hidden)
+
+    def sft_ffn_in(self, layer: HFModule) -> tuple[Tensor, Tensor | None]:
+        lin = _linear(layer.mlp.fc1, "mlp.fc1")
+        return lin.weight, lin.bias
+
+    def sft_cloud_modules(self, layer: HFModule) -> dict[str, nn.Module]:
+        return {
+            "act": _act(layer.mlp.activation_fn),
+            "fc2": layer.mlp.fc2,
+            "layer_scale2": layer.layer_scale2,
+            "drop_path": layer.drop_path,
+        }
+
+    def sft_post_ffn(self, m: nn.ModuleDict, u: Tensor) -> Tensor:
+        return m["drop_path"](m["layer_scale2"](m["fc2"](m["act"](u))))
+
+
 FAMILY_OPS: dict[str, _Family] = {
     "bert": _Bert(),
     "roberta": _Bert(),
@@ -415,6 +469,7 @@ FAMILY_OPS: dict[str, _Family] = {
     "llama": _Llama(),
     "gpt2": _Gpt2(),
     "vit": _Vit(),
+    "dinov2": _Dinov2(),
 }
 
 

@@ -19,7 +19,13 @@ from cotune.config.schema import ModelConfig
 from cotune.errors import ModelError
 from cotune.models.base_dtype import apply_base_dtype
 from cotune.models.classifier import SequenceClassifier
-from cotune.models.zoo import ModelSource, load_backbone, load_tokenizer, resolve
+from cotune.models.zoo import (
+    IMAGE_FAMILIES,
+    ModelSource,
+    load_backbone,
+    load_tokenizer,
+    resolve,
+)
 
 
 @dataclass
@@ -62,7 +68,7 @@ def build_span_model(
     `model_cfg.base_dtype`, in eval mode. Tiny backbones and the head are initialised
     from `seed`."""
     source = resolve(model_cfg.name)
-    if source.family == "vit":
+    if source.family in IMAGE_FAMILIES:
         raise ModelError(f"model {model_cfg.name!r} is an image model; extractive QA needs text")
     backbone = load_backbone(model_cfg.name, seed=seed)
     tokenizer = load_tokenizer(model_cfg.name)

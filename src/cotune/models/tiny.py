@@ -5,7 +5,8 @@ tiny model runs real text end to end: `vocab_size` is that tokenizer's size and 
 CLS/BOS and SEP/EOS ids are its `[PAD]`, `[CLS]` and `[SEP]`. Every tiny model has 4
 layers (so the default `split.cut = 3` leaves a layer on each side), hidden size 64,
 4 heads and an FFN of 128. `tiny-vit` takes 1x28x28 images (Fashion-MNIST) in 4x4
-patches.
+patches; `tiny-dinov2` takes RGB images of any multiple of its 14x14 patches (its 2x2
+grid of position embeddings is interpolated, as in dinov2-small).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import TypedDict
 
 from transformers import (
     BertConfig,
+    Dinov2Config,
     DistilBertConfig,
     GPT2Config,
     LlamaConfig,
@@ -39,7 +41,8 @@ MINILM_PAD_ID = 0
 MINILM_CLS_ID = 101
 MINILM_SEP_ID = 102
 
-TINY_FAMILIES = ("bert", "roberta", "distilbert", "llama", "gpt2", "vit")
+TINY_FAMILIES = ("bert", "roberta", "distilbert", "llama", "gpt2", "vit", "dinov2")
+TINY_DINOV2_PATCH = 14  # as dinov2-small, so that task.image_size means the same for both
 
 
 class _CommonText(TypedDict):
@@ -125,6 +128,16 @@ def tiny_config(
             image_size=TINY_IMAGE_SIZE,
             patch_size=TINY_PATCH_SIZE,
             num_channels=TINY_CHANNELS,
+        )
+    if family == "dinov2":
+        return Dinov2Config(
+            hidden_size=TINY_HIDDEN,
+            num_hidden_layers=TINY_LAYERS,
+            num_attention_heads=TINY_HEADS,
+            mlp_ratio=TINY_FFN // TINY_HIDDEN,
+            image_size=2 * TINY_DINOV2_PATCH,
+            patch_size=TINY_DINOV2_PATCH,
+            layerscale_value=1.0,
         )
     raise ModelError(
         f"there is no tiny config for model family {family!r}; "

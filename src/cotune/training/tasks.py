@@ -8,12 +8,12 @@ model to train, how examples become batches, and how a model is scored.
 | classification, regression | `build_classifier` (pooling head; LoRA via peft) | `encode` + `PadCollator` | argmax / value, the task's metrics, loss |
 | generation | `build_lm` (causal LM, completion-only loss) | `encode_pairs` + `PairCollator` | beam search, the task's metrics; texts saved |
 | qa | `build_span_model` (start/end logits per token) | `encode_qa` (context windows) + `PadCollator` | best valid span per question, SQuAD EM / F1 |
+| image-classification | `build_classifier` on an image model (CLS pooling; LoRA via peft) | `encode_images` (resized once, uint8) + `ImageCollator` (`pixel_values`) | argmax, accuracy, loss |
 
 Every evaluation also carries its per-example predictions (`Evaluation.predictions`,
 the records of a run folder's `predictions.jsonl`).
 
-A new task kind (e.g. images) is one new adapter class and one line in
-`ADAPTERS`.
+A new task kind is one new adapter class and one line in `ADAPTERS`.
 """
 
 from __future__ import annotations
@@ -29,11 +29,12 @@ from cotune.config import Config
 from cotune.config.schema import ModelConfig
 from cotune.data import Example, Task, encode, make_loader
 from cotune.data.encode import EncodedDataset
+from cotune.data.images import ImageCollator, ImageDataset, encode_images
 from cotune.data.pairs import PairDataset, encode_pairs, pair_loader
 from cotune.data.qa_features import encode_qa
 from cotune.data.squad import QAExample
 from cotune.errors import ConfigError
-from cotune.models import build_classifier
+from cotune.models import build_classifier, image_geometry
 from cotune.models.causal_lm import build_lm, generation_model
 from cotune.models.span import build_span_model
 from cotune.training.evaluation import (
@@ -45,7 +46,7 @@ from cotune.training.evaluation import (
 )
 from cotune.training.qa_evaluation import QASplit, evaluate_qa
 
-Encoded = EncodedDataset | PairDataset  # examples tokenised once, unpadded
+Encoded = EncodedDataset | PairDataset | ImageDataset  # tokenised (resized) once, unpadded
 
 
 @dataclass
@@ -232,11 +233,59 @@ class QAAdapter:
         pass  # the answers are in predictions.jsonl
 
 
-ADAPTERS: dict[str, type[ClassificationAdapter] | type[GenerationAdapter] | type[QAAdapter]] = {
+class ImageAdapter(ClassificationAdapter):
+    """Image classification: a classifier on an image model (ViT, DINOv2) over
+    `pixel_values`; images resized once to `task.image_size`, scored as classification."""
+
+    def __init__(self, task: Task, cfg: Config) -> None:
+        super().__init__(task, cfg)
+        geometry = image_geometry(cfg.model.name)
+        size = cfg.task.image_size
+        if geometry.fixed_size is not None and size != geometry.fixed_size:
+            raise ConfigError(
+                f"model {cfg.model.name!r} takes {geometry.fixed_size}x{geometry.fixed_size} "
+                f"images only: set task.image_size = {geometry.fixed_size}"
+            )
+        if size % geometry.patch_size:
+            below = max(size // geometry.patch_size, 1) * geometry.patch_size
+            raise ConfigError(
+                f"task.image_size = {size} is not a multiple of model {cfg.model.name!r}'s "
+                f"patch size {geometry.patch_size}: use e.g. {below} or "
+                f"{below + geometry.patch_size}"
+            )
+        self.collator = ImageCollator(geometry.channels)
+
+    def build_model(
+        self, model_cfg: ModelConfig | None = None, seed: int | None = None
+    ) -> tuple[nn.Module, Any]:
+        model, tokenizer, _ = build_classifier(
+            model_cfg or self.cfg.model,
+            self.task.num_labels,
+            problem="classification",
+            label_smoothing=self.cfg.train.label_smoothing,
+            seed=self.cfg.seed if seed is None else seed,
+        )
+        return model, tokenizer
+
+    def encode(self, examples: list[Example], tokenizer: Any) -> Encoded:
+        return encode_images(examples, self.cfg.task.image_size)
+
+    def loader(
+        self, ds: Encoded, tokenizer: Any, *, shuffle: bool, seed: int, batch_size: int = 0
+    ) -> DataLoader:
+        size = batch_size or self.cfg.train.batch_size
+        return make_loader(ds, size, shuffle, seed, 0, collator=self.collator)
+
+
+ADAPTERS: dict[
+    str,
+    type[ClassificationAdapter] | type[GenerationAdapter] | type[QAAdapter] | type[ImageAdapter],
+] = {
     "classification": ClassificationAdapter,
     "regression": ClassificationAdapter,
     "generation": GenerationAdapter,
     "qa": QAAdapter,
+    "image-classification": ImageAdapter,
 }
 
 

@@ -27,7 +27,7 @@ FEDPFT_TARGETS = ("query", "key", "value", "attention.output.dense")
 
 
 def configure(cfg: Config) -> None:
-    reject_task_kind(cfg, ("qa",), "fedlora or fedavg for extractive QA")
+    reject_task_kind(cfg, ("qa", "image-classification"), "fedlora or fedavg for QA and images")
     if cfg.model.base_dtype != "fp32":
         # the cloud aligns the proxy's frozen FFN weights by training them and ships
         # them to the devices as fp32 tensors: a bf16 / int8 base does not fit that yet

@@ -331,11 +331,13 @@ def train_device(
     task = load_task(cfg.task, cfg.seed)
     adapter = adapter_for(task, cfg)
     tokenizer = load_tokenizer(cfg.model.name)
-    split, codec = build_split(cfg, task.num_labels, task.kind)
+    # an image classifier is a classifier to the cut model and the cloud
+    problem = "classification" if task.kind == "image-classification" else task.kind
+    split, codec = build_split(cfg, task.num_labels, problem)
     trainable_cloud = sum(p.numel() for p in trainable(split.cloud_modules()))
     apply_memory_option(split.device, cfg.memory, seed=cfg.seed)  # before the optimiser
     device = SplitDevice(
-        cfg, split, codec, connect(), num_labels=task.num_labels, problem=task.kind, rng=rng
+        cfg, split, codec, connect(), num_labels=task.num_labels, problem=problem, rng=rng
     )
     del split  # the device keeps its own segment (and the head when U-shaped) only
     train_ds = adapter.encode(task.train, tokenizer)
