@@ -15,6 +15,8 @@ from transformers import Gemma3ForCausalLM
 
 from cotune.config import build_config
 from cotune.config.schema import ModelConfig
+from cotune.data.pairs import IGNORE, bos_prefix, encode_pairs, prompt_ids
+from cotune.data.task import Example
 from cotune.errors import ModelError
 from cotune.methods import resolve as resolve_method
 from cotune.models import list_models, load_causal_lm, load_tokenizer, packaged, resolve
@@ -272,3 +274,35 @@ def test_splitfed_on_e2e(tmp_path: Path) -> None:
     ))  # fmt: skip
     out = run_experiment(cfg, tmp_path / "run")
     assert (out / "predictions.jsonl").is_file()
+
+
+# ----------------------------------------------------------------------------- BOS
+
+
+class _Tok:
+    """A whitespace tokenizer that, like Gemma's, starts its default encoding with BOS."""
+
+    bos_token_id = 2
+    eos_token_id = 1
+    sep_token_id = None
+
+    def __init__(self, adds_bos: bool) -> None:
+        self.adds_bos = adds_bos
+
+    def _one(self, text: str, add: bool) -> list[int]:
+        return ([2] if add and self.adds_bos else []) + [10 + len(w) for w in text.split()]
+
+    def __call__(self, text, add_special_tokens: bool = True):  # type: ignore[no-untyped-def]
+        if isinstance(text, list):
+            return {"input_ids": [self._one(t, add_special_tokens) for t in text]}
+        return {"input_ids": self._one(text, add_special_tokens)}
+
+
+def test_bos_goes_before_the_prompt_only_for_tokenizers_that_add_it() -> None:
+    ex = [Example("name[x]", "x is here.", 0)]
+    with_bos, without = _Tok(adds_bos=True), _Tok(adds_bos=False)
+    assert bos_prefix(with_bos) == [2] and bos_prefix(without) == []
+    item = encode_pairs(ex, with_bos, max_len=32)[0]
+    assert list(item["input_ids"]) == [2, *list(encode_pairs(ex, without, 32)[0]["input_ids"])]
+    assert list(item["labels"])[:3] == [IGNORE] * 3 and list(item["labels"])[-1] == 1
+    assert prompt_ids(with_bos, "name[x]") == [2, *prompt_ids(without, "name[x]")]
