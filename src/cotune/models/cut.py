@@ -24,9 +24,9 @@ computes layers `< cut`, layer `cut`'s attention block, then S_r V_r: an r-dim c
 token. The cloud computes U_r, the activation, the FFN output projection (dropout,
 LayerNorm for post-norm models) without the FFN residual, then layers `> cut`.
 
-Family support: bert, roberta, distilbert (post-norm encoders), llama, gpt2 (decoders),
-vit, dinov2 (image encoders: the device holds the patch embedding, so raw pixels never
-leave it). Valid cuts: 1 <= cut < number of layers.
+Family support: bert, roberta, distilbert (post-norm encoders), llama, gemma3, gpt2
+(decoders), vit, dinov2 (image encoders: the device holds the patch embedding, so raw
+pixels never leave it). Valid cuts: 1 <= cut < number of layers.
 """
 
 from __future__ import annotations
@@ -40,7 +40,11 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 from transformers import DynamicCache
-from transformers.masking_utils import create_bidirectional_mask, create_causal_mask
+from transformers.masking_utils import (
+    create_bidirectional_mask,
+    create_causal_mask,
+    create_sliding_window_causal_mask,
+)
 
 from cotune.errors import ModelError
 from cotune.models.base_dtype import FrozenLinear
@@ -305,6 +309,73 @@ class _Llama(_Family):
         return m["down_proj"](m["act"](gate) * up)
 
 
+class _Gemma3(_Llama):
+    """Gemma 3: Llama's layout plus what `Gemma3TextModel.forward` adds. The embedding
+    module scales by sqrt(hidden) itself; layers alternate sliding-window (local rotary
+    base) and global attention (global base), so the context holds a mask and rotary
+    embeddings per layer type and each layer takes those of its type; each layer has
+    four norms (before/after attention, before/after the FFN; q/k norms are inside the
+    attention module)."""
+
+    name = "gemma3"
+
+    def context(
+        self, config: Any, shared: nn.ModuleDict, hidden: Tensor, mask: Tensor | None
+    ) -> Ctx:
+        if getattr(config, "use_bidirectional_attention", False):
+            raise ModelError("cannot cut a Gemma 3 model with use_bidirectional_attention")
+        ctx = _Family.context(self, config, shared, hidden, mask)  # the global causal mask
+        make = create_sliding_window_causal_mask
+        sliding = make(
+            config=config, inputs_embeds=hidden, attention_mask=mask,
+            position_ids=ctx["position_ids"], **_with_cache(make, ctx["cache"]),
+        )  # fmt: skip
+        ctx["masks"] = {"full_attention": ctx["mask"], "sliding_attention": sliding}
+        ctx["rotary"] = {
+            kind: shared["rotary_emb"](hidden, ctx["position_ids"], kind)
+            for kind in set(config.layer_types)
+        }
+        ctx["layer_types"] = config.layer_types
+        return ctx
+
+    def _of(self, attn: HFModule, ctx: Ctx) -> tuple[Any, Any]:
+        """The mask and rotary embeddings for the layer whose attention module is `attn`."""
+        kind = ctx["layer_types"][attn.layer_idx]
+        return ctx["masks"][kind], ctx["rotary"][kind]
+
+    def run_layer(self, layer: nn.Module, hidden: Tensor, ctx: Ctx) -> Tensor:
+        mask, rotary = self._of(layer.self_attn, ctx)
+        return layer(
+            hidden, attention_mask=mask, position_embeddings=rotary,
+            position_ids=ctx["position_ids"], **_with_cache(type(layer).forward, ctx["cache"]),
+        )  # fmt: skip
+
+    def sft_device_modules(self, layer: HFModule) -> dict[str, nn.Module]:
+        return {
+            **super().sft_device_modules(layer),
+            "pre_feedforward_layernorm": layer.pre_feedforward_layernorm,
+        }
+
+    def sft_pre_ffn(self, m: nn.ModuleDict, hidden: Tensor, ctx: Ctx) -> Tensor:
+        attn_mod: HFModule = m["self_attn"]
+        mask, rotary = self._of(attn_mod, ctx)
+        attn = attn_mod(
+            hidden_states=m["input_layernorm"](hidden), attention_mask=mask,
+            position_ids=ctx["position_ids"], position_embeddings=rotary,
+            **_with_cache(type(attn_mod).forward, ctx["cache"]),
+        )[0]  # fmt: skip
+        return m["pre_feedforward_layernorm"](hidden + m["post_attention_layernorm"](attn))
+
+    def sft_cloud_modules(self, layer: HFModule) -> dict[str, nn.Module]:
+        return {
+            **super().sft_cloud_modules(layer),
+            "post_feedforward_layernorm": layer.post_feedforward_layernorm,
+        }
+
+    def sft_post_ffn(self, m: nn.ModuleDict, u: Tensor) -> Tensor:
+        return m["post_feedforward_layernorm"](super().sft_post_ffn(m, u))
+
+
 class _Gpt2(_Family):
     name = "gpt2"
     causal = True
@@ -467,6 +538,7 @@ FAMILY_OPS: dict[str, _Family] = {
     "roberta": _Bert(),
     "distilbert": _DistilBert(),
     "llama": _Llama(),
+    "gemma3": _Gemma3(),
     "gpt2": _Gpt2(),
     "vit": _Vit(),
     "dinov2": _Dinov2(),

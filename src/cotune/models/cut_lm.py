@@ -1,14 +1,16 @@
-"""Cutting a causal LM (Llama, GPT-2 families) into device / cloud / LM-head segments.
+"""Cutting a causal LM (Llama, Gemma 3, GPT-2 families) into device / cloud / LM-head segments.
 
 The same pieces as `cotune.models.cut` (the family ops, `DeviceSegment`, the cloud
 layers), built from the causal LM's own modules: the device runs the embeddings and
 layers `< cut`; the cloud runs layers `>= cut` and the final norm and returns hidden
 states for every token (no pooling); the head is the LM head plus the completion-only
-loss (`cotune.models.causal_lm.completion_loss`).
+loss (`cotune.models.causal_lm.completion_loss`), after Gemma's final logit soft-capping
+when the config has one (`logits = c * tanh(logits / c)`, as the HF model does).
 """
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
 from cotune.errors import ModelError
@@ -27,13 +29,18 @@ class LMCloudSegment(CloudSegment):
 class LMHeadSegment(nn.Module):
     """The LM head and the completion-only, label-smoothed next-token loss."""
 
-    def __init__(self, lm_head: nn.Module, label_smoothing: float) -> None:
+    def __init__(
+        self, lm_head: nn.Module, label_smoothing: float, softcap: float | None = None
+    ) -> None:
         super().__init__()
         self.lm_head = lm_head
         self.label_smoothing = label_smoothing
+        self.softcap = softcap
 
     def forward(self, hidden: Tensor, labels: Tensor | None = None) -> LMOutput:
         logits = self.lm_head(hidden)
+        if self.softcap is not None:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
         loss = None if labels is None else completion_loss(logits, labels, self.label_smoothing)
         return LMOutput(loss=loss, logits=logits)
 
@@ -47,8 +54,11 @@ def cut_causal_lm(
     base: HFModule = unwrap(lm)  # the HF causal LM
     family = getattr(base.config, "model_type", "")
     family = {"mistral": "llama", "qwen2": "llama"}.get(family, family)
-    if family not in ("llama", "gpt2"):
-        raise ModelError(f"splitfed cuts causal LMs of the llama and gpt2 families, not {family!r}")
+    family = {"gemma3_text": "gemma3"}.get(family, family)
+    if family not in ("llama", "gemma3", "gpt2"):
+        raise ModelError(
+            f"splitfed cuts causal LMs of the llama, gemma3 and gpt2 families, not {family!r}"
+        )
     backbone = base.base_model
     device, cloud, width, names = cut_parts(
         model, FAMILY_OPS[family], backbone, cut, sft_rank=sft_rank, uses_token_type_ids=False,
@@ -60,7 +70,11 @@ def cut_causal_lm(
         cloud=cloud,
         # SplitClassifier.head is typed HeadSegment, which the split runtime relies on;
         # the LM head is used through the same call, head(hidden, labels)
-        head=LMHeadSegment(base.get_output_embeddings(), label_smoothing),  # type: ignore[arg-type]
+        head=LMHeadSegment(  # type: ignore[arg-type]
+            base.get_output_embeddings(),
+            label_smoothing,
+            getattr(base.config, "final_logit_softcapping", None),
+        ),  # fmt: skip
         labels="cloud",
         width=width,
         hidden_size=int(backbone.config.hidden_size),

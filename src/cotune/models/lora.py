@@ -25,6 +25,7 @@ DEFAULT_TARGETS: dict[Family, list[str]] = {
     "roberta": ["query", "value"],
     "distilbert": ["q_lin", "v_lin"],
     "llama": ["q_proj", "v_proj"],
+    "gemma3": ["q_proj", "v_proj"],
     "gpt2": ["c_attn"],
     "vit": ["q_proj", "v_proj"],  # transformers 5 renamed ViT's query/value to q_proj/v_proj
     "dinov2": ["q_proj", "v_proj"],  # likewise Dinov2's (k_proj, o_proj: key and output)

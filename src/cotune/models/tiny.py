@@ -17,6 +17,7 @@ from transformers import (
     BertConfig,
     Dinov2Config,
     DistilBertConfig,
+    Gemma3TextConfig,
     GPT2Config,
     LlamaConfig,
     PretrainedConfig,
@@ -41,8 +42,12 @@ MINILM_PAD_ID = 0
 MINILM_CLS_ID = 101
 MINILM_SEP_ID = 102
 
-TINY_FAMILIES = ("bert", "roberta", "distilbert", "llama", "gpt2", "vit", "dinov2")
+TINY_FAMILIES = ("bert", "roberta", "distilbert", "llama", "gemma3", "gpt2", "vit", "dinov2")
 TINY_DINOV2_PATCH = 14  # as dinov2-small, so that task.image_size means the same for both
+# tiny-gemma3: sliding-window layers 0 and 2 (window 16 tokens, rotary base 10,000) and
+# global layers 1 and 3 (rotary base 1,000,000), as Gemma 3 alternates them (5:1 there).
+TINY_GEMMA3_WINDOW = 16
+TINY_GEMMA3_LAYER_TYPES = ["sliding_attention", "full_attention"] * (TINY_LAYERS // 2)
 
 
 class _CommonText(TypedDict):
@@ -106,6 +111,28 @@ def tiny_config(
             num_key_value_heads=TINY_HEADS // 2,
             intermediate_size=TINY_FFN,
             max_position_embeddings=TINY_MAX_POSITIONS,
+            tie_word_embeddings=True,
+        )
+    if family == "gemma3":
+        head_dim = TINY_HIDDEN // TINY_HEADS
+        return Gemma3TextConfig(
+            **common_text,
+            bos_token_id=bos_token_id,
+            eos_token_id=eos_token_id,
+            hidden_size=TINY_HIDDEN,
+            num_hidden_layers=TINY_LAYERS,
+            num_attention_heads=TINY_HEADS,
+            num_key_value_heads=TINY_HEADS // 2,
+            head_dim=head_dim,
+            query_pre_attn_scalar=head_dim,
+            intermediate_size=TINY_FFN,
+            max_position_embeddings=TINY_MAX_POSITIONS,
+            sliding_window=TINY_GEMMA3_WINDOW,
+            layer_types=list(TINY_GEMMA3_LAYER_TYPES),
+            rope_parameters={
+                "full_attention": {"rope_type": "default", "rope_theta": 1_000_000.0},
+                "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
+            },
             tie_word_embeddings=True,
         )
     if family == "gpt2":

