@@ -80,7 +80,20 @@ def verdict(diff: dict[str, Any]) -> str:
     fedlora: within 2 points?"""
     wide = diff.get("wider_interval")
     if "mean" not in diff or wide is None:
-        return "not decided yet (fewer than 2 finished seeds)"
+        return "not decided yet (no seed finished by both arms)"
+    seeds = len(diff.get("seeds", []))
+    decided = _decide(diff, wide)
+    return (
+        decided
+        if seeds >= SEEDS_NEEDED
+        else f"provisional ({seeds} of {SEEDS_NEEDED} seeds): {decided}"
+    )
+
+
+SEEDS_NEEDED = 3  # the issue's bar: a verdict stands on 3 seeds
+
+
+def _decide(diff: dict[str, Any], wide: dict[str, float]) -> str:
     lo, hi, mean = 100 * wide["low"], 100 * wide["high"], 100 * diff["mean"]
     width = hi - lo
     if diff["b"].startswith("layer_drop"):
