@@ -88,6 +88,7 @@ def test_cotune_memory_on_jemalloc_restarts_and_reports_its_counters(tmp_path: P
         cwd=ROOT, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
+    assert "allocator: jemalloc" in done.stdout
     summary = json.loads((out / "summary.json").read_text())
     assert summary["allocator"] == "jemalloc"
     b = summary["memory_breakdown"]  # jemalloc's counters: the heap parts are measured

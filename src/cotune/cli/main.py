@@ -247,6 +247,9 @@ def cmd_memory(args: argparse.Namespace) -> int:
     ensure_process_allocator(memory_config(args.config, args.set, args.steps))
     path, breakdown = measure_memory(args.config, args.set, steps=args.steps, out=args.out)
     print(format_breakdown(breakdown))
+    from cotune.report import read_summary
+
+    print(f"allocator: {read_summary(path).get('allocator', 'unknown')} (memory.allocator)")
     print(f"run folder: {path}")
     return 0
 
