@@ -18,8 +18,8 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import Dataset
 
+from cotune.data.encode import EncodedDataset
 from cotune.data.task import Example
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -49,34 +49,15 @@ def resize(pixels: np.ndarray, size: int) -> np.ndarray:
     return array[None] if array.ndim == 2 else np.ascontiguousarray(array.transpose(2, 0, 1))
 
 
-class ImageDataset(Dataset):
-    """Resized images: item i is {"pixels": uint8 tensor [C, H, W], "labels": int}."""
-
-    def __init__(self, items: list[dict[str, Any]]):
-        self.items = items
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        return self.items[i]
-
-    @property
-    def labels(self) -> list[int | float]:
-        return [item["labels"] for item in self.items]
-
-    def subset(self, indices: Sequence[int]) -> ImageDataset:
-        return ImageDataset([self.items[i] for i in indices])
-
-
-def encode_images(examples: Sequence[Example], size: int) -> ImageDataset:
-    """Each example's image resized once to `size` x `size` (uint8)."""
+def encode_images(examples: Sequence[Example], size: int) -> EncodedDataset:
+    """Each example's image resized once to `size` x `size` (uint8): item i is
+    {"pixels": uint8 tensor [C, H, W], "labels": int}."""
     items: list[dict[str, Any]] = []
     for ex in examples:
         if not isinstance(ex, ImageExample):
             raise TypeError(f"an image task's examples are ImageExamples, not {type(ex).__name__}")
         items.append({"pixels": torch.from_numpy(resize(ex.pixels, size)), "labels": int(ex.label)})
-    return ImageDataset(items)
+    return EncodedDataset(items)
 
 
 class ImageCollator:

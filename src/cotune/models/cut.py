@@ -480,14 +480,11 @@ class _Vit(_Family):
         return m["dropout"](m["fc2"](m["act"](u)))
 
 
-class _Dinov2(_Family):
-    """DINOv2: pre-norm layers with layer scale; position embeddings interpolated to the
-    image's patch grid inside the embeddings."""
+class _Dinov2(_Vit):
+    """DINOv2: ViT's embeddings and final layernorm; pre-norm layers with layer scale,
+    position embeddings interpolated to the image's patch grid inside the embeddings."""
 
     name = "dinov2"
-
-    def embed_modules(self, backbone: HFModule) -> dict[str, nn.Module]:
-        return {"embeddings": backbone.embeddings}
 
     def embed(self, m: nn.ModuleDict, inputs: dict[str, Tensor | None]) -> Tensor:
         pixels = inputs["pixel_values"]
@@ -497,12 +494,6 @@ class _Dinov2(_Family):
 
     def layers(self, backbone: HFModule) -> nn.ModuleList:
         return backbone.encoder.layer
-
-    def final_modules(self, backbone: HFModule) -> dict[str, nn.Module]:
-        return {"layernorm": backbone.layernorm}
-
-    def final(self, m: nn.ModuleDict, hidden: Tensor) -> Tensor:
-        return m["layernorm"](hidden)
 
     def sft_device_modules(self, layer: HFModule) -> dict[str, nn.Module]:
         return {

@@ -29,7 +29,7 @@ from cotune.config import Config
 from cotune.config.schema import ModelConfig
 from cotune.data import Example, Task, encode, make_loader
 from cotune.data.encode import EncodedDataset
-from cotune.data.images import ImageCollator, ImageDataset, encode_images
+from cotune.data.images import ImageCollator, encode_images
 from cotune.data.pairs import PairDataset, encode_pairs, pair_loader
 from cotune.data.qa_features import encode_qa
 from cotune.data.squad import QAExample
@@ -46,7 +46,7 @@ from cotune.training.evaluation import (
 )
 from cotune.training.qa_evaluation import QASplit, evaluate_qa
 
-Encoded = EncodedDataset | PairDataset | ImageDataset  # tokenised (resized) once, unpadded
+Encoded = EncodedDataset | PairDataset  # tokenised (resized) once, unpadded
 
 
 @dataclass
