@@ -171,19 +171,19 @@ def tune_allocator(allocator: Allocator) -> str:
     if _applied:
         return _applied[0]
     libc = _libc()
+    in_env = any(k in os.environ for k in _ENV)
+    if allocator == "jemalloc" and not running_jemalloc():
+        if libc is not None and not in_env:
+            warnings.warn(
+                'memory.allocator = "jemalloc" takes effect when a process starts on it (the '
+                "cotune command restarts itself so); this process keeps glibc with the "
+                '"release" settings',
+                stacklevel=2,
+            )
+        allocator = "release"
     if running_jemalloc():
         state = "jemalloc"
-    elif allocator == "jemalloc" and libc is not None and not any(k in os.environ for k in _ENV):
-        warnings.warn(
-            'memory.allocator = "jemalloc" takes effect when a process starts on it (the '
-            "cotune command restarts itself so); this process keeps glibc with the "
-            '"release" settings',
-            stacklevel=2,
-        )
-        ok = libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1
-        ok = libc.mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD) == 1 and ok
-        state = "release" if ok else "unavailable"
-    elif any(k in os.environ for k in _ENV):
+    elif in_env:
         state = "environment"
     elif libc is None:
         state = "unavailable"
