@@ -19,6 +19,7 @@ points of fedlora on the FM. Each fedpft run also logs its proxy's per-layer gap
 FM before and after alignment (the alignment ablation), summarised here.
 
     nice .venv/bin/python benchmarks/fedpft.py --task qnli --parallel 2     # runs, resumable
+    # the pair that decides the claim first: --only fedpft-iid,layer_drop-iid
     .venv/bin/python benchmarks/fedpft.py --task qnli --summary-only         # JSON + table
 
 Writes benchmarks/results/fedpft/<task>.json (+ .md); runs under
@@ -181,11 +182,23 @@ def main() -> None:
     p.add_argument("--parallel", type=int, default=2)
     p.add_argument("--summary-only", action="store_true", help="only summarise finished runs")
     p.add_argument("--out", type=Path, default=OUT)
+    p.add_argument(
+        "--only",
+        default="",
+        help="run only these arms (comma-separated, e.g. fedpft-iid,layer_drop-iid); "
+        "the summary still covers every arm",
+    )
     args = p.parse_args()
     os.chdir(ROOT)  # the configs' data paths are relative to the repository
     comp = comparison(args.task)
     runs = args.out / comp.name
-    failed = [] if args.summary_only else run(comp, runs, args.parallel)
+    only = {a for a in args.only.split(",") if a}
+    unknown = only - {arm.name for arm in comp.arms}
+    if unknown:
+        p.error(f"unknown arm(s) {sorted(unknown)}; valid: {[a.name for a in comp.arms]}")
+    todo = Comparison(comp.name, [a for a in comp.arms if not only or a.name in only],
+                      comp.pairs, comp.seeds)  # fmt: skip
+    failed = [] if args.summary_only else run(todo, runs, args.parallel)
     data = summarise(comp, runs)
     for d in data["differences"]:
         d["verdict"] = verdict(d)
