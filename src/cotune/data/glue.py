@@ -271,16 +271,7 @@ def load_folder(
 
 def _hub_unavailable() -> str | None:
     """Why the HF hub cannot be used here, or None if it can."""
-    try:
-        import datasets  # noqa: F401
-    except ImportError:
-        return "the `datasets` package is not installed"
-    var = hub.offline_by_env("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
-    if var is not None:
-        return f"{var} is set"
-    if not hub.reachable():
-        return "huggingface.co cannot be reached"
-    return None
+    return hub.datasets_unavailable()
 
 
 def load_hub(spec: GlueSpec, require_train: bool) -> tuple[list[Example], dict[str, list[Example]]]:

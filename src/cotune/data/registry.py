@@ -5,7 +5,7 @@ from __future__ import annotations
 import difflib
 
 from cotune.config.schema import TaskConfig
-from cotune.data import bbc, e2e, fashion_mnist, image_folder, squad
+from cotune.data import bbc, e2e, fashion_mnist, image_folder, squad, table, text_folder
 from cotune.data.glue import GLUE_SPECS, GlueSpec, load_folder, load_hub
 from cotune.data.sampling import stratified_split, subsample
 from cotune.data.task import Example, Task
@@ -15,10 +15,10 @@ GLUE_SOURCE = "task.data_dir (folder in GLUE TSV layout) or HF hub nyu-mll/glue 
 
 
 def task_names() -> list[str]:
-    """Canonical names of every task `load_task` knows."""
+    """Canonical names of every task `load_task` knows (besides `hf:<id>`)."""
     return [
         bbc.NAME, *(spec.name for spec in GLUE_SPECS.values()), e2e.NAME, squad.NAME,
-        fashion_mnist.NAME, image_folder.NAME,
+        text_folder.NAME, *table.FILE_TASKS, fashion_mnist.NAME, image_folder.NAME,
     ]  # fmt: skip
 
 
@@ -37,10 +37,16 @@ _ALIASES["e2e"] = _ALIASES["e2enlg"] = e2e.NAME
 _ALIASES["squad"] = _ALIASES["squad11"] = _ALIASES["squadv11"] = squad.NAME
 _ALIASES["fashionmnist"] = _ALIASES["fmnist"] = fashion_mnist.NAME
 _ALIASES["imagefolder"] = _ALIASES["images"] = image_folder.NAME
+_ALIASES["textfolder"] = text_folder.NAME
+_ALIASES["csv"] = _ALIASES["tsv"] = "csv"
+_ALIASES["json"] = _ALIASES["jsonl"] = _ALIASES["jsonlines"] = "json"
 
 
 def canonical_name(name: str) -> str:
-    """The canonical task name for `name` (case-insensitive, aliases such as "sst-2")."""
+    """The canonical task name for `name` (case-insensitive, aliases such as "sst-2");
+    `hf:<id>` stays as given (the id is case-sensitive)."""
+    if name.strip().lower().startswith(table.HF_PREFIX):
+        return table.HF_PREFIX + name.strip()[len(table.HF_PREFIX) :].strip()
     found = _ALIASES.get(_squash(name))
     if found is not None:
         return found
@@ -49,7 +55,8 @@ def canonical_name(name: str) -> str:
     hint = f" Did you mean {close[0]!r}?" if close else ""
     raise ConfigError(
         f"task.name {name!r} is not a known task. Valid names: {', '.join(valid)} "
-        f"(case-insensitive; aliases such as 'sst2' or 'glue/sst-2' also work).{hint}"
+        f", or hf:<id> for a datasets data set (case-insensitive; aliases such as 'sst2' or "
+        f"'glue/sst-2' also work).{hint}"
     )
 
 
@@ -65,6 +72,12 @@ def load_task(cfg: TaskConfig, seed: int, *, require_train: bool = True) -> Task
     ../shared/data/glue/QNLI) loads for evaluation only, with an empty `train`.
     """
     name = canonical_name(cfg.name)
+    if name.startswith(table.HF_PREFIX):
+        return table.load_hf_task(name, cfg, seed)
+    if name in table.FILE_TASKS:
+        return table.load_file_task(name, cfg, seed)
+    if name == text_folder.NAME:
+        return text_folder.load_text_folder(cfg, seed)
     if name == bbc.NAME:
         return bbc.load_bbc(
             cfg.data_dir, seed, cfg.test_fraction, cfg.max_train_examples, cfg.max_eval_examples
@@ -113,6 +126,14 @@ def load_task(cfg: TaskConfig, seed: int, *, require_train: bool = True) -> Task
         metrics=dict(spec.metrics),
         source=source,
     )
+
+
+def check_task_data(cfg: TaskConfig, seed: int) -> None:
+    """Read a user's own data files (`csv`, `json`, `text-folder`) once before a run
+    starts, so that malformed input stops it before anything is written; a `DataError`
+    names the file and line. Other tasks are checked when their method loads them."""
+    if canonical_name(cfg.name) in (*table.FILE_TASKS, text_folder.NAME):
+        load_task(cfg, seed)
 
 
 SPLIT_EVAL_SEED = 0  # the same held-out examples for every run seed (paired comparisons)
@@ -173,6 +194,23 @@ def list_tasks() -> list[dict]:
             "source": squad.SOURCE,
         }
     )
+    rows.append(
+        {
+            "name": text_folder.NAME,
+            "kind": "classification",
+            "metrics": ["accuracy", "f1"],
+            "source": text_folder.SOURCE,
+        }
+    )
+    for kind in table.FILE_TASKS:
+        rows.append(
+            {
+                "name": kind,
+                "kind": "classification | regression | generation (task.problem)",
+                "metrics": ["accuracy", "f1", "pearson", "spearman", "bleu", "..."],
+                "source": table.SOURCE[kind],
+            }
+        )
     for module in (fashion_mnist, image_folder):
         rows.append(
             {
@@ -185,9 +223,12 @@ def list_tasks() -> list[dict]:
     return rows
 
 
-def task_kind(name: str) -> str:
+def task_kind(name: str, cfg: TaskConfig | None = None) -> str:
     """The kind of task `name` ("classification", "regression", "generation", "qa",
-    "image-classification") without
-    loading it; a `ConfigError` for an unknown name (like `load_task`)."""
+    "image-classification") without loading it; a `ConfigError` for an unknown name
+    (like `load_task`). The kind of a `csv` / `json` / `hf:<id>` task is its config's
+    `task.problem` (classification when `cfg` is not given)."""
     canonical = canonical_name(name)
+    if canonical in table.FILE_TASKS or canonical.startswith(table.HF_PREFIX):
+        return table.problem_of(cfg) if cfg is not None else "classification"
     return next(row["kind"] for row in list_tasks() if canonical_name(row["name"]) == canonical)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -65,3 +66,24 @@ class Task:
     def train_labels(self) -> list[int | float]:
         """The train labels in order (what the partitioners take)."""
         return [ex.label for ex in self.train]
+
+
+@dataclass
+class GenerationTask(Task):
+    """A text generation task: `train` holds (prompt, target) pairs as `Example(text_a,
+    text_b)`; each eval split holds one `Example(prompt)` per input, and `references`
+    the reference texts of each, in the same order."""
+
+    references: dict[str, list[list[str]]] = field(default_factory=dict)
+
+    def compute_metrics(  # type: ignore[override]
+        self, split: str, preds: Sequence[str], labels: np.ndarray | None = None
+    ) -> dict[str, float]:
+        """The E2E NLG metrics (BLEU, NIST, METEOR, ROUGE-L, CIDEr) of generated texts
+        `preds` (one per input of `split`) against all references of each."""
+        from cotune.data.e2e_metrics import e2e_scores
+
+        refs = self.references[split]
+        if len(preds) != len(refs):
+            raise ValueError(f"{len(preds)} outputs for {len(refs)} inputs of split {split!r}")
+        return e2e_scores(list(preds), refs)

@@ -242,7 +242,7 @@ def reject_task_kind(cfg: Config, kinds: tuple[str, ...], alternatives: str) -> 
     from cotune.errors import ConfigError
 
     try:
-        kind = task_kind(cfg.task.name)
+        kind = task_kind(cfg.task.name, cfg.task)
     except ConfigError:
         return
     if kind in kinds:

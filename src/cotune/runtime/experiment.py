@@ -17,6 +17,7 @@ from typing import Any
 from safetensors.torch import save_file
 
 from cotune.config import Config, load_config, to_toml
+from cotune.data.registry import check_task_data
 from cotune.errors import ConfigError
 from cotune.memory import mark_rest, tune_allocator
 from cotune.methods import (
@@ -80,6 +81,7 @@ def run_experiment(cfg: Config, out: str | Path | None = None, resume: bool = Fa
             f"method {cfg.method!r} cannot resume a run; resumable methods: "
             f"{', '.join(resumable_methods())}. Start it again without --resume."
         )
+    check_task_data(cfg.task, cfg.seed)  # the user's own files: bad rows stop it here
     run = RunFolder(out if out is not None else default_run_dir(cfg.name))
     if not resume:
         run.start_fresh()

@@ -43,7 +43,7 @@ def configure(cfg: Config) -> None:
         )
     if cfg.model.lora is None:
         raise ConfigError("splitfed trains LoRA adapters: give model.lora (e.g. { r = 4 })")
-    kind = task_kind(cfg.task.name)
+    kind = task_kind(cfg.task.name, cfg.task)
     if kind != "generation":
         raise ConfigError(
             f"splitfed fine-tunes causal LMs on generation tasks (e.g. task.name = 'e2e'), "
