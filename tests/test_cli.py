@@ -58,6 +58,15 @@ def test_run_tiny_model_writes_contract_folder(tmp_path, capsys) -> None:
         assert (out / name).is_file(), name
     summary = json.loads((out / "summary.json").read_text())
     assert summary["method"] == "centralized" and summary["task"] == "glue/sst2"
+    from importlib.metadata import version
+
+    assert summary["versions"]["transformers"] == version("transformers")
+    assert set(summary["versions"]) == {"python", "cotune", "torch", "transformers", "peft", "flwr"}
+    repo = Path(__file__).resolve().parent.parent
+    if (repo / ".git").exists():  # a checkout (CI's clean clone is one)
+        head = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"],
+                              capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip
+        assert summary["git_commit"] == head and isinstance(summary["git_dirty"], bool)
     assert 0.0 <= summary["metrics"]["accuracy"] <= 1.0
     assert summary["comm"] == {"bytes_up": 0, "bytes_down": 0}
     assert summary["steps"] == 6
@@ -123,3 +132,14 @@ def test_models_and_tasks_listings(capsys) -> None:
     assert code == 0 and "minilm" in out and "smollm2-135m" in out and "tiny-bert" in out
     code, out, _ = _run(["tasks"], capsys)
     assert code == 0 and "bbc-news" in out and "glue/cola" in out and "mcc" in out
+
+
+def test_version_names_the_libraries(capsys) -> None:  # type: ignore[no-untyped-def]
+    from importlib.metadata import version
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("cotune 0.1.0 (python ")
+    assert f"torch {version('torch')}" in out and f"flwr {version('flwr')}" in out

@@ -261,11 +261,32 @@ MAX_MEMORY_HELP = (
 )
 
 
+def version_line() -> str:
+    """`cotune --version`: cotune's version, the libraries it runs with, its git commit."""
+    from cotune.report.provenance import git_commit, versions
+
+    v = versions()
+    libs = ", ".join(f"{k} {v[k] or 'absent'}" for k in ("torch", "transformers", "peft", "flwr"))
+    git = git_commit()
+    at = f", git {git['commit'][:12]}{' (modified)' if git['dirty'] else ''}" if git else ""
+    return f"cotune {v['cotune']} (python {v['python']}, {libs}{at})"
+
+
+class _Version(argparse.Action):
+    def __call__(self, parser, namespace, values, option_string=None):  # type: ignore[no-untyped-def]
+        print(version_line())
+        parser.exit()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="cotune",
         description="Fine-tune foundation models across weak devices and a cloud.",
     )
+    parser.add_argument(
+        "--version", action=_Version, nargs=0,
+        help="print cotune's version, the library versions it runs with and its git commit",
+    )  # fmt: skip
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("run", help="run an experiment from a TOML config")

@@ -30,6 +30,7 @@ from cotune.methods import (
     resolve,
 )
 from cotune.report import RunFolder, default_run_dir, finish_run
+from cotune.report.provenance import provenance
 from cotune.runtime.launcher import offline_env
 from cotune.runtime.memory_cap import apply_memory_cap
 
@@ -110,6 +111,7 @@ def run_experiment(cfg: Config, out: str | Path | None = None, resume: bool = Fa
         "name": cfg.name,
         "method_kind": spec.kind,
         "allocator": allocator,  # what this process ran on (memory.allocator, as applied)
+        **provenance(),  # versions (python, torch, transformers, peft, flwr, cotune), git_commit
         **result.extra,
     }
     run.write_summary(summary)
