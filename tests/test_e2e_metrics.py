@@ -104,3 +104,18 @@ def test_bad_inputs_are_refused() -> None:
         e2e_scores(["a"], [["a"]], ["bleurt"])
     with pytest.raises(ValueError, match="one hypothesis per input"):
         e2e_scores(["a", "b"], [["a"]], ["bleu"])
+
+
+def test_missing_metric_package_is_named_with_its_extra(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    import importlib.util
+
+    from cotune.data.e2e_metrics import check_metric_packages
+    from cotune.errors import UserError
+
+    check_metric_packages()  # the dev install has them all
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "nltk" else real(name, *a))  # fmt: skip
+    check_metric_packages(["bleu", "cider"])  # nltk is only NIST's
+    with pytest.raises(UserError, match=r"nltk is not installed: pip install 'cotune\[gen\]'"):
+        check_metric_packages(["bleu", "nist"])

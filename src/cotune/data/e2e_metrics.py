@@ -28,6 +28,30 @@ _meteor_lock = threading.Lock()
 _meteor: Any = None
 
 
+# the `gen` extra: metric -> the package that computes it
+METRIC_PACKAGES = {"bleu": "sacrebleu", "nist": "nltk", "meteor": "pycocoevalcap",
+                   "rouge_l": "pycocoevalcap", "cider": "pycocoevalcap"}  # fmt: skip
+
+
+def check_metric_packages(metrics: Sequence[str] = METRICS) -> None:
+    """A `UserError` naming the missing packages (and the extra that brings them) when
+    one of `metrics` cannot be computed here; checked before a generation run trains."""
+    import importlib.util
+
+    missing = sorted(
+        {METRIC_PACKAGES[m] for m in metrics if m in METRIC_PACKAGES}
+        - {p for p in set(METRIC_PACKAGES.values()) if importlib.util.find_spec(p) is not None}
+    )
+    if missing:
+        from cotune.errors import UserError
+
+        raise UserError(
+            f"generation tasks are scored with {', '.join(sorted(set(METRIC_PACKAGES.values())))}; "
+            f"{', '.join(missing)} {'is' if len(missing) == 1 else 'are'} not installed: "
+            "pip install 'cotune[gen]' (make setup installs it)"
+        )
+
+
 def _check_java(metric: str) -> None:
     if shutil.which("java") is None:
         from cotune.errors import UserError

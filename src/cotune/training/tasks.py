@@ -150,6 +150,9 @@ class GenerationAdapter:
     """Prompt -> completion with a causal LM; scored by beam search."""
 
     def __init__(self, task: Task, cfg: Config) -> None:
+        from cotune.data.e2e_metrics import check_metric_packages
+
+        check_metric_packages(cfg.generation.metrics)  # before training, not after it
         self.task = task
         self.cfg = cfg
 

@@ -18,7 +18,7 @@ HERE = Path(__file__).resolve().parent
 
 
 def main() -> int:
-    from grpc_tools import protoc  # grpcio-tools, a dependency of cotune
+    from grpc_tools import protoc  # grpcio-tools, in the dev extra (pip install -e ".[dev]")
 
     code = protoc.main(
         [
