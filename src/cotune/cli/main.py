@@ -5,11 +5,15 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import warnings
 from collections.abc import Sequence
 
 from cotune.errors import UserError
+
+# cotune.training.loop.PROGRESS_ENV (not imported here: `cotune --help` stays torch-free)
+QUIET_ENV = "COTUNE_PROGRESS"
 
 EXIT_USAGE = 2
 
@@ -263,7 +267,7 @@ MAX_MEMORY_HELP = (
 
 def version_line() -> str:
     """`cotune --version`: cotune's version, the libraries it runs with, its git commit."""
-    from cotune.report.provenance import git_commit, versions
+    from cotune.runtime.provenance import git_commit, versions
 
     v = versions()
     libs = ", ".join(f"{k} {v[k] or 'absent'}" for k in ("torch", "transformers", "peft", "flwr"))
@@ -273,7 +277,13 @@ def version_line() -> str:
 
 
 class _Version(argparse.Action):
-    def __call__(self, parser, namespace, values, option_string=None):  # type: ignore[no-untyped-def]
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: object,
+        option_string: str | None = None,
+    ) -> None:
         print(version_line())
         parser.exit()
 
@@ -286,6 +296,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--version", action=_Version, nargs=0,
         help="print cotune's version, the library versions it runs with and its git commit",
+    )  # fmt: skip
+    parser.add_argument(
+        "--quiet", action="store_true",
+        help="no step bars and no line per evaluation or round (for scripts; errors still print)",
     )  # fmt: skip
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -428,6 +442,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="cotune: %(levelname)s: %(message)s")
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.quiet:  # child processes (devices, cloud, Flower) inherit it
+        os.environ[QUIET_ENV] = "0"
     try:
         return int(args.func(args) or 0)
     except UserError as err:

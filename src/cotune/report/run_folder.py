@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -51,8 +52,11 @@ def _clean(value: Any) -> Any:
 class RunFolder:
     """Writes one run's files. Methods see it only as a recorder (`log_eval`, `log_train`)."""
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(
+        self, path: str | Path, echo: Callable[[dict[str, Any]], None] | None = None
+    ) -> None:
         self.path = Path(path)
+        self.echo = echo  # called with each evaluation record (progress lines)
         self.path.mkdir(parents=True, exist_ok=True)
         self.metrics_path = self.path / "metrics.jsonl"
         self.train_path = self.path / "train.jsonl"
@@ -78,6 +82,8 @@ class RunFolder:
         if missing or not ({"step", "round"} & set(record)):
             raise ValueError(f"eval record lacks {sorted(missing) or ['step or round']}")
         self._append(self.metrics_path, record)
+        if self.echo is not None:
+            self.echo(record)
 
     def log_train(self, record: dict[str, Any]) -> None:
         """Training progress (step, loss, lr, ...), denser than evaluations."""

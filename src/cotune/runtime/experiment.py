@@ -29,10 +29,10 @@ from cotune.methods import (
     method_names,
     resolve,
 )
-from cotune.report import RunFolder, default_run_dir, finish_run
-from cotune.report.provenance import provenance
+from cotune.report import RunFolder, default_run_dir, finish_run, progress
 from cotune.runtime.launcher import offline_env
 from cotune.runtime.memory_cap import apply_memory_cap
+from cotune.runtime.provenance import provenance
 
 
 def load_experiment(path: str | Path | None, overrides: list[str] | None = None) -> Config:
@@ -83,7 +83,10 @@ def run_experiment(cfg: Config, out: str | Path | None = None, resume: bool = Fa
             f"{', '.join(resumable_methods())}. Start it again without --resume."
         )
     check_task_data(cfg.task, cfg.seed)  # the user's own files: bad rows stop it here
-    run = RunFolder(out if out is not None else default_run_dir(cfg.name))
+    run = RunFolder(
+        out if out is not None else default_run_dir(cfg.name),
+        echo=progress.echo(cfg.train.steps),  # federated rounds: the server's own folder
+    )
     if not resume:
         run.start_fresh()
     run.write_config(to_toml(cfg))

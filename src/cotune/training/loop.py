@@ -9,6 +9,7 @@ RSS, shows progress, and calls `on_step` after each step; `Checkpoints` is the c
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager, nullcontext
@@ -29,6 +30,14 @@ from cotune.memory.measure import (
     breakdown,
     model_state_bytes,
 )
+
+PROGRESS_ENV = "COTUNE_PROGRESS"  # "0": no step bars, no evaluation lines (--quiet)
+
+
+def progress_enabled() -> bool:
+    """False when `--quiet` (environment COTUNE_PROGRESS=0, inherited by child
+    processes) asked for silence."""
+    return os.environ.get(PROGRESS_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
 
 
 def autocast(precision: str) -> AbstractContextManager[object]:
@@ -224,7 +233,7 @@ def fit(
         release_free_memory()
     bar = tqdm(
         total=n_steps, initial=done(), desc=progress, unit="step",
-        disable=None if progress else True, leave=False,
+        disable=None if progress and progress_enabled() else True, leave=True,
     )  # fmt: skip
     while done() < n_steps:
         batch = next(batches)

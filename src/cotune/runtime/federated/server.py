@@ -27,7 +27,7 @@ from cotune.methods import ServerHook, resolve
 from cotune.methods.federated.global_model import GlobalModel
 from cotune.methods.registry import federated_spec
 from cotune.models.base_dtype import weight_bytes
-from cotune.report import RunFolder
+from cotune.report import RunFolder, progress
 from cotune.runtime.federated.checkpoint import ServerCheckpoint, load_checkpoint, save_checkpoint
 from cotune.runtime.federated.grid import CountingGrid
 from cotune.runtime.federated.keys import (
@@ -141,7 +141,7 @@ class FederatedServer:
     def __init__(self, options: ServerOptions) -> None:
         self.options = options
         self.cfg = config_from_text((options.run_dir / "config.toml").read_text())
-        self.run = RunFolder(options.run_dir)
+        self.run = RunFolder(options.run_dir, echo=progress.echo(self.cfg.federated.rounds))
 
     def run_rounds(self, grid: Grid) -> dict[str, Any]:
         t_start = time.perf_counter()
