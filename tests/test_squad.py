@@ -1,5 +1,6 @@
 """SQuAD v1.1: the official metrics, the by-article split, validation, context
-windows, span post-processing, and tiny-bert QA runs (centralized, fedlora)."""
+windows, span post-processing, the span loss, and tiny-bert QA runs (centralized,
+fedlora, fedavg)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 from helpers import write_squad
+from torch import nn
 
 from cotune.config import build_config
 from cotune.config.schema import TaskConfig
@@ -213,6 +215,28 @@ def test_span_model_loss_and_lora_head() -> None:
     out = model(input_ids=ids, attention_mask=torch.ones_like(ids),
                 labels=torch.tensor([[1, 2], [0, 0]]))  # fmt: skip
     assert out.start_logits.shape == (2, 9) and out.loss is not None and out.loss > 0
+
+
+def test_span_loss_leaves_padding_out() -> None:
+    from cotune.models.span import span_loss
+
+    g = torch.Generator().manual_seed(0)
+    start, end = torch.randn(2, 6, generator=g), torch.randn(2, 6, generator=g)
+    mask = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0]])
+    labels = torch.tensor([[2, 4], [0, 2]])
+    loss = span_loss(start, end, labels, mask)
+    # padded positions' logits do not count, whatever they are
+    noisy_start, noisy_end = start.clone(), end.clone()
+    noisy_start[1, 3:], noisy_end[1, 3:] = 50.0, -50.0
+    assert span_loss(noisy_start, noisy_end, labels, mask) == pytest.approx(float(loss))
+    assert span_loss(noisy_start, noisy_end, labels) != pytest.approx(float(loss))
+    # it is the cross-entropy over each row's real tokens
+    by_row = [
+        nn.functional.cross_entropy(x[row : row + 1, :n], labels[row : row + 1, k])
+        for k, x in enumerate((start, end))
+        for row, n in enumerate((6, 3))
+    ]
+    assert float(loss) == pytest.approx(float(sum(by_row)) / 4)
 
 
 # -------------------------------------------------------------------------- end to end
