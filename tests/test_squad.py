@@ -1,6 +1,6 @@
 """SQuAD v1.1: the official metrics, the by-article split, validation, context
 windows, span post-processing, the span loss, and tiny-bert QA runs (centralized,
-fedlora, fedavg)."""
+fedlora, fedavg, split)."""
 
 from __future__ import annotations
 
@@ -311,9 +311,41 @@ def test_fedavg_tiny_bert_trains_and_reports_squad_metrics(tmp_path: Path) -> No
     _check_run(out, 6)
 
 
-@pytest.mark.parametrize("method", ["split", "fedkd", "fedpft"])
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("link", "labels"),
+    [
+        ({"codec": "identity"}, "cloud"),
+        ({"codec": "int8"}, "cloud"),
+        ({"codec": "sft", "rank": 8}, "cloud"),
+        ({"codec": "sft", "rank": 8}, "device"),
+    ],
+)
+def test_split_tiny_bert_trains_and_reports_squad_metrics(
+    tmp_path: Path, link: dict, labels: str
+) -> None:
+    from cotune.runtime.experiment import run_experiment
+
+    data = write_squad(tmp_path / "squad", n_articles=8)
+    cfg = _run_cfg(data, "split", model={"name": "tiny-bert"}, link=link,
+                   split={"cut": 1, "labels": labels})  # fmt: skip
+    out = run_experiment(cfg, tmp_path / "run")  # type: ignore[arg-type]
+    _check_run(out, 6)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["link"]["codec"] == link["codec"] and summary["link"]["labels"] == labels
+    assert summary["comm"]["bytes_up"] > 0 and summary["comm"]["bytes_down"] > 0
+
+
+@pytest.mark.parametrize("method", ["fedkd", "fedpft"])
 def test_methods_without_qa_support_say_so(tmp_path: Path, method: str) -> None:
     from cotune.errors import ConfigError
 
     with pytest.raises(ConfigError, match=f"{method} does not support task kind qa yet"):
         _run_cfg(tmp_path, method)
+
+
+def test_splitfed_refuses_qa(tmp_path: Path) -> None:
+    from cotune.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="splitfed fine-tunes causal LMs on generation tasks"):
+        _run_cfg(tmp_path, "splitfed")
