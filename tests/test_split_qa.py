@@ -1,7 +1,8 @@
 """Extractive QA through `split`: the span head trains with every codec and both label
 placements, what crosses above the cut is one row per real token, evaluation through
 the split path is the QA adapter's own (the same answers and SQuAD scores as the uncut
-model), and the cloud refuses span labels that do not point at a row's real tokens.
+model), and the cloud refuses span labels that do not point at a row's real tokens; split
+refuses generation tasks with a config error.
 (Loss and gradient equality: test_split_equivalence.py.)"""
 
 from __future__ import annotations
@@ -171,3 +172,12 @@ def test_task_kinds_map_to_split_heads() -> None:
     assert problem_for("regression", 1) == ("regression", 1)
     with pytest.raises(ConfigError, match="split cannot train a task of kind 'generation'"):
         problem_for("generation", 0)
+
+
+def test_split_refuses_generation_tasks_with_a_config_error() -> None:
+    from cotune.config import build_config
+    from cotune.methods import resolve
+
+    cfg = build_config({"method": "split", "task": {"name": "e2e"}, "model": {"name": "tiny-gpt2"}})
+    with pytest.raises(ConfigError, match="split does not support task kind generation"):
+        resolve(cfg)
