@@ -61,6 +61,20 @@ def tiny_cfg(family: str = "bert", **sections: dict) -> Config:
     return build_config(data)
 
 
+def span_batch_for(
+    family: str, b: int = 3, length: int = 7, seed: int = 1
+) -> dict[str, torch.Tensor]:
+    """`batch_for`'s text batch (right padding of different lengths) with extractive QA
+    labels: a (start, end) pair of real token positions per row."""
+    batch = batch_for(family, b, length, seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    rows = []
+    for real in batch["attention_mask"].sum(dim=1).tolist():
+        start = int(torch.randint(0, real, (1,), generator=g))
+        rows.append([start, int(torch.randint(start, real, (1,), generator=g))])
+    return {**batch, "labels": torch.tensor(rows)}
+
+
 def batch_for(family: str, b: int = 3, length: int = 7, seed: int = 1) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     labels = torch.randint(0, 3, (b,), generator=g)
@@ -82,20 +96,32 @@ def batch_for(family: str, b: int = 3, length: int = 7, seed: int = 1) -> dict[s
 
 
 def make_device(
-    cfg: Config, transport: Transport, rng: RngStream | None = None, num_labels: int = 3
+    cfg: Config,
+    transport: Transport,
+    rng: RngStream | None = None,
+    num_labels: int = 3,
+    problem: str = "classification",
 ) -> SplitDevice:
-    split, codec = build_split(cfg, num_labels, "classification")
+    split, codec = build_split(cfg, num_labels, problem)
     return SplitDevice(
-        cfg, split, codec, transport, num_labels=num_labels, problem="classification", rng=rng
+        cfg, split, codec, transport, num_labels=num_labels, problem=problem, rng=rng
     )
 
 
 def inprocess_pair(
-    cfg: Config, *, rng: RngStream | None = None, tap: Tap | None = None, total_steps: int = 10
+    cfg: Config,
+    *,
+    rng: RngStream | None = None,
+    tap: Tap | None = None,
+    total_steps: int = 10,
+    problem: str = "classification",
 ) -> tuple[SplitDevice, SplitCloud, CloudEndpoint]:
+    """A connected device and cloud; `problem="span"` cuts a span extractor (QA)."""
     cloud = SplitCloud(cfg, rng=rng)
     endpoint = CloudEndpoint(cloud, TokenBook({0: TOKEN}))
-    device = make_device(cfg, InProcessTransport(endpoint, 0, TOKEN, tap=tap), rng=rng)
+    num_labels = 2 if problem == "span" else 3
+    transport = InProcessTransport(endpoint, 0, TOKEN, tap=tap)
+    device = make_device(cfg, transport, rng=rng, num_labels=num_labels, problem=problem)
     device.connect(total_steps)
     return device, cloud, endpoint
 

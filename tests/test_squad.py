@@ -1,5 +1,6 @@
 """SQuAD v1.1: the official metrics, the by-article split, validation, context
-windows, span post-processing, and tiny-bert QA runs (centralized, fedlora)."""
+windows, span post-processing, the span loss, and tiny-bert QA runs (centralized,
+fedlora, fedavg, split)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 from helpers import write_squad
+from torch import nn
 
 from cotune.config import build_config
 from cotune.config.schema import TaskConfig
@@ -215,6 +217,28 @@ def test_span_model_loss_and_lora_head() -> None:
     assert out.start_logits.shape == (2, 9) and out.loss is not None and out.loss > 0
 
 
+def test_span_loss_leaves_padding_out() -> None:
+    from cotune.models.span import span_loss
+
+    g = torch.Generator().manual_seed(0)
+    start, end = torch.randn(2, 6, generator=g), torch.randn(2, 6, generator=g)
+    mask = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0]])
+    labels = torch.tensor([[2, 4], [0, 2]])
+    loss = span_loss(start, end, labels, mask)
+    # padded positions' logits do not count, whatever they are
+    noisy_start, noisy_end = start.clone(), end.clone()
+    noisy_start[1, 3:], noisy_end[1, 3:] = 50.0, -50.0
+    assert span_loss(noisy_start, noisy_end, labels, mask) == pytest.approx(float(loss))
+    assert span_loss(noisy_start, noisy_end, labels) != pytest.approx(float(loss))
+    # it is the cross-entropy over each row's real tokens
+    by_row = [
+        nn.functional.cross_entropy(x[row : row + 1, :n], labels[row : row + 1, k])
+        for k, x in enumerate((start, end))
+        for row, n in enumerate((6, 3))
+    ]
+    assert float(loss) == pytest.approx(float(sum(by_row)) / 4)
+
+
 # -------------------------------------------------------------------------- end to end
 
 
@@ -287,9 +311,41 @@ def test_fedavg_tiny_bert_trains_and_reports_squad_metrics(tmp_path: Path) -> No
     _check_run(out, 6)
 
 
-@pytest.mark.parametrize("method", ["split", "fedkd", "fedpft"])
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("link", "labels"),
+    [
+        ({"codec": "identity"}, "cloud"),
+        ({"codec": "int8"}, "cloud"),
+        ({"codec": "sft", "rank": 8}, "cloud"),
+        ({"codec": "sft", "rank": 8}, "device"),
+    ],
+)
+def test_split_tiny_bert_trains_and_reports_squad_metrics(
+    tmp_path: Path, link: dict, labels: str
+) -> None:
+    from cotune.runtime.experiment import run_experiment
+
+    data = write_squad(tmp_path / "squad", n_articles=8)
+    cfg = _run_cfg(data, "split", model={"name": "tiny-bert"}, link=link,
+                   split={"cut": 1, "labels": labels})  # fmt: skip
+    out = run_experiment(cfg, tmp_path / "run")  # type: ignore[arg-type]
+    _check_run(out, 6)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["link"]["codec"] == link["codec"] and summary["link"]["labels"] == labels
+    assert summary["comm"]["bytes_up"] > 0 and summary["comm"]["bytes_down"] > 0
+
+
+@pytest.mark.parametrize("method", ["fedkd", "fedpft"])
 def test_methods_without_qa_support_say_so(tmp_path: Path, method: str) -> None:
     from cotune.errors import ConfigError
 
     with pytest.raises(ConfigError, match=f"{method} does not support task kind qa yet"):
         _run_cfg(tmp_path, method)
+
+
+def test_splitfed_refuses_qa(tmp_path: Path) -> None:
+    from cotune.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="splitfed fine-tunes causal LMs on generation tasks"):
+        _run_cfg(tmp_path, "splitfed")

@@ -8,10 +8,13 @@ model's own submodules (no copies, no re-implementation of the layers):
   leave it. `device(**inputs)` returns the activations at the cut ([B, L, width]) and
   the padding mask ([B, L], None for images).
 - `cloud`: layers `>= cut`, the final norm and the pooling; `cloud(hidden, mask)`
-  returns pooled features [B, hidden].
-- `head`: dropout + linear head + loss (`SequenceClassifier.classify`). It runs on the
-  cloud with `labels="cloud"`, on the device with `labels="device"` (U-shaped: labels
-  never leave the device; pooled features come down, their gradient goes up).
+  returns pooled features [B, hidden] (a `SpanExtractor`'s cloud does not pool: it
+  returns the hidden states of every token, [B, L, hidden]).
+- `head`: dropout + linear head + loss (`SequenceClassifier.classify`; a
+  `SpanExtractor`'s `span`, start/end logits per token). `head(features, labels, mask)`
+  runs on the cloud with `labels="cloud"`, on the device with `labels="device"`
+  (U-shaped: labels never leave the device; the cloud's output comes down, its gradient
+  goes up).
 
 Each side rebuilds what the layers need from the mask it has (attention masks through
 transformers' own `create_*_mask`, Llama's rotary embeddings, position ids), so running
@@ -50,6 +53,7 @@ from cotune.errors import ModelError
 from cotune.models.base_dtype import FrozenLinear
 from cotune.models.classifier import SequenceClassifier
 from cotune.models.lora import unwrap
+from cotune.models.span import SpanExtractor, SpanOutput
 
 
 @functools.cache
@@ -677,6 +681,14 @@ class CloudSegment(nn.Module):
         return self.pool(self.hidden_states(hidden, mask), mask)
 
 
+class TokenCloudSegment(CloudSegment):
+    """Layers `>= cut` and the final norm, without pooling: the hidden states of every
+    token [B, L, hidden] (span extractors, causal LMs)."""
+
+    def forward(self, hidden: Tensor, mask: Tensor | None) -> Tensor:
+        return self.hidden_states(hidden, mask)
+
+
 class HeadSegment(nn.Module):
     """Dropout, the linear head and the loss: `SequenceClassifier.classify`, unchanged."""
 
@@ -691,8 +703,28 @@ class HeadSegment(nn.Module):
     classify = SequenceClassifier.classify
     loss = SequenceClassifier.loss
 
-    def forward(self, pooled: Tensor, labels: Tensor | None = None) -> Any:
+    def forward(
+        self, pooled: Tensor, labels: Tensor | None = None, mask: Tensor | None = None
+    ) -> Any:
+        """`mask` is unused: pooled features have no padding."""
         return self.classify(pooled, labels)
+
+
+class SpanHeadSegment(nn.Module):
+    """Dropout, the linear head (hidden -> start, end) and the span loss on every token:
+    `SpanExtractor.span`, unchanged."""
+
+    def __init__(self, model: SpanExtractor) -> None:
+        super().__init__()
+        self.dropout = model.dropout
+        self.head = model.head
+
+    span = SpanExtractor.span
+
+    def forward(
+        self, hidden: Tensor, labels: Tensor | None = None, mask: Tensor | None = None
+    ) -> SpanOutput:
+        return self.span(hidden, labels, mask)
 
 
 @dataclass
@@ -701,10 +733,10 @@ class SplitClassifier:
 
     device: DeviceSegment
     cloud: CloudSegment
-    head: HeadSegment
+    head: nn.Module  # HeadSegment, SpanHeadSegment (or an LM head): head(features, labels, mask)
     labels: Labels
     width: int  # values per token crossing the cut (hidden size, or the SFT rank)
-    hidden_size: int  # width of the pooled features (U-shaped return crossing)
+    hidden_size: int  # width of the cloud's output rows (U-shaped return crossing)
     cut: int
     family: str
 
@@ -739,7 +771,8 @@ def cut_classifier(
     """Cut `model` (a SequenceClassifier, possibly peft-wrapped) at layer `cut`.
 
     The segments share the model's modules (and parameters); SFT factors are new
-    parameters replacing layer `cut`'s first FFN matrix.
+    parameters replacing layer `cut`'s first FFN matrix. A `SpanExtractor` is cut into
+    a cloud that returns every token's hidden states and its span head.
     """
     clf = unwrap(model)
     if not isinstance(clf, SequenceClassifier):
@@ -750,16 +783,18 @@ def cut_classifier(
         )
     if labels not in ("cloud", "device"):
         raise ModelError(f"split.labels must be 'cloud' or 'device', not {labels!r}")
+    head = SpanHeadSegment(clf) if isinstance(clf, SpanExtractor) else HeadSegment(clf)
     device, cloud, width, names = cut_parts(
         model, FAMILY_OPS[clf.family], clf.backbone, cut, sft_rank=sft_rank,
         uses_token_type_ids=clf.uses_token_type_ids, pooling=clf.pooling,
+        cloud_cls=TokenCloudSegment if isinstance(head, SpanHeadSegment) else CloudSegment,
     )  # fmt: skip
     hidden_size = int(clf.backbone.config.hidden_size)
     return SplitClassifier(
         names=names,
         device=device,
         cloud=cloud,
-        head=HeadSegment(clf),
+        head=head,
         labels=labels,
         width=width,
         hidden_size=hidden_size,

@@ -15,15 +15,14 @@ from torch import Tensor, nn
 
 from cotune.errors import ModelError
 from cotune.models.causal_lm import LMOutput, completion_loss
-from cotune.models.cut import FAMILY_OPS, CloudSegment, HFModule, SplitClassifier, cut_parts
+from cotune.models.cut import (
+    FAMILY_OPS,
+    HFModule,
+    SplitClassifier,
+    TokenCloudSegment,
+    cut_parts,
+)
 from cotune.models.lora import unwrap
-
-
-class LMCloudSegment(CloudSegment):
-    """Layers `>= cut` and the final norm: hidden states [B, L, hidden] for every token."""
-
-    def forward(self, hidden: Tensor, mask: Tensor | None) -> Tensor:
-        return self.hidden_states(hidden, mask)
 
 
 class LMHeadSegment(nn.Module):
@@ -37,7 +36,10 @@ class LMHeadSegment(nn.Module):
         self.label_smoothing = label_smoothing
         self.softcap = softcap
 
-    def forward(self, hidden: Tensor, labels: Tensor | None = None) -> LMOutput:
+    def forward(
+        self, hidden: Tensor, labels: Tensor | None = None, mask: Tensor | None = None
+    ) -> LMOutput:
+        """`mask` is unused: the labels are -100 wherever there is no loss."""
         logits = self.lm_head(hidden)
         if self.softcap is not None:
             logits = torch.tanh(logits / self.softcap) * self.softcap
@@ -62,15 +64,13 @@ def cut_causal_lm(
     backbone = base.base_model
     device, cloud, width, names = cut_parts(
         model, FAMILY_OPS[family], backbone, cut, sft_rank=sft_rank, uses_token_type_ids=False,
-        pooling="last", cloud_cls=LMCloudSegment,
+        pooling="last", cloud_cls=TokenCloudSegment,
     )  # fmt: skip
     return SplitClassifier(
         names=names,
         device=device,
         cloud=cloud,
-        # SplitClassifier.head is typed HeadSegment, which the split runtime relies on;
-        # the LM head is used through the same call, head(hidden, labels)
-        head=LMHeadSegment(  # type: ignore[arg-type]
+        head=LMHeadSegment(
             base.get_output_embeddings(),
             label_smoothing,
             getattr(base.config, "final_logit_softcapping", None),

@@ -4,13 +4,18 @@ zoo), with LoRA and the base dtype handled as for the classifier.
 
 It is a `SequenceClassifier` with two outputs that skips pooling, so the backbone,
 the `head` (what LoRA keeps trainable) and the token-type handling are the
-classifier's own.
+classifier's own. `span` (dropout, head, loss on per-token hidden states) is exposed
+separately so that a cut model (`cotune.models.cut`) runs the same head on the cloud's
+(or, U-shaped, the device's) side.
+
+The loss leaves padding out: a padded position can be neither the start nor the end
+(its logits do not enter the softmax), so the loss depends on the real tokens only.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -35,16 +40,46 @@ class SpanOutput:
     end_logits: Tensor
 
 
-def span_loss(start_logits: Tensor, end_logits: Tensor, labels: Tensor) -> Tensor:
-    """Mean of the start and end cross-entropies; `labels` is (batch, 2) token positions."""
-    start = nn.functional.cross_entropy(start_logits.float(), labels[:, 0].long())
-    end = nn.functional.cross_entropy(end_logits.float(), labels[:, 1].long())
+def span_loss(
+    start_logits: Tensor, end_logits: Tensor, labels: Tensor, mask: Tensor | None = None
+) -> Tensor:
+    """Mean of the start and end cross-entropies; `labels` is (batch, 2) token positions.
+    With a padding `mask` (batch, tokens; 0 at padding) padded positions are left out
+    of both softmaxes."""
+
+    def logits(x: Tensor) -> Tensor:
+        x = x.float()
+        if mask is None:
+            return x
+        return x.masked_fill(~mask.bool(), torch.finfo(x.dtype).min)
+
+    start = nn.functional.cross_entropy(logits(start_logits), labels[:, 0].long())
+    end = nn.functional.cross_entropy(logits(end_logits), labels[:, 1].long())
     return (start + end) / 2
+
+
+class _SpanHead(Protocol):
+    """What `span` reads (the split head segment borrows the method)."""
+
+    @property
+    def dropout(self) -> nn.Module: ...
+    @property
+    def head(self) -> nn.Module: ...
 
 
 class SpanExtractor(SequenceClassifier):
     """`backbone` -> `dropout` -> `head` (hidden -> 2) on every token: start and end
     logits; the loss is `span_loss` when labels are given."""
+
+    def span(
+        self: _SpanHead, hidden: Tensor, labels: Tensor | None = None, mask: Tensor | None = None
+    ) -> SpanOutput:
+        """Dropout + head on hidden states (batch, tokens, hidden), and the loss (padding
+        left out by `mask`) when labels are given."""
+        logits = self.head(self.dropout(hidden))
+        start, end = logits[..., 0], logits[..., 1]
+        loss = None if labels is None else span_loss(start, end, labels, mask)
+        return SpanOutput(loss=loss, start_logits=start, end_logits=end)
 
     def forward(  # type: ignore[override]
         self,
@@ -54,10 +89,7 @@ class SpanExtractor(SequenceClassifier):
         labels: Tensor | None = None,
     ) -> SpanOutput:
         hidden = self.encode(input_ids, attention_mask, token_type_ids)
-        logits = self.head(self.dropout(hidden))
-        start, end = logits[..., 0], logits[..., 1]
-        loss = None if labels is None else span_loss(start, end, labels)
-        return SpanOutput(loss=loss, start_logits=start, end_logits=end)
+        return self.span(hidden, labels, attention_mask)
 
 
 def build_span_model(

@@ -3,11 +3,15 @@
 One device and one cloud train one model cut at `split.cut`: the device runs the
 embeddings and the first layers (and the head with `split.labels = "device"`), the
 cloud the rest; activations go up, gradients come down, encoded by `link.codec` (any
-codec; `sft` factorises the cut layer so only r-dimensional codes cross).
+codec; `sft` factorises the cut layer so only r-dimensional codes cross). The head is
+a classifier's (classification, regression, images) or a span extractor's (extractive
+QA: start / end logits per token; labels are the answer's token positions).
 
 Read in this order:
 - `protocol.py`: what both sides agree on (fingerprint, the cut model, the codec, how
   real tokens' rows go on the wire);
+- `problems.py`: what differs by head (label checks, what crosses above the cut, the
+  output evaluation reads);
 - `device.py`: `SplitDevice` (one step: forward, send, receive the gradient, backward,
   step), `ReconnectingStep` and `train_device` (the device's whole run through `fit`);
 - `cloud.py`: `SplitCloud` (the link service: validates every message, runs the rest of
@@ -28,8 +32,8 @@ from cotune.methods.split.protocol import build_split, fingerprint
 
 
 def configure(cfg: Config) -> None:
-    # the cut model pools into a classifier head; a span head is not cut yet
-    reject_task_kind(cfg, ("qa",), "centralized, fedavg or fedlora for extractive QA")
+    # the cut model ends in a classifier head (pooled) or a span head (per token)
+    reject_task_kind(cfg, ("generation",), "splitfed for generation tasks")
 
 
 SPEC = MethodSpec(

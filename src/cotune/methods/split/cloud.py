@@ -27,7 +27,8 @@ from cotune.link.errors import MalformedMessage, ProtocolError
 from cotune.link.pca import PcaProjection
 from cotune.link.proto import pb
 from cotune.link.service import After
-from cotune.link.wire import from_wire, to_wire, unpack_mask
+from cotune.link.wire import to_wire, unpack_mask
+from cotune.methods.split.problems import PROBLEMS, Problem
 from cotune.methods.split.protocol import (
     CLOUD_STREAM,
     PROTOCOL,
@@ -35,7 +36,7 @@ from cotune.methods.split.protocol import (
     fingerprint,
     scatter_rows,
 )
-from cotune.models.cut import CloudSegment, HeadSegment
+from cotune.models.cut import CloudSegment
 from cotune.models.rng import RngStream
 from cotune.training import autocast, make_optimizer, make_schedule
 
@@ -61,10 +62,10 @@ class SplitCloud:
     """The cloud of a split run; serves one or more devices (sharing one model).
 
     Subclasses serving other model kinds (splitfed's causal LMs) override `PROBLEMS`
-    and `make_split`.
+    (the heads it trains, by `Hello.problem`) and `make_split`.
     """
 
-    PROBLEMS: tuple[str, ...] = ("classification", "regression")
+    PROBLEMS: dict[str, Problem] = PROBLEMS
 
     def __init__(self, cfg: Config, rng: RngStream | None = None) -> None:
         self.cfg = cfg
@@ -77,12 +78,13 @@ class SplitCloud:
         self._shared_rng = rng  # tests: one stream shared with the device
         self.built = False
         self.segment: CloudSegment | None = None
-        self.head: HeadSegment | None = None
+        self.head: torch.nn.Module | None = None
         self.optimizer: torch.optim.Optimizer | None = None
         self.schedule: torch.optim.lr_scheduler.LambdaLR | None = None
         self.total_steps = 0
         self.num_labels = 0
         self.problem = ""
+        self.kind: Problem = Problem()  # PROBLEMS[problem] once built
         self.width = 0
         self.hidden_size = 0
         self.max_length = MAX_LENGTH
@@ -112,6 +114,7 @@ class SplitCloud:
         self.total_steps = total_steps
         self.num_labels = num_labels
         self.problem = problem
+        self.kind = self.PROBLEMS[problem]
         self.built = True
 
     def trainable_count(self) -> int:
@@ -215,6 +218,11 @@ class SplitSession:
             raise MalformedMessage(f"hello.problem {hello.problem!r} is not valid")
         if not 1 <= hello.num_labels <= 1 << 20 or hello.total_steps < 1:
             raise MalformedMessage("hello: num_labels and total_steps must be positive")
+        outputs = c.PROBLEMS[hello.problem].outputs
+        if outputs is not None and hello.num_labels != outputs:
+            raise MalformedMessage(
+                f"hello: a {hello.problem} head has {outputs} outputs, not {hello.num_labels}"
+            )
         with c._model_lock:
             if not c.built:
                 c.build(hello.num_labels, hello.problem, hello.total_steps)
@@ -271,22 +279,19 @@ class SplitSession:
         rows = c.codec.forward.decode(fwd.activations, "forward.activations", rows_n, width)
         return rows, mask, b, length
 
-    def _labels(self, fwd: pb.Forward, b: int) -> torch.Tensor:
+    def _labels(
+        self, fwd: pb.Forward, mask: torch.Tensor | None, b: int, length: int
+    ) -> torch.Tensor:
         c = self.cloud
         if not fwd.HasField("labels"):
             raise MalformedMessage("forward.labels: missing (the loss lives on the cloud)")
-        if c.problem == "regression":
-            return from_wire(fwd.labels, "forward.labels", dtypes=("float32",), shape=(b,))
-        labels = from_wire(fwd.labels, "forward.labels", dtypes=("int64",), shape=(b,))
-        if bool((labels < 0).any()) or bool((labels >= c.num_labels).any()):
-            raise MalformedMessage(f"forward.labels: a label is outside [0, {c.num_labels})")
-        return labels
+        return c.kind.labels(fwd.labels, mask, b, length, c.num_labels)
 
     def _forward(self, fwd: pb.Forward) -> tuple[pb.CloudMessage, After]:
         c = self.cloud
         assert c.segment is not None
         rows, mask, b, length = self._inputs(fwd)
-        labels = self._labels(fwd, b) if c.labels_on_cloud else None
+        labels = self._labels(fwd, mask, b, length) if c.labels_on_cloud else None
         if not c.labels_on_cloud and fwd.HasField("labels"):
             raise MalformedMessage("forward.labels: labels stay on the device (U-shaped)")
         train = fwd.backward  # a training step; fwd.train alone is a forward in train mode
@@ -306,20 +311,23 @@ class SplitSession:
             with grad_ctx, self.state.rng.scope(), autocast(c.cfg.train.precision):
                 crossing = self.state.pca.reconstruct(leaf) if self.state.pca else leaf
                 hidden = scatter_rows(crossing, mask, b, length)
-                pooled = c.segment(hidden, mask_long)
-                out = c.head(pooled, labels) if c.head is not None else None
+                features = c.segment(hidden, mask_long)
+                out = c.head(features, labels, mask_long) if c.head is not None else None
             result = pb.Result(step=fwd.step)
             if out is not None:
                 result.loss = float(out.loss.detach())
             if not train:
                 if out is not None:
-                    result.logits.CopyFrom(to_wire(out.logits.detach().float()))
+                    logits = c.kind.rows(c.kind.logits(out).detach().float(), mask)
+                    result.logits.CopyFrom(to_wire(logits))
                 else:
-                    result.output.CopyFrom(c.codec.top_forward.encode(pooled.detach().float()))
+                    top = c.kind.rows(features.detach().float(), mask)
+                    result.output.CopyFrom(c.codec.top_forward.encode(top))
                 return pb.CloudMessage(result=result), None
             if out is None:  # U-shaped: wait for the head's gradient
-                self.state.pending = {"step": fwd.step, "leaf": leaf, "pooled": pooled}
-                result.output.CopyFrom(c.codec.top_forward.encode(pooled.detach().float()))
+                top = c.kind.rows(features, mask)  # pooled features, or real tokens' rows
+                self.state.pending = {"step": fwd.step, "leaf": leaf, "top": top}
+                result.output.CopyFrom(c.codec.top_forward.encode(top.detach().float()))
                 return pb.CloudMessage(result=result), None
             for p in c.params:
                 p.grad = None
@@ -337,14 +345,12 @@ class SplitSession:
         epoch = self.state.epoch
         if pending is None or pending["step"] != back.step:
             raise ProtocolError(f"backward for step {back.step} without its forward")
-        pooled, leaf = pending["pooled"], pending["leaf"]
-        grad = c.codec.top_backward.decode(
-            back.grad, "backward.grad", pooled.shape[0], pooled.shape[1]
-        )
+        top, leaf = pending["top"], pending["leaf"]
+        grad = c.codec.top_backward.decode(back.grad, "backward.grad", top.shape[0], top.shape[1])
         with c._model_lock:
             for p in c.params:
                 p.grad = None
-            pooled.backward(grad.to(pooled.dtype))
+            top.backward(grad.to(top.dtype))
             grads = c._take_grads()
         self.state.pending = None
         result = pb.Result(step=back.step)

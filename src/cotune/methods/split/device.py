@@ -2,8 +2,10 @@
 
 - `SplitDevice`: its segment (and the head when U-shaped), its own optimiser and LR
   schedule, and the exchange with the cloud over a `Transport`. It is also callable
-  like a classifier (`device(**inputs, labels=...)` -> `.loss`, `.logits`, with
-  `.train()` / `.eval()`), so evaluation runs through the same split path as training.
+  like the uncut model (`device(**inputs, labels=...)` -> `.loss` and `.logits`, or
+  `.start_logits` / `.end_logits` for extractive QA, with `.train()` / `.eval()`), so
+  evaluation runs through the same split path as training (and the task adapter's own
+  evaluation).
 - `ReconnectingStep`: the device's training step as a `fit` step function that survives
   a dropped link (reconnect with back-off, agree on the step count, skip the batch);
   split and splitfed devices both train through it.
@@ -33,6 +35,7 @@ from cotune.link.wire import from_wire, pack_mask, to_wire
 from cotune.memory import apply_memory_option, checkpointed_layers
 from cotune.memory.measure import SavedTensorMeter, model_state_bytes
 from cotune.methods.spec import MethodResult, TransportFactory
+from cotune.methods.split.problems import PROBLEMS, Problem, problem_for
 from cotune.methods.split.protocol import (
     DEVICE_STREAM,
     PROTOCOL,
@@ -43,7 +46,7 @@ from cotune.methods.split.protocol import (
 )
 from cotune.models import load_tokenizer
 from cotune.models.base_dtype import weight_bytes
-from cotune.models.cut import DeviceSegment, HeadSegment, SplitClassifier
+from cotune.models.cut import DeviceSegment, SplitClassifier
 from cotune.models.rng import RngStream
 from cotune.training import (
     Checkpoints,
@@ -65,13 +68,23 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
-class DeviceOutput:
-    loss: torch.Tensor
-    logits: torch.Tensor
+class Sent:
+    """The activations of one batch as they crossed: the rows (still attached to the
+    graph when training), the padding mask and the batch shape [B, L]."""
+
+    rows: torch.Tensor
+    mask: torch.Tensor | None
+    batch: int
+    length: int
 
 
 class SplitDevice:
-    """One device: `connect`, optionally `calibrate`, then `train_step` per batch."""
+    """One device: `connect`, optionally `calibrate`, then `train_step` per batch.
+
+    Subclasses training other heads (splitfed's causal LMs) override `PROBLEMS`.
+    """
+
+    PROBLEMS: dict[str, Problem] = PROBLEMS
 
     def __init__(
         self,
@@ -89,9 +102,10 @@ class SplitDevice:
         self.transport = transport
         self.num_labels = num_labels
         self.problem = problem
+        self.kind = self.PROBLEMS[problem]
         self.labels_on_device = split.labels == "device"
         self.segment: DeviceSegment = split.device
-        self.head: HeadSegment | None = split.head if self.labels_on_device else None
+        self.head: nn.Module | None = split.head if self.labels_on_device else None
         self.width = split.width
         self.hidden_size = split.hidden_size
         self.modules: list[nn.Module] = [self.segment] + ([self.head] if self.head else [])
@@ -170,9 +184,9 @@ class SplitDevice:
 
     def _forward_message(
         self, batch: dict[str, torch.Tensor], train: bool
-    ) -> tuple[pb.DeviceMessage, torch.Tensor]:
-        """Run the device segment and build the Forward message; returns the rows sent
-        (still attached to the graph when training)."""
+    ) -> tuple[pb.DeviceMessage, Sent]:
+        """Run the device segment and build the Forward message; returns what was sent
+        (the rows still attached to the graph when training)."""
         meter = SavedTensorMeter(self.params) if train else None
         with self.rng.scope(), autocast(self.cfg.train.precision):
             if meter is not None:
@@ -196,32 +210,38 @@ class SplitDevice:
             fwd.mask.CopyFrom(pack_mask(mask))
         if not self.labels_on_device:
             fwd.labels.CopyFrom(to_wire(batch["labels"]))
-        return pb.DeviceMessage(forward=fwd), rows
+        batch_size, length = hidden.shape[:2]
+        return pb.DeviceMessage(forward=fwd), Sent(rows, mask, batch_size, length)
 
     def _cut_grad(self, result: pb.Result, rows: torch.Tensor) -> torch.Tensor:
         return self.codec.backward.decode(result.grad, "grad", rows.shape[0], rows.shape[1])
 
-    def _head(self, result: pb.Result, batch: dict[str, torch.Tensor], grad: bool):  # type: ignore[no-untyped-def]
+    def _head(
+        self, result: pb.Result, sent: Sent, labels: torch.Tensor, grad: bool
+    ) -> tuple[torch.Tensor, Any]:
+        """U-shaped: the head on the cloud's output; returns the rows that came down
+        (a leaf whose gradient goes back up) and the head's output."""
         assert self.head is not None
-        n = batch["labels"].shape[0]
-        pooled = self.codec.top_forward.decode(result.output, "output", n, self.hidden_size)
-        pooled.requires_grad_(grad)
+        n = self.kind.n_rows(sent.mask, sent.batch, sent.length)
+        top = self.codec.top_forward.decode(result.output, "output", n, self.hidden_size)
+        top.requires_grad_(grad)
         with self.rng.scope(), autocast(self.cfg.train.precision):
-            out = self.head(pooled, batch["labels"])
-        return pooled, out
+            features = self.kind.unrows(top, sent.mask, sent.batch, sent.length)
+            out = self.head(features, labels, sent.mask)
+        return top, out
 
     def train_step(self, batch: dict[str, torch.Tensor]) -> float:
         """One optimiser step on both sides; returns the loss."""
         self.train(True)
         self._phase("train")
-        msg, rows = self._forward_message(batch, train=True)
+        msg, sent = self._forward_message(batch, train=True)
+        rows = sent.rows
         reply = self.transport.request(msg, self.timeout).result
         if self.labels_on_device:
-            pooled, out = self._head(reply, batch, grad=True)
+            top, out = self._head(reply, sent, batch["labels"], grad=True)
             out.loss.backward()
-            back = pb.Backward(
-                step=self.steps_done, grad=self.codec.top_backward.encode(pooled.grad)
-            )
+            assert top.grad is not None
+            back = pb.Backward(step=self.steps_done, grad=self.codec.top_backward.encode(top.grad))
             reply = self.transport.request(pb.DeviceMessage(backward=back), self.timeout).result
             loss = float(out.loss.detach())
         else:
@@ -254,22 +274,25 @@ class SplitDevice:
     def eval(self) -> SplitDevice:
         return self.train(False)
 
-    def __call__(self, labels: torch.Tensor, **inputs: torch.Tensor) -> DeviceOutput:
+    def __call__(self, labels: torch.Tensor, **inputs: torch.Tensor) -> Any:
         """Evaluation forward through the split path (no gradients, eval mode on both
-        sides unless `train()` was called)."""
+        sides unless `train()` was called): the uncut model's output (`.loss` and
+        `.logits`, or `.start_logits` / `.end_logits` for a span head; per-token logits
+        are zero at padding)."""
         batch = {**inputs, "labels": labels}
         self._phase("eval")
         with torch.no_grad():
-            msg, _ = self._forward_message(batch, train=False)
+            msg, sent = self._forward_message(batch, train=False)
             reply = self.transport.request(msg, self.timeout).result
             if self.labels_on_device:
-                _, out = self._head(reply, batch, grad=False)
-                return DeviceOutput(loss=out.loss, logits=out.logits)
-            n = labels.shape[0]
-            logits = from_wire(
+                _, out = self._head(reply, sent, labels, grad=False)
+                return self.kind.output(out.loss, self.kind.logits(out))
+            n = self.kind.n_rows(sent.mask, sent.batch, sent.length)
+            rows = from_wire(
                 reply.logits, "logits", dtypes=("float32",), shape=(n, self.num_labels)
             )
-            return DeviceOutput(loss=torch.tensor(reply.loss), logits=logits)
+            logits = self.kind.unrows(rows, sent.mask, sent.batch, sent.length)
+            return self.kind.output(torch.tensor(reply.loss), logits)
 
 
 class ReconnectingStep:
@@ -331,13 +354,13 @@ def train_device(
     task = load_task(cfg.task, cfg.seed)
     adapter = adapter_for(task, cfg)
     tokenizer = load_tokenizer(cfg.model.name)
-    # an image classifier is a classifier to the cut model and the cloud
-    problem = "classification" if task.kind == "image-classification" else task.kind
-    split, codec = build_split(cfg, task.num_labels, problem)
+    # the head the cut model trains (an image classifier is a classifier; QA a span head)
+    problem, num_labels = problem_for(task.kind, task.num_labels)
+    split, codec = build_split(cfg, num_labels, problem)
     trainable_cloud = sum(p.numel() for p in trainable(split.cloud_modules()))
     apply_memory_option(split.device, cfg.memory, seed=cfg.seed)  # before the optimiser
     device = SplitDevice(
-        cfg, split, codec, connect(), num_labels=task.num_labels, problem=problem, rng=rng
+        cfg, split, codec, connect(), num_labels=num_labels, problem=problem, rng=rng
     )
     del split  # the device keeps its own segment (and the head when U-shaped) only
     train_ds = adapter.encode(task.train, tokenizer)

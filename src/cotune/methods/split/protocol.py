@@ -13,6 +13,7 @@ from cotune.config import Config
 from cotune.link.codecs import Codec, make_codec
 from cotune.models import build_classifier
 from cotune.models.cut import SplitClassifier, cut_classifier
+from cotune.models.span import build_span_model
 
 PROTOCOL = "cotune-link/1"
 DEVICE_STREAM, CLOUD_STREAM = 1, 2
@@ -45,14 +46,18 @@ def fingerprint(cfg: Config) -> str:
 
 
 def build_split(cfg: Config, num_labels: int, problem: str) -> tuple[SplitClassifier, Codec]:
-    """The full classifier built from the seed, cut as the config says (both sides)."""
-    model, _, _ = build_classifier(
-        cfg.model,
-        num_labels,
-        problem=problem,
-        label_smoothing=cfg.train.label_smoothing,
-        seed=cfg.seed,
-    )
+    """The full model built from the seed, cut as the config says (both sides): a
+    classifier, or a span extractor for `problem = "span"` (extractive QA)."""
+    if problem == "span":
+        model, _, _ = build_span_model(cfg.model, seed=cfg.seed)
+    else:
+        model, _, _ = build_classifier(
+            cfg.model,
+            num_labels,
+            problem=problem,
+            label_smoothing=cfg.train.label_smoothing,
+            seed=cfg.seed,
+        )
     codec = make_codec(cfg.link)
     split = cut_classifier(model, cfg.split.cut, labels=cfg.split.labels, sft_rank=codec.sft_rank)
     return split, codec

@@ -33,6 +33,7 @@ from cotune.link.service import After
 from cotune.link.wire import from_wire, to_wire
 from cotune.methods.federated.aggregation import check_update, weighted_average
 from cotune.methods.split.cloud import SplitCloud, SplitSession
+from cotune.methods.split.problems import PerToken, Problem
 from cotune.training import make_schedule
 
 log = logging.getLogger(__name__)
@@ -59,10 +60,26 @@ def build_lm_split(cfg: Config) -> tuple[Any, Any, Any, Any]:
     return split, codec, model, tokenizer
 
 
+class NextTokens(PerToken):
+    """Causal LM: next-token ids per position, -100 where there is no loss."""
+
+    name = PROBLEM
+
+    def labels(
+        self, wire: pb.Tensor, mask: torch.Tensor | None, batch: int, length: int,
+        num_labels: int,
+    ) -> torch.Tensor:  # fmt: skip
+        labels = from_wire(wire, "forward.labels", dtypes=("int64",), shape=(batch, length))
+        bad = (labels != IGNORE) & ((labels < 0) | (labels >= num_labels))
+        if bool(bad.any()):
+            raise MalformedMessage(f"forward.labels: a token id is outside [0, {num_labels})")
+        return labels
+
+
 class LMCloud(SplitCloud):
     """One cloud model (layers >= cut, LM head, loss) with its optimiser and schedule."""
 
-    PROBLEMS = (PROBLEM,)
+    PROBLEMS: dict[str, Problem] = {PROBLEM: NextTokens()}
 
     def __init__(self, cfg: Config, schedule_scale: int = 1) -> None:
         super().__init__(cfg)
@@ -185,17 +202,6 @@ class LMSession(SplitSession):
     def close(self) -> None:
         super().close()
         self.service.aggregator.leave(self.device_id)
-
-    def _labels(self, fwd: pb.Forward, b: int) -> torch.Tensor:
-        c = self.cloud
-        if not fwd.HasField("labels"):
-            raise MalformedMessage("forward.labels: missing (the loss lives on the cloud)")
-        length = int(fwd.batch_shape[1])
-        labels = from_wire(fwd.labels, "forward.labels", dtypes=("int64",), shape=(b, length))
-        bad = (labels != IGNORE) & ((labels < 0) | (labels >= c.num_labels))
-        if bool(bad.any()):
-            raise MalformedMessage(f"forward.labels: a token id is outside [0, {c.num_labels})")
-        return labels
 
     def _aggregate(self, agg: pb.Aggregate) -> pb.CloudMessage:
         cloud = self.cloud

@@ -20,7 +20,7 @@ from cotune.methods.federated.data import split_for, task_for
 from cotune.methods.spec import MethodResult, TransportFactory
 from cotune.methods.split.device import ReconnectingStep, SplitDevice
 from cotune.methods.split.protocol import DEVICE_STREAM
-from cotune.methods.splitfed.cloud import PROBLEM, build_lm_split
+from cotune.methods.splitfed.cloud import PROBLEM, LMCloud, build_lm_split
 from cotune.models.base_dtype import weight_bytes
 from cotune.models.rng import RngStream
 from cotune.training import (
@@ -36,6 +36,8 @@ from cotune.training import (
 
 class LMDevice(SplitDevice):
     """`SplitDevice` for a causal LM, plus adapter averaging with the cloud."""
+
+    PROBLEMS = LMCloud.PROBLEMS
 
     def aggregate(self, rnd: int, weight: float) -> int:
         """Send this device's trainable tensors for round `rnd`, load the average the
