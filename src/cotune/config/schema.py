@@ -176,8 +176,15 @@ class MemoryConfig(_Section):
         return self
 
 
+Tracker = Literal["tensorboard", "mlflow", "wandb"]
+
+
 class RuntimeConfig(_Section):
     transport: Literal["inprocess", "grpc"] = "inprocess"
+    # experiment trackers fed with the records of metrics.jsonl and train.jsonl:
+    # "tensorboard" (RUN/tensorboard/), "mlflow" (MLFLOW_TRACKING_URI, else RUN/mlruns),
+    # "wandb" (WANDB_MODE, offline by default, files under RUN/wandb)
+    loggers: list[Tracker] = Field(default_factory=list)
     # federated: "simulation" (Flower's Ray engine), "deployment" (SuperLink + SuperNodes),
     # "inline" (the clients one after another in this process, no Ray: least overhead)
     engine: Literal["simulation", "deployment", "inline"] = "simulation"

@@ -7,9 +7,11 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
+
+from cotune.report.trackers import Tracker
 
 PREDICTIONS_FILE = "predictions.jsonl"
 
@@ -53,10 +55,14 @@ class RunFolder:
     """Writes one run's files. Methods see it only as a recorder (`log_eval`, `log_train`)."""
 
     def __init__(
-        self, path: str | Path, echo: Callable[[dict[str, Any]], None] | None = None
+        self,
+        path: str | Path,
+        echo: Callable[[dict[str, Any]], None] | None = None,
+        trackers: Sequence[Tracker] = (),
     ) -> None:
         self.path = Path(path)
         self.echo = echo  # called with each evaluation record (progress lines)
+        self.trackers = list(trackers)  # TensorBoard, MLflow, W&B (runtime.loggers)
         self.path.mkdir(parents=True, exist_ok=True)
         self.metrics_path = self.path / "metrics.jsonl"
         self.train_path = self.path / "train.jsonl"
@@ -84,10 +90,20 @@ class RunFolder:
         self._append(self.metrics_path, record)
         if self.echo is not None:
             self.echo(record)
+        for tracker in self.trackers:
+            tracker.log(record, "eval")
 
     def log_train(self, record: dict[str, Any]) -> None:
         """Training progress (step, loss, lr, ...), denser than evaluations."""
         self._append(self.train_path, record)
+        for tracker in self.trackers:
+            tracker.log(record, "train")
+
+    def close_trackers(self) -> None:
+        """Flush and close the experiment trackers (at the end of the run)."""
+        for tracker in self.trackers:
+            tracker.close()
+        self.trackers = []
 
     def write_predictions(self, records: list[dict[str, Any]]) -> None:
         """predictions.jsonl: one line per eval example of the final evaluation

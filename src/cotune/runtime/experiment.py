@@ -30,6 +30,7 @@ from cotune.methods import (
     resolve,
 )
 from cotune.report import RunFolder, default_run_dir, finish_run, progress
+from cotune.report.trackers import check_trackers, open_trackers
 from cotune.runtime.launcher import offline_env
 from cotune.runtime.memory_cap import apply_memory_cap
 from cotune.runtime.provenance import provenance
@@ -83,6 +84,7 @@ def run_experiment(cfg: Config, out: str | Path | None = None, resume: bool = Fa
             f"{', '.join(resumable_methods())}. Start it again without --resume."
         )
     check_task_data(cfg.task, cfg.seed)  # the user's own files: bad rows stop it here
+    check_trackers(cfg.runtime.loggers)
     run = RunFolder(
         out if out is not None else default_run_dir(cfg.name),
         echo=progress.echo(cfg.train.steps),  # federated rounds: the server's own folder
@@ -90,8 +92,15 @@ def run_experiment(cfg: Config, out: str | Path | None = None, resume: bool = Fa
     if not resume:
         run.start_fresh()
     run.write_config(to_toml(cfg))
+    if spec.kind != "federated":  # a federated run's records are the server's
+        run.trackers = open_trackers(
+            cfg.runtime.loggers, run.path, cfg.model_dump(mode="json"), to_toml(cfg)
+        )
     t0 = time.perf_counter()
-    result = run_method(cfg, run, resume)
+    try:
+        result = run_method(cfg, run, resume)
+    finally:
+        run.close_trackers()
     wall = time.perf_counter() - t0
     for name, tensors in result.saved.items():
         if tensors:

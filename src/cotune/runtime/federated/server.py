@@ -28,6 +28,7 @@ from cotune.methods.federated.global_model import GlobalModel
 from cotune.methods.registry import federated_spec
 from cotune.models.base_dtype import weight_bytes
 from cotune.report import RunFolder, progress
+from cotune.report.trackers import open_trackers
 from cotune.runtime.federated.checkpoint import ServerCheckpoint, load_checkpoint, save_checkpoint
 from cotune.runtime.federated.grid import CountingGrid
 from cotune.runtime.federated.keys import (
@@ -143,7 +144,20 @@ class FederatedServer:
         self.cfg = config_from_text((options.run_dir / "config.toml").read_text())
         self.run = RunFolder(options.run_dir, echo=progress.echo(self.cfg.federated.rounds))
 
+    def _open_trackers(self) -> None:
+        text = (self.options.run_dir / "config.toml").read_text()
+        self.run.trackers = open_trackers(
+            self.cfg.runtime.loggers, self.options.run_dir, self.cfg.model_dump(mode="json"), text
+        )
+
     def run_rounds(self, grid: Grid) -> dict[str, Any]:
+        self._open_trackers()
+        try:
+            return self._run_rounds(grid)
+        finally:
+            self.run.close_trackers()
+
+    def _run_rounds(self, grid: Grid) -> dict[str, Any]:
         t_start = time.perf_counter()
         cfg, fed = self.cfg, self.cfg.federated
         model = GlobalModel(cfg)
