@@ -32,11 +32,19 @@ from torch import Tensor, nn
 from cotune.config.schema import ProxyConfig
 from cotune.errors import ModelError
 from cotune.models.lora import unwrap
+from cotune.models.zoo import resolve
 
 if TYPE_CHECKING:
     from cotune.models.cut import HFModule
 
-PROXY_FAMILIES = ("bert", "roberta", "dinov2")
+# Every attention projection (query, key, value, output) of each family with proxies:
+# fedpft's default LoRA targets.
+ATTENTION_PROJECTIONS: dict[str, tuple[str, ...]] = {
+    "bert": ("query", "key", "value", "attention.output.dense"),
+    "roberta": ("query", "key", "value", "attention.output.dense"),
+    "dinov2": ("q_proj", "k_proj", "v_proj", "o_proj"),
+}
+PROXY_FAMILIES: tuple[str, ...] = tuple(ATTENTION_PROJECTIONS)
 
 
 @dataclass(frozen=True)
@@ -59,6 +67,18 @@ FFN_LAYOUTS: tuple[FFNLayout, ...] = (
 
 
 # ----------------------------------------------------------------------------- structure
+
+
+def proxy_family(name: str) -> str:
+    """The family of model `name` (zoo name, folder or hub id; nothing is converted or
+    loaded), a `ModelError` unless proxies of it can be built."""
+    family = resolve(name, prepare=False).family
+    if family not in PROXY_FAMILIES:
+        raise ModelError(
+            f"model {name!r} is a {family} model; proxies (fedpft) are built from "
+            f"{', '.join(PROXY_FAMILIES)} encoders only"
+        )
+    return family
 
 
 def encoder_layers(model: nn.Module) -> nn.ModuleList:
