@@ -287,7 +287,7 @@ def test_fedavg_tiny_bert_trains_and_reports_squad_metrics(tmp_path: Path) -> No
     _check_run(out, 6)
 
 
-@pytest.mark.parametrize("method", ["split", "fedkd", "fedpft"])
+@pytest.mark.parametrize("method", ["split"])
 def test_methods_without_qa_support_say_so(tmp_path: Path, method: str) -> None:
     from cotune.errors import ConfigError
 

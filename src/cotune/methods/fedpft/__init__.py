@@ -26,8 +26,9 @@ from cotune.methods.fedpft.device import proxy_local_train
 from cotune.methods.spec import FederatedSpec, MethodSpec, reject_task_kind
 from cotune.models.proxy import ATTENTION_PROJECTIONS, proxy_family
 
-# the cloud's public data when `proxy.public_corpus` is not set, by the task's modality
-DEFAULT_PUBLIC = {"text": "bbc-news", "image": "digits"}
+# the cloud's public data when `proxy.public_corpus` is not set, by the task's modality:
+# the first of these that is not the clients' own task
+DEFAULT_PUBLIC = {"text": ("bbc-news",), "image": ("digits", "fashion-mnist")}
 
 
 def check_public_corpus(cfg: Config) -> None:
@@ -38,8 +39,16 @@ def check_public_corpus(cfg: Config) -> None:
         task, modality = canonical_name(cfg.task.name), task_modality(cfg.task.name)
     except ConfigError:
         return
+    others = [name for name in DEFAULT_PUBLIC[modality] if name != task]
+    example = f" (e.g. {others[0]!r})" if others else ""
     if cfg.proxy.public_corpus is None:
-        cfg.proxy.public_corpus = DEFAULT_PUBLIC[modality]
+        if not others:
+            raise ConfigError(
+                f"fedpft aligns the proxy on public {modality} data the clients do not hold, "
+                f"and its default, {task!r}, is the clients' task: set proxy.public_corpus "
+                f"to another {modality} task"
+            )
+        cfg.proxy.public_corpus = others[0]
     public = cfg.proxy.public_corpus
     try:
         public_name, public_modality = canonical_name(public), task_modality(public)
@@ -48,13 +57,13 @@ def check_public_corpus(cfg: Config) -> None:
     if public_name == task:
         raise ConfigError(
             f"proxy.public_corpus = {public!r} is the task the clients train on; the cloud "
-            f"aligns on public data the clients do not hold (e.g. {DEFAULT_PUBLIC[modality]!r})"
+            f"aligns on public {modality} data the clients do not hold{example}"
         )
     if public_modality != modality:
         raise ConfigError(
             f"proxy.public_corpus = {public!r} holds {public_modality} data, but task "
             f"{task!r} is {modality}: the proxy is aligned on public data of the clients' "
-            f"kind (e.g. {DEFAULT_PUBLIC[modality]!r})"
+            f"kind{example}"
         )
 
 
