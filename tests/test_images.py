@@ -227,7 +227,7 @@ def test_dinov2_small_conversion_matches_onnxruntime(tmp_path: Path, monkeypatch
     assert np.abs(got - expected).max() < 1e-4  # measured: 2.3e-5 (|features| up to 8.4)
 
 
-@pytest.mark.parametrize("method", ["fedkd", "fedpft", "splitfed"])
+@pytest.mark.parametrize("method", ["splitfed"])
 def test_methods_without_image_support_say_so(tmp_path: Path, method: str) -> None:
     with pytest.raises(ConfigError, match="image-classification"):
         _cfg(tmp_path, method, model={"lora": {"r": 4}})

@@ -336,14 +336,6 @@ def test_split_tiny_bert_trains_and_reports_squad_metrics(
     assert summary["comm"]["bytes_up"] > 0 and summary["comm"]["bytes_down"] > 0
 
 
-@pytest.mark.parametrize("method", ["fedkd", "fedpft"])
-def test_methods_without_qa_support_say_so(tmp_path: Path, method: str) -> None:
-    from cotune.errors import ConfigError
-
-    with pytest.raises(ConfigError, match=f"{method} does not support task kind qa yet"):
-        _run_cfg(tmp_path, method)
-
-
 def test_splitfed_refuses_qa(tmp_path: Path) -> None:
     from cotune.errors import ConfigError
 

@@ -221,16 +221,14 @@ class GenerationConfig(_Section):
 
 
 class KDConfig(_Section):
-    teacher: str = "minilm"
+    # None: fedkd fills in the kind's default teacher (minilm for text, dinov2-small for images)
+    teacher: str | None = None
     teacher_lora: LoraConfig | None = None
     public_fraction: float = Field(default=0.2, gt=0, lt=1)
     temperature: float = Field(default=2.0, gt=0)
     server_epochs: float = Field(default=1.0, gt=0)
     server_steps: int | None = Field(default=None, ge=1)
     teacher_lr: float | None = Field(default=None, gt=0)  # None: 5e-5 full, 2e-3 LoRA teacher
-
-
-# fedpft's default LoRA targets (BERT-style names): the attention projections.
 
 
 class ProxyConfig(_Section):
@@ -242,7 +240,9 @@ class ProxyConfig(_Section):
     align_steps: int = Field(default=200, ge=0)  # layer-level alignment before FL
     realign_steps: int = Field(default=50, ge=0)  # neuron-level alignment, every align_every
     align_lr: float = Field(default=3e-4, gt=0)
-    public_corpus: str = "bbc-news"
+    # the cloud's public data (a task name; labels unused). None: fedpft fills in the
+    # default of the task's modality (bbc-news for text, digits for images)
+    public_corpus: str | None = None
 
     @field_validator("ffn_keep")
     @classmethod

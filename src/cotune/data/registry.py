@@ -5,7 +5,7 @@ from __future__ import annotations
 import difflib
 
 from cotune.config.schema import TaskConfig
-from cotune.data import bbc, e2e, fashion_mnist, image_folder, squad, table, text_folder
+from cotune.data import bbc, digits, e2e, fashion_mnist, image_folder, squad, table, text_folder
 from cotune.data.glue import GLUE_SPECS, GlueSpec, load_folder, load_hub
 from cotune.data.sampling import stratified_split, subsample
 from cotune.data.task import Example, Task
@@ -18,7 +18,7 @@ def task_names() -> list[str]:
     """Canonical names of every task `load_task` knows (besides `hf:<id>`)."""
     return [
         bbc.NAME, *(spec.name for spec in GLUE_SPECS.values()), e2e.NAME, squad.NAME,
-        text_folder.NAME, *table.FILE_TASKS, fashion_mnist.NAME, image_folder.NAME,
+        text_folder.NAME, *table.FILE_TASKS, fashion_mnist.NAME, image_folder.NAME, digits.NAME,
     ]  # fmt: skip
 
 
@@ -40,6 +40,7 @@ _ALIASES["imagefolder"] = _ALIASES["images"] = image_folder.NAME
 _ALIASES["textfolder"] = text_folder.NAME
 _ALIASES["csv"] = _ALIASES["tsv"] = "csv"
 _ALIASES["json"] = _ALIASES["jsonl"] = _ALIASES["jsonlines"] = "json"
+_ALIASES["digits"] = _ALIASES["sklearndigits"] = _ALIASES["optdigits"] = digits.NAME
 
 
 def canonical_name(name: str) -> str:
@@ -95,6 +96,10 @@ def load_task(cfg: TaskConfig, seed: int, *, require_train: bool = True) -> Task
     if name == fashion_mnist.NAME:
         return fashion_mnist.load_fashion_mnist(
             cfg.data_dir, seed, cfg.max_train_examples, cfg.max_eval_examples
+        )
+    if name == digits.NAME:
+        return digits.load_digits_task(
+            seed, cfg.max_train_examples, cfg.max_eval_examples, cfg.split_eval
         )
     if name == image_folder.NAME:
         return image_folder.load_image_folder(
@@ -211,7 +216,7 @@ def list_tasks() -> list[dict]:
                 "source": table.SOURCE[kind],
             }
         )
-    for module in (fashion_mnist, image_folder):
+    for module in (fashion_mnist, image_folder, digits):
         rows.append(
             {
                 "name": module.NAME,
@@ -232,3 +237,11 @@ def task_kind(name: str, cfg: TaskConfig | None = None) -> str:
     if canonical in table.FILE_TASKS or canonical.startswith(table.HF_PREFIX):
         return table.problem_of(cfg) if cfg is not None else "classification"
     return next(row["kind"] for row in list_tasks() if canonical_name(row["name"]) == canonical)
+
+
+IMAGE_KINDS = ("image-classification",)
+
+
+def task_modality(name: str) -> str:
+    """ "image" or "text": what the examples of task `name` hold (without loading it)."""
+    return "image" if task_kind(name) in IMAGE_KINDS else "text"

@@ -14,8 +14,10 @@ Two kinds (`proxy.kind`):
 How the proxy is aligned to the FM and which neurons it re-aligns is fedpft's own work
 (`cotune.methods.fedpft.alignment`); this module only builds proxies and maps names.
 
-Supported families: BERT-style encoders (`bert`, `roberta`: `encoder.layer[i]` with
-`intermediate.dense`, `output.dense`, `output.LayerNorm`).
+Supported families (`FFN_LAYOUTS`, recognised by a layer's structure): BERT-style
+encoders (`bert`, `roberta`: `encoder.layer[i]` with `intermediate.dense`,
+`output.dense`, post-FFN `output.LayerNorm`) and DINOv2 ViTs (`dinov2`:
+`encoder.layer[i]` with `mlp.fc1`, `mlp.fc2`, pre-FFN `norm2` and `layer_scale2`).
 """
 
 from __future__ import annotations
@@ -30,14 +32,53 @@ from torch import Tensor, nn
 from cotune.config.schema import ProxyConfig
 from cotune.errors import ModelError
 from cotune.models.lora import unwrap
+from cotune.models.zoo import resolve
 
 if TYPE_CHECKING:
     from cotune.models.cut import HFModule
 
-PROXY_FAMILIES = ("bert", "roberta")
+# Every attention projection (query, key, value, output) of each family with proxies:
+# fedpft's default LoRA targets.
+ATTENTION_PROJECTIONS: dict[str, tuple[str, ...]] = {
+    "bert": ("query", "key", "value", "attention.output.dense"),
+    "roberta": ("query", "key", "value", "attention.output.dense"),
+    "dinov2": ("q_proj", "k_proj", "v_proj", "o_proj"),
+}
+PROXY_FAMILIES: tuple[str, ...] = tuple(ATTENTION_PROJECTIONS)
+
+
+@dataclass(frozen=True)
+class FFNLayout:
+    """Where a family's FFN sits inside one encoder layer (module paths): `inner` is
+    the linear d -> d_ff whose output rows are the neurons, `outer` the linear d_ff -> d,
+    and `branch` the norm and scale that alignment trains with the FFN (BERT's
+    post-FFN LayerNorm; DINOv2's pre-FFN `norm2` and its `layer_scale2`)."""
+
+    name: str
+    inner: str
+    outer: str
+    branch: tuple[str, ...]
+
+
+FFN_LAYOUTS: tuple[FFNLayout, ...] = (
+    FFNLayout("BERT", "intermediate.dense", "output.dense", ("output.LayerNorm",)),
+    FFNLayout("DINOv2", "mlp.fc1", "mlp.fc2", ("norm2", "layer_scale2")),
+)
 
 
 # ----------------------------------------------------------------------------- structure
+
+
+def proxy_family(name: str) -> str:
+    """The family of model `name` (zoo name, folder or hub id; nothing is converted or
+    loaded), a `ModelError` unless proxies of it can be built."""
+    family = resolve(name, prepare=False).family
+    if family not in PROXY_FAMILIES:
+        raise ModelError(
+            f"model {name!r} is a {family} model; proxies (fedpft) are built from "
+            f"{', '.join(PROXY_FAMILIES)} encoders only"
+        )
+    return family
 
 
 def encoder_layers(model: nn.Module) -> nn.ModuleList:
@@ -49,14 +90,35 @@ def encoder_layers(model: nn.Module) -> nn.ModuleList:
     if not isinstance(layers, nn.ModuleList):
         family = getattr(base, "family", type(backbone).__name__)
         raise ModelError(
-            f"proxy construction needs a BERT-style encoder (encoder.layer[i].intermediate); "
-            f"this model ({family}) has none. Families with proxies: {', '.join(PROXY_FAMILIES)}"
+            f"proxy construction needs an encoder with a layer list (encoder.layer[i]); this "
+            f"model ({family}) has none. Families with proxies: {', '.join(PROXY_FAMILIES)}"
         )
     return layers
 
 
-def ffn_linears(layer: HFModule) -> tuple[nn.Linear, nn.Linear]:
-    return layer.intermediate.dense, layer.output.dense
+def ffn_layout(layer: nn.Module) -> FFNLayout:
+    """The `FFNLayout` of an encoder layer (the first whose two linears it has)."""
+    for layout in FFN_LAYOUTS:
+        try:
+            inner, outer = layer.get_submodule(layout.inner), layer.get_submodule(layout.outer)
+        except AttributeError:
+            continue
+        if isinstance(inner, nn.Linear) and isinstance(outer, nn.Linear):
+            return layout
+    known = "; ".join(f"{lay.name}: {lay.inner} + {lay.outer}" for lay in FFN_LAYOUTS)
+    raise ModelError(
+        f"proxy construction needs an FFN of two plain linear layers ({known}); this "
+        f"{type(layer).__name__} has none (LoRA on the FFN's linears is not supported). "
+        f"Families with proxies: {', '.join(PROXY_FAMILIES)}"
+    )
+
+
+def ffn_linears(layer: nn.Module) -> tuple[nn.Linear, nn.Linear]:
+    """(inner d -> d_ff, outer d_ff -> d) linears of an encoder layer's FFN."""
+    layout = ffn_layout(layer)
+    inner, outer = layer.get_submodule(layout.inner), layer.get_submodule(layout.outer)
+    assert isinstance(inner, nn.Linear) and isinstance(outer, nn.Linear)
+    return inner, outer
 
 
 def ffn_size(model: nn.Module, layer: int) -> int:
@@ -164,7 +226,7 @@ def _linear_like(src: nn.Linear, in_f: int, out_f: int) -> nn.Linear:
     return lin.to(dtype=src.weight.dtype, device=src.weight.device)
 
 
-def shrink_ffn(layer: HFModule, neurons: Tensor) -> None:
+def shrink_ffn(layer: nn.Module, neurons: Tensor) -> None:
     """Keep only FFN neurons `neurons` (sorted indices) of `layer`, in place."""
     inter, out = ffn_linears(layer)
     idx = neurons.to(torch.long)
@@ -180,8 +242,9 @@ def shrink_ffn(layer: HFModule, neurons: Tensor) -> None:
     for new, old in ((new_in, inter), (new_out, out)):  # frozen stays frozen
         for p_new, p_old in zip(new.parameters(), old.parameters(), strict=True):
             p_new.requires_grad_(p_old.requires_grad)
-    layer.intermediate.dense = new_in
-    layer.output.dense = new_out
+    layout = ffn_layout(layer)
+    layer.set_submodule(layout.inner, new_in)
+    layer.set_submodule(layout.outer, new_out)
 
 
 def top_neurons(layer: nn.Module, m: int) -> Tensor:
@@ -271,14 +334,15 @@ def load_proxy_weights(proxy: nn.Module, weights: dict[str, Tensor]) -> None:
 
 
 def ffn_param_names(proxy: nn.Module, plan: ProxyPlan, *, norm: bool = True) -> list[str]:
-    """Names of the compressed layers' FFN parameters (and their LayerNorm)."""
+    """Names of the compressed layers' FFN parameters (and the modules of its branch:
+    its LayerNorm, a layer scale; `FFNLayout.branch`)."""
     wanted = []
+    layers = encoder_layers(proxy)
     for j, compressed in enumerate(plan.compressed):
         if compressed:
-            parts = ["intermediate.dense.", "output.dense."] + (
-                ["output.LayerNorm."] if norm else []
-            )
-            wanted += [f"layer.{j}.{p}" for p in parts]
+            layout = ffn_layout(layers[j])
+            parts = [layout.inner, layout.outer, *(layout.branch if norm else ())]
+            wanted += [f"layer.{j}.{p}." for p in parts]
     return [n for n, _ in proxy.named_parameters() if any(w in n for w in wanted)]
 
 

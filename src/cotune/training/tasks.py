@@ -13,30 +13,38 @@ model to train, how examples become batches, and how a model is scored.
 Every evaluation also carries its per-example predictions (`Evaluation.predictions`,
 the records of a run folder's `predictions.jsonl`).
 
+Knowledge distillation (fedkd) asks the adapter for a model output's `distributions`:
+the class logits of each example (classification, images), or the start and the end
+logits over each feature's tokens (QA, padding masked). Per-token distributions
+(`token_level`) pair two models' outputs token by token, so both must tokenise alike.
+Regression and generation have none.
+
 A new task kind is one new adapter class and one line in `ADAPTERS`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
-from torch import nn
+from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from cotune.config import Config
 from cotune.config.schema import ModelConfig
-from cotune.data import Example, Task, encode, make_loader
+from cotune.data import Example, PadCollator, Task, encode, make_loader
 from cotune.data.encode import EncodedDataset
 from cotune.data.images import ImageCollator, encode_images
-from cotune.data.pairs import PairDataset, encode_pairs, pair_loader
+from cotune.data.pairs import PairCollator, PairDataset, encode_pairs, pair_loader
 from cotune.data.qa_features import encode_qa
 from cotune.data.squad import QAExample
-from cotune.errors import ConfigError
+from cotune.errors import ConfigError, ModelError
 from cotune.models import build_classifier, image_geometry
 from cotune.models.causal_lm import build_lm, generation_model
 from cotune.models.span import build_span_model
+from cotune.models.zoo import IMAGE_FAMILIES
 from cotune.training.evaluation import (
     PredictionRecord,
     evaluate,
@@ -47,6 +55,15 @@ from cotune.training.evaluation import (
 from cotune.training.qa_evaluation import QASplit, evaluate_qa
 
 Encoded = EncodedDataset | PairDataset  # tokenised (resized) once, unpadded
+Collator = Callable[[list[dict[str, Any]]], dict[str, Tensor]]
+
+
+class Distribution(NamedTuple):
+    """Logits of one categorical distribution per row, over the last dimension, and
+    which entries are candidates (`mask`, same shape; None: all)."""
+
+    logits: Tensor
+    mask: Tensor | None = None
 
 
 @dataclass
@@ -66,6 +83,8 @@ class Evaluation:
 class TaskAdapter(Protocol):
     task: Task
     cfg: Config
+    # whether `distributions` are per token (two models' outputs pair token by token)
+    token_level: bool
 
     def build_model(
         self, model_cfg: ModelConfig | None = None, seed: int | None = None
@@ -77,11 +96,20 @@ class TaskAdapter(Protocol):
         """Tokenise examples once (unpadded)."""
         ...
 
+    def collator(self, tokenizer: Any) -> Collator:
+        """How encoded items become a batch (padding, pixel values)."""
+        ...
+
     def loader(
         self, ds: Encoded, tokenizer: Any, *, shuffle: bool, seed: int, batch_size: int = 0
     ) -> DataLoader:
         """Seeded batches of `ds`, padded to their longest row (`train.batch_size`
         unless `batch_size`)."""
+        ...
+
+    def distributions(self, output: Any, batch: dict[str, Tensor]) -> list[Distribution]:
+        """The categorical distributions of a model's `output` on `batch` that
+        distillation matches (float32 logits); a `ConfigError` for tasks without any."""
         ...
 
     def evaluate(self, model: Any, tokenizer: Any) -> Evaluation:
@@ -96,6 +124,8 @@ class TaskAdapter(Protocol):
 class ClassificationAdapter:
     """Classification and regression with a pooling head."""
 
+    token_level = False
+
     def __init__(self, task: Task, cfg: Config) -> None:
         self.task = task
         self.cfg = cfg
@@ -104,23 +134,40 @@ class ClassificationAdapter:
     def build_model(
         self, model_cfg: ModelConfig | None = None, seed: int | None = None
     ) -> tuple[nn.Module, Any]:
-        model, tokenizer, _ = build_classifier(
-            model_cfg or self.cfg.model,
+        model_cfg = model_cfg or self.cfg.model
+        model, tokenizer, source = build_classifier(
+            model_cfg,
             self.task.num_labels,
             problem=self.task.kind,
             label_smoothing=self.cfg.train.label_smoothing,
             seed=self.cfg.seed if seed is None else seed,
         )
+        if source.family in IMAGE_FAMILIES:
+            raise ModelError(
+                f"model {model_cfg.name!r} is an image model; task {self.task.name!r} is a "
+                f"{self.task.kind} task on text: use a text model"
+            )
         return model, tokenizer
 
     def encode(self, examples: list[Example], tokenizer: Any) -> Encoded:
         return encode(examples, tokenizer, self.cfg.train.max_seq_len)
 
+    def collator(self, tokenizer: Any) -> Collator:
+        return PadCollator(tokenizer.pad_token_id if tokenizer is not None else 0)
+
     def loader(
         self, ds: Encoded, tokenizer: Any, *, shuffle: bool, seed: int, batch_size: int = 0
     ) -> DataLoader:
-        pad = tokenizer.pad_token_id if tokenizer is not None else 0
-        return make_loader(ds, batch_size or self.cfg.train.batch_size, shuffle, seed, pad)
+        size = batch_size or self.cfg.train.batch_size
+        return make_loader(ds, size, shuffle, seed, 0, collator=self.collator(tokenizer))
+
+    def distributions(self, output: Any, batch: dict[str, Tensor]) -> list[Distribution]:
+        if self.task.kind == "regression":
+            raise ConfigError(
+                f"task {self.task.name!r} is a {self.task.kind} task: it has no class "
+                "distribution to distil"
+            )
+        return [Distribution(output.logits.float())]
 
     def eval_loaders(self, tokenizer: Any) -> dict[str, DataLoader]:
         """One loader per eval split (built once per tokenizer)."""
@@ -149,6 +196,8 @@ class ClassificationAdapter:
 class GenerationAdapter:
     """Prompt -> completion with a causal LM; scored by beam search."""
 
+    token_level = True
+
     def __init__(self, task: Task, cfg: Config) -> None:
         from cotune.data.e2e_metrics import check_metric_packages
 
@@ -169,11 +218,20 @@ class GenerationAdapter:
     def encode(self, examples: list[Example], tokenizer: Any) -> Encoded:
         return encode_pairs(examples, tokenizer, self.cfg.train.max_seq_len)
 
+    def collator(self, tokenizer: Any) -> Collator:
+        return PairCollator(int(tokenizer.pad_token_id))
+
     def loader(
         self, ds: Encoded, tokenizer: Any, *, shuffle: bool, seed: int, batch_size: int = 0
     ) -> DataLoader:
         size = batch_size or self.cfg.train.batch_size
         return pair_loader(ds, size, shuffle, seed, int(tokenizer.pad_token_id))
+
+    def distributions(self, output: Any, batch: dict[str, Tensor]) -> list[Distribution]:
+        raise ConfigError(
+            f"task {self.task.name!r} is a generation task: distilling its token "
+            "distributions is not supported"
+        )
 
     def evaluate(self, model: Any, tokenizer: Any) -> Evaluation:
         metrics, texts = evaluate_generation(
@@ -187,6 +245,8 @@ class GenerationAdapter:
 
 class QAAdapter:
     """Extractive QA: a span head on an encoder, context windows, SQuAD EM / F1."""
+
+    token_level = True
 
     def __init__(self, task: Task, cfg: Config) -> None:
         self.task = task
@@ -204,12 +264,22 @@ class QAAdapter:
     def encode(self, examples: list[Example], tokenizer: Any) -> Encoded:
         return encode_qa(examples, tokenizer, self.cfg.train.max_seq_len, self.cfg.task.doc_stride)
 
+    def collator(self, tokenizer: Any) -> Collator:
+        return PadCollator(tokenizer.pad_token_id)
+
     def loader(
         self, ds: Encoded, tokenizer: Any, *, shuffle: bool, seed: int, batch_size: int = 0
     ) -> DataLoader:
-        return make_loader(
-            ds, batch_size or self.cfg.train.batch_size, shuffle, seed, tokenizer.pad_token_id
-        )
+        size = batch_size or self.cfg.train.batch_size
+        return make_loader(ds, size, shuffle, seed, 0, collator=self.collator(tokenizer))
+
+    def distributions(self, output: Any, batch: dict[str, Tensor]) -> list[Distribution]:
+        """The start and the end distribution over each feature's tokens (not padding)."""
+        mask = batch["attention_mask"].bool()
+        return [
+            Distribution(output.start_logits.float(), mask),
+            Distribution(output.end_logits.float(), mask),
+        ]
 
     def eval_splits(self, tokenizer: Any) -> dict[str, QASplit]:
         """Each eval split's questions, features and batches (built once per tokenizer)."""
@@ -256,7 +326,7 @@ class ImageAdapter(ClassificationAdapter):
                 f"patch size {geometry.patch_size}: use e.g. {below} or "
                 f"{below + geometry.patch_size}"
             )
-        self.collator = ImageCollator(geometry.channels)
+        self.channels = geometry.channels
 
     def build_model(
         self, model_cfg: ModelConfig | None = None, seed: int | None = None
@@ -273,11 +343,8 @@ class ImageAdapter(ClassificationAdapter):
     def encode(self, examples: list[Example], tokenizer: Any) -> Encoded:
         return encode_images(examples, self.cfg.task.image_size)
 
-    def loader(
-        self, ds: Encoded, tokenizer: Any, *, shuffle: bool, seed: int, batch_size: int = 0
-    ) -> DataLoader:
-        size = batch_size or self.cfg.train.batch_size
-        return make_loader(ds, size, shuffle, seed, 0, collator=self.collator)
+    def collator(self, tokenizer: Any) -> Collator:
+        return ImageCollator(self.channels)
 
 
 ADAPTERS: dict[

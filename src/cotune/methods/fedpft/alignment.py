@@ -3,12 +3,13 @@
 - per-layer outputs of a model (`capture_layer_outputs`, `layer_outputs`) and the
   alignment loss, the MSE between proxy and FM layer outputs normalised by the FM
   output's mean square (`normalised_mse`, `alignment_loss`), and the gap per layer on
-  held-out text (`layer_gaps`);
+  held-out public data (`layer_gaps`);
 - `align`: layer-level alignment (every proxy layer trained to reproduce its FM layer's
   output from the FM's input to it) and neuron-level alignment (only the chosen neurons'
   rows and columns move, `neuron_masks`);
 - `NeuronStats`: per-neuron activation statistics on a device (mean |activation| of the
-  FFN's post-GELU output over real tokens) and `least_used`, the neurons to re-align.
+  FFN's post-GELU output over real tokens; for an image, over its CLS and patch
+  tokens) and `least_used`, the neurons to re-align.
 """
 
 from __future__ import annotations
@@ -46,10 +47,14 @@ def capture_layer_outputs(model: nn.Module) -> Iterator[list[Tensor]]:
 
 
 def layer_outputs(model: nn.Module, batch: dict[str, Tensor]) -> list[Tensor]:
-    """Every encoder layer's output for `batch` (input_ids, attention_mask[, token_type_ids])."""
+    """Every encoder layer's output for `batch` (input_ids, attention_mask[,
+    token_type_ids] of text, or pixel_values of images)."""
     base = unwrap(model)
     with capture_layer_outputs(model) as outs:
-        base.encode(batch["input_ids"], batch.get("attention_mask"), batch.get("token_type_ids"))  # type: ignore[operator]
+        base.encode(  # type: ignore[operator]
+            batch.get("input_ids"), batch.get("attention_mask"), batch.get("token_type_ids"),
+            batch.get("pixel_values"),
+        )  # fmt: skip
     return list(outs)
 
 
@@ -229,9 +234,9 @@ class NeuronStats:
         handles = [base.register_forward_pre_hook(grab_mask, with_kwargs=True)]
         for j, layer in enumerate(encoder_layers(self.model)):
             if self.plan.compressed[j]:
-                intermediate = layer.intermediate
-                assert isinstance(intermediate, nn.Module)
-                handles.append(intermediate.register_forward_hook(self._hook(j)))
+                # the FFN's activations are the input of its outer linear
+                outer = ffn_linears(layer)[1]
+                handles.append(outer.register_forward_pre_hook(self._hook(j)))
         try:
             yield self
         finally:
@@ -239,8 +244,8 @@ class NeuronStats:
                 h.remove()
 
     def _hook(self, j: int):  # type: ignore[no-untyped-def]
-        def fn(_m: nn.Module, _inp: object, out: Tensor) -> None:
-            a = out.detach().float().abs()  # (batch, tokens, neurons)
+        def fn(_m: nn.Module, args: tuple[Tensor, ...]) -> None:
+            a = args[0].detach().float().abs()  # (batch, tokens, neurons)
             if self._mask is not None:
                 m = self._mask.to(a.dtype).unsqueeze(-1)
                 s, n = (a * m).sum(dim=(0, 1)), float(m.sum())

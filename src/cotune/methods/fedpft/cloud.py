@@ -1,8 +1,10 @@
 """fedpft on the cloud: the proxy hook.
 
 1. builds the proxy from the full model (FM) the server holds (`cotune.models.proxy`),
-   and aligns it layer by layer on a public corpus (`proxy.public_corpus`, default
-   bbc-news article text; clients train on the task's data, never on it);
+   and aligns it layer by layer on public data (`proxy.public_corpus`, a task whose
+   examples are of the clients' kind: by default bbc-news article text for text tasks,
+   scikit-learn's handwritten digits for image tasks; clients train on the task's
+   data, never on it), encoded by that task's own adapter;
 2. sends each sampled device the proxy weights it does not hold yet (all of them the
    first time, afterwards only the tensors re-aligned since its last round), inside
    its train message, so they are counted with the round's bytes;
@@ -17,6 +19,7 @@ The FM's own weights never go into a message: only the proxy's.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -31,8 +34,7 @@ from torch import Tensor
 
 from cotune.config import Config
 from cotune.config.schema import TaskConfig
-from cotune.data import EncodedDataset, Example, encode, load_task, make_loader
-from cotune.errors import ConfigError
+from cotune.data import Example, load_task
 from cotune.methods.federated.global_model import GlobalModel
 from cotune.methods.federated.state import set_state
 from cotune.methods.fedpft.alignment import AlignStats, align, layer_gaps, least_used, neuron_masks
@@ -44,7 +46,15 @@ from cotune.models.proxy import (
     proxy_weights,
     to_proxy_names,
 )
-from cotune.training import cycle, derive_seed, model_inputs, seed_everything
+from cotune.training import (
+    TaskAdapter,
+    adapter_for,
+    cycle,
+    derive_seed,
+    model_inputs,
+    seed_everything,
+)
+from cotune.training.tasks import Encoded
 
 PROXY_KEY = "proxy"  # ArrayRecord (down): proxy tensors the device does not hold yet
 META_KEY = "proxy-meta"  # ArrayRecord (down): version, whether to report statistics
@@ -52,26 +62,33 @@ STATS_KEY = "neuron-stats"  # ArrayRecord (up): mean |activation| per neuron, pe
 GAP_BATCHES = 4  # held-out public batches on which layer gaps are measured
 
 
-# ----------------------------------------------------------------------------- public text
+# ----------------------------------------------------------------------------- public data
 
 
-def public_examples(cfg: Config) -> tuple[list[Example], list[Example]]:
-    """(alignment text, held-out text) of the cloud's public corpus; labels unused."""
-    if cfg.proxy.public_corpus == cfg.task.name:
-        raise ConfigError(
-            f"proxy.public_corpus = {cfg.proxy.public_corpus!r} is the task the clients train "
-            "on; the cloud aligns on a public corpus the clients do not hold (e.g. bbc-news)"
-        )
-    task = load_task(TaskConfig(name=cfg.proxy.public_corpus), cfg.seed)
-    held_out = next(iter(task.eval.values()), [])
-    text = [Example(ex.text_a, ex.text_b, 0) for ex in task.train]
-    return text, [Example(ex.text_a, ex.text_b, 0) for ex in held_out]
+class PublicData:
+    """The cloud's public data (`proxy.public_corpus`, checked and filled in by fedpft's
+    `configure`): its training examples to align on and its held-out ones to measure
+    layer gaps on, labels dropped, encoded for the FM by the public task's own adapter
+    (text: tokenised to `train.max_seq_len`; images: resized to `task.image_size`)."""
+
+    def __init__(self, cfg: Config, tokenizer: Any) -> None:
+        assert cfg.proxy.public_corpus is not None, "fedpft's configure fills it in"
+        self.cfg = cfg
+        self.tokenizer = tokenizer
+        task = load_task(TaskConfig(name=cfg.proxy.public_corpus), cfg.seed)
+        self.adapter: TaskAdapter = adapter_for(task, cfg)
+        held_out = next(iter(task.eval.values()), []) or task.train
+        self.train: Encoded = self.adapter.encode(_unlabelled(task.train), tokenizer)
+        self.held_out: Encoded = self.adapter.encode(_unlabelled(held_out), tokenizer)
+
+    def batches(self, ds: Encoded, seed: int) -> Iterator[dict]:
+        """Model inputs (no labels) of `ds`, in a seeded order, cycled."""
+        loader = self.adapter.loader(ds, self.tokenizer, shuffle=True, seed=seed)
+        return (model_inputs(b) for b in cycle(loader))
 
 
-def _batches(ds: EncodedDataset, tokenizer: Any, cfg: Config, seed: int) -> Iterator[dict]:
-    loader = make_loader(ds, cfg.train.batch_size, shuffle=True, seed=seed,
-                         pad_token_id=tokenizer.pad_token_id)  # fmt: skip
-    return (model_inputs(b) for b in cycle(loader))
+def _unlabelled(examples: list[Example]) -> list[Example]:
+    return [dataclasses.replace(ex, label=0) for ex in examples]
 
 
 # ----------------------------------------------------------------------------- cloud
@@ -85,17 +102,13 @@ class ProxyHook(ServerHook):
     """The cloud side of fedpft (see the module docstring)."""
 
     def __init__(self, cfg: Config, global_model: GlobalModel) -> None:
-        if global_model.task.kind != "classification":
-            raise ConfigError("fedpft supports classification tasks (the proxy's head is linear)")
         self.cfg = cfg
         self.fm = global_model.model
         self.tokenizer = global_model.tokenizer
         self.proxy, self.plan, self.neurons = build_proxy(self.fm, cfg.proxy)
         self.align_names = ffn_param_names(self.proxy, self.plan)
-        text, held_out = public_examples(cfg)
-        self.public = encode(text, self.tokenizer, cfg.train.max_seq_len)
-        gap_set = encode(held_out or text, self.tokenizer, cfg.train.max_seq_len)
-        gap_iter = _batches(gap_set, self.tokenizer, cfg, derive_seed(cfg.seed, "gap"))
+        self.public = PublicData(cfg, self.tokenizer)
+        gap_iter = self.public.batches(self.public.held_out, derive_seed(cfg.seed, "gap"))
         self.gap_batches = [next(gap_iter) for _ in range(GAP_BATCHES)]
         self.info: dict[str, Any] = {
             "proxy_kind": self.plan.kind,
@@ -145,13 +158,13 @@ class ProxyHook(ServerHook):
 
     # -- alignment
     def gaps(self) -> list[float]:
-        """Per proxy layer: normalised MSE to the FM's matching layer (held-out public text)."""
+        """Per proxy layer: normalised MSE to the FM's matching layer (held-out public data)."""
         return layer_gaps(self.proxy, self.fm, self.plan, self.gap_batches)
 
     def _align_before_fl(self) -> AlignStats:
         cfg = self.cfg
         seed_everything(derive_seed(cfg.seed, "proxy/align"))
-        batches = _batches(self.public, self.tokenizer, cfg, derive_seed(cfg.seed, "proxy/align"))
+        batches = self.public.batches(self.public.train, derive_seed(cfg.seed, "proxy/align"))
         return align(self.proxy, self.fm, self.plan, batches, cfg.proxy.align_steps,
                      cfg.proxy.align_lr, params=self.align_names)  # fmt: skip
 
@@ -215,7 +228,7 @@ class ProxyHook(ServerHook):
         before = self.gaps()
         seed = derive_seed(cfg.seed, "proxy/realign", server_round)
         seed_everything(seed)
-        stats = align(self.proxy, self.fm, self.plan, _batches(self.public, self.tokenizer, cfg, seed),
+        stats = align(self.proxy, self.fm, self.plan, self.public.batches(self.public.train, seed),
                       cfg.proxy.realign_steps, cfg.proxy.align_lr, params=names,
                       grad_masks=masks)  # fmt: skip
         after = self.gaps()
@@ -280,7 +293,7 @@ def _cache_path(hook: ProxyHook) -> Path | None:
     key = json.dumps(
         [cfg.seed, cfg.model.model_dump(), cfg.task.name, cfg.train.max_seq_len,
          cfg.train.batch_size, p.kind, p.keep_layers, p.ffn_keep, p.align_steps, p.align_lr,
-         p.public_corpus],
+         p.public_corpus, cfg.task.image_size],
         sort_keys=True,
     )  # fmt: skip
     return Path(root) / f"proxy-{hashlib.sha256(key.encode()).hexdigest()[:20]}.safetensors"
