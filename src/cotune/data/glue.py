@@ -270,8 +270,9 @@ def load_folder(
 
 
 def _hub_unavailable() -> str | None:
-    """Why the HF hub cannot be used here, or None if it can."""
-    return hub.datasets_unavailable()
+    """Why the hub copy of a packaged task cannot be used here, or None if it can (the
+    task does not name a hub data set: it stays offline unless the user opts in)."""
+    return hub.datasets_unavailable(named=False)
 
 
 def load_hub(spec: GlueSpec, require_train: bool) -> tuple[list[Example], dict[str, list[Example]]]:

@@ -30,7 +30,7 @@ from cotune.methods import (
     resolve,
 )
 from cotune.report import RunFolder, default_run_dir, finish_run
-from cotune.runtime.launcher import offline_env
+from cotune.runtime.launcher import process_env
 from cotune.runtime.memory_cap import apply_memory_cap
 
 
@@ -69,7 +69,7 @@ def run_experiment(cfg: Config, out: str | Path | None = None, resume: bool = Fa
     With `resume`, `out` is an existing run folder and the method continues from its
     last checkpoint (methods whose spec is resumable: the federated ones).
     """
-    offline_env()
+    process_env()
     resolve(cfg)
     allocator = tune_allocator(cfg.memory.allocator)
     mark_rest()  # the process at rest, for memory breakdowns (memory.report)

@@ -20,7 +20,8 @@ from cotune.config.schema import LoraConfig
 from cotune.errors import ConfigError
 from cotune.methods.fedpft.cloud import ProxyHook
 from cotune.methods.fedpft.device import proxy_local_train
-from cotune.methods.spec import FederatedSpec, MethodSpec, reject_task_kind
+from cotune.methods.spec import FederatedSpec, MethodSpec, reject_task_kind, require_model_family
+from cotune.models.proxy import PROXY_FAMILIES
 
 # LoRA on the proxy's attention projections (Q, K, V, attention output)
 FEDPFT_TARGETS = ("query", "key", "value", "attention.output.dense")
@@ -28,6 +29,7 @@ FEDPFT_TARGETS = ("query", "key", "value", "attention.output.dense")
 
 def configure(cfg: Config) -> None:
     reject_task_kind(cfg, ("qa", "image-classification"), "fedlora or fedavg for QA and images")
+    require_model_family(cfg, PROXY_FAMILIES, "fedpft (building a pruned proxy of the model)")
     if cfg.model.base_dtype != "fp32":
         # the cloud aligns the proxy's frozen FFN weights by training them and ships
         # them to the devices as fp32 tensors: a bf16 / int8 base does not fit that yet
