@@ -157,7 +157,9 @@ def cmd_models(args: argparse.Namespace) -> int:
         )
     Console().print(table)
     print(
-        "Also accepted: a local folder holding a transformers checkpoint, or a hub id when online."
+        "Also accepted: any transformers text encoder or causal LM, as a save_pretrained "
+        "folder or a hub id (downloaded unless --offline); split, splitfed and fedpft need "
+        "one of the families above."
     )
     return 0
 

@@ -1,4 +1,5 @@
-"""The nine GLUE tasks: from a folder in GLUE TSV layout, or from the HF hub when online.
+"""The nine GLUE tasks: from a folder in GLUE TSV layout, or from the HF hub when the user
+opts in (HF_DATASETS_OFFLINE=0).
 
 GLUE test sets carry no labels, so the evaluation split is dev (MNLI: dev_matched and
 dev_mismatched). Label indices follow the HF hub's `nyu-mll/glue` so both sources agree.
