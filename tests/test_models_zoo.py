@@ -48,7 +48,10 @@ def test_missing_folder_and_folder_without_config(tmp_path: Path) -> None:
 
 def test_unsupported_model_type_in_folder(tmp_path: Path) -> None:
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "t5"}))
-    with pytest.raises(ModelError, match="supported model types: .*bert"):
+    # outside the named families, but not a text encoder or causal LM either
+    with pytest.raises(
+        ModelError, match="encoder-decoder.*model types with a known layout: .*bert"
+    ):
         resolve(str(tmp_path))
 
 

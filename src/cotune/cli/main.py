@@ -161,7 +161,9 @@ def cmd_models(args: argparse.Namespace) -> int:
         )
     Console().print(table)
     print(
-        "Also accepted: a local folder holding a transformers checkpoint, or a hub id when online."
+        "Also accepted: any transformers text encoder or causal LM, as a save_pretrained "
+        "folder or a hub id (downloaded unless --offline); split, splitfed and fedpft need "
+        "one of the families above."
     )
     return 0
 
@@ -205,11 +207,11 @@ def cmd_methods(args: argparse.Namespace) -> int:
 
 def cmd_cloud(args: argparse.Namespace) -> int:
     from cotune.runtime.experiment import load_experiment
-    from cotune.runtime.launcher import offline_env
+    from cotune.runtime.launcher import process_env
     from cotune.runtime.process_allocator import ensure_process_allocator
     from cotune.runtime.split.serve import serve_forever
 
-    offline_env()
+    process_env()
     cfg = load_experiment(args.config, args.set)
     ensure_process_allocator(cfg)
     return serve_forever(cfg, args.listen, out=args.out, port_file=args.port_file)
@@ -288,6 +290,14 @@ class _Version(argparse.Action):
         parser.exit()
 
 
+OFFLINE_HELP = (
+    "never use the Hugging Face hub, in this process and every process it starts (as "
+    "HF_HUB_OFFLINE=1): a hub model id must be in the local HF cache. Without it a hub id "
+    "is downloaded when the hub is reachable; zoo models, local folders and data sets "
+    "never use the network either way (hf:<id> data sets excepted)"
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="cotune",
@@ -301,9 +311,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--quiet", action="store_true",
         help="no step bars and no line per evaluation or round (for scripts; errors still print)",
     )  # fmt: skip
+    parser.add_argument("--offline", action="store_true", help=OFFLINE_HELP)
+    # also accepted after the command (`cotune run --offline ...`); SUPPRESS keeps a
+    # command's parser from resetting a flag given before the command
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--offline", action="store_true", default=argparse.SUPPRESS,
+                        help=OFFLINE_HELP)  # fmt: skip
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("run", help="run an experiment from a TOML config")
+    p = sub.add_parser("run", parents=[common], help="run an experiment from a TOML config")
     p.add_argument("config", nargs="?", help="TOML config file (defaults apply if omitted)")
     p.add_argument(
         "--set",
@@ -330,6 +346,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "sweep",
+        parents=[common],
         help="run a grid of config values (x seeds), each as its own `cotune run` process",
         description="Run every combination of the --grid values (times every --seeds seed) "
         "as its own `cotune run` child process, at most --parallel at once (each with "
@@ -358,6 +375,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "compare",
+        parents=[common],
         help="compare finished runs and seed groups",
         description="A table of final metrics, bytes, memory and time, and a plot of the "
         "primary metric against bytes on the wire. A seed group (a folder with "
@@ -377,6 +395,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "memory",
+        parents=[common],
         help="where the device's training memory goes: a short run with memory.report on",
         description="Train CONFIG for --steps steps with memory.report = true and print the "
         "breakdown of the device process's peak RSS: runtime at rest, parameters, optimizer "
@@ -392,16 +411,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="run folder (default runs/<timestamp>-<name>-memory)")
     p.set_defaults(func=cmd_memory)
 
-    p = sub.add_parser("models", help="list the models available and where they come from")
+    p = sub.add_parser(
+        "models", parents=[common], help="list the models available and where they come from"
+    )
     p.set_defaults(func=cmd_models)
 
-    p = sub.add_parser("tasks", help="list the tasks and their metrics")
+    p = sub.add_parser("tasks", parents=[common], help="list the tasks and their metrics")
     p.set_defaults(func=cmd_tasks)
 
-    p = sub.add_parser("methods", help="list the methods and what they do")
+    p = sub.add_parser("methods", parents=[common], help="list the methods and what they do")
     p.set_defaults(func=cmd_methods)
 
-    p = sub.add_parser("cloud", help="serve the cloud side of split training over gRPC")
+    p = sub.add_parser(
+        "cloud", parents=[common], help="serve the cloud side of split training over gRPC"
+    )
     p.add_argument("--config", help="TOML config (the same file the devices use)")
     p.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key"
@@ -418,7 +441,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port-file", help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_cloud)
 
-    p = sub.add_parser("device", help="train as a device of a split cloud over gRPC")
+    p = sub.add_parser(
+        "device", parents=[common], help="train as a device of a split cloud over gRPC"
+    )
     p.add_argument("--config", help="TOML config (the same file the cloud uses)")
     p.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key"
@@ -434,14 +459,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     # before anything imports transformers / huggingface_hub (they read these at import)
-    from cotune.runtime.launcher import offline_env
+    from cotune.hub import go_offline
+    from cotune.runtime.launcher import process_env
 
-    offline_env()
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    process_env()
+    if getattr(args, "offline", False):
+        go_offline()
     warnings.showwarning = _show_warning
     warnings.filterwarnings("ignore", category=FutureWarning)
     logging.basicConfig(level=logging.WARNING, format="cotune: %(levelname)s: %(message)s")
-    parser = build_parser()
-    args = parser.parse_args(argv)
     if args.quiet:  # child processes (devices, cloud, Flower) inherit it
         os.environ[QUIET_ENV] = "0"
     try:

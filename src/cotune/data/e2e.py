@@ -99,7 +99,8 @@ def load_e2e(
     *,
     require_train: bool = True,
 ) -> GenerationTask:
-    """The E2E task from `data_dir` (or the HF hub when online), seeded subsamples."""
+    """The E2E task from `data_dir` (or the HF hub when the user opts in:
+    HF_DATASETS_OFFLINE=0), seeded subsamples."""
     if data_dir is None:
         train_rows, test_rows = _load_hub()
         source = "hf:tuetschek/e2e_nlg"

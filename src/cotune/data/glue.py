@@ -1,4 +1,5 @@
-"""The nine GLUE tasks: from a folder in GLUE TSV layout, or from the HF hub when online.
+"""The nine GLUE tasks: from a folder in GLUE TSV layout, or from the HF hub when the user
+opts in (HF_DATASETS_OFFLINE=0).
 
 GLUE test sets carry no labels, so the evaluation split is dev (MNLI: dev_matched and
 dev_mismatched). Label indices follow the HF hub's `nyu-mll/glue` so both sources agree.
@@ -270,8 +271,9 @@ def load_folder(
 
 
 def _hub_unavailable() -> str | None:
-    """Why the HF hub cannot be used here, or None if it can."""
-    return hub.datasets_unavailable()
+    """Why the hub copy of a packaged task cannot be used here, or None if it can (the
+    task does not name a hub data set: it stays offline unless the user opts in)."""
+    return hub.datasets_unavailable(named=False)
 
 
 def load_hub(spec: GlueSpec, require_train: bool) -> tuple[list[Example], dict[str, list[Example]]]:

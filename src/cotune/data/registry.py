@@ -11,7 +11,9 @@ from cotune.data.sampling import stratified_split, subsample
 from cotune.data.task import Example, Task
 from cotune.errors import ConfigError
 
-GLUE_SOURCE = "task.data_dir (folder in GLUE TSV layout) or HF hub nyu-mll/glue when online"
+GLUE_SOURCE = (
+    "task.data_dir (folder in GLUE TSV layout) or HF hub nyu-mll/glue with HF_DATASETS_OFFLINE=0"
+)
 
 
 def task_names() -> list[str]:

@@ -252,6 +252,22 @@ def reject_task_kind(cfg: Config, kinds: tuple[str, ...], alternatives: str) -> 
         )
 
 
+def require_model_family(cfg: Config, families: tuple[str, ...], what: str) -> None:
+    """A `ModelError` naming `families` unless `cfg.model` is of one of them: methods
+    that cut the model or build a proxy of it need a family whose layout cotune knows
+    (a generic encoder or decoder trains only whole). A model name that does not resolve
+    is left for the model build to report."""
+    from cotune.errors import ModelError
+    from cotune.models.zoo import require_family
+    from cotune.models.zoo import resolve as resolve_model
+
+    try:
+        source = resolve_model(cfg.model.name, prepare=False)
+    except ModelError:
+        return
+    require_family(source, families, what)
+
+
 @dataclass(frozen=True)
 class MethodSpec:
     """A method: `name`, a one-line `summary`, how it `runs`, the optional config

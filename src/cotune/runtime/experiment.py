@@ -31,7 +31,7 @@ from cotune.methods import (
 )
 from cotune.report import RunFolder, default_run_dir, finish_run, progress
 from cotune.report.trackers import check_trackers, open_trackers
-from cotune.runtime.launcher import offline_env
+from cotune.runtime.launcher import process_env
 from cotune.runtime.memory_cap import apply_memory_cap
 from cotune.runtime.provenance import provenance
 
@@ -71,7 +71,7 @@ def run_experiment(cfg: Config, out: str | Path | None = None, resume: bool = Fa
     With `resume`, `out` is an existing run folder and the method continues from its
     last checkpoint (methods whose spec is resumable: the federated ones).
     """
-    offline_env()
+    process_env()
     resolve(cfg)
     allocator = tune_allocator(cfg.memory.allocator)
     mark_rest()  # the process at rest, for memory breakdowns (memory.report)

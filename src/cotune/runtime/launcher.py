@@ -4,8 +4,9 @@
 device` per splitfed device, a Flower SuperLink or SuperNode. Each writes to its own
 log file, starts within a bounded time (`wait_for_file` / `wait_for_port`, failing
 early with the log's tail if the process dies), and stops with SIGTERM, then SIGKILL
-after a grace period, together with every process it spawned. Children run offline
-(`offline_env`): models and data never come from a hub unless the user allows it.
+after a grace period, together with every process it spawned. Children inherit this
+process's environment, so the user's hub choice (`cotune --offline`, HF_HUB_OFFLINE)
+holds in every process of a run (`cotune.hub` is the policy).
 """
 
 from __future__ import annotations
@@ -22,30 +23,33 @@ from pathlib import Path
 from cotune.errors import UserError
 
 LOOPBACK = "127.0.0.1"
-OFFLINE = {
-    "HF_HUB_OFFLINE": "1",
-    "TRANSFORMERS_OFFLINE": "1",
+# What every cotune process runs with (a variable the user already set wins). The hub
+# policy is not here: it is the user's (`cotune.hub`), and children inherit it.
+PROCESS_ENV = {
     "TOKENIZERS_PARALLELISM": "false",
     # no "Loading weights" bars (transformers reads this when imported); cotune shows its own
     "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+    "HF_HUB_DISABLE_TELEMETRY": "1",
 }
 
 
-def offline_env() -> None:
-    """This process: models and data never come from a hub unless the user allows it
-    explicitly (a variable already set wins)."""
-    for key, value in OFFLINE.items():
+def process_env() -> None:
+    """This process: quiet tokenizers and hub downloads, no telemetry (a variable
+    already set wins). Whether the hub may be used is `cotune.hub`'s policy."""
+    for key, value in PROCESS_ENV.items():
         os.environ.setdefault(key, value)
 
 
 def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
-    """The environment of a child: this one, offline, this interpreter's scripts first on
-    PATH (Flower's processes spawn further console scripts)."""
+    """The environment of a child: this one (with the user's hub choice: `--offline`
+    sets COTUNE_OFFLINE and HF_HUB_OFFLINE here, so children inherit it), this
+    interpreter's scripts first on PATH (Flower's processes spawn further console
+    scripts)."""
     bin_dir = str(Path(sys.executable).parent)
     path = os.environ.get("PATH", "")
     return {
+        **PROCESS_ENV,
         **os.environ,
-        **OFFLINE,
         "PATH": f"{bin_dir}{os.pathsep}{path}" if path else bin_dir,
         "PYTHONUNBUFFERED": "1",
         **(extra or {}),

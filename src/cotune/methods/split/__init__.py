@@ -25,15 +25,19 @@ loopback, or as a device of a cloud at `runtime.cloud` (`cotune device`).
 from __future__ import annotations
 
 from cotune.config import Config
-from cotune.methods.spec import MethodSpec, SplitSpec, reject_task_kind
+from cotune.methods.spec import MethodSpec, SplitSpec, reject_task_kind, require_model_family
 from cotune.methods.split.cloud import SplitCloud, SplitSession
 from cotune.methods.split.device import ReconnectingStep, SplitDevice, train_device
 from cotune.methods.split.protocol import build_split, fingerprint
+from cotune.models.cut import FAMILY_OPS
 
 
 def configure(cfg: Config) -> None:
     # the cut model ends in a classifier head (pooled) or a span head (per token)
     reject_task_kind(cfg, ("generation",), "splitfed for generation tasks")
+    require_model_family(
+        cfg, tuple(FAMILY_OPS), "split (cutting the model between device and cloud)"
+    )
 
 
 SPEC = MethodSpec(

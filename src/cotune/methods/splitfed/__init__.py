@@ -29,10 +29,18 @@ from cotune.config import Config
 from cotune.data.registry import task_kind
 from cotune.errors import ConfigError
 from cotune.methods.federated.data import task_for
-from cotune.methods.spec import CloudOutcome, DeviceOutcome, MethodResult, MethodSpec, SplitSpec
+from cotune.methods.spec import (
+    CloudOutcome,
+    DeviceOutcome,
+    MethodResult,
+    MethodSpec,
+    SplitSpec,
+    require_model_family,
+)
 from cotune.methods.splitfed.cloud import Aggregator, LMCloud, SplitFedCloud, build_lm_split
 from cotune.methods.splitfed.device import LMDevice, train_device
 from cotune.models import load_adapter_state_dict
+from cotune.models.cut_lm import LM_CUT_FAMILIES
 from cotune.training import Recorder, adapter_for
 
 
@@ -49,6 +57,9 @@ def configure(cfg: Config) -> None:
             f"splitfed fine-tunes causal LMs on generation tasks (e.g. task.name = 'e2e'), "
             f"not {cfg.task.name!r} (a {kind} task)"
         )
+    require_model_family(
+        cfg, LM_CUT_FAMILIES, "splitfed (cutting the model between devices and cloud)"
+    )
     if cfg.link.codec == "sft":
         raise ConfigError(
             "link.codec = 'sft' factorises the cut layer, which the uncut model lacks: "
