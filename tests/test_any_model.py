@@ -25,7 +25,7 @@ from cotune import hub
 from cotune.cli.main import main
 from cotune.config import build_config
 from cotune.config.schema import LoraConfig, MemoryConfig, ModelConfig
-from cotune.errors import ModelError
+from cotune.errors import ConfigError, ModelError
 from cotune.memory import apply_memory_option, checkpointed_layers, sparse_op_counts
 from cotune.methods import resolve as resolve_config
 from cotune.models import build_classifier, load_backbone, load_tokenizer, resolve
@@ -256,7 +256,10 @@ def test_split_on_a_generic_model_exits_2_naming_the_families(
 
 def test_fedpft_and_splitfed_refuse_generic_models(deberta: Path, sst2: Path) -> None:
     base = {"task": {"name": "glue/sst2", "data_dir": str(sst2)}, "model": {"name": str(deberta)}}
-    with pytest.raises(ModelError, match=r"fedpft .*bert \(bert\), roberta \(roberta"):
+    with pytest.raises(
+        ConfigError,
+        match=r"is an encoder model; proxies \(fedpft\) are built from bert, roberta, dinov2",
+    ):
         resolve_config(build_config({"method": "fedpft", **base}))
     e2e = {"task": {"name": "e2e", "data_dir": str(sst2)},
            "model": {"name": str(deberta), "lora": {"r": 4}}}  # fmt: skip

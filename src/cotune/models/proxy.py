@@ -75,7 +75,8 @@ def proxy_family(name: str) -> str:
     family = resolve(name, prepare=False).family
     if family not in PROXY_FAMILIES:
         raise ModelError(
-            f"model {name!r} is a {family} model; proxies (fedpft) are built from "
+            f"model {name!r} is {'an' if family[0] in 'aeiou' else 'a'} {family} model; proxies "
+            "(fedpft) are built from "
             f"{', '.join(PROXY_FAMILIES)} encoders only"
         )
     return family

@@ -23,8 +23,8 @@ from cotune.data.registry import canonical_name, task_modality
 from cotune.errors import ConfigError, ModelError
 from cotune.methods.fedpft.cloud import ProxyHook
 from cotune.methods.fedpft.device import proxy_local_train
-from cotune.methods.spec import FederatedSpec, MethodSpec, reject_task_kind, require_model_family
-from cotune.models.proxy import ATTENTION_PROJECTIONS, PROXY_FAMILIES, proxy_family
+from cotune.methods.spec import FederatedSpec, MethodSpec, reject_task_kind
+from cotune.models.proxy import ATTENTION_PROJECTIONS, proxy_family
 
 # the cloud's public data when `proxy.public_corpus` is not set, by the task's modality:
 # the first of these that is not the clients' own task
@@ -69,7 +69,6 @@ def check_public_corpus(cfg: Config) -> None:
 
 def configure(cfg: Config) -> None:
     reject_task_kind(cfg, ("regression", "generation"), "fedlora or fedavg for it")
-    require_model_family(cfg, PROXY_FAMILIES, "fedpft (building a pruned proxy of the model)")
     if cfg.model.base_dtype != "fp32":
         # the cloud aligns the proxy's frozen FFN weights by training them and ships
         # them to the devices as fp32 tensors: a bf16 / int8 base does not fit that yet
