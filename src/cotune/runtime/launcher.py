@@ -30,6 +30,7 @@ PROCESS_ENV = {
     # no "Loading weights" bars (transformers reads this when imported); cotune shows its own
     "HF_HUB_DISABLE_PROGRESS_BARS": "1",
     "HF_HUB_DISABLE_TELEMETRY": "1",
+    "FLWR_TELEMETRY_ENABLED": "0",  # Flower reports usage events to its servers otherwise
 }
 
 
