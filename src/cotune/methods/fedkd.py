@@ -244,6 +244,12 @@ class KDHook(ServerHook):
 
 def configure(cfg: Config) -> None:
     reject_task_kind(cfg, ("qa", "image-classification"), "fedlora or fedavg for QA and images")
+    if cfg.federated.client_data == "node":
+        raise ConfigError(
+            "fedkd's teacher trains on a public share of the training data, and with "
+            "federated.client_data = 'node' (each node brings its own data: deployment to "
+            "your SuperLink) the server holds no training data; use fedlora or fedavg"
+        )
     if cfg.model.lora is None:  # the student trains LoRA (default r = 8)
         cfg.model.lora = LoraConfig()
 

@@ -8,9 +8,28 @@ WEIGHT_KEY = "num-examples"  # a client's weight in the average
 CONFIG_TEXT_KEY = "cotune-config"  # the resolved experiment config as TOML text
 PARTITION_KEY = "partition-id"  # SuperNode node config: which partition it holds
 NUM_PARTITIONS_KEY = "num-partitions"
+# node config of a SuperNode with its own data (federated.client_data = "node"): the
+# file or folder it trains on, and optionally what it scores the global model on when
+# the server has no evaluation data (default: its training data)
+DATA_PATH_KEY = "data-path"
+EVAL_PATH_KEY = "eval-path"
+NODE_KEY = "node"  # ConfigRecord of a reply: what a node's own data is (or why it fails)
+SHA_KEY = "data-sha256"  # the fingerprint of a node's training examples
+EXAMPLES_KEY = "examples"
+LABELS_KEY = "labels"
+ERROR_KEY = "error"
+
+# a SuperNode's node config (what `--node-config` gives, e.g. data-path)
+NodeConfig = dict[str, str | int | float | bool]
 
 RESULT_FILE = "federated_result.json"  # written by the ServerApp at the end
 ERROR_FILE = "federated_error.txt"  # written by the ServerApp if it fails
+# ... and this one too when the failure is the user's to fix (bad data, config): its
+# text is the message `cotune run` prints before exiting with status 2
+USER_ERROR_FILE = "federated_user_error.txt"
+# environment variable: a file the ServerApp appends the path of every file it opens to
+# (an audit that the server reads no training data)
+AUDIT_OPENS_ENV = "COTUNE_AUDIT_OPENS"
 
 
 def number(value: object, what: str) -> float:
