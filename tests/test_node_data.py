@@ -11,13 +11,10 @@ the nodes' data; a node with no usable data stops the run with a clear user erro
 
 from __future__ import annotations
 
-import csv
-import hashlib
-import json
 from pathlib import Path
 
 import pytest
-from helpers import write_sst2
+from helpers import expected_sha, node_files, node_rows, write_rows, write_sst2
 
 from cotune.config import build_config
 from cotune.config.schema import TaskConfig
@@ -26,38 +23,6 @@ from cotune.errors import ConfigError, DataError, UserError
 from cotune.methods import resolve
 from cotune.report.run_folder import read_jsonl
 from cotune.runtime.federated.engine import run_federated
-
-POSITIVE = ["good", "great", "lovely", "witty", "fun"]
-NEGATIVE = ["bad", "dull", "awful", "weak", "boring"]
-
-
-def write_rows(
-    path: Path, rows: list[tuple[str, str]], header: tuple[str, str] = ("text", "label")
-) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(header)
-        writer.writerows(rows)
-    return path
-
-
-def node_rows(node: int, n: int, labels: tuple[str, ...] = ("pos", "neg")) -> list[tuple[str, str]]:
-    """n distinct rows, each naming its node and row ("n1r3"), cycling through labels."""
-    rows = []
-    for i in range(n):
-        label = labels[i % len(labels)]
-        word = (POSITIVE if label == "pos" else NEGATIVE)[i % 5]
-        rows.append((f"n{node}r{i} the movie is {word} .", label))
-    return rows
-
-
-def expected_sha(rows: list[tuple[str, str]]) -> str:
-    """The fingerprint as documented (`cotune.data.registry.fingerprint`), computed here
-    from the rows themselves: sha256 of the sorted `json.dumps([text, null, label])`."""
-    lines = sorted(json.dumps([text, None, label]) for text, label in rows)
-    return hashlib.sha256("\n".join(lines).encode()).hexdigest()
-
 
 # --------------------------------------------------------------------------- data layer
 
@@ -139,12 +104,6 @@ def fed_config(eval_file: Path | None, **federated: object):  # type: ignore[no-
                       **federated},
     }  # fmt: skip
     return resolve(build_config(raw))
-
-
-def node_files(tmp_path: Path) -> tuple[list[Path], list[list[tuple[str, str]]]]:
-    """Three nodes of 5, 6 and 7 distinct rows; node 2 holds one class only."""
-    rows = [node_rows(0, 5), node_rows(1, 6), node_rows(2, 7, ("pos",))]
-    return [write_rows(tmp_path / f"node{i}" / "mine.csv", r) for i, r in enumerate(rows)], rows
 
 
 def test_each_inline_client_trains_on_exactly_its_own_rows(tmp_path: Path) -> None:
