@@ -86,3 +86,55 @@ def test_device_data_errors_exit_2(tmp_path: Path, capsys, data: str, needle: st
     err = capsys.readouterr().err
     assert code == 2, err
     assert needle in err and "Traceback" not in err
+
+
+def test_splitfed_devices_each_train_on_all_of_their_own_data(tmp_path: Path) -> None:
+    """Three splitfed devices (threads against one in-process cloud), each configured as
+    `cotune device --data` configures it: each trains on all of its own folder, not on a
+    partition of a shared one."""
+    import threading
+
+    from helpers import splitfed_config, write_e2e
+
+    from cotune.data import load_task
+    from cotune.data.registry import fingerprint
+    from cotune.errors import ConfigError
+    from cotune.link.auth import TokenBook
+    from cotune.link.service import CloudEndpoint
+    from cotune.methods import NullRecorder, get_spec
+    from cotune.methods.spec import SplitSpec
+    from cotune.runtime.experiment import use_own_data
+    from cotune.runtime.split.launch import inprocess_connector
+
+    shared = write_e2e(tmp_path / "shared", n_train=2)  # what the config names
+    with pytest.raises(ConfigError, match="train.steps"):
+        use_own_data(splitfed_config(shared, train={"steps": None, "epochs": 1.0}), shared)
+    sizes = {0: 3, 1: 5, 2: 7}
+    cfgs = {
+        i: use_own_data(
+            splitfed_config(shared, train={"steps": 2}), write_e2e(tmp_path / f"d{i}", n_train=n)
+        )
+        for i, n in sizes.items()
+    }
+    spec = get_spec("splitfed").runs
+    assert isinstance(spec, SplitSpec)
+    tokens = {i: f"token-{i}" for i in sizes}
+    endpoint = CloudEndpoint(spec.cloud(cfgs[0]), TokenBook(tokens))
+    results: dict[int, Any] = {}
+
+    def work(i: int) -> None:
+        connect = inprocess_connector(cfgs[i], endpoint, i, tokens[i])
+        results[i] = spec.device(cfgs[i], i, connect, NullRecorder(), None)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in sizes]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=600)
+    assert sorted(results) == [0, 1, 2]
+    for i, n in sizes.items():
+        extra = results[i].extra
+        own = load_task(cfgs[i].task, cfgs[i].seed)  # the folder's rows, read plainly
+        assert extra["examples"] == n == len(own.train)
+        assert extra["train_sha256"] == fingerprint(own.train, own)
+        assert extra["steps"] == 2 and extra["rounds"] == [3, 3]
