@@ -21,13 +21,13 @@ import time
 from pathlib import Path
 
 from cotune.config import Config
-from cotune.runtime.federated.engine import raise_server_error
 from cotune.runtime.federated.keys import (
     ERROR_FILE,
     NUM_PARTITIONS_KEY,
     PARTITION_KEY,
     RESULT_FILE,
     NodeConfig,
+    raise_server_error,
 )
 from cotune.runtime.federated.server import ServerOptions
 from cotune.runtime.launcher import LOOPBACK, Child, child_env, console_script, free_port, stop_all

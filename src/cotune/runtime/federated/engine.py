@@ -16,9 +16,15 @@ from typing import Any
 from flwr.clientapp import ClientApp
 
 from cotune.config import Config, to_toml
-from cotune.errors import ConfigError, UserError
+from cotune.errors import ConfigError
 from cotune.methods import MethodResult, resolve
-from cotune.runtime.federated.keys import ERROR_FILE, RESULT_FILE, USER_ERROR_FILE, NodeConfig
+from cotune.runtime.federated.keys import (
+    ERROR_FILE,
+    RESULT_FILE,
+    USER_ERROR_FILE,
+    NodeConfig,
+    raise_server_error,
+)
 from cotune.runtime.federated.server import ServerOptions
 
 
@@ -92,17 +98,6 @@ def check_client_data(cfg: Config, engine: str, node_configs: list[NodeConfig] |
         raise ConfigError(
             "the inline engine with federated.client_data = 'node' needs node_configs"
         )
-
-
-def raise_server_error(run_dir: Path) -> None:
-    """The ServerApp's failure as an exception: a `UserError` (the CLI exits with status
-    2) when it was the user's to fix, else a RuntimeError with its traceback."""
-    user = run_dir / USER_ERROR_FILE
-    if user.exists():
-        raise UserError(user.read_text())
-    error = run_dir / ERROR_FILE
-    detail = error.read_text() if error.exists() else "(no error report)"
-    raise RuntimeError(f"the federated ServerApp ended without a result:\n{detail}")
 
 
 def read_result(run_dir: Path) -> dict[str, Any]:

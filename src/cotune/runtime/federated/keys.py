@@ -1,6 +1,9 @@
 """Names shared by the ServerApp and the ClientApp (message records, node config,
 run-folder files). Kept import-light: the ClientApp process loads this first."""
 
+from pathlib import Path
+from typing import NoReturn
+
 ARRAYS_KEY = "arrays"  # ArrayRecord: the global state (down) or a client's update (up)
 CONFIG_KEY = "config"  # ConfigRecord: server-round and the experiment config
 METRICS_KEY = "metrics"  # MetricRecord of a reply
@@ -37,3 +40,16 @@ def number(value: object, what: str) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise ValueError(f"{what} must be a number, got {value!r}")
     return float(value)
+
+
+def raise_server_error(run_dir: Path) -> NoReturn:
+    """The ServerApp's failure as an exception: a `UserError` (the CLI exits with status
+    2) when it was the user's to fix, else a RuntimeError with its traceback."""
+    from cotune.errors import UserError
+
+    user = run_dir / USER_ERROR_FILE
+    if user.exists():
+        raise UserError(user.read_text())
+    error = run_dir / ERROR_FILE
+    detail = error.read_text() if error.exists() else "(no error report)"
+    raise RuntimeError(f"the federated ServerApp ended without a result:\n{detail}")
