@@ -66,6 +66,23 @@ def test_the_eval_part_never_reads_the_training_file(tmp_path: Path) -> None:
     assert sst.train == [] and len(sst.eval["eval"]) == 6
 
 
+def test_the_eval_part_of_a_datasets_folder_skips_its_train_split(tmp_path: Path) -> None:
+    import shutil
+
+    datasets = pytest.importorskip("datasets")
+    splits = {
+        "train": datasets.Dataset.from_dict({"text": ["a", "b"], "label": [0, 1]}),
+        "test": datasets.Dataset.from_dict({"text": ["c", "d", "e"], "label": [1, 0, 1]}),
+    }
+    datasets.DatasetDict(splits).save_to_disk(str(tmp_path / "hf"))
+    node = load_task(with_data_path(TaskConfig(name="hf:x"), tmp_path / "hf"), 0, part="train")
+    assert len(node.train) == 2 and node.eval == {}
+    shutil.rmtree(tmp_path / "hf" / "train")  # the server must not need it
+    cfg = TaskConfig(name="hf:x", data_dir=str(tmp_path / "hf"), labels=["0", "1"])
+    task = load_task(cfg, 0, part="eval")
+    assert task.train == [] and [ex.label for ex in task.eval["eval"]] == [1, 0, 1]
+
+
 def test_text_and_glue_folders_as_a_nodes_data(tmp_path: Path) -> None:
     for name, texts in (("happy", ["a good day", "fun times"]), ("sad", ["a bad day"])):
         (tmp_path / "tf" / name).mkdir(parents=True)

@@ -460,7 +460,7 @@ def load_hf_task(name: str, cfg: TaskConfig, seed: int, part: str = "all") -> Ta
                 f"task.data_dir {str(folder)!r} is not a folder (a datasets save_to_disk folder)"
             )
         try:
-            loaded = datasets.load_from_disk(str(folder))
+            loaded = _from_disk(datasets, folder, cfg, part)
         except (FileNotFoundError, ValueError) as err:
             raise DataError(f"{folder} is not a datasets save_to_disk folder: {err}") from None
         source = f"{folder} (datasets.load_from_disk)"
@@ -505,6 +505,19 @@ def load_hf_task(name: str, cfg: TaskConfig, seed: int, part: str = "all") -> Ta
     if named and isinstance(class_label, datasets.ClassLabel) and task.kind == "classification":
         _name_classes(task, class_label.names)
     return task
+
+
+def _from_disk(datasets: Any, folder: Path, cfg: TaskConfig, part: str) -> Any:
+    """`datasets.load_from_disk(folder)`; for the evaluation part of a DatasetDict
+    folder its evaluation split's folder alone, so no training file is opened."""
+    index = folder / "dataset_dict.json"
+    if part != "eval" or not index.is_file():
+        return datasets.load_from_disk(str(folder))
+    splits = [str(s) for s in json.loads(index.read_text()).get("splits", [])]
+    split = cfg.eval_split or next((s for s in ("validation", "test") if s in splits), None)
+    if split is None or split not in splits:
+        return datasets.DatasetDict({})  # no evaluation split (a wrong eval_split is named below)
+    return datasets.DatasetDict({split: datasets.load_from_disk(str(folder / split))})
 
 
 def _name_classes(task: Task, names: list[str]) -> None:
