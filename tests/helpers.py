@@ -3,12 +3,14 @@
 Split and link tests: tiny split configs, batches, a device + cloud pair.
 Federated tests: a synthetic SST-2 folder and a tiny fedlora config.
 splitfed tests: a synthetic E2E folder and a tiny splitfed config.
+Own-data tests: tiny CSV files of distinct rows per node and their fingerprints.
 Anything that waits on another thread or process: `eventually`.
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import random
 import time
@@ -167,6 +169,46 @@ def tiny_config(data_dir: Path, **sections: dict) -> Config:
     for key, value in sections.items():
         data[key] = {**data.get(key, {}), **value} if isinstance(value, dict) else value
     return resolve(build_config(data))
+
+
+# ------------------------------------------------------------ a device's own data (csv)
+
+GOOD = ["good", "great", "lovely", "witty", "fun"]
+BAD = ["bad", "dull", "awful", "weak", "boring"]
+
+
+def write_rows(
+    path: Path, rows: list[tuple[str, str]], header: tuple[str, str] = ("text", "label")
+) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(header)
+        writer.writerows(rows)
+    return path
+
+
+def node_rows(node: int, n: int, labels: tuple[str, ...] = ("pos", "neg")) -> list[tuple[str, str]]:
+    """n distinct rows, each naming its node and row ("n1r3"), cycling through labels."""
+    rows = []
+    for i in range(n):
+        label = labels[i % len(labels)]
+        word = (GOOD if label == "pos" else BAD)[i % 5]
+        rows.append((f"n{node}r{i} the movie is {word} .", label))
+    return rows
+
+
+def expected_sha(rows: list[tuple[str, str]]) -> str:
+    """The fingerprint as documented (`cotune.data.registry.fingerprint`), computed here
+    from the rows themselves: sha256 of the sorted `json.dumps([text, null, label])`."""
+    lines = sorted(json.dumps([text, None, label]) for text, label in rows)
+    return hashlib.sha256("\n".join(lines).encode()).hexdigest()
+
+
+def node_files(tmp_path: Path) -> tuple[list[Path], list[list[tuple[str, str]]]]:
+    """Three nodes of 5, 6 and 7 distinct rows; node 2 holds one class only."""
+    rows = [node_rows(0, 5), node_rows(1, 6), node_rows(2, 7, ("pos",))]
+    return [write_rows(tmp_path / f"node{i}" / "mine.csv", r) for i, r in enumerate(rows)], rows
 
 
 # ---------------------------------------------------------------------------- splitfed

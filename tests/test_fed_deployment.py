@@ -1,21 +1,42 @@
 """Deployment engine: `cotune run` with runtime.engine = "deployment" starts a
 SuperLink and two SuperNodes on 127.0.0.1, submits the Flower App (the same
 `cotune.runtime.federated.apps` ServerApp and ClientApp the simulation engine runs)
-with `flwr run`, completes two fedlora rounds, and stops every process it started."""
+with `flwr run`, completes two fedlora rounds, and stops every process it started.
+
+With SuperNodes of the user's (`runtime.superlink`; here a loopback `LocalFederation`
+whose nodes are started with their own `data-path`), every node trains on its own
+file and the server process opens none of them (an audit hook logs every file the
+ServerApp process opens); nodes without usable data stop the run with status 2."""
 
 from __future__ import annotations
 
 import json
 import os
+import sys
 import tomllib
 from pathlib import Path
+from typing import Any
 
 import pytest
-from helpers import eventually, write_sst2
+from helpers import eventually, expected_sha, node_files, node_rows, write_rows, write_sst2
 
 from cotune.cli.main import main
 from cotune.report.run_folder import read_jsonl
 from cotune.runtime.federated import apps
+from cotune.runtime.federated.deployment import LocalFederation
+from cotune.runtime.federated.keys import AUDIT_OPENS_ENV
+
+# Files this (the `cotune run`) process opens while `_opened` is a list.
+_opened: list[str] | None = None
+
+
+def _record_opens(event: str, args: tuple[Any, ...]) -> None:
+    if _opened is not None and event == "open" and args:
+        if isinstance(args[0], str | bytes | os.PathLike):
+            _opened.append(os.path.abspath(os.fsdecode(args[0])))
+
+
+sys.addaudithook(_record_opens)
 
 
 def _processes_with_env(needle: str) -> list[int]:
@@ -64,3 +85,86 @@ def test_two_fedlora_rounds_on_a_loopback_superlink(tmp_path: Path, capsys) -> N
     flwr_home = str(run_dir / "federation" / "flwr-home")
     eventually(lambda: _processes_with_env(flwr_home) == [], timeout=60, every=0.2)
     assert _processes_with_env(flwr_home) == []
+
+
+def _own_data_run(run_dir: Path, superlink: str, eval_file: Path) -> list[str]:
+    args = ["run", "--out", str(run_dir)]
+    for kv in (
+        "method=fedlora", "model.name=tiny-bert", 'task.name="csv"',
+        f"task.eval_file={eval_file}", "train.batch_size=4", "train.max_seq_len=16",
+        "federated.clients=3", "federated.rounds=1", "federated.local_steps=1",
+        "federated.round_timeout=300", "runtime.engine=deployment",
+        f"runtime.superlink={superlink}",
+    ):  # fmt: skip
+        args += ["--set", kv]
+    return args
+
+
+@pytest.mark.slow
+def test_three_supernodes_each_train_on_their_own_file(  # type: ignore[no-untyped-def]
+    tmp_path: Path, monkeypatch, capsys
+) -> None:
+    global _opened
+    files, rows = node_files(tmp_path / "devices")
+    dev = write_rows(tmp_path / "server" / "dev.csv", node_rows(9, 6))
+    audit = tmp_path / "server-opens.log"
+    monkeypatch.setenv(AUDIT_OPENS_ENV, str(audit))
+    run_dir = tmp_path / "run"
+    nodes = [{"data-path": str(f)} for f in files]
+    with LocalFederation(tmp_path / "fed", 3, node_configs=nodes) as fed:
+        _opened = []
+        try:
+            code = main(_own_data_run(run_dir, fed.address, dev))
+        finally:
+            parent, _opened = _opened, None
+    assert code == 0, capsys.readouterr().err
+
+    # every node trained on exactly the rows of its own file
+    events = read_jsonl(run_dir / "train.jsonl")
+    described = {e["data_path"]: e for e in events if e["event"] == "node"}
+    trained = {e["partition"]: e for e in events if e["event"] == "client_trained"}
+    assert set(described) == {str(f) for f in files} and sorted(trained) == [0, 1, 2]
+    for f, r in zip(files, rows, strict=True):
+        node = described[str(f)]
+        assert (node["examples"], node["data_sha256"]) == (len(r), expected_sha(r))
+        after = trained[node["partition"]]
+        assert (after["examples"], after["data_sha256"]) == (len(r), expected_sha(r))
+    assert len({e["data_sha256"] for e in trained.values()}) == 3
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["client_data"] == "node" and summary["evaluated_on"] == "server"
+    assert summary["rounds_completed"] == 1 and "accuracy" in summary["metrics"]
+    assert read_jsonl(run_dir / "metrics.jsonl")[-1]["clients_ok"] == 3
+
+    # the server process (flwr-serverapp) opened its own eval file and no node's file,
+    # and neither did `cotune run` (this process): neither was given a training path
+    lines = [line.split("\t") for line in audit.read_text().splitlines()]
+    server_opens = {path for _, _, path in lines}
+    assert len({pid for pid, _, _ in lines}) == 1  # one ServerApp process logged
+    assert str(dev) in server_opens  # the audit sees what the server reads
+    node_dirs = [str(f.parent) for f in files]
+    assert not [p for p in server_opens if any(p.startswith(d) for d in node_dirs)]
+    assert str(dev) in parent
+    assert not [p for p in parent if any(p.startswith(d) for d in node_dirs)]
+    config = tomllib.loads((run_dir / "config.toml").read_text())
+    assert "train_file" not in config["task"] and "data_dir" not in config["task"]
+
+
+@pytest.mark.slow
+def test_supernodes_without_usable_data_stop_the_run_with_status_2(  # type: ignore[no-untyped-def]
+    tmp_path: Path, capsys
+) -> None:
+    wrong = write_rows(tmp_path / "n2" / "mine.csv", node_rows(2, 4), header=("review", "label"))
+    dev = write_rows(tmp_path / "dev.csv", node_rows(9, 4))
+    nodes: list[dict[str, str | int | float | bool]] = [
+        {"partition-id": 0},  # an old-style node: no data-path
+        {"data-path": str(tmp_path / "n1" / "absent.csv")},
+        {"data-path": str(wrong)},
+    ]
+    with LocalFederation(tmp_path / "fed", 3, node_configs=nodes) as fed:
+        code = main(_own_data_run(tmp_path / "run", fed.address, dev))
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "3 SuperNode(s) cannot train on their own data" in err
+    assert "has no 'data-path' in its node config" in err
+    assert f"{tmp_path / 'n1' / 'absent.csv'}' does not exist" in err
+    assert "no column 'text' (task.text_column); its columns: review, label" in err

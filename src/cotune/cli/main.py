@@ -226,6 +226,10 @@ def cmd_device(args: argparse.Namespace) -> int:
             f"runtime.device_id={args.device_id}"]  # fmt: skip
     sets.append('runtime.transport="grpc"')
     cfg = load_experiment(args.config, sets)
+    if args.data:
+        from cotune.runtime.experiment import use_own_data
+
+        cfg = use_own_data(cfg, args.data)
     from cotune.runtime.process_allocator import ensure_process_allocator
 
     ensure_process_allocator(cfg)
@@ -450,6 +454,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--cloud", required=True, metavar="HOST:PORT", help="address of `cotune cloud`")
     p.add_argument("--device-id", type=int, default=0, help="this device's id in the token file")
+    p.add_argument(
+        "--data",
+        metavar="PATH",
+        help="this device's own data: a file or folder in the layout of the config's task "
+        "(a csv / json file for those tasks, a GLUE TSV folder, a text-folder, ...), used "
+        "where task.train_file or task.data_dir would be; a splitfed device trains on all "
+        "of it (with train.steps set, the same on every device). Without it the data are "
+        "the ones the device's own --config names",
+    )
     p.add_argument("--max-memory", metavar="SIZE", help=MAX_MEMORY_HELP)
     p.add_argument("--out", help="run folder (default runs/<timestamp>-<name>)")
     p.set_defaults(func=cmd_device)

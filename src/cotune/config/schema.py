@@ -44,6 +44,11 @@ class TaskConfig(_Section):
     label_column: str = "label"
     target_column: str | None = None
     problem: Literal["classification", "regression", "generation"] | None = None
+    # classification tasks whose classes come from the data (csv, json, hf:<id>,
+    # text-folder): the class names in label order (None: the sorted distinct training
+    # labels). A federated server whose nodes bring their own data fills it with the
+    # union of the nodes' labels, so every node maps a class to the same index.
+    labels: list[str] | None = None
     # "hf:<id>" tasks: the split to evaluate on (None: validation, else test, else held out)
     eval_split: str | None = None
     # extractive QA: tokens shared by successive windows of a long context (None:
@@ -53,6 +58,16 @@ class TaskConfig(_Section):
     # image tasks: images are resized to image_size x image_size (a multiple of the
     # model's patch size: 14 for DINOv2, whose position embeddings are interpolated)
     image_size: int = Field(default=224, ge=1)
+
+    @field_validator("labels")
+    @classmethod
+    def _distinct_labels(cls, v: list[str] | None) -> list[str] | None:
+        if v is None:
+            return v
+        names = [str(n).strip() for n in v]
+        if len(names) < 2 or len(set(names)) != len(names) or not all(names):
+            raise ValueError("task.labels lists at least 2 distinct, non-empty class names")
+        return names
 
 
 class LoraConfig(_Section):
@@ -133,6 +148,12 @@ class FederatedConfig(_Section):
     round_timeout: float | None = Field(default=None, gt=0)  # seconds
     # score the global model every `eval_every` rounds (the last round always)
     eval_every: int = Field(default=1, ge=1)
+    # where a client's training data comes from: "partition": its share of the task's
+    # training data, cut by `partition` (simulation, inline, loopback deployment);
+    # "node": all of its own data (a SuperNode's `data-path` node config, a splitfed
+    # device's `--data`); the server then reads no training data. Deployment to a
+    # SuperLink of yours (`runtime.superlink`) always uses "node".
+    client_data: Literal["partition", "node"] = "partition"
 
 
 class MemoryConfig(_Section):
@@ -275,6 +296,18 @@ class Config(_Section):
     _reads: frozenset[str] | None = PrivateAttr(default=None)
     # Sections the user's file gave (for the "not read by this method" warning).
     _given: frozenset[str] = PrivateAttr(default=frozenset())
+
+    @model_validator(mode="after")
+    def _nodes_bring_their_data(self) -> Config:
+        """On a SuperLink of the user's, each SuperNode reads its own data (its
+        `data-path` node config): never a share of the server's."""
+        if (
+            self.runtime.engine == "deployment"
+            and self.runtime.superlink
+            and self.federated.client_data != "node"
+        ):
+            self.federated.client_data = "node"
+        return self
 
     def __eq__(self, other: object) -> bool:
         """Equal settings (what a method reads and the file holds are bookkeeping)."""

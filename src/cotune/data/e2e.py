@@ -18,7 +18,7 @@ from pathlib import Path
 
 from cotune.data.sampling import rng_for, subsample
 from cotune.data.task import Example, GenerationTask
-from cotune.errors import DataError
+from cotune.errors import ConfigError, DataError
 
 NAME = "e2e"
 SOURCE = "task.data_dir (folder with trainset.csv, testset_w_refs.csv; e.g. ../shared/data/e2e)"
@@ -98,9 +98,17 @@ def load_e2e(
     max_eval_examples: int | None,
     *,
     require_train: bool = True,
+    part: str = "all",
 ) -> GenerationTask:
     """The E2E task from `data_dir` (or the HF hub when the user opts in:
-    HF_DATASETS_OFFLINE=0), seeded subsamples."""
+    HF_DATASETS_OFFLINE=0), seeded subsamples. `part` "train": the training file only (no
+    evaluation split); "eval": the test file only (the training file is never opened)."""
+    if data_dir is None and part != "all":
+        raise ConfigError(
+            f"e2e as a node's own data (or a server without training data) needs "
+            f"task.data_dir: a folder holding {FILES['train']} (node) or {FILES['test']} "
+            "(server)"
+        )
     if data_dir is None:
         train_rows, test_rows = _load_hub()
         source = "hf:tuetschek/e2e_nlg"
@@ -111,7 +119,11 @@ def load_e2e(
                 f"task.data_dir {str(root)!r} is not a folder; e2e needs a folder holding "
                 f"{FILES['train']} and {FILES['test']} ({SHARED_HINT})"
             )
-        needed = [FILES["test"]] + ([FILES["train"]] if require_train else [])
+        needed = {
+            "all": [FILES["test"]] + ([FILES["train"]] if require_train else []),
+            "train": [FILES["train"]],
+            "eval": [FILES["test"]],
+        }[part]
         absent = [f for f in needed if not (root / f).is_file()]
         if absent:
             raise DataError(
@@ -119,8 +131,9 @@ def load_e2e(
                 f"{FILES['train']} and {FILES['test']} (CSV, columns mr,ref)"
             )
         train_path = root / FILES["train"]
-        train_rows = read_csv(train_path) if train_path.is_file() else []
-        test_rows = read_csv(root / FILES["test"])
+        read_train = part != "eval" and train_path.is_file()
+        train_rows = read_csv(train_path) if read_train else []
+        test_rows = read_csv(root / FILES["test"]) if part != "train" else []
         source = str(root)
     train = [Example(mr, ref, eat_type_label(mr)) for mr, ref in train_rows]
     mrs, refs = group_by_mr(test_rows)
@@ -138,9 +151,11 @@ def load_e2e(
         num_labels=0,
         label_names=[],
         train=subsample(train, max_train_examples, seed, "train"),
-        eval={EVAL_SPLIT: [Example(mrs[i], None, eat_type_label(mrs[i])) for i in keep]},
+        eval={EVAL_SPLIT: [Example(mrs[i], None, eat_type_label(mrs[i])) for i in keep]}
+        if part != "train"
+        else {},
         primary_metric="bleu",
         metrics={EVAL_SPLIT: METRIC_KEYS},
         source=source,
-        references={EVAL_SPLIT: [refs[i] for i in keep]},
+        references={EVAL_SPLIT: [refs[i] for i in keep]} if part != "train" else {},
     )

@@ -244,9 +244,16 @@ def read_tsv(spec: GlueSpec, path: Path) -> list[Example]:
 
 
 def load_folder(
-    spec: GlueSpec, data_dir: str, require_train: bool
+    spec: GlueSpec,
+    data_dir: str,
+    require_train: bool,
+    *,
+    read_train: bool = True,
+    read_eval: bool = True,
 ) -> tuple[list[Example], dict[str, list[Example]]]:
-    """Train examples and evaluation splits from a folder in GLUE TSV layout."""
+    """Train examples and evaluation splits from a folder in GLUE TSV layout (without
+    `read_train` train.tsv is never opened; without `read_eval` nor are the evaluation
+    files, and no evaluation split is returned)."""
     root = Path(data_dir).expanduser()
     wanted = ", ".join(expected_files(spec))
     if not root.is_dir():
@@ -255,7 +262,7 @@ def load_folder(
             f"TSV layout holding {wanted} ({SHARED_HINT})"
         )
     train_path = root / "train.tsv"
-    needed = [root / f for _, f in spec.eval_files]
+    needed = [root / f for _, f in spec.eval_files] if read_eval else []
     if require_train:
         needed.insert(0, train_path)
     absent = [p.name for p in needed if not p.is_file()]
@@ -265,8 +272,8 @@ def load_folder(
             f"in GLUE TSV layout holding {wanted}"
             + (" (QNLI's train.tsv is not in ../shared/data)" if spec.key == "qnli" else "")
         )
-    train = read_tsv(spec, train_path) if train_path.is_file() else []
-    evals = {split: read_tsv(spec, root / f) for split, f in spec.eval_files}
+    train = read_tsv(spec, train_path) if read_train and train_path.is_file() else []
+    evals = {split: read_tsv(spec, root / f) for split, f in spec.eval_files} if read_eval else {}
     return train, evals
 
 

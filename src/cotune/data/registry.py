@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import difflib
+from pathlib import Path
+from typing import Literal
 
 from cotune.config.schema import TaskConfig
 from cotune.data import bbc, digits, e2e, fashion_mnist, image_folder, squad, table, text_folder
 from cotune.data.glue import GLUE_SPECS, GlueSpec, load_folder, load_hub
 from cotune.data.sampling import stratified_split, subsample
 from cotune.data.task import Example, Task
-from cotune.errors import ConfigError
+from cotune.errors import ConfigError, DataError
 
 GLUE_SOURCE = (
     "task.data_dir (folder in GLUE TSV layout) or HF hub nyu-mll/glue with HF_DATASETS_OFFLINE=0"
@@ -67,20 +69,61 @@ def _glue_spec(canonical: str) -> GlueSpec:
     return GLUE_SPECS[canonical.removeprefix("glue/")]
 
 
-def load_task(cfg: TaskConfig, seed: int, *, require_train: bool = True) -> Task:
+Part = Literal["all", "train", "eval"]
+# tasks that load one part alone (a node's own data, a server without training data)
+PART_TASKS = "csv, json, hf:<id>, text-folder, e2e and the GLUE tasks"
+
+
+def _has_parts(name: str) -> bool:
+    return (
+        name.startswith(table.HF_PREFIX)
+        or name in (*table.FILE_TASKS, text_folder.NAME, e2e.NAME)
+        or name.removeprefix("glue/") in GLUE_SPECS
+    )
+
+
+def labels_from_data(cfg: TaskConfig) -> bool:
+    """Whether the task's classes come from its data (so `task.labels` may fix them):
+    classification with csv, json, hf:<id> or text-folder."""
+    name = canonical_name(cfg.name)
+    if name == text_folder.NAME:
+        return True
+    tabular = name in table.FILE_TASKS or name.startswith(table.HF_PREFIX)
+    return tabular and table.problem_of(cfg) == "classification"
+
+
+def load_task(
+    cfg: TaskConfig, seed: int, *, require_train: bool = True, part: Part = "all"
+) -> Task:
     """Load the task `cfg.name` with its seeded subsamples and splits.
 
     Unknown name -> ConfigError listing valid names; missing or malformed data ->
     DataError. With `require_train=False` a GLUE folder without train.tsv (such as
     ../shared/data/glue/QNLI) loads for evaluation only, with an empty `train`.
+
+    `part` "train" loads a node's own data: every training example is trained on (no
+    evaluation split is read or held out). "eval" loads the evaluation data alone (a
+    server whose clients bring their data): no training file is opened, and a task
+    whose evaluation examples would be held out of the training data has none
+    (`task.eval` is empty). Both exist for `PART_TASKS`.
     """
     name = canonical_name(cfg.name)
+    if cfg.labels is not None and not labels_from_data(cfg):
+        raise ConfigError(
+            f"task.labels fixes the classes of classification tasks whose classes come from "
+            f"the data (csv, json, hf:<id>, text-folder); {name} has its own"
+        )
+    if part != "all" and not _has_parts(name):
+        raise ConfigError(
+            f"task {name!r} cannot be loaded as a node's own data or as evaluation data "
+            f"alone yet; tasks that can: {PART_TASKS}"
+        )
     if name.startswith(table.HF_PREFIX):
-        return table.load_hf_task(name, cfg, seed)
+        return table.load_hf_task(name, cfg, seed, part)
     if name in table.FILE_TASKS:
-        return table.load_file_task(name, cfg, seed)
+        return table.load_file_task(name, cfg, seed, part)
     if name == text_folder.NAME:
-        return text_folder.load_text_folder(cfg, seed)
+        return text_folder.load_text_folder(cfg, seed, part)
     if name == bbc.NAME:
         return bbc.load_bbc(
             cfg.data_dir, seed, cfg.test_fraction, cfg.max_train_examples, cfg.max_eval_examples
@@ -88,7 +131,7 @@ def load_task(cfg: TaskConfig, seed: int, *, require_train: bool = True) -> Task
     if name == e2e.NAME:
         return e2e.load_e2e(
             cfg.data_dir, seed, cfg.max_train_examples, cfg.max_eval_examples,
-            require_train=require_train,
+            require_train=require_train, part=part,
         )  # fmt: skip
     if name == squad.NAME:
         return squad.load_squad(
@@ -109,6 +152,8 @@ def load_task(cfg: TaskConfig, seed: int, *, require_train: bool = True) -> Task
             split_eval=cfg.split_eval,
         )  # fmt: skip
     spec = _glue_spec(name)
+    if part != "all":
+        return _glue_part(spec, cfg, seed, part)
     need_train = require_train and cfg.split_eval is None
     if cfg.data_dir is not None:
         train, evals = load_folder(spec, cfg.data_dir, need_train)
@@ -135,12 +180,91 @@ def load_task(cfg: TaskConfig, seed: int, *, require_train: bool = True) -> Task
     )
 
 
-def check_task_data(cfg: TaskConfig, seed: int) -> None:
+def _glue_part(spec: GlueSpec, cfg: TaskConfig, seed: int, part: Part) -> Task:
+    """A GLUE task's training part (a node's folder: train.tsv, or with
+    `task.split_eval` the training share of its evaluation file) or evaluation part
+    (the evaluation files of `task.data_dir`; none without it)."""
+    held = cfg.split_eval is not None
+    if cfg.data_dir is None:
+        if part == "train":
+            raise ConfigError(
+                f"{spec.name}: a node's data is a folder in GLUE TSV layout holding train.tsv"
+            )
+        train: list[Example] = []
+        evals: dict[str, list[Example]] = {}
+        source = "(no evaluation data: task.data_dir is not set)"
+    else:
+        train, evals = load_folder(
+            spec, cfg.data_dir, part == "train" and not held,
+            read_train=part == "train" and not held, read_eval=part == "eval" or held,
+        )  # fmt: skip
+        if held:
+            train, evals = split_eval_file(spec.name, train, evals, cfg.split_eval or 0.0)
+        if part == "train":
+            evals = {}
+        else:
+            train = []
+        source = cfg.data_dir
+    return Task(
+        name=spec.name,
+        kind=spec.kind,
+        num_labels=1 if spec.label_values is None else len(spec.label_names),
+        label_names=list(spec.label_names),
+        train=subsample(train, cfg.max_train_examples, seed, "train"),
+        eval={
+            split: subsample(examples, cfg.max_eval_examples, seed, f"eval/{split}")
+            for split, examples in evals.items()
+        },
+        primary_metric=spec.primary_metric,
+        metrics=dict(spec.metrics),
+        source=source,
+    )
+
+
+def check_task_data(cfg: TaskConfig, seed: int, part: Part = "all") -> None:
     """Read a user's own data files (`csv`, `json`, `text-folder`) once before a run
     starts, so that malformed input stops it before anything is written; a `DataError`
-    names the file and line. Other tasks are checked when their method loads them."""
+    names the file and line. Other tasks are checked when their method loads them.
+    `part` "eval": a server whose clients bring their own data checks its evaluation
+    files only."""
     if canonical_name(cfg.name) in (*table.FILE_TASKS, text_folder.NAME):
-        load_task(cfg, seed)
+        load_task(cfg, seed, part=part)
+
+
+def with_data_path(cfg: TaskConfig, path: str | Path) -> TaskConfig:
+    """`cfg` reading its data from `path` (a node's or a device's own data): a file is
+    the training file of a `csv` / `json` / `squad` task (`task.train_file`), a folder
+    the task's data folder (`task.data_dir`). A missing path is a `DataError`."""
+    where = Path(path).expanduser().absolute()
+    name = canonical_name(cfg.name)
+    if not where.exists():
+        raise DataError(f"the data path {str(where)!r} does not exist")
+    if where.is_file():
+        if name not in (*table.FILE_TASKS, squad.NAME):
+            raise DataError(
+                f"the data path {str(where)!r} is a file; task {name!r} reads a folder "
+                f"(what task.data_dir would name)"
+            )
+        return cfg.model_copy(update={"train_file": str(where)})
+    return cfg.model_copy(update={"data_dir": str(where), "train_file": None})
+
+
+def fingerprint(examples: list[Example], task: Task) -> str:
+    """A SHA-256 of the multiset of `examples`, independent of their order: the sorted
+    lines `json.dumps([text_a, text_b, label])`, joined by newlines, where `label` is
+    the class name (classification), the value (regression) or null (generation)."""
+    import hashlib
+    import json
+
+    def label(ex: Example) -> str | float | None:
+        if task.kind == "regression":
+            return float(ex.label)
+        if task.label_names and isinstance(ex.label, int):
+            return task.label_names[ex.label]
+        return None
+
+    lines = sorted(json.dumps([ex.text_a, ex.text_b, label(ex)]) for ex in examples)
+    return hashlib.sha256("\n".join(lines).encode()).hexdigest()
 
 
 SPLIT_EVAL_SEED = 0  # the same held-out examples for every run seed (paired comparisons)

@@ -223,12 +223,28 @@ def _number(row: Row, column: str) -> float:
     return number
 
 
-def _label_order(labels: Iterable[str]) -> list[str]:
+def label_order(labels: Iterable[str]) -> list[str]:
+    """The distinct `labels`, sorted (as numbers when every one is an integer)."""
     names = sorted(set(labels))
     try:
         return sorted(names, key=int)
     except ValueError:
         return names
+
+
+def _label_names(cfg: TaskConfig, source: str, labels: list[str], part: str) -> list[str]:
+    """The class names: `task.labels` when given, else the distinct `labels` in
+    order. A node's own data (`part` "train") may hold a single class."""
+    if cfg.labels is not None:
+        return list(cfg.labels)
+    names = label_order(labels)
+    if len(names) < 2 and (part == "all" or (part == "eval" and names)):
+        raise DataError(
+            f"{source}: the {'evaluation' if part == 'eval' else 'training'} rows have "
+            f"{len(names)} distinct label(s) ({', '.join(names)}); classification needs at "
+            "least 2"
+        )
+    return names
 
 
 def problem_of(cfg: TaskConfig) -> str:
@@ -266,17 +282,19 @@ def build_task(
     eval_rows: list[Row] | None,
     cfg: TaskConfig,
     seed: int,
+    part: str = "all",
 ) -> Task:
     """The task from training rows and evaluation rows (None: hold some training rows
-    out, by a fixed seed)."""
+    out, by a fixed seed). `part` "train": every training row is trained on and there
+    is no evaluation split; "eval": only the evaluation rows (none: no split)."""
     problem = problem_of(cfg)
     fraction = cfg.split_eval if cfg.split_eval is not None else cfg.test_fraction
-    if not train_rows:
+    if part != "eval" and not train_rows:
         raise DataError(f"{source}: no training rows")
     if eval_rows is not None and not eval_rows:
         raise DataError(f"{source}: no evaluation rows")
     if problem == "generation":
-        return _generation(name, source, train_rows, eval_rows, cfg, seed, fraction)
+        return _generation(name, source, train_rows, eval_rows, cfg, seed, fraction, part)
     texts = [_pair(r, cfg) for r in train_rows]
     if problem == "regression":
         labels: list[Any] = [_number(r, cfg.label_column) for r in train_rows]
@@ -284,20 +302,29 @@ def build_task(
         strata = [0] * len(labels)
     else:
         raw = [_text(r, cfg.label_column, "label_column") for r in train_rows]
-        names = _label_order(raw)
-        if len(names) < 2:
-            raise DataError(
-                f"{source}: the training rows have {len(names)} distinct label(s) "
-                f"({', '.join(names)}); classification needs at least 2"
-            )
+        seen = raw
+        if part == "eval":
+            seen = [_text(r, cfg.label_column, "label_column") for r in eval_rows or []]
+        names = _label_names(cfg, source, seen, part)
         index = {n: i for i, n in enumerate(names)}
+        for row, value in zip(train_rows, raw, strict=True):
+            if value not in index:
+                raise DataError(
+                    f"{row.where}: label {value!r} is not one of task.labels ({', '.join(names)})"
+                )
         labels = [index[v] for v in raw]
         strata = labels
     examples = [Example(a, b, y) for (a, b), y in zip(texts, labels, strict=True)]
-    if eval_rows is None:
-        train_idx, held_idx = _held_out(len(examples), strata, fraction)
-        train, evals = [examples[i] for i in train_idx], [examples[i] for i in held_idx]
-        source += f" ({fraction:g} held out for evaluation, seed {SPLIT_SEED})"
+    evals: list[Example] | None
+    if part == "train":
+        train, evals = examples, None
+    elif eval_rows is None:
+        if part == "eval":  # held-out rows are training rows: none without an eval file
+            train, evals = [], None
+        else:
+            train_idx, held_idx = _held_out(len(examples), strata, fraction)
+            train, evals = [examples[i] for i in train_idx], [examples[i] for i in held_idx]
+            source += f" ({fraction:g} held out for evaluation, seed {SPLIT_SEED})"
     else:
         train, evals = examples, [_eval_example(r, cfg, problem, names) for r in eval_rows]
     metrics = ("pearson", "spearman") if problem == "regression" else ("accuracy", "f1")
@@ -307,7 +334,9 @@ def build_task(
         num_labels=1 if problem == "regression" else len(names),
         label_names=names,
         train=subsample(train, cfg.max_train_examples, seed, "train"),
-        eval={"eval": subsample(evals, cfg.max_eval_examples, SPLIT_SEED, "eval/eval")},
+        eval={}
+        if evals is None
+        else {"eval": subsample(evals, cfg.max_eval_examples, SPLIT_SEED, "eval/eval")},
         primary_metric=metrics[0] if problem == "classification" else "spearman",
         metrics={"eval": metrics},
         source=source,
@@ -335,6 +364,7 @@ def _generation(
     cfg: TaskConfig,
     seed: int,
     fraction: float,
+    part: str = "all",
 ) -> GenerationTask:
     target = cfg.target_column
     assert target is not None  # problem_of checked it
@@ -346,7 +376,9 @@ def _generation(
         ]
 
     train_pairs = pairs(train_rows)
-    if eval_rows is None:  # hold out whole prompts: none is both trained on and scored
+    if part == "train" or (part == "eval" and eval_rows is None):
+        eval_pairs: list[tuple[str, str]] = []
+    elif eval_rows is None:  # hold out whole prompts: none is both trained on and scored
         prompts, _ = group_by_mr(train_pairs)
         held_idx = _held_out(len(prompts), [0] * len(prompts), fraction)[1]
         held = {prompts[i] for i in held_idx}
@@ -355,7 +387,7 @@ def _generation(
         source += f" ({fraction:g} of the distinct texts held out, seed {SPLIT_SEED})"
     else:
         eval_pairs = pairs(eval_rows)
-    prompts, refs = group_by_mr(eval_pairs)
+    prompts, refs = group_by_mr(eval_pairs) if eval_pairs else ([], [])
     keep = list(range(len(prompts)))
     if cfg.max_eval_examples is not None and cfg.max_eval_examples < len(prompts):
         chosen = rng_for(SPLIT_SEED, "eval/eval").choice(
@@ -369,29 +401,50 @@ def _generation(
         num_labels=0,
         label_names=[],
         train=subsample(train, cfg.max_train_examples, seed, "train"),
-        eval={"eval": [Example(prompts[i], None, 0) for i in keep]},
+        eval={"eval": [Example(prompts[i], None, 0) for i in keep]} if eval_pairs else {},
         primary_metric="bleu",
         metrics={"eval": GENERATION_METRICS},
         source=source,
-        references={"eval": [refs[i] for i in keep]},
+        references={"eval": [refs[i] for i in keep]} if eval_pairs else {},
     )
 
 
 # --- the three sources ---------------------------------------------------------------
 
 
-def load_file_task(kind: str, cfg: TaskConfig, seed: int) -> Task:
-    """`csv` / `json`: rows from `task.train_file` (+ `task.eval_file`) or `task.data_dir`."""
+def _eval_path(cfg: TaskConfig, kind: str) -> Path | None:
+    """The evaluation file alone (`task.eval_file`, else `dev.*` / ... in
+    `task.data_dir`), found without reading or even locating the training file."""
+    if cfg.eval_file is not None:
+        return Path(cfg.eval_file).expanduser()
+    if cfg.data_dir is not None:
+        return _find(Path(cfg.data_dir).expanduser(), EVAL_STEMS, kind)
+    return None
+
+
+def load_file_task(kind: str, cfg: TaskConfig, seed: int, part: str = "all") -> Task:
+    """`csv` / `json`: rows from `task.train_file` (+ `task.eval_file`) or `task.data_dir`.
+    `part` "train": the training rows only, all trained on; "eval": the evaluation file
+    only (the training file is never opened)."""
     problem_of(cfg)  # a config error before any file is read
+    if part == "eval":
+        eval_path = _eval_path(cfg, kind)
+        eval_rows = read_rows(eval_path, kind) if eval_path is not None else None
+        source = str(eval_path) if eval_path is not None else "(no evaluation file)"
+        return build_task(kind, source, [], eval_rows, cfg, seed, part)
     train_path, eval_path = _files(cfg, kind)
+    if part == "train":
+        eval_path = None
     train_rows = read_rows(train_path, kind)
     eval_rows = read_rows(eval_path, kind) if eval_path is not None else None
     source = str(train_path) + (f" + {eval_path}" if eval_path is not None else "")
-    return build_task(kind, source, train_rows, eval_rows, cfg, seed)
+    return build_task(kind, source, train_rows, eval_rows, cfg, seed, part)
 
 
-def load_hf_task(name: str, cfg: TaskConfig, seed: int) -> Task:
-    """`hf:<id>`: `datasets.load_from_disk(task.data_dir)` when given, else the hub."""
+def load_hf_task(name: str, cfg: TaskConfig, seed: int, part: str = "all") -> Task:
+    """`hf:<id>`: `datasets.load_from_disk(task.data_dir)` when given, else the hub.
+    `part` "train": the train split only, all trained on; "eval": the evaluation split
+    only (none without one)."""
     problem_of(cfg)
     dataset_id = name[len(HF_PREFIX) :].strip()
     if not dataset_id:
@@ -407,7 +460,7 @@ def load_hf_task(name: str, cfg: TaskConfig, seed: int) -> Task:
                 f"task.data_dir {str(folder)!r} is not a folder (a datasets save_to_disk folder)"
             )
         try:
-            loaded = datasets.load_from_disk(str(folder))
+            loaded = _from_disk(datasets, folder, cfg, part)
         except (FileNotFoundError, ValueError) as err:
             raise DataError(f"{folder} is not a datasets save_to_disk folder: {err}") from None
         source = f"{folder} (datasets.load_from_disk)"
@@ -428,7 +481,7 @@ def load_hf_task(name: str, cfg: TaskConfig, seed: int) -> Task:
         source = f"hf:{dataset_id}"
     if not isinstance(loaded, datasets.DatasetDict):
         loaded = datasets.DatasetDict({"train": loaded})
-    if "train" not in loaded:
+    if "train" not in loaded and part != "eval":
         raise DataError(f"{source} has no 'train' split; its splits: {', '.join(loaded)}")
     eval_split = cfg.eval_split or next((s for s in ("validation", "test") if s in loaded), None)
     if eval_split is not None and eval_split not in loaded:
@@ -441,12 +494,30 @@ def load_hf_task(name: str, cfg: TaskConfig, seed: int) -> Task:
             Row(dict(r), f"{source} split {split!r} row {i}") for i, r in enumerate(loaded[split])
         ]
 
-    eval_rows = rows(eval_split) if eval_split is not None else None
-    task = build_task(name, source, rows("train"), eval_rows, cfg, seed)
-    class_label = loaded["train"].features.get(cfg.label_column)
-    if isinstance(class_label, datasets.ClassLabel) and task.kind == "classification":
+    eval_rows = rows(eval_split) if eval_split is not None and part != "train" else None
+    train_rows = rows("train") if part != "eval" else []
+    task = build_task(name, source, train_rows, eval_rows, cfg, seed, part)
+    split = "train" if part != "eval" else eval_split
+    class_label = loaded[split].features.get(cfg.label_column) if split in loaded else None
+    # with task.labels (or a node's raw labels, which its server unites) the labels stay
+    # as the column holds them, so every party maps them alike
+    named = cfg.labels is None and part == "all"
+    if named and isinstance(class_label, datasets.ClassLabel) and task.kind == "classification":
         _name_classes(task, class_label.names)
     return task
+
+
+def _from_disk(datasets: Any, folder: Path, cfg: TaskConfig, part: str) -> Any:
+    """`datasets.load_from_disk(folder)`; for the evaluation part of a DatasetDict
+    folder its evaluation split's folder alone, so no training file is opened."""
+    index = folder / "dataset_dict.json"
+    if part != "eval" or not index.is_file():
+        return datasets.load_from_disk(str(folder))
+    splits = [str(s) for s in json.loads(index.read_text()).get("splits", [])]
+    split = cfg.eval_split or next((s for s in ("validation", "test") if s in splits), None)
+    if split is None or split not in splits:
+        return datasets.DatasetDict({})  # no evaluation split (a wrong eval_split is named below)
+    return datasets.DatasetDict({split: datasets.load_from_disk(str(folder / split))})
 
 
 def _name_classes(task: Task, names: list[str]) -> None:

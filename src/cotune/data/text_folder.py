@@ -48,13 +48,13 @@ def class_texts(root: Path, *, strict: bool = True) -> list[tuple[str, str]]:
     return pairs
 
 
-def _classes(folder: Path) -> list[tuple[str, str]]:
+def _classes(folder: Path, at_least: int = 2) -> list[tuple[str, str]]:
     pairs = class_texts(folder)
     names = {name for name, _ in pairs}
     empty = sorted(d.name for d in folder.iterdir() if d.is_dir() and d.name not in names)
     if empty:
         raise DataError(f"class folder(s) {', '.join(empty)} in {folder} hold no .txt files")
-    if len(names) < 2:
+    if len(names) < at_least:
         raise DataError(
             f"{folder} has {len(names)} class folder(s) with .txt files; text "
             "classification needs at least 2 (one sub-folder of .txt files per class)"
@@ -62,12 +62,68 @@ def _classes(folder: Path) -> list[tuple[str, str]]:
     return pairs
 
 
-def load_text_folder(cfg: TaskConfig, seed: int) -> Task:
+def _task(
+    cfg: TaskConfig,
+    seed: int,
+    names: list[str],
+    train_pairs: list[tuple[str, str]],
+    eval_pairs: list[tuple[str, str]] | None,
+    source: str,
+) -> Task:
+    if cfg.labels is not None:
+        names = list(cfg.labels)
+    index = {name: i for i, name in enumerate(names)}
+    unknown = sorted({n for n, _ in [*train_pairs, *(eval_pairs or [])]} - set(index))
+    if unknown:
+        raise DataError(
+            f"{source}: class folder(s) {', '.join(unknown)} are not among task.labels "
+            f"({', '.join(names)})"
+        )
+
+    def examples(pairs: list[tuple[str, str]]) -> list[Example]:
+        return [Example(text.strip(), None, index[name]) for name, text in pairs]
+
+    return Task(
+        name=NAME,
+        kind="classification",
+        num_labels=len(names),
+        label_names=names,
+        train=subsample(examples(train_pairs), cfg.max_train_examples, seed, "train"),
+        eval={}
+        if eval_pairs is None
+        else {
+            "eval": subsample(examples(eval_pairs), cfg.max_eval_examples, SPLIT_SEED, "eval/eval")
+        },
+        primary_metric="accuracy",
+        metrics={"eval": ("accuracy", "f1")},
+        source=source,
+    )
+
+
+def _folder(cfg: TaskConfig) -> Path:
     if cfg.data_dir is None:
         raise ConfigError(f"task {NAME!r} needs task.data_dir ({SOURCE})")
     folder = Path(cfg.data_dir).expanduser()
     if not folder.is_dir():
         raise DataError(f"text folder {folder} does not exist")
+    return folder
+
+
+def load_text_folder(cfg: TaskConfig, seed: int, part: str = "all") -> Task:
+    """`part` "train": every file of `train/` (or of the class folders) is trained on,
+    nothing is held out, one class suffices (a node's own data); "eval": `test/` only
+    (no evaluation split without it; no training file is read)."""
+    if part == "eval":
+        if cfg.data_dir is None or not (_folder(cfg) / "test").is_dir():
+            return _task(cfg, seed, list(cfg.labels or []), [], None, "(no test/ folder)")
+        test = _folder(cfg) / "test"
+        pairs = _classes(test)
+        return _task(cfg, seed, sorted({n for n, _ in pairs}), [], pairs, f"{test}")
+    folder = _folder(cfg)
+    if part == "train":
+        root = folder / "train" if (folder / "train").is_dir() else folder
+        pairs = _classes(root, at_least=1)
+        return _task(cfg, seed, sorted({n for n, _ in pairs}), pairs, None, f"{root}")
     if (folder / "train").is_dir() and (folder / "test").is_dir():
         train_pairs = _classes(folder / "train")
         names = sorted({name for name, _ in train_pairs})
@@ -89,21 +145,4 @@ def load_text_folder(cfg: TaskConfig, seed: int) -> Task:
         how = f"{fraction:g} of each class held out, seed {SPLIT_SEED}"
     if not eval_pairs:
         raise DataError(f"{folder}: no files left to evaluate on (each class needs 2 or more)")
-    index = {name: i for i, name in enumerate(names)}
-
-    def examples(pairs: list[tuple[str, str]]) -> list[Example]:
-        return [Example(text.strip(), None, index[name]) for name, text in pairs]
-
-    return Task(
-        name=NAME,
-        kind="classification",
-        num_labels=len(names),
-        label_names=names,
-        train=subsample(examples(train_pairs), cfg.max_train_examples, seed, "train"),
-        eval={
-            "eval": subsample(examples(eval_pairs), cfg.max_eval_examples, SPLIT_SEED, "eval/eval")
-        },
-        primary_metric="accuracy",
-        metrics={"eval": ("accuracy", "f1")},
-        source=f"{folder} ({how})",
-    )
+    return _task(cfg, seed, names, train_pairs, eval_pairs, f"{folder} ({how})")

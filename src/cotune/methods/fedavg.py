@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from cotune.config import Config
 from cotune.errors import ConfigError
-from cotune.methods.federated.client import local_train
+from cotune.methods.federated.client import local_evaluate, local_train
 from cotune.methods.spec import FederatedSpec, MethodSpec
 
 
@@ -24,7 +24,7 @@ def configure(cfg: Config) -> None:
 SPEC = MethodSpec(
     name="fedavg",
     summary="federated averaging of the full weights",
-    runs=FederatedSpec(client_train=local_train),
+    runs=FederatedSpec(client_train=local_train, client_evaluate=local_evaluate),
     reads=frozenset({"generation", "federated", "memory", "runtime"}),
     configure=configure,
 )

@@ -308,6 +308,12 @@ class KDHook(ServerHook):
 
 def configure(cfg: Config) -> None:
     reject_task_kind(cfg, ("regression", "generation"), "fedlora or fedavg for it")
+    if cfg.federated.client_data == "node":
+        raise ConfigError(
+            "fedkd's teacher trains on a public share of the training data, and with "
+            "federated.client_data = 'node' (each node brings its own data: deployment to "
+            "your SuperLink) the server holds no training data; use fedlora or fedavg"
+        )
     if cfg.kd.teacher is None:
         try:
             modality = task_modality(cfg.task.name)

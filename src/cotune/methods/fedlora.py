@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from cotune.config import Config
 from cotune.config.schema import LoraConfig
-from cotune.methods.federated.client import local_train
+from cotune.methods.federated.client import local_evaluate, local_train
 from cotune.methods.spec import FederatedSpec, MethodSpec
 
 
@@ -22,7 +22,7 @@ def configure(cfg: Config) -> None:
 SPEC = MethodSpec(
     name="fedlora",
     summary="federated LoRA: clients train adapters, the server averages them",
-    runs=FederatedSpec(client_train=local_train),
+    runs=FederatedSpec(client_train=local_train, client_evaluate=local_evaluate),
     reads=frozenset({"generation", "federated", "memory", "runtime"}),
     configure=configure,
 )

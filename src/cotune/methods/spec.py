@@ -11,9 +11,11 @@ one of three shapes the runtime knows how to execute:
   device_id, connect, recorder, run_dir)` trains one device to the end through the
   transport `connect()` returns; `finish(cfg, cloud, devices, recorder, run_dir)` turns
   the outcomes into the run's result (e.g. merge and score).
-- `FederatedSpec(client_train, server_hook, resumable, public_fraction)`: rounds on
-  Flower. `client_train(cfg, partition, global_state, round, extras)` is one client's
-  round; `server_hook(cfg, global_model)` is the server's work after each aggregation.
+- `FederatedSpec(client_train, server_hook, resumable, public_fraction,
+  client_evaluate)`: rounds on Flower. `client_train(cfg, partition, global_state,
+  round, extras)` is one client's round; `server_hook(cfg, global_model)` is the
+  server's work after each aggregation; `client_evaluate(cfg, partition, state)`
+  scores the global model on a client's own data (when the server has none).
 
 The runtime owns processes, sockets, threads, engines, resume and the run folder; a
 method never starts a process or opens a socket.
@@ -168,6 +170,14 @@ class ClientUpdate:
     extras: dict[str, State] = field(default_factory=dict)
 
 
+@dataclass
+class ClientEvaluation:
+    """A client's score of the global model on its own data, and how many examples."""
+
+    num_examples: int
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
 class ServerHook:
     """Server-side work of a federated method around aggregation. Every hook has a
     default that does nothing, so a method overrides only what it needs."""
@@ -217,6 +227,7 @@ def no_hook(cfg: Config, global_model: GlobalModel) -> ServerHook:
 
 
 ClientTrain = Callable[[Config, int, State, int, dict[str, State]], ClientUpdate]
+ClientEvaluate = Callable[[Config, int, State], ClientEvaluation]
 
 
 @dataclass(frozen=True)
@@ -226,6 +237,10 @@ class FederatedSpec:
     resumable: bool = True
     # share of the training data the server keeps as public data (fedkd's teacher data)
     public_fraction: Callable[[Config], float] = lambda cfg: 0.0
+    # `client_evaluate(cfg, partition, global_state)`: score the global model on the
+    # client's own data, when the clients bring their data and the server has no
+    # evaluation set (None: the method needs the server's evaluation set then)
+    client_evaluate: ClientEvaluate | None = None
 
 
 # ----------------------------------------------------------------------------- the spec

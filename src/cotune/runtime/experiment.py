@@ -17,7 +17,7 @@ from typing import Any
 from safetensors.torch import save_file
 
 from cotune.config import Config, load_config, to_toml
-from cotune.data.registry import check_task_data
+from cotune.data.registry import Part, check_task_data, with_data_path
 from cotune.errors import ConfigError
 from cotune.memory import mark_rest, tune_allocator
 from cotune.methods import (
@@ -39,6 +39,31 @@ from cotune.runtime.provenance import provenance
 def load_experiment(path: str | Path | None, overrides: list[str] | None = None) -> Config:
     """A config file (and `--set` overrides) checked against its method's rules."""
     return resolve(load_config(path, overrides))
+
+
+def use_own_data(cfg: Config, path: str | Path) -> Config:
+    """`cotune device --data PATH`: this device's data is PATH, as `task.train_file`
+    (a csv / json / squad file) or `task.data_dir` (a folder) would name it; a splitfed
+    device trains on all of it (`federated.client_data = "node"`), not on a partition.
+    A missing path is a `DataError`."""
+    cfg.task = with_data_path(cfg.task, path)
+    if "federated" in get_spec(cfg.method).reads:  # one of many devices: all its data
+        cfg.federated.client_data = "node"
+    return resolve(cfg)
+
+
+def data_part(cfg: Config) -> Part:
+    """Which part of the task this process reads: a federated server whose clients
+    bring their own data the evaluation data only, a device with its own data of a
+    remote splitfed cloud the training data only, everything else all of it."""
+    if cfg.federated.client_data != "node":
+        return "all"
+    kind = get_spec(cfg.method).kind
+    if kind == "federated":
+        return "eval"
+    if kind == "split" and cfg.runtime.cloud is not None:
+        return "train"
+    return "all"
 
 
 def resumable_methods() -> list[str]:
@@ -83,7 +108,9 @@ def run_experiment(cfg: Config, out: str | Path | None = None, resume: bool = Fa
             f"method {cfg.method!r} cannot resume a run; resumable methods: "
             f"{', '.join(resumable_methods())}. Start it again without --resume."
         )
-    check_task_data(cfg.task, cfg.seed)  # the user's own files: bad rows stop it here
+    # the user's own files: bad rows stop it here (a server whose clients bring their
+    # own data checks its evaluation files only: it never opens a training file)
+    check_task_data(cfg.task, cfg.seed, data_part(cfg))
     check_trackers(cfg.runtime.loggers)
     run = RunFolder(
         out if out is not None else default_run_dir(cfg.name),

@@ -8,16 +8,20 @@ No Flower here: the runtime's ClientApp unpacks the message, calls the method's
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from functools import lru_cache
 from typing import Any
 
 from torch import nn
 
 from cotune.config import Config
+from cotune.data import Example
+from cotune.data.e2e import group_by_mr
+from cotune.data.task import GenerationTask
 from cotune.memory import apply_memory_option
-from cotune.methods.federated.data import split_for, task_for
+from cotune.methods.federated.data import client_examples, client_task
 from cotune.methods.federated.state import get_state, set_state
-from cotune.methods.spec import ClientUpdate, State
+from cotune.methods.spec import ClientEvaluation, ClientUpdate, State
 from cotune.training import (
     ModelStep,
     StepStats,
@@ -50,7 +54,7 @@ def check_partition(cfg: Config, partition_id: int) -> None:
 
 
 def client_adapter(cfg: Config) -> TaskAdapter:
-    return adapter_for(task_for(cfg), cfg)
+    return adapter_for(client_task(cfg), cfg)
 
 
 @lru_cache(maxsize=2)
@@ -63,9 +67,7 @@ def _client_model(cfg_json: str) -> tuple[nn.Module, Any]:
 
 def partition_data(cfg: Config, partition_id: int, tokenizer: Any) -> Encoded:
     """The client's own training examples, tokenised."""
-    task = task_for(cfg)
-    indices = split_for(cfg).clients[partition_id]
-    return client_adapter(cfg).encode([task.train[i] for i in indices], tokenizer)
+    return client_adapter(cfg).encode(client_examples(cfg, partition_id), tokenizer)
 
 
 @lru_cache(maxsize=4)
@@ -119,3 +121,24 @@ def local_train(
     return ClientUpdate(
         state=get_state(model), num_examples=len(data), metrics=round_metrics(stats)
     )
+
+
+def local_evaluate(cfg: Config, partition_id: int, global_state: State) -> ClientEvaluation:
+    """Score the global model on this client's own evaluation examples (the
+    runtime points `cfg.task` at them): the client's share of a federated evaluation
+    when the server holds no evaluation data."""
+    check_partition(cfg, partition_id)
+    set_threads(cfg.train)
+    model, tokenizer = _client_model(cfg.model_dump_json())
+    set_state(model, global_state)
+    task = client_task(cfg)
+    scored = replace(task, eval={"eval": task.train})
+    if isinstance(task, GenerationTask):
+        prompts, refs = group_by_mr([(ex.text_a, ex.text_b or "") for ex in task.train])
+        scored = replace(
+            task,
+            eval={"eval": [Example(p, None, 0) for p in prompts]},
+            references={"eval": refs},
+        )
+    evaluation = adapter_for(scored, cfg).evaluate(model, tokenizer)
+    return ClientEvaluation(len(scored.eval["eval"]), dict(evaluation.metrics))

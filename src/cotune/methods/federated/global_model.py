@@ -2,7 +2,8 @@
 
 Every round the aggregated (and hooked) state is loaded here and scored on the task's
 evaluation splits by the task adapter (classification metrics, or beam search for
-generation tasks).
+generation tasks). When the clients bring their own data the server's task holds its
+evaluation data alone (`server_task`), possibly none (`has_eval` false).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from torch import nn
 
 from cotune.config import Config
 from cotune.data import Task
-from cotune.methods.federated.data import FederatedSplit, split_for, task_for
+from cotune.methods.federated.data import FederatedSplit, server_task, split_for
 from cotune.methods.federated.state import get_state, set_state
 from cotune.methods.spec import State
 from cotune.training import (
@@ -36,7 +37,7 @@ class GlobalModel:
         # global model (round 1's starting point) is the same in every run.
         seed_everything(derive_seed(cfg.seed, "global-init"))
         self.cfg = cfg
-        self.task: Task = task_for(cfg)
+        self.task: Task = server_task(cfg)
         self.adapter: TaskAdapter = adapter_for(self.task, cfg)
         self.split: FederatedSplit = split_for(cfg)
         self.model: nn.Module
@@ -46,6 +47,11 @@ class GlobalModel:
     @property
     def trainable(self) -> int:
         return trainable_count(self.model)
+
+    @property
+    def has_eval(self) -> bool:
+        """Whether the server has evaluation examples to score the model on."""
+        return any(self.task.eval.values())
 
     def state(self) -> State:
         return get_state(self.model)

@@ -26,6 +26,7 @@ from torch import nn
 
 from cotune.config import Config
 from cotune.data import load_task
+from cotune.data.registry import fingerprint as data_fingerprint
 from cotune.link.codecs import Codec
 from cotune.link.errors import LinkClosed, ProtocolError
 from cotune.link.pca import PcaProjection
@@ -403,6 +404,12 @@ def train_device(
         extra={
             **stats.summary(),
             "device_weight_bytes": weight_bytes(*device.modules),
+            # what it trained on: its examples and their fingerprint (data.registry)
+            "train_data": {
+                "source": task.source,
+                "examples": len(task.train),
+                "sha256": data_fingerprint(task.train, task),
+            },  # fmt: skip
             "steps": device.steps_done,
             "step_s_median": float(torch.tensor(stats.step_times).median())
             if stats.step_times

@@ -28,7 +28,7 @@ from typing import Any
 from cotune.config import Config
 from cotune.data.registry import task_kind
 from cotune.errors import ConfigError
-from cotune.methods.federated.data import task_for
+from cotune.methods.federated.data import server_task
 from cotune.methods.spec import (
     CloudOutcome,
     DeviceOutcome,
@@ -60,6 +60,12 @@ def configure(cfg: Config) -> None:
     require_model_family(
         cfg, LM_CUT_FAMILIES, "splitfed (cutting the model between devices and cloud)"
     )
+    if cfg.federated.client_data == "node" and cfg.train.steps is None:
+        raise ConfigError(
+            "splitfed devices with their own data (--data, federated.client_data = 'node') "
+            "hold different amounts of it, but average their adapters in lockstep: set "
+            "train.steps, the same on every device"
+        )
     if cfg.link.codec == "sft":
         raise ConfigError(
             "link.codec = 'sft' factorises the cut layer, which the uncut model lacks: "
@@ -69,7 +75,7 @@ def configure(cfg: Config) -> None:
 
 def merged_model(cfg: Config, device_state: dict[str, Any], cloud_state: dict[str, Any]) -> Any:
     """(model, tokenizer): the uncut model with the device and cloud tensors loaded."""
-    model, tokenizer = adapter_for(task_for(cfg), cfg).build_model()
+    model, tokenizer = adapter_for(server_task(cfg), cfg).build_model()
     load_adapter_state_dict(model, {**device_state, **cloud_state})
     return model, tokenizer
 
@@ -83,7 +89,7 @@ def finish(
 ) -> MethodResult:
     """Score the merged model (the lowest finished device's adapter: after the last
     averaging round all devices hold the same one) and sum the devices' traffic."""
-    adapter = adapter_for(task_for(cfg), cfg)
+    adapter = adapter_for(server_task(cfg), cfg)
     model, tokenizer = merged_model(cfg, devices[0].state, cloud.state)
     evaluation = adapter.evaluate(model, tokenizer)
     if run_dir is not None:
@@ -107,6 +113,7 @@ def finish(
                 {
                     "device": d.device_id,
                     "examples": d.result.extra.get("examples"),
+                    "train_sha256": d.result.extra.get("train_sha256"),
                     "steps": d.result.extra.get("steps"),
                     "rounds": d.result.extra.get("rounds"),
                     "train_s": d.result.extra.get("train_s"),

@@ -12,11 +12,12 @@ from typing import Any
 import torch
 
 from cotune.config import Config
+from cotune.data.registry import fingerprint
 from cotune.link.errors import MalformedMessage, ProtocolError
 from cotune.link.proto import pb
 from cotune.link.wire import from_wire, to_wire
 from cotune.memory import apply_memory_option
-from cotune.methods.federated.data import split_for, task_for
+from cotune.methods.federated.data import client_examples, client_task
 from cotune.methods.spec import MethodResult, TransportFactory
 from cotune.methods.split.device import ReconnectingStep, SplitDevice
 from cotune.methods.split.protocol import DEVICE_STREAM
@@ -79,14 +80,15 @@ def train_device(
     recorder: Recorder,
     run_dir: Path | None = None,
 ) -> MethodResult:
-    """Train as device `device_id` (its partition of the training data) to the end.
+    """Train as device `device_id` (its partition of the training data, or all of its
+    own with `federated.client_data = "node"`) to the end.
 
     Every step's loss goes to `recorder` (`{"step", "device", "loss"}`); the result's
     `extra` holds what the device did (examples, steps, averaging rounds, step
     intervals, bytes by phase), and `saved` its trained adapter."""
-    task = task_for(cfg)
+    task = client_task(cfg)
     adapter = adapter_for(task, cfg)
-    indices = split_for(cfg).clients[device_id]
+    examples = client_examples(cfg, device_id)
     split, codec, model, tokenizer = build_lm_split(cfg)
     vocab = int(model.lm.get_output_embeddings().out_features)  # nn.Linear or FrozenLinear
     device = LMDevice(
@@ -95,7 +97,7 @@ def train_device(
     )  # fmt: skip
     del split, model  # the device keeps its segment only
     apply_memory_option(device.segment, cfg.memory)
-    data = adapter.encode([task.train[i] for i in indices], tokenizer)
+    data = adapter.encode(examples, tokenizer)
     seed = derive_seed(cfg.seed, "splitfed-device", device_id)
     loader = adapter.loader(data, tokenizer, shuffle=True, seed=seed)
     n_steps = device_steps(cfg, len(task.train))
@@ -136,6 +138,7 @@ def train_device(
             "device": device_id,
             "device_weight_bytes": weight_bytes(*device.modules),
             "examples": len(data),
+            "train_sha256": fingerprint(examples, task),
             "steps": device.steps_done,
             "rounds": rounds,
             "train_s": stats.train_s,

@@ -21,7 +21,14 @@ import time
 from pathlib import Path
 
 from cotune.config import Config
-from cotune.runtime.federated.keys import ERROR_FILE, RESULT_FILE
+from cotune.runtime.federated.keys import (
+    ERROR_FILE,
+    NUM_PARTITIONS_KEY,
+    PARTITION_KEY,
+    RESULT_FILE,
+    NodeConfig,
+    raise_server_error,
+)
 from cotune.runtime.federated.server import ServerOptions
 from cotune.runtime.launcher import LOOPBACK, Child, child_env, console_script, free_port, stop_all
 
@@ -85,21 +92,40 @@ def write_connection(flwr_home: Path, address: str, root_certificates: str | Non
     (flwr_home / "config.toml").write_text("\n".join(lines) + "\n")
 
 
+def node_config_arg(config: NodeConfig) -> str:
+    """`--node-config` text: space-separated `key=value` with TOML values (strings
+    quoted)."""
+    return " ".join(f"{k}={json.dumps(v)}" for k, v in config.items())
+
+
 class LocalFederation:
-    """A SuperLink and `n_nodes` SuperNodes (partition-id 0..n-1) on 127.0.0.1.
+    """A SuperLink and `n_nodes` SuperNodes on 127.0.0.1: node i holds partition-id i,
+    or, given `node_configs`, has node config `node_configs[i]` (e.g. its own
+    `data-path`, to try deployment with every node's own data on one machine).
 
     Each is a `Child` of the runtime's launcher, so stopping the federation (SIGTERM, then
     SIGKILL after a grace period) also stops the ServerApp/ClientApp processes they
     spawned.
     """
 
-    def __init__(self, workdir: Path, n_nodes: int, log_dir: Path | None = None) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        n_nodes: int,
+        log_dir: Path | None = None,
+        node_configs: list[NodeConfig] | None = None,
+    ) -> None:
+        if node_configs is not None and len(node_configs) != n_nodes:
+            raise ValueError(f"{len(node_configs)} node configs for {n_nodes} SuperNodes")
         self.workdir = workdir
         self.n_nodes = n_nodes
         self.log_dir = log_dir or workdir
         self.flwr_home = workdir / FLWR_HOME_DIR
         self.port = 0
         self.children: list[Child] = []
+        self.node_configs: list[NodeConfig] = node_configs or [
+            {PARTITION_KEY: i, NUM_PARTITIONS_KEY: n_nodes} for i in range(n_nodes)
+        ]
 
     @property
     def address(self) -> str:
@@ -123,7 +149,7 @@ class LocalFederation:
             self._spawn(
                 [console_script("flower-supernode"), "--insecure", "--superlink", self.address,
                  "--host", LOOPBACK, "--port", str(free_port()),
-                 "--node-config", f"partition-id={i} num-partitions={self.n_nodes}"],
+                 "--node-config", node_config_arg(self.node_configs[i])],
                 f"supernode-{i}.log",
             )  # fmt: skip
         return self
@@ -169,7 +195,7 @@ def wait_for_result(
     deadline = None if timeout is None else time.monotonic() + timeout
     while not (run_dir / RESULT_FILE).exists():
         if (run_dir / ERROR_FILE).exists():
-            raise RuntimeError(f"the ServerApp failed:\n{(run_dir / ERROR_FILE).read_text()}")
+            raise_server_error(run_dir)
         if federation is not None and not federation.alive():
             raise RuntimeError(
                 f"a SuperLink/SuperNode process exited early; see the logs in {federation.log_dir}"

@@ -16,8 +16,15 @@ from typing import Any
 from flwr.clientapp import ClientApp
 
 from cotune.config import Config, to_toml
+from cotune.errors import ConfigError
 from cotune.methods import MethodResult, resolve
-from cotune.runtime.federated.keys import ERROR_FILE, RESULT_FILE
+from cotune.runtime.federated.keys import (
+    ERROR_FILE,
+    RESULT_FILE,
+    USER_ERROR_FILE,
+    NodeConfig,
+    raise_server_error,
+)
 from cotune.runtime.federated.server import ServerOptions
 
 
@@ -30,26 +37,29 @@ def run_federated(
     client_app: ClientApp | None = None,
     deployment_timeout: float | None = None,
     engine: str | None = None,
+    node_configs: list[NodeConfig] | None = None,
 ) -> MethodResult:
     """Run `cfg` (a federated method) to the end, or to round `stop_after`.
 
     With `resume`, the ServerApp continues from the run folder's checkpoint. A
     `client_app` replaces the standard ClientApp (tests wrap it with fault-injecting
     mods). `engine` overrides `runtime.engine`; "inline" runs the clients in this
-    process without Ray (`inline.py`, for tests and debugging).
+    process without Ray (`inline.py`, for tests and debugging), each with its
+    `node_configs` entry as node config when given (nodes with their own `data-path`).
     """
     resolve(cfg)
     engine = engine or cfg.runtime.engine
+    check_client_data(cfg, engine, node_configs)
     if run_dir is None:
         with tempfile.TemporaryDirectory(prefix="cotune-fed-") as tmp:
             return run_federated(
                 cfg, tmp, resume=resume, stop_after=stop_after, client_app=client_app,
-                deployment_timeout=deployment_timeout, engine=engine,
+                deployment_timeout=deployment_timeout, engine=engine, node_configs=node_configs,
             )  # fmt: skip
     run_path = Path(run_dir).resolve()
     run_path.mkdir(parents=True, exist_ok=True)
     (run_path / "config.toml").write_text(to_toml(cfg))
-    for name in (RESULT_FILE, ERROR_FILE):
+    for name in (RESULT_FILE, ERROR_FILE, USER_ERROR_FILE):
         (run_path / name).unlink(missing_ok=True)
     options = ServerOptions(run_dir=run_path, resume=resume, stop_after=stop_after)
     if engine == "simulation":
@@ -59,7 +69,7 @@ def run_federated(
     elif engine == "inline":
         from cotune.runtime.federated.inline import run_inline
 
-        run_inline(cfg, options, client_app)
+        run_inline(cfg, options, client_app, node_configs)
     else:
         from cotune.runtime.federated.deployment import run_in_deployment
 
@@ -69,12 +79,31 @@ def run_federated(
     return to_method_result(engine, read_result(run_path))
 
 
+def check_client_data(cfg: Config, engine: str, node_configs: list[NodeConfig] | None) -> None:
+    """Clients with their own data (`federated.client_data = "node"`) need nodes that
+    have it: SuperNodes of the user's SuperLink, or inline nodes given `node_configs`."""
+    if cfg.federated.client_data != "node":
+        if node_configs is not None:
+            raise ConfigError("node configs are for federated.client_data = 'node'")
+        return
+    if engine == "simulation" or (engine == "deployment" and not cfg.runtime.superlink):
+        raise ConfigError(
+            "federated.client_data = 'node' (each client trains on its own data) runs on "
+            "SuperNodes started with their data: flower-supernode ... --node-config "
+            "'data-path=\"/path/to/data\"', on a SuperLink given as runtime.superlink "
+            f"(runtime.engine = 'deployment'); the {engine} engine here partitions the "
+            "task's data instead: remove federated.client_data"
+        )
+    if engine == "inline" and node_configs is None:
+        raise ConfigError(
+            "the inline engine with federated.client_data = 'node' needs node_configs"
+        )
+
+
 def read_result(run_dir: Path) -> dict[str, Any]:
     path = run_dir / RESULT_FILE
     if not path.exists():
-        error = run_dir / ERROR_FILE
-        detail = error.read_text() if error.exists() else "(no error report)"
-        raise RuntimeError(f"the federated ServerApp ended without a result:\n{detail}")
+        raise_server_error(run_dir)
     return json.loads(path.read_text())
 
 
@@ -96,5 +125,7 @@ def to_method_result(engine: str, result: dict[str, Any]) -> MethodResult:
             "server_peak_rss_bytes": result.get("server_peak_rss_bytes"),
             "device_weight_bytes": result.get("device_weight_bytes"),
             "federated_wall_s": result.get("wall_s"),
+            "client_data": result.get("client_data", "partition"),
+            "evaluated_on": result.get("evaluated_on", "server"),
         },
     )

@@ -24,26 +24,27 @@ from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 
 from cotune.config import Config
-from cotune.runtime.federated.keys import NUM_PARTITIONS_KEY, PARTITION_KEY
+from cotune.runtime.federated.keys import NUM_PARTITIONS_KEY, PARTITION_KEY, NodeConfig
 from cotune.runtime.federated.server import ServerOptions
 
 
 class InlineGrid(Grid):
-    """`n_nodes` virtual SuperNodes (random node ids, partition-id 0..n-1) served by
-    calling `client_app` directly."""
+    """`n_nodes` virtual SuperNodes (random node ids, partition-id 0..n-1, or the node
+    configs given) served by calling `client_app` directly."""
 
-    def __init__(self, client_app: ClientApp, n_nodes: int) -> None:
+    def __init__(
+        self, client_app: ClientApp, n_nodes: int, node_configs: list[NodeConfig] | None = None
+    ) -> None:
         ids = random.SystemRandom()
         self.client_app = client_app
+        configs: list[NodeConfig] = node_configs or [
+            {PARTITION_KEY: i, NUM_PARTITIONS_KEY: n_nodes} for i in range(n_nodes)
+        ]
         self.contexts = {
             ids.getrandbits(62): Context(
-                run_id=0,
-                node_id=0,
-                node_config={PARTITION_KEY: i, NUM_PARTITIONS_KEY: n_nodes},
-                state=RecordDict(),
-                run_config={},
+                run_id=0, node_id=0, node_config=dict(config), state=RecordDict(), run_config={}
             )
-            for i in range(n_nodes)
+            for config in configs
         }
         self._run = Run.create_empty(run_id=0)
         self._replies: dict[str, Message] = {}
@@ -112,12 +113,19 @@ class InlineGrid(Grid):
         return self.pull_messages(list(self._push(messages, deadline)))
 
 
-def run_inline(cfg: Config, options: ServerOptions, client_app: ClientApp | None = None) -> None:
-    """Run the ServerApp against an InlineGrid of `federated.clients` nodes."""
+def run_inline(
+    cfg: Config,
+    options: ServerOptions,
+    client_app: ClientApp | None = None,
+    node_configs: list[NodeConfig] | None = None,
+) -> None:
+    """Run the ServerApp against an InlineGrid of `federated.clients` nodes (or one
+    per node config)."""
     from cotune.runtime.federated.apps import build_server_app
     from cotune.runtime.federated.apps import client_app as default_client_app
 
-    grid = InlineGrid(client_app or default_client_app, cfg.federated.clients)
+    n_nodes = len(node_configs) if node_configs is not None else cfg.federated.clients
+    grid = InlineGrid(client_app or default_client_app, n_nodes, node_configs)
     server = build_server_app(options.to_run_config())
     # Messages stamp themselves with the process's task identity, as in the engines.
     saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)

@@ -6,6 +6,14 @@ process next to the SuperLink in deployment) and talks to its caller only throug
 the run folder: config.toml in; metrics.jsonl, train.jsonl, checkpoint/,
 predictions.jsonl (the last evaluation, one line per eval example; and generations.jsonl
 for generation tasks) and federated_result.json out.
+
+With `federated.client_data = "node"` every node brings its own data and the server
+opens no training file: the hand-shake carries the config, each node answers with
+its data's example count, fingerprint and class names (or the user error that stops
+the run), the server assigns client ids (`partition-id` of a node's config, else in
+order of the data fingerprints), fixes the class list (`task.labels`: the union of the
+nodes' classes, unless the config gives it), and scores the global model on its own
+evaluation data, or, without any, by a federated evaluation on the nodes' data.
 """
 
 from __future__ import annotations
@@ -23,6 +31,7 @@ from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
 from cotune.config import Config, build_config, to_toml
+from cotune.errors import ConfigError, DataError
 from cotune.methods import ServerHook, resolve
 from cotune.methods.federated.global_model import GlobalModel
 from cotune.methods.registry import federated_spec
@@ -33,10 +42,17 @@ from cotune.runtime.federated.checkpoint import ServerCheckpoint, load_checkpoin
 from cotune.runtime.federated.grid import CountingGrid
 from cotune.runtime.federated.keys import (
     ARRAYS_KEY,
+    CONFIG_KEY,
     CONFIG_TEXT_KEY,
+    DATA_PATH_KEY,
+    ERROR_KEY,
+    EXAMPLES_KEY,
+    LABELS_KEY,
     METRICS_KEY,
+    NODE_KEY,
     PARTITION_KEY,
     RESULT_FILE,
+    SHA_KEY,
     WEIGHT_KEY,
     number,
 )
@@ -48,6 +64,7 @@ log = logging.getLogger("cotune.federated")
 
 DEFAULT_ROUND_TIMEOUT = 3600.0
 CONNECT_TIMEOUT = 300.0  # seconds to wait for every SuperNode to connect
+PROBLEM_GRACE = 10.0  # seconds to wait for the other nodes' answers after a problem
 
 
 @dataclass
@@ -132,6 +149,133 @@ def discover_partitions(grid: CountingGrid, n_clients: int, timeout: float) -> d
         time.sleep(0.2)
 
 
+@dataclass
+class NodeData:
+    """A node's own data as it described it in the hand-shake."""
+
+    node_id: int
+    partition: int  # its node config's partition-id, -1 if none (the server assigns one)
+    data_path: str
+    examples: int
+    sha256: str
+    labels: list[str]
+
+
+def _ask(
+    grid: CountingGrid, nodes: list[int], content: RecordDict, timeout: float
+) -> list[Message]:
+    msgs = [
+        Message(RecordDict(dict(content.items())), dst_node_id=n, message_type=MessageType.QUERY)
+        for n in nodes
+    ]
+    return grid.send_and_receive(msgs, timeout=timeout)
+
+
+def discover_nodes(
+    grid: CountingGrid, n_clients: int, timeout: float, config_text: str
+) -> list[NodeData]:
+    """Every node's own data, asked with a `query` carrying the run's config (each node
+    loads its data to answer). Waits (bounded by `timeout`) for `n_clients` nodes; a
+    node that cannot use its data (no data-path, a missing file, the wrong columns)
+    stops the run with a `UserError` naming it."""
+    deadline = time.monotonic() + timeout
+    content = RecordDict({CONFIG_KEY: ConfigRecord({CONFIG_TEXT_KEY: config_text})})
+    found: dict[int, NodeData] = {}
+    asked: set[int] = set()
+    problems: list[str] = []
+    since: float | None = None  # when the first problem was reported
+    while True:
+        new = sorted(set(grid.get_node_ids()) - asked)
+        if new:
+            remaining = max(1.0, deadline - time.monotonic())
+            for reply in _ask(grid, new, content, remaining):
+                node = reply.metadata.src_node_id
+                asked.add(node)
+                if reply.has_error():
+                    problems.append(f"node {node} failed the hand-shake: {reply.error.reason}")
+                    continue
+                info = reply.content.config_records.get(NODE_KEY)
+                if info is None:
+                    problems.append(f"node {node} did not describe its data")
+                    continue
+                path = str(info.get(DATA_PATH_KEY, ""))
+                if ERROR_KEY in info:
+                    where = f" (data-path {path!r})" if path else ""
+                    problems.append(f"SuperNode {node}{where}: {info[ERROR_KEY]!s}")
+                    continue
+                metrics = reply.content.metric_records[METRICS_KEY]
+                labels = info.get(LABELS_KEY, [])
+                found[node] = NodeData(
+                    node_id=node,
+                    partition=int(number(metrics[PARTITION_KEY], PARTITION_KEY)),
+                    data_path=path,
+                    examples=int(number(info[EXAMPLES_KEY], EXAMPLES_KEY)),
+                    sha256=str(info[SHA_KEY]),
+                    labels=[str(x) for x in labels] if isinstance(labels, list) else [],
+                )
+        if problems and since is None:
+            since = time.monotonic()
+        # a problem stops the run, once every node has answered (or a short grace has
+        # passed), so that the message names every node's problem
+        late = since is not None and time.monotonic() - since > PROBLEM_GRACE
+        if problems and (len(asked) >= n_clients or late):
+            raise DataError(
+                f"{len(problems)} SuperNode(s) cannot train on their own data: "
+                + "; ".join(problems)
+            )
+        if len(found) >= n_clients:
+            return [found[n] for n in sorted(found)]
+        if time.monotonic() > deadline:
+            raise RuntimeError(
+                f"only {len(found)} of federated.clients = {n_clients} SuperNodes connected "
+                f"within {timeout:.0f} s"
+            )
+        time.sleep(0.2)
+
+
+def assign_clients(nodes: list[NodeData], n_clients: int) -> dict[int, NodeData]:
+    """Client id -> node: a node's own `partition-id` when its config gives one, the
+    others take the free ids in order of their data fingerprints (stable across
+    restarts, so seeded client sampling picks the same data on resume)."""
+    if len(nodes) > n_clients:
+        raise ConfigError(
+            f"{len(nodes)} SuperNodes connected but federated.clients = {n_clients}; set "
+            "federated.clients to the number of SuperNodes"
+        )
+    fixed = [n for n in nodes if n.partition >= 0]
+    bad = [n.partition for n in fixed if n.partition >= n_clients]
+    seen = [n.partition for n in fixed]
+    if bad or len(set(seen)) != len(seen):
+        raise ConfigError(
+            f"SuperNode partition-id values {sorted(seen)} must be distinct and below "
+            f"federated.clients = {n_clients}"
+        )
+    out = {n.partition: n for n in fixed}
+    free = [i for i in range(n_clients) if i not in out]
+    rest = sorted((n for n in nodes if n.partition < 0), key=lambda n: (n.sha256, n.node_id))
+    out.update(zip(free, rest, strict=False))
+    return out
+
+
+def union_labels(cfg: Config, nodes: list[NodeData]) -> list[str] | None:
+    """The run's classes when the nodes' data define them: `task.labels` if given,
+    else the union of the nodes' classes in label order (None: the task fixes them)."""
+    from cotune.data.registry import labels_from_data
+    from cotune.data.table import label_order
+
+    if not labels_from_data(cfg.task):
+        return None
+    if cfg.task.labels is not None:
+        return list(cfg.task.labels)
+    names = label_order(label for n in nodes for label in n.labels)
+    if len(names) < 2:
+        raise DataError(
+            f"the SuperNodes' data hold {len(names)} distinct label(s) ({', '.join(names)}) "
+            "between them; classification needs at least 2"
+        )
+    return names
+
+
 def _peak_rss_bytes() -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
@@ -160,8 +304,6 @@ class FederatedServer:
     def _run_rounds(self, grid: Grid) -> dict[str, Any]:
         t_start = time.perf_counter()
         cfg, fed = self.cfg, self.cfg.federated
-        model = GlobalModel(cfg)
-        hook = federated_spec(cfg).server_hook(cfg, model)
         totals: dict[str, Any] = {"bytes_up": 0, "bytes_down": 0, "wall_s": 0.0,
                                   "client_peak_rss_bytes": 0, "client_saved_activation_bytes": 0}  # fmt: skip
         first = 1
@@ -169,8 +311,6 @@ class FederatedServer:
         if self.options.resume and ckpt is None:
             log.warning("no checkpoint in %s: starting from round 1", self.options.run_dir)
         if ckpt is not None:
-            model.load(ckpt.global_state)
-            hook.load_state_dict(ckpt.hook_state)
             totals.update(ckpt.totals)
             first = ckpt.round + 1
             self.run.truncate_after("round", ckpt.round)
@@ -178,9 +318,26 @@ class FederatedServer:
         counting = CountingGrid(grid)
         counting.bytes_up, counting.bytes_down = int(totals["bytes_up"]), int(totals["bytes_down"])
         strategy = CotuneFedAvg(fraction=fed.fraction, seed=cfg.seed)
-        strategy.set_partitions(
-            discover_partitions(counting, fed.clients, self.options.connect_timeout)
-        )
+        own = fed.client_data == "node"
+        if own:  # the nodes' data decide the client ids and the classes
+            cfg = self.cfg = self._meet_nodes(counting, strategy)
+        else:
+            strategy.set_partitions(
+                discover_partitions(counting, fed.clients, self.options.connect_timeout)
+            )
+        model = GlobalModel(cfg)
+        hook = federated_spec(cfg).server_hook(cfg, model)
+        if ckpt is not None:
+            model.load(ckpt.global_state)
+            hook.load_state_dict(ckpt.hook_state)
+        client_eval = not model.has_eval
+        if client_eval and (not own or federated_spec(cfg).client_evaluate is None):
+            raise ConfigError(
+                f"the server has no evaluation data for {cfg.task.name!r} and method "
+                f"{cfg.method!r} cannot score the global model on the clients' data: give "
+                "the server an evaluation set (task.eval_file, or task.data_dir with the "
+                "task's evaluation files)"
+            )
         config_text = to_toml(cfg)
         timeout = fed.round_timeout or DEFAULT_ROUND_TIMEOUT
         wall0 = float(totals["wall_s"])
@@ -193,10 +350,15 @@ class FederatedServer:
                 rnd, to_arrays(model.state()), ConfigRecord({CONFIG_TEXT_KEY: config_text}), grid
             )
             messages = _add_extras(hook, rnd, list(messages), strategy.node_of)
+            if own:
+                messages = _address(messages, strategy.node_of)
             replies = counting.send_and_receive(messages, timeout=timeout)
             arrays, client_metrics = strategy.aggregate_train(rnd, replies)
             outcome = strategy.outcome
             _observe_replies(hook, rnd, replies, outcome.accepted)
+            if own:
+                for record in _trained_on(rnd, replies):
+                    self.run.log_train(record)
             for part, reason in sorted({**outcome.failed, **outcome.rejected}.items()):
                 kind = "client_failed" if part in outcome.failed else "update_rejected"
                 self.run.log_train(
@@ -218,7 +380,10 @@ class FederatedServer:
                 self.options.stop_after and rnd >= self.options.stop_after
             )
             scored = final or rnd % fed.eval_every == 0
-            if scored:
+            if scored and client_eval:
+                evaluation = None
+                last = self._evaluate_on_clients(counting, strategy, model, rnd, config_text)
+            elif scored:
                 evaluation = model.evaluation()
                 last = evaluation.metrics
             totals["bytes_up"], totals["bytes_down"] = counting.bytes_up, counting.bytes_down
@@ -245,11 +410,15 @@ class FederatedServer:
             completed = rnd
             if self.options.stop_after and rnd >= self.options.stop_after:
                 break
-        if evaluation is None:  # nothing left to run (resumed a finished run): score it as is
-            evaluation = model.evaluation()
-            last = evaluation.metrics
-        self.run.write_predictions(evaluation.predictions)
-        model.adapter.save_outputs(self.options.run_dir, evaluation)
+        if client_eval:
+            if not last:  # nothing left to run (resumed a finished run): score it as is
+                last = self._evaluate_on_clients(counting, strategy, model, completed, config_text)
+        else:
+            if evaluation is None:  # nothing left to run (resumed a finished run): score it
+                evaluation = model.evaluation()
+                last = evaluation.metrics
+            self.run.write_predictions(evaluation.predictions)
+            model.adapter.save_outputs(self.options.run_dir, evaluation)
         held = hook.device_model()
         result = {
             "metrics": last,
@@ -266,9 +435,111 @@ class FederatedServer:
             "client_peak_rss_bytes": totals["client_peak_rss_bytes"] or None,
             "client_saved_activation_bytes": totals["client_saved_activation_bytes"] or None,
             "server_peak_rss_bytes": _peak_rss_bytes(),
+            "client_data": fed.client_data,
+            "evaluated_on": "clients" if client_eval else "server",
         }
         (self.options.run_dir / RESULT_FILE).write_text(json.dumps(result, indent=2) + "\n")
         return result
+
+    def _meet_nodes(self, grid: CountingGrid, strategy: CotuneFedAvg) -> Config:
+        """The hand-shake with nodes that bring their own data: client ids, the
+        classes, one `node` record per client in train.jsonl; returns the config the
+        run goes on with (`task.labels` fixed)."""
+        cfg = self.cfg
+        nodes = discover_nodes(
+            grid, cfg.federated.clients, self.options.connect_timeout, to_toml(cfg)
+        )
+        clients = assign_clients(nodes, cfg.federated.clients)
+        strategy.set_partitions({part: n.node_id for part, n in clients.items()})
+        labels = union_labels(cfg, nodes)
+        if labels is not None and labels != cfg.task.labels:
+            cfg = cfg.model_copy(deep=True)
+            cfg.task.labels = labels
+        for part, n in sorted(clients.items()):
+            self.run.log_train(
+                {"event": "node", "partition": part, "data_path": n.data_path,
+                 "examples": n.examples, "data_sha256": n.sha256,
+                 **({"labels": n.labels} if n.labels else {})}
+            )  # fmt: skip
+        return cfg
+
+    def _evaluate_on_clients(
+        self,
+        grid: CountingGrid,
+        strategy: CotuneFedAvg,
+        model: GlobalModel,
+        rnd: int,
+        config_text: str,
+    ) -> dict[str, float]:
+        """A federated evaluation: every client scores the global model on its own data;
+        the example-weighted mean of their metrics (with `eval_clients`,
+        `eval_examples`)."""
+        arrays = to_arrays(model.state())
+        msgs = []
+        for part, node in sorted(strategy.node_of.items()):
+            config = ConfigRecord(
+                {CONFIG_TEXT_KEY: config_text, "server-round": rnd, PARTITION_KEY: part}
+            )
+            msgs.append(
+                Message(
+                    RecordDict({ARRAYS_KEY: arrays, CONFIG_KEY: config}),
+                    dst_node_id=node,
+                    message_type=MessageType.EVALUATE,
+                )
+            )
+        timeout = self.cfg.federated.round_timeout or DEFAULT_ROUND_TIMEOUT
+        scored: list[tuple[float, dict[str, float]]] = []
+        for reply in grid.send_and_receive(msgs, timeout=timeout):
+            if reply.has_error() or METRICS_KEY not in reply.content.metric_records:
+                reason = reply.error.reason if reply.has_error() else "no metrics"
+                log.warning("client evaluation failed on node %d: %s",
+                            reply.metadata.src_node_id, reason)  # fmt: skip
+                continue
+            m = reply.content.metric_records[METRICS_KEY]
+            weight = number(m[WEIGHT_KEY], WEIGHT_KEY)
+            values = {k: float(v) for k, v in m.items() if isinstance(v, int | float)}
+            values.pop(WEIGHT_KEY, None)
+            values.pop(PARTITION_KEY, None)
+            if weight > 0:
+                scored.append((weight, values))
+        if not scored:
+            log.warning("round %d: no client could score the global model", rnd)
+            return {}
+        total = sum(w for w, _ in scored)
+        keys = set.intersection(*(set(v) for _, v in scored))
+        out = {k: sum(w * v[k] for w, v in scored) / total for k in sorted(keys)}
+        return {**out, "eval_clients": float(len(scored)), "eval_examples": float(total)}
+
+
+def _address(messages: list[Message], node_of: dict[int, int]) -> list[Message]:
+    """Each train message tells its node the client id the server gave it."""
+    part_of = {node: part for part, node in node_of.items()}
+    for msg in messages:
+        records = dict(msg.content.items())
+        config = dict(msg.content.config_records[CONFIG_KEY].items())
+        config[PARTITION_KEY] = part_of[msg.metadata.dst_node_id]
+        records[CONFIG_KEY] = ConfigRecord(config)
+        msg.content = RecordDict(records)
+    return messages
+
+
+def _trained_on(rnd: int, replies: list[Message]) -> list[dict[str, Any]]:
+    """One train.jsonl record per client that trained: its examples and the
+    fingerprint of the data it trained on."""
+    out = []
+    for msg in replies:
+        content = msg.content if not msg.has_error() else None
+        if content is None or METRICS_KEY not in content.metric_records:
+            continue
+        metrics = content.metric_records[METRICS_KEY]
+        node = content.config_records.get(NODE_KEY)
+        out.append(
+            {"round": rnd, "event": "client_trained",
+             "partition": int(number(metrics[PARTITION_KEY], PARTITION_KEY)),
+             "examples": int(number(metrics.get(WEIGHT_KEY, 0), WEIGHT_KEY)),
+             "data_sha256": str(node[SHA_KEY]) if node is not None and SHA_KEY in node else None}
+        )  # fmt: skip
+    return sorted(out, key=lambda r: r["partition"])
 
 
 def _add_extras(
