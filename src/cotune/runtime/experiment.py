@@ -10,6 +10,7 @@ ServerApp writes its own), the plot and the report last.
 
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,8 @@ from typing import Any
 from safetensors.torch import save_file
 
 from cotune.config import Config, load_config, to_toml
-from cotune.errors import ConfigError
+from cotune.errors import ConfigError, ExportError, UserError
+from cotune.export import Export, export_model
 from cotune.memory import mark_rest, tune_allocator
 from cotune.methods import (
     FederatedSpec,
@@ -31,6 +33,8 @@ from cotune.methods import (
 from cotune.report import RunFolder, default_run_dir, finish_run
 from cotune.runtime.launcher import offline_env
 from cotune.runtime.memory_cap import apply_memory_cap
+
+log = logging.getLogger(__name__)
 
 
 def load_experiment(path: str | Path | None, overrides: list[str] | None = None) -> Config:
@@ -112,4 +116,25 @@ def run_experiment(cfg: Config, out: str | Path | None = None, resume: bool = Fa
     }
     run.write_summary(summary)
     finish_run(run)
+    if cfg.runtime.export:
+        try:
+            export_model(run.path, cfg)
+        except UserError as err:  # e.g. a device of a remote cloud: half a model
+            log.warning("the run folder has no model/: %s", err)
     return run.path
+
+
+def export_run(
+    run_dir: str | Path, *, out: str | Path | None = None, merge: bool = False
+) -> Export:
+    """Export the model of the finished run in `run_dir` from its saved weights and its
+    config.toml (`cotune export`); ExportError when it is not a run folder."""
+    run = Path(run_dir)
+    if not run.is_dir():
+        raise ExportError(f"run folder {run_dir} does not exist")
+    saved = run / "config.toml"
+    if not saved.is_file():
+        raise ExportError(f"{run_dir} has no config.toml: it is not a cotune run folder")
+    offline_env()
+    cfg = load_experiment(saved)
+    return export_model(run, cfg, out=out, merge=merge)
