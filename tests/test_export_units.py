@@ -8,14 +8,19 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from helpers import batch_for, tiny_cfg
+from PIL import Image
 from safetensors.torch import save_file
+from transformers import AutoImageProcessor
 
 from cotune.config import build_config
 from cotune.data import Task
+from cotune.data.images import ImageCollator, resize
 from cotune.errors import ExportError
+from cotune.export import image_processor
 from cotune.export.build import build_export, hf_classifier
 from cotune.export.modeling_cotune_classifier import (
     CotuneForQuestionAnswering,
@@ -77,6 +82,17 @@ def test_a_span_extractor_exports_as_question_answering() -> None:
         got, want = hf(**x), model(**x)
     assert torch.equal(got.start_logits, want.start_logits)
     assert torch.equal(got.end_logits, want.end_logits)
+
+
+def test_the_image_processor_prepares_images_as_cotunes_tasks_do(tmp_path: Path) -> None:
+    image_processor(3, 28).save_pretrained(str(tmp_path))
+    processor = AutoImageProcessor.from_pretrained(str(tmp_path))
+    rng = np.random.default_rng(0)
+    for shape in [(60, 45, 3), (30, 30)]:  # RGB, and grey (given to it as RGB)
+        pixels = (rng.random(shape) * 255).astype("uint8")
+        ours = ImageCollator(3)([{"pixels": torch.from_numpy(resize(pixels, 28)), "labels": 0}])
+        theirs = processor(Image.fromarray(pixels).convert("RGB"), return_tensors="pt")
+        torch.testing.assert_close(theirs["pixel_values"], ours["pixel_values"])
 
 
 def _split_state(cfg, family: str) -> tuple[dict[str, torch.Tensor], torch.Tensor]:  # type: ignore[no-untyped-def]

@@ -42,7 +42,7 @@ BASE_DIR = "base"
 RECORD_FILE = "cotune_export.json"
 LOSSLESS_CODECS = ("identity",)
 
-__all__ = ["BASE_DIR", "MODEL_DIR", "RECORD_FILE", "Export", "export_model"]
+__all__ = ["BASE_DIR", "MODEL_DIR", "RECORD_FILE", "Export", "export_model", "image_processor"]
 
 
 @dataclass
@@ -58,6 +58,7 @@ class Export:
 
 AUTO_CLASS = {
     "sequence": "AutoModelForSequenceClassification",
+    "image": "AutoModelForImageClassification",
     "span": "AutoModelForQuestionAnswering",
     "causal": "AutoModelForCausalLM",
 }
@@ -82,27 +83,37 @@ def _link_notes(cfg: Config) -> list[str]:
     ]
 
 
+def image_processor(channels: int, size: int) -> Any:
+    """A transformers image processor that resizes (Pillow, bilinear) and normalises as
+    cotune's image tasks do: give it RGB images (grey ones for a 1-channel model)."""
+    import transformers
+
+    from cotune.data.images import GREY_MEAN, GREY_STD, IMAGENET_MEAN, IMAGENET_STD
+
+    # the Pillow implementation (cotune resizes with Pillow); older transformers name it
+    # ViTImageProcessor
+    if hasattr(transformers, "ViTImageProcessorPil"):
+        processor = transformers.ViTImageProcessorPil
+    else:
+        processor = transformers.ViTImageProcessor
+    mean, std = (IMAGENET_MEAN, IMAGENET_STD) if channels == 3 else (GREY_MEAN, GREY_STD)
+    return processor(
+        do_resize=True, size={"height": size, "width": size}, resample=2,  # bilinear
+        do_rescale=True, rescale_factor=1 / 255, do_normalize=True,
+        image_mean=list(mean), image_std=list(std),
+    )  # fmt: skip
+
+
 def _save_preprocessing(model: ExportModel, hf: Any, cfg: Config, folder: Path) -> None:
-    """The tokenizer, or for an image model an image processor that resizes and
-    normalises as cotune's image tasks do."""
+    """The tokenizer, or for an image model its image processor."""
     if model.tokenizer is not None:
         # cotune may drop token_type_ids from a tokenizer's outputs (a decoder with a
         # WordPiece tokenizer): the saved tokenizer keeps that
         model.tokenizer.init_kwargs["model_input_names"] = list(model.tokenizer.model_input_names)
         model.tokenizer.save_pretrained(str(folder))
         return
-    from transformers import ViTImageProcessor
-
-    from cotune.data.images import GREY_MEAN, GREY_STD, IMAGENET_MEAN, IMAGENET_STD
-
     channels = int(hf.config.base_model_config.get("num_channels", 3))
-    mean, std = (IMAGENET_MEAN, IMAGENET_STD) if channels == 3 else (GREY_MEAN, GREY_STD)
-    size = cfg.task.image_size
-    ViTImageProcessor(
-        do_resize=True, size={"height": size, "width": size}, resample=2,  # bilinear
-        do_rescale=True, rescale_factor=1 / 255, do_normalize=True,
-        image_mean=list(mean), image_std=list(std),
-    ).save_pretrained(str(folder))  # fmt: skip
+    image_processor(channels, cfg.task.image_size).save_pretrained(str(folder))
 
 
 def _base_reference(cfg: Config, model: ExportModel) -> str | None:
@@ -129,7 +140,11 @@ def _readme(export: Export, model: ExportModel) -> str:
             "It loads with `trust_remote_code=True`; cotune is not needed.",
             "",
         ]
-    lines += ["```python", f"from transformers import AutoTokenizer, {auto}"]
+    pre, var = (
+        ("AutoTokenizer", "tokenizer") if model.tokenizer is not None
+        else ("AutoImageProcessor", "processor")
+    )  # fmt: skip
+    lines += ["```python", f"from transformers import {pre}, {auto}"]
     if export.format == "peft-adapter":
         lines += [
             "from peft import PeftModel",
@@ -139,7 +154,7 @@ def _readme(export: Export, model: ExportModel) -> str:
         ]
     else:
         lines += ["", f'model = {auto}.from_pretrained("{export.path}"{trust})']
-    lines += [f'tokenizer = AutoTokenizer.from_pretrained("{export.path}")', "```", ""]
+    lines += [f'{var} = {pre}.from_pretrained("{export.path}")', "```", ""]
     if model.kind == "causal":
         fmt = prompt_format(model.tokenizer)
         lines += [

@@ -56,12 +56,16 @@ FFN_IN: dict[str, tuple[str, ...]] = {
     "dinov2": ("mlp.fc1",),
 }
 PEFT_PREFIX = "base_model.model."
-PEFT_TASK = {"sequence": "SEQ_CLS", "span": "QUESTION_ANS", "causal": "CAUSAL_LM"}
+PEFT_TASK = {"sequence": "SEQ_CLS", "image": "SEQ_CLS", "span": "QUESTION_ANS",
+             "causal": "CAUSAL_LM"}  # fmt: skip
+_CLASSIFIER = {
+    "AutoModelForSequenceClassification": "CotuneForSequenceClassification",
+    "AutoModelForImageClassification": "CotuneForSequenceClassification",
+}
+# kind -> the auto classes config.json's auto_map names (the first: the kind's own)
 AUTO_CLASSES = {
-    "sequence": {
-        "AutoModelForSequenceClassification": "CotuneForSequenceClassification",
-        "AutoModelForImageClassification": "CotuneForSequenceClassification",
-    },
+    "sequence": _CLASSIFIER,
+    "image": dict(reversed(_CLASSIFIER.items())),
     "span": {"AutoModelForQuestionAnswering": "CotuneForQuestionAnswering"},
 }
 MODELING_MODULE = "modeling_cotune_classifier"
@@ -70,7 +74,7 @@ MODELING_MODULE = "modeling_cotune_classifier"
 @dataclass
 class ExportModel:
     """The rebuilt model: `model` (a PreTrainedModel, or a peft model around one under
-    LoRA), its `kind` ("sequence", "span" or "causal"), the tokenizer (None for image
+    LoRA), its `kind` ("sequence", "image", "span" or "causal"), the tokenizer (None for image
     models), under LoRA the base's own weights (`base_state`: what the adapter applies
     to), and notes for the export's record."""
 
@@ -112,6 +116,12 @@ def label_kwargs(task: Task) -> dict[str, Any]:
     }
 
 
+def classifier_kind(clf: SequenceClassifier, task: Task) -> str:
+    if isinstance(clf, SpanExtractor):
+        return "span"
+    return "image" if task.kind == "image-classification" else "sequence"
+
+
 def hf_classifier(
     clf: SequenceClassifier, task: Task, no_ffn_residual: list[int] | None = None
 ) -> CotunePreTrainedModel:
@@ -119,7 +129,7 @@ def hf_classifier(
     `modeling_cotune_classifier`, with the same weights (copied); the layers in
     `no_ffn_residual` (a split run's SFT layer) lose their FFN residual."""
     span = isinstance(clf, SpanExtractor)
-    kind = "span" if span else "sequence"
+    kind = classifier_kind(clf, task)
     base = clf.backbone.config.to_diff_dict()
     for key in ("id2label", "label2id", "num_labels", "problem_type", "architectures"):
         base.pop(key, None)  # a base model's own head settings: not this model's
@@ -253,12 +263,12 @@ def build_export(cfg: Config, task: Task, trained: TrainedState) -> ExportModel:
         assert isinstance(built.lm, PreTrainedModel)
         hf = built.lm
     elif isinstance(built, SequenceClassifier):
-        kind, prefix = ("span" if isinstance(built, SpanExtractor) else "sequence"), ""
+        kind, prefix = classifier_kind(built, task), ""
         cut_layers = [int(layer.rsplit(".", 1)[1]) for layer in sft]
         hf = hf_classifier(built, task, cut_layers)
     else:
         raise ExportError(f"cannot export a {type(built).__name__}")
-    if sft and kind != "sequence":
+    if sft and kind not in ("sequence", "image"):
         raise ExportError("SFT factors can only be folded into a classifier")
     del built
     tensors = {n.removeprefix(prefix): t for n, t in tensors.items()}

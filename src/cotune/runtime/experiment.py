@@ -116,11 +116,18 @@ def run_experiment(cfg: Config, out: str | Path | None = None, resume: bool = Fa
     }
     run.write_summary(summary)
     finish_run(run)
-    if cfg.runtime.export:
+    if cfg.runtime.export and spec.kind == "split" and cfg.runtime.cloud is not None:
+        log.warning(
+            "no model/: this run is a device of the cloud at %s and holds only its half of "
+            "the model; copy the cloud's cloud_trainable.safetensors (cotune cloud --out) "
+            "into %s and run `cotune export` on it",
+            cfg.runtime.cloud, run.path,
+        )  # fmt: skip
+    elif cfg.runtime.export:
         try:
             export_model(run.path, cfg)
-        except UserError as err:  # e.g. a device of a remote cloud: half a model
-            log.warning("the run folder has no model/: %s", err)
+        except UserError as err:  # the run is complete: say why it has no model/
+            log.warning("no model/: %s", err)
     return run.path
 
 
