@@ -92,6 +92,7 @@ def image_processor(channels: int, size: int) -> Any:
 
     # the Pillow implementation (cotune resizes with Pillow); older transformers name it
     # ViTImageProcessor
+    processor: Any
     if hasattr(transformers, "ViTImageProcessorPil"):
         processor = transformers.ViTImageProcessorPil
     else:
