@@ -294,6 +294,15 @@ def test_a_causal_lm_exports_an_adapter_that_generates_the_runs_outputs(tmp_path
     assert answer["outputs"] == [r["output"] for r in records]
 
 
+@pytest.mark.integration
+def test_minilm_exports_with_its_mean_pooling(tmp_path: Path) -> None:
+    # the packaged sentence encoder: a BERT whose checkpoint was trained mean-pooled
+    run = _run(tmp_path, model={"name": "minilm"}, train={"steps": 2, "lr": 0.01})
+    config = json.loads((run / "model" / "base" / "config.json").read_text())
+    assert config["pooling"] == "mean" and config["base_model_config"]["hidden_size"] == 384
+    check_classifier_export(run, tmp_path / "load")
+
+
 def test_runtime_export_false_writes_no_model(tmp_path: Path) -> None:
     run = _run(tmp_path, runtime={"export": False}, train={"steps": 1})
     assert not (run / "model").exists() and (run / "trainable.safetensors").is_file()

@@ -67,6 +67,22 @@ def test_the_transformers_classifier_computes_what_cotunes_computes(family: str)
         assert torch.equal(hf(**x).logits, model(**x).logits)
 
 
+def test_a_regression_head_exports_one_output() -> None:
+    cfg = build_config({"model": {"name": "tiny-roberta"}})
+    model, _, _ = build_classifier(cfg.model, 1, problem="regression", seed=0)
+    _perturb(list(model.parameters()))
+    task = Task("glue/stsb", "regression", 1, ["similarity"], [], {}, "pearson")
+    hf = hf_classifier(unwrap(model), task)
+    assert hf.config.num_labels == 1 and hf.config.problem_type == "regression"
+    assert hf.config.id2label == {0: "similarity"}
+    x = _inputs("roberta")
+    labels = torch.tensor([0.5, 3.0, 4.5])
+    with torch.no_grad():
+        got, want = hf(**x, labels=labels), model(**x, labels=labels)
+    assert got.logits.shape == (3, 1) and torch.equal(got.logits, want.logits)
+    assert torch.equal(got.loss, want.loss)  # MSE, as cotune trains it
+
+
 def test_a_span_extractor_exports_as_question_answering() -> None:
     cfg = build_config({"model": {"name": "tiny-bert"}})
     model, _, _ = build_span_model(cfg.model, seed=0)
