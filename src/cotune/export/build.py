@@ -13,7 +13,9 @@ Under LoRA it is wrapped by peft with the run's LoRA settings (`cotune.models.ap
 with the peft task type a standard loader expects), and the frozen base holds what the
 run computed with: with `model.base_dtype = "bf16" / "int8"` every weight the run stored
 rounded is the rounded value, in fp32. Then the trained tensors are loaded, and a split
-run's SFT factors are folded back into the dense matrix they factorise (`fold_sft`).
+run's SFT factors are folded back into the dense matrix they factorise (`fold_sft`; a
+`modules_to_save` copy under LoRA), in a layer that, as the split model did, has no
+residual connection around its FFN (`config.no_ffn_residual_layers`).
 """
 
 from __future__ import annotations

@@ -139,7 +139,8 @@ class _WithoutFfnResidual:
         self.branch = output  # the last call's: the FFN branch, after attention's
 
     def _as_input(self, module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
-        return (self.branch, *args[1:])
+        branch, self.branch = self.branch, None
+        return (branch, *args[1:])
 
     def _as_output(self, module: nn.Module, args: Any, output: Any) -> Any:
         branch, self.branch = self.branch, None
