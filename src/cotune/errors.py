@@ -21,3 +21,7 @@ class DataError(UserError):
 
 class ModelError(UserError):
     """A model name cannot be resolved or loaded."""
+
+
+class ExportError(UserError):
+    """A run folder cannot be exported (missing, or without saved weights)."""

@@ -1,5 +1,5 @@
-"""`cotune run / sweep / compare / models / tasks / methods` (and split methods' `cloud` /
-`device`)."""
+"""`cotune run / sweep / compare / export / models / tasks / methods` (and split methods'
+`cloud` / `device`)."""
 
 from __future__ import annotations
 
@@ -138,6 +138,20 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from cotune.report.compare import compare
 
     compare(args.runs, args.plot, resamples=args.resamples)
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from cotune.runtime.experiment import export_run
+
+    export = export_run(args.run_dir, out=args.out, merge=args.merge)
+    if export.format == "peft-adapter":
+        print(f"peft adapter: {export.path} (base model: {export.base})")
+    else:
+        print(f"transformers model: {export.path}")
+    for note in export.notes:
+        print(f"  note: {note}")
+    print(f"how to load it: {export.path / 'README.md'}")
     return 0
 
 
@@ -414,6 +428,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=5, help="training steps to measure (default 5)")
     p.add_argument("--out", help="run folder (default runs/<timestamp>-<name>-memory)")
     p.set_defaults(func=cmd_memory)
+
+    p = sub.add_parser(
+        "export",
+        parents=[common],
+        help="write a finished run's trained model as a folder transformers / peft load",
+        description="Rebuild the model RUN_DIR trained from its saved weights and its "
+        "config.toml, and write it (default RUN_DIR/model, what every run writes at its end): "
+        "a peft adapter plus its base model folder under LoRA, or a transformers model "
+        "(full fine-tuning, or --merge). Classifiers are transformers custom code "
+        "(trust_remote_code=True). README.md in the folder says how to load it.",
+    )
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a run folder (holds config.toml)")
+    p.add_argument(
+        "--merge", action="store_true",
+        help="merge the LoRA adapter into the base weights: one model, loaded without peft",
+    )  # fmt: skip
+    p.add_argument("--out", metavar="DIR", help="where to write it (default RUN_DIR/model)")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser(
         "models", parents=[common], help="list the models available and where they come from"

@@ -210,6 +210,9 @@ class RuntimeConfig(_Section):
     # "inline" (the clients one after another in this process, no Ray: least overhead)
     engine: Literal["simulation", "deployment", "inline"] = "simulation"
     checkpoint: bool = True
+    # write RUN_DIR/model/ (the trained model for transformers / peft) when the run ends;
+    # `cotune export RUN_DIR` writes it later from the saved weights
+    export: bool = True
     # split methods over gRPC (see docs/split.md). `cloud`: address (host:port) of a
     # running `cotune cloud`; None with transport="grpc" starts one on loopback.
     cloud: str | None = None

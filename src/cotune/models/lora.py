@@ -48,6 +48,7 @@ def apply_lora(
     lora_cfg: LoraConfig,
     family: Family,
     modules_to_save: Sequence[str] = ("head",),
+    task_type: str | None = None,
 ) -> nn.Module:
     """Wrap `model` with LoRA adapters; only the adapters and `modules_to_save` train.
 
@@ -58,7 +59,9 @@ def apply_lora(
     which train in full and are not LoRA-wrapped as well. Names in `modules_to_save`
     that the model lacks are skipped, so the default suits both SequenceClassifier
     (which has a `head`) and causal LMs. A causal LM gets peft's causal-LM wrapper (so
-    `generate` works).
+    `generate` works); `task_type` (a
+    peft task type, e.g. "SEQ_CLS") overrides that choice (`cotune.export` writes
+    adapters a standard loader recognises).
     """
     names = [n for n, _ in model.named_modules()]
     save = [m for m in modules_to_save if _has_module(names, m)]
@@ -90,7 +93,7 @@ def apply_lora(
         modules_to_save=save or None,
         fan_in_fan_out=family == "gpt2",  # GPT-2's Conv1D stores weights transposed
         bias="none",
-        task_type="CAUSAL_LM" if _is_causal_lm(model) else None,
+        task_type=task_type or ("CAUSAL_LM" if _is_causal_lm(model) else None),
     )
     return get_peft_model(model, peft_cfg)
 

@@ -10,6 +10,7 @@ ServerApp writes its own), the plot and the report last.
 
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,8 @@ from safetensors.torch import save_file
 
 from cotune.config import Config, load_config, to_toml
 from cotune.data.registry import Part, check_task_data, with_data_path
-from cotune.errors import ConfigError
+from cotune.errors import ConfigError, ExportError, UserError
+from cotune.export import Export, export_model
 from cotune.memory import mark_rest, tune_allocator
 from cotune.methods import (
     FederatedSpec,
@@ -34,6 +36,8 @@ from cotune.report.trackers import check_trackers, open_trackers
 from cotune.runtime.launcher import process_env
 from cotune.runtime.memory_cap import apply_memory_cap
 from cotune.runtime.provenance import provenance
+
+log = logging.getLogger(__name__)
 
 
 def load_experiment(path: str | Path | None, overrides: list[str] | None = None) -> Config:
@@ -155,4 +159,32 @@ def run_experiment(cfg: Config, out: str | Path | None = None, resume: bool = Fa
     }
     run.write_summary(summary)
     finish_run(run)
+    if cfg.runtime.export and spec.kind == "split" and cfg.runtime.cloud is not None:
+        log.warning(
+            "no model/: this run is a device of the cloud at %s and holds only its half of "
+            "the model; copy the cloud's cloud_trainable.safetensors (cotune cloud --out) "
+            "into %s and run `cotune export` on it",
+            cfg.runtime.cloud, run.path,
+        )  # fmt: skip
+    elif cfg.runtime.export:
+        try:
+            export_model(run.path, cfg)
+        except UserError as err:  # the run is complete: say why it has no model/
+            log.warning("no model/: %s", err)
     return run.path
+
+
+def export_run(
+    run_dir: str | Path, *, out: str | Path | None = None, merge: bool = False
+) -> Export:
+    """Export the model of the finished run in `run_dir` from its saved weights and its
+    config.toml (`cotune export`); ExportError when it is not a run folder."""
+    run = Path(run_dir)
+    if not run.is_dir():
+        raise ExportError(f"run folder {run_dir} does not exist")
+    saved = run / "config.toml"
+    if not saved.is_file():
+        raise ExportError(f"{run_dir} has no config.toml: it is not a cotune run folder")
+    process_env()
+    cfg = load_experiment(saved)
+    return export_model(run, cfg, out=out, merge=merge)

@@ -30,7 +30,7 @@ def memory_config(config: str | Path | None, overrides: list[str], steps: int) -
         raise UserError(f"--steps must be at least 1, got {steps}")
     cfg = load_experiment(config, overrides)
     kind = get_spec(cfg.method).kind
-    sets = [*overrides, "memory.report=true", f"train.steps={steps}"]
+    sets = [*overrides, "memory.report=true", f"train.steps={steps}", "runtime.export=false"]
     if kind == "federated":
         if cfg.method == "fedpft":
             raise UserError(

@@ -16,6 +16,7 @@ from typing import Any
 
 from safetensors.numpy import load_file, save_file
 
+from cotune.export.state import TRAINABLE_FILE
 from cotune.methods.spec import State
 
 CHECKPOINT_DIR = "checkpoint"
@@ -79,3 +80,13 @@ def load_checkpoint(run_dir: str | Path) -> ServerCheckpoint | None:
         hook_state={k: hook[k] for k in meta["hook_keys"]},
         totals=dict(meta.get("totals", {})),
     )
+
+
+def save_final_state(run_dir: str | Path, state: State) -> Path:
+    """The final global model's trainable tensors, as RUN_DIR/trainable.safetensors
+    (what `cotune.export` reads), whatever `runtime.checkpoint` says."""
+    path = Path(run_dir) / TRAINABLE_FILE
+    tmp = path.with_name(path.name + ".tmp")
+    _save_state(state, tmp)
+    tmp.replace(path)
+    return path

@@ -5,7 +5,8 @@ It runs in the ServerApp (a thread of `cotune run` in simulation, a `flwr-server
 process next to the SuperLink in deployment) and talks to its caller only through
 the run folder: config.toml in; metrics.jsonl, train.jsonl, checkpoint/,
 predictions.jsonl (the last evaluation, one line per eval example; and generations.jsonl
-for generation tasks) and federated_result.json out.
+for generation tasks), trainable.safetensors (the final global model's trainable
+tensors) and federated_result.json out.
 
 With `federated.client_data = "node"` every node brings its own data and the server
 opens no training file: the hand-shake carries the config, each node answers with
@@ -38,7 +39,12 @@ from cotune.methods.registry import federated_spec
 from cotune.models.base_dtype import weight_bytes
 from cotune.report import RunFolder, progress
 from cotune.report.trackers import open_trackers
-from cotune.runtime.federated.checkpoint import ServerCheckpoint, load_checkpoint, save_checkpoint
+from cotune.runtime.federated.checkpoint import (
+    ServerCheckpoint,
+    load_checkpoint,
+    save_checkpoint,
+    save_final_state,
+)
 from cotune.runtime.federated.grid import CountingGrid
 from cotune.runtime.federated.keys import (
     ARRAYS_KEY,
@@ -419,6 +425,7 @@ class FederatedServer:
                 last = evaluation.metrics
             self.run.write_predictions(evaluation.predictions)
             model.adapter.save_outputs(self.options.run_dir, evaluation)
+        save_final_state(self.options.run_dir, model.state())
         held = hook.device_model()
         result = {
             "metrics": last,

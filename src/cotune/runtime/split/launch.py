@@ -153,6 +153,10 @@ def run_split(
     train_wall = time.perf_counter() - t0
     result = spec.finish(cfg, cloud, outcomes, recorder, run_dir)
     result.extra.update(info)
+    if cfg.runtime.transport == "inprocess" and cloud.state:
+        # the cloud's half of the model, next to the device's (a loopback cloud saves
+        # its own in cloud/): `cotune.export` joins them
+        result.saved.setdefault(CLOUD_STATE_FILE, cloud.state)
     if spec.devices(cfg) > 1:
         result.extra["train_wall_s"] = train_wall
         _log_final(
