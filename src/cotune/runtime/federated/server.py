@@ -163,7 +163,8 @@ class FederatedServer:
         model = GlobalModel(cfg)
         hook = federated_spec(cfg).server_hook(cfg, model)
         totals: dict[str, Any] = {"bytes_up": 0, "bytes_down": 0, "wall_s": 0.0,
-                                  "client_peak_rss_bytes": 0, "client_saved_activation_bytes": 0}  # fmt: skip
+                                  "client_peak_rss_bytes": 0, "client_saved_activation_bytes": 0,
+                                  "client_bytes": {}}  # fmt: skip
         first = 1
         ckpt = load_checkpoint(self.options.run_dir) if self.options.resume else None
         if self.options.resume and ckpt is None:
@@ -177,7 +178,7 @@ class FederatedServer:
             log.info("resuming after round %d", ckpt.round)
         counting = CountingGrid(grid)
         counting.bytes_up, counting.bytes_down = int(totals["bytes_up"]), int(totals["bytes_down"])
-        strategy = CotuneFedAvg(fraction=fed.fraction, seed=cfg.seed)
+        strategy = CotuneFedAvg(fraction=fed.fraction, seed=cfg.seed, hook=hook)
         strategy.set_partitions(
             discover_partitions(counting, fed.clients, self.options.connect_timeout)
         )
@@ -194,6 +195,7 @@ class FederatedServer:
             )
             messages = _add_extras(hook, rnd, list(messages), strategy.node_of)
             replies = counting.send_and_receive(messages, timeout=timeout)
+            _add_client_bytes(totals, counting, strategy.node_of)
             arrays, client_metrics = strategy.aggregate_train(rnd, replies)
             outcome = strategy.outcome
             _observe_replies(hook, rnd, replies, outcome.accepted)
@@ -257,6 +259,8 @@ class FederatedServer:
             "rounds": fed.rounds,
             "bytes_up": totals["bytes_up"],
             "bytes_down": totals["bytes_down"],
+            # per partition: its train messages and replies (the hand-shake is in the totals)
+            "client_bytes": dict(sorted(totals["client_bytes"].items(), key=lambda kv: int(kv[0]))),
             "wall_s": totals["wall_s"],
             "trainable_device": model.trainable,
             # what a client stores of its model (clients build the global model, or the
@@ -269,6 +273,21 @@ class FederatedServer:
         }
         (self.options.run_dir / RESULT_FILE).write_text(json.dumps(result, indent=2) + "\n")
         return result
+
+
+def _add_client_bytes(
+    totals: dict[str, Any], counting: CountingGrid, node_of: dict[int, int]
+) -> None:
+    """Add the round's bytes to and from each partition to `totals["client_bytes"]`
+    (partition id as text -> {"down", "up"}: JSON keys, checkpointed with the totals)."""
+    part_of = {node: part for part, node in node_of.items()}
+    per = totals.setdefault("client_bytes", {})
+    for node in {*counting.last_down, *counting.last_up}:
+        if node not in part_of:
+            continue
+        entry = per.setdefault(str(part_of[node]), {"down": 0, "up": 0})
+        entry["down"] += counting.last_down.get(node, 0)
+        entry["up"] += counting.last_up.get(node, 0)
 
 
 def _add_extras(
