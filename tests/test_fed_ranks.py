@@ -152,6 +152,11 @@ def test_fleet_file_is_read_into_devices_and_cycled(tmp_path: Path) -> None:
     assert cfg.model.lora is not None and cfg.model.lora.r == 16
     again = resolve(build_config(tomllib.loads(to_toml(cfg))))  # what clients receive
     assert (again.federated, again.model) == (cfg.federated, cfg.model)
+    # an empty fleet drops the file the config names (e.g. for ranks given inline)
+    inline = load_config(
+        tmp_path / "run.toml", ['federated.fleet=""', "federated.client_ranks=[2]"]
+    )
+    assert inline.federated.devices == [] and inline.federated.client_ranks == [2]
 
 
 BAD_FLEETS = [

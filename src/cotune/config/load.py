@@ -162,9 +162,13 @@ def read_fleet(path: str | Path) -> list[dict[str, Any]]:
 
 
 def _inline_fleet(data: dict[str, Any]) -> None:
-    """Replace `federated.fleet` (a file) by the devices it lists."""
+    """Replace `federated.fleet` (a file) by the devices it lists; an empty
+    `federated.fleet` (`--set federated.fleet=""`) drops the file a config names."""
     fed = data.get("federated")
-    if not isinstance(fed, dict) or fed.get("fleet") is None:
+    if not isinstance(fed, dict) or "fleet" not in fed:
+        return
+    if fed["fleet"] in (None, ""):
+        del fed["fleet"]
         return
     if fed.get("devices"):
         raise ConfigError(
