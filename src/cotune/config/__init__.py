@@ -3,6 +3,7 @@
 from cotune.config.load import build_config, load_config, parse_value, to_toml, write_config
 from cotune.config.schema import (
     Config,
+    DeviceProfile,
     FederatedConfig,
     GenerationConfig,
     KDConfig,
@@ -19,6 +20,7 @@ from cotune.config.schema import (
 
 __all__ = [
     "Config",
+    "DeviceProfile",
     "FederatedConfig",
     "GenerationConfig",
     "KDConfig",

@@ -11,7 +11,7 @@ from typing import Any
 import tomli_w
 from pydantic import BaseModel, ValidationError
 
-from cotune.config.schema import Config
+from cotune.config.schema import Config, DeviceProfile
 from cotune.errors import ConfigError
 
 
@@ -88,6 +88,7 @@ PATH_KEYS: tuple[tuple[str, str], ...] = (
     ("task", "data_dir"),
     ("task", "train_file"),
     ("task", "eval_file"),
+    ("federated", "fleet"),
     ("runtime", "tokens"),
     ("runtime", "tls_cert"),
     ("runtime", "tls_key"),
@@ -127,12 +128,62 @@ def anchor_paths(data: dict[str, Any], folder: Path, source: str) -> None:
         node[key] = anchored
 
 
+def read_fleet(path: str | Path) -> list[dict[str, Any]]:
+    """The `[[device]]` tables of a fleet file, each checked as a `DeviceProfile`."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"federated.fleet: fleet file {str(p)!r} does not exist.")
+    try:
+        data = tomllib.loads(p.read_text())
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"fleet file {str(p)!r} is not valid TOML: {err}.") from None
+    devices = data.get("device")
+    extra = sorted(set(data) - {"device"})
+    if extra or not isinstance(devices, list) or not devices:
+        raise ConfigError(
+            f"fleet file {str(p)!r} must hold one or more [[device]] tables (keys: "
+            f"{', '.join(DeviceProfile.model_fields)}) and nothing else"
+            + (f"; unexpected: {', '.join(extra)}" if extra else "")
+            + "."
+        )
+    for i, device in enumerate(devices):
+        try:
+            DeviceProfile.model_validate(device)
+        except ValidationError as err:
+            problems = "; ".join(
+                f"{'.'.join(str(x) for x in e['loc']) or 'device'}: {e['msg']}"
+                for e in err.errors()
+            )
+            raise ConfigError(
+                f"fleet file {str(p)!r}, device {i}: {problems} (valid keys: "
+                f"{', '.join(DeviceProfile.model_fields)})."
+            ) from None
+    return [dict(d) for d in devices]
+
+
+def _inline_fleet(data: dict[str, Any]) -> None:
+    """Replace `federated.fleet` (a file) by the devices it lists; an empty
+    `federated.fleet` (`--set federated.fleet=""`) drops the file a config names."""
+    fed = data.get("federated")
+    if not isinstance(fed, dict) or "fleet" not in fed:
+        return
+    if fed["fleet"] in (None, ""):
+        del fed["fleet"]
+        return
+    if fed.get("devices"):
+        raise ConfigError(
+            "give the devices in federated.fleet (a file) or federated.devices, not both."
+        )
+    fed["devices"] = read_fleet(str(fed.pop("fleet")))
+
+
 def build_config(data: dict[str, Any], overrides: list[str] | None = None) -> Config:
     data = {k: dict(v) if isinstance(v, dict) else v for k, v in data.items()}
     for assignment in overrides or []:
         apply_override(data, assignment)
     for node, key, value in _relative_paths(data):  # from --set: the current directory
         node[key] = os.path.abspath(Path(value).expanduser())
+    _inline_fleet(data)
     try:
         cfg = Config.model_validate(data)
     except ValidationError as err:

@@ -8,7 +8,7 @@ warning (see `unused_sections`).
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
@@ -135,6 +135,20 @@ class LinkConfig(_Section):
         return self
 
 
+class DeviceProfile(_Section):
+    """One device of a federated fleet (`federated.devices`, or a `[[device]]` table of
+    the file `federated.fleet` names). `rank`: its LoRA rank (fedlora; None: the fleet
+    has one rank, `model.lora.r`). The other fields describe the device for parts of
+    cotune that use them; nothing reads them yet (they are validated and recorded)."""
+
+    name: str | None = None
+    rank: int | None = Field(default=None, ge=1)
+    memory_mib: float | None = Field(default=None, gt=0)
+    up_mbps: float | None = Field(default=None, gt=0)
+    down_mbps: float | None = Field(default=None, gt=0)
+    latency_ms: float | None = Field(default=None, ge=0)
+
+
 class FederatedConfig(_Section):
     clients: int = Field(default=4, ge=1)
     rounds: int = Field(default=10, ge=1)
@@ -154,6 +168,47 @@ class FederatedConfig(_Section):
     # device's `--data`); the server then reads no training data. Deployment to a
     # SuperLink of yours (`runtime.superlink`) always uses "node".
     client_data: Literal["partition", "node"] = "partition"
+    # Heterogeneous devices. Client k is device k mod len(list) of `client_ranks` (each
+    # client's LoRA rank, fedlora) or of `devices` (`DeviceProfile`s). `fleet`: a TOML
+    # file of `[[device]]` tables, read into `devices` when the config is loaded (the
+    # resolved config carries the devices, so clients never need the file).
+    client_ranks: list[Annotated[int, Field(ge=1)]] | None = Field(default=None, min_length=1)
+    fleet: str | None = None
+    devices: list[DeviceProfile] = Field(default_factory=list)
+    # how fedlora aggregates adapters of different ranks: "zero_pad" (HetLoRA: pad every
+    # update to the largest rank with zeros, average over all clients), "rank_wise" (each
+    # rank component averaged over the clients that hold it). See docs/federated.md.
+    rank_aggregation: Literal["zero_pad", "rank_wise"] = "zero_pad"
+
+    @model_validator(mode="after")
+    def _fleet(self) -> FederatedConfig:
+        if self.fleet is not None:  # `build_config` reads the file into `devices`
+            raise ValueError(
+                "federated.fleet is read into federated.devices by cotune.config's "
+                "load_config / build_config; pass the config through them"
+            )
+        if self.client_ranks is not None and self.devices:
+            raise ValueError(
+                "give each client's rank in federated.client_ranks or in the devices "
+                "(federated.fleet / federated.devices), not both"
+            )
+        listed = self.client_ranks or self.devices
+        if len(listed) > self.clients:
+            what = "client_ranks" if self.client_ranks is not None else "devices"
+            raise ValueError(
+                f"federated.{what} lists {len(listed)} entries but federated.clients = "
+                f"{self.clients}: entries past the last client would never train; list at "
+                f"most {self.clients} (they are cycled over the clients) or raise "
+                "federated.clients"
+            )
+        ranked = [d.rank is not None for d in self.devices]
+        if any(ranked) and not all(ranked):
+            missing = [i for i, r in enumerate(ranked) if not r]
+            raise ValueError(
+                f"federated devices {missing[:5]} have no rank while others do: give every "
+                "device a rank, or none (then all use model.lora.r)"
+            )
+        return self
 
 
 class MemoryConfig(_Section):

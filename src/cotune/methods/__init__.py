@@ -6,6 +6,7 @@ task adapters, link, models) is shared, and the runtime executes the spec.
 
 from cotune.methods.registry import get_spec, method_names, register, resolve
 from cotune.methods.spec import (
+    AcceptedUpdate,
     ClientEvaluation,
     ClientUpdate,
     CloudOutcome,
@@ -23,6 +24,7 @@ from cotune.methods.spec import (
 from cotune.training.loop import Recorder
 
 __all__ = [
+    "AcceptedUpdate",
     "ClientEvaluation",
     "ClientUpdate",
     "CloudOutcome",

@@ -62,6 +62,7 @@ def resolve(cfg: Config) -> Config:
     spec = get_spec(cfg.method)
     spec.configure(cfg)
     check_base_dtype(cfg)
+    check_device_ranks(cfg, spec)
     if cfg._reads is None:
         for section in unused_sections(cfg._given, spec.reads):
             warnings.warn(
@@ -84,6 +85,29 @@ def check_base_dtype(cfg: Config) -> None:
             "weight, and an int8 or bf16 weight cannot train here): add a [model.lora] "
             "section, or set model.base_dtype = 'fp32'."
         )
+
+
+def check_device_ranks(cfg: Config, spec: MethodSpec) -> None:
+    """Per-device LoRA ranks (`federated.client_ranks`, ranks in `federated.devices`)
+    need a method that aggregates adapters of different ranks: a `ConfigError` for a
+    method that reads `[federated]` otherwise (the others warn that it is unused)."""
+    fed = cfg.federated
+    if fed.client_ranks is None and not any(d.rank is not None for d in fed.devices):
+        return
+    if "federated" not in spec.reads or _ranks_ok(spec):
+        return
+    able = [n for n in method_names() if _ranks_ok(get_spec(n))]
+    raise ConfigError(
+        f"method {cfg.method!r} trains one model shape on every device; per-device LoRA "
+        f"ranks (federated.client_ranks, or a rank in federated.devices / the fleet file) "
+        f"need {' or '.join(repr(n) for n in able) or 'a rank-aware method'}: drop the "
+        "ranks or change the method"
+    )
+
+
+def _ranks_ok(spec: MethodSpec) -> bool:
+    runs = spec.runs
+    return isinstance(runs, FederatedSpec) and runs.device_ranks
 
 
 def federated_spec(cfg: Config) -> FederatedSpec:

@@ -14,8 +14,9 @@ one of three shapes the runtime knows how to execute:
 - `FederatedSpec(client_train, server_hook, resumable, public_fraction,
   client_evaluate)`: rounds on Flower. `client_train(cfg, partition, global_state,
   round, extras)` is one client's round; `server_hook(cfg, global_model)` is the
-  server's work after each aggregation; `client_evaluate(cfg, partition, state)`
-  scores the global model on a client's own data (when the server has none).
+  server's work around each aggregation (what each client receives, how updates
+  combine, what happens after); `client_evaluate(cfg, partition, state)` scores the
+  global model on a client's own data (when the server has none).
 
 The runtime owns processes, sockets, threads, engines, resume and the run folder; a
 method never starts a process or opens a socket.
@@ -23,10 +24,10 @@ method never starts a process or opens a socket.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 import numpy as np
 import torch
@@ -178,6 +179,14 @@ class ClientEvaluation:
     metrics: dict[str, float] = field(default_factory=dict)
 
 
+class AcceptedUpdate(NamedTuple):
+    """A client update that passed the checks, as the server aggregates it."""
+
+    partition: int
+    state: State
+    weight: float  # the client's examples
+
+
 class ServerHook:
     """Server-side work of a federated method around aggregation. Every hook has a
     default that does nothing, so a method overrides only what it needs."""
@@ -205,6 +214,20 @@ class ServerHook:
 
     def load_state_dict(self, state: State) -> None:
         pass
+
+    def state_for(self, partition: int, server_round: int, state: State) -> State:
+        """The global `state` as client `partition` receives it this round (default: as
+        is; fedlora with per-device ranks cuts it to the device's rank). The client's
+        update must have the names and shapes of what it received."""
+        return state
+
+    def aggregate(
+        self, server_round: int, updates: Sequence[AcceptedUpdate], global_state: State
+    ) -> State | None:
+        """The new global state from the accepted updates (in partition order) and the
+        round's global state; None (the default): the runtime's example-weighted average
+        of updates shaped like `global_state` (`aggregation.weighted_average`)."""
+        return None
 
     def extras_for(self, partition: int, server_round: int) -> dict[str, State]:
         """Extra ArrayRecords for one client's train message (counted with the round)."""
@@ -241,6 +264,9 @@ class FederatedSpec:
     # client's own data, when the clients bring their data and the server has no
     # evaluation set (None: the method needs the server's evaluation set then)
     client_evaluate: ClientEvaluate | None = None
+    # whether devices may train adapters of different LoRA ranks (federated.client_ranks,
+    # or ranks in federated.devices): fedlora's rank-aware aggregation
+    device_ranks: bool = False
 
 
 # ----------------------------------------------------------------------------- the spec

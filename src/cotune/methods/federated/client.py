@@ -57,7 +57,7 @@ def client_adapter(cfg: Config) -> TaskAdapter:
     return adapter_for(client_task(cfg), cfg)
 
 
-@lru_cache(maxsize=2)
+@lru_cache(maxsize=4)  # one per device config: a fleet of up to 4 LoRA ranks per process
 def _client_model(cfg_json: str) -> tuple[nn.Module, Any]:
     cfg = Config.model_validate_json(cfg_json)
     model, tokenizer = client_adapter(cfg).build_model()

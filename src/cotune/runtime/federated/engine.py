@@ -124,6 +124,7 @@ def to_method_result(engine: str, result: dict[str, Any]) -> MethodResult:
             "bytes_per_round": (int(result["bytes_up"]) + int(result["bytes_down"])) / rounds,
             "server_peak_rss_bytes": result.get("server_peak_rss_bytes"),
             "device_weight_bytes": result.get("device_weight_bytes"),
+            "client_bytes": result.get("client_bytes"),
             "federated_wall_s": result.get("wall_s"),
             "client_data": result.get("client_data", "partition"),
             "evaluated_on": result.get("evaluated_on", "server"),

@@ -311,7 +311,8 @@ class FederatedServer:
         t_start = time.perf_counter()
         cfg, fed = self.cfg, self.cfg.federated
         totals: dict[str, Any] = {"bytes_up": 0, "bytes_down": 0, "wall_s": 0.0,
-                                  "client_peak_rss_bytes": 0, "client_saved_activation_bytes": 0}  # fmt: skip
+                                  "client_peak_rss_bytes": 0, "client_saved_activation_bytes": 0,
+                                  "client_bytes": {}}  # fmt: skip
         first = 1
         ckpt = load_checkpoint(self.options.run_dir) if self.options.resume else None
         if self.options.resume and ckpt is None:
@@ -333,6 +334,7 @@ class FederatedServer:
             )
         model = GlobalModel(cfg)
         hook = federated_spec(cfg).server_hook(cfg, model)
+        strategy.hook = hook  # what each client receives, how updates combine
         if ckpt is not None:
             model.load(ckpt.global_state)
             hook.load_state_dict(ckpt.hook_state)
@@ -359,6 +361,7 @@ class FederatedServer:
             if own:
                 messages = _address(messages, strategy.node_of)
             replies = counting.send_and_receive(messages, timeout=timeout)
+            _add_client_bytes(totals, counting, strategy.node_of)
             arrays, client_metrics = strategy.aggregate_train(rnd, replies)
             outcome = strategy.outcome
             _observe_replies(hook, rnd, replies, outcome.accepted)
@@ -433,6 +436,8 @@ class FederatedServer:
             "rounds": fed.rounds,
             "bytes_up": totals["bytes_up"],
             "bytes_down": totals["bytes_down"],
+            # per partition: its train messages and replies (the hand-shake is in the totals)
+            "client_bytes": dict(sorted(totals["client_bytes"].items(), key=lambda kv: int(kv[0]))),
             "wall_s": totals["wall_s"],
             "trainable_device": model.trainable,
             # what a client stores of its model (clients build the global model, or the
@@ -547,6 +552,21 @@ def _trained_on(rnd: int, replies: list[Message]) -> list[dict[str, Any]]:
              "data_sha256": str(node[SHA_KEY]) if node is not None and SHA_KEY in node else None}
         )  # fmt: skip
     return sorted(out, key=lambda r: r["partition"])
+
+
+def _add_client_bytes(
+    totals: dict[str, Any], counting: CountingGrid, node_of: dict[int, int]
+) -> None:
+    """Add the round's bytes to and from each partition to `totals["client_bytes"]`
+    (partition id as text -> {"down", "up"}: JSON keys, checkpointed with the totals)."""
+    part_of = {node: part for part, node in node_of.items()}
+    per = totals.setdefault("client_bytes", {})
+    for node in {*counting.last_down, *counting.last_up}:
+        if node not in part_of:
+            continue
+        entry = per.setdefault(str(part_of[node]), {"down": 0, "up": 0})
+        entry["down"] += counting.last_down.get(node, 0)
+        entry["up"] += counting.last_up.get(node, 0)
 
 
 def _add_extras(

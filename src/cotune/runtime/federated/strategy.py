@@ -17,7 +17,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from cotune.methods.federated.aggregation import check_update, weighted_average
-from cotune.methods.spec import State
+from cotune.methods.spec import AcceptedUpdate, ServerHook, State
 from cotune.runtime.federated.client_sampling import sample_partitions
 from cotune.runtime.federated.keys import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, WEIGHT_KEY, number
 from cotune.runtime.federated.records import from_arrays, to_arrays
@@ -59,16 +59,20 @@ class _QuietFlower:
 
 class CotuneFedAvg(FedAvg):
     """FedAvg over partitions: sample `fraction` of them per round (seeded), send the
-    global arrays, drop replies that are errors or fail `check_update`, and average the
-    rest weighted by `num-examples`, summed in partition order."""
+    global arrays (as the method's hook shapes them for each client, `state_for`), drop
+    replies that are errors or fail `check_update` against what that client received,
+    and combine the rest with the hook's `aggregate`, by default averaged weighted by
+    `num-examples`, summed in partition order."""
 
-    def __init__(self, fraction: float, seed: int) -> None:
+    def __init__(self, fraction: float, seed: int, hook: ServerHook | None = None) -> None:
         # FedAvg warns that client-side evaluation is off: the server evaluates instead.
         with _QuietFlower():
             self._init_fedavg(fraction)
         self.seed = seed
+        self.hook = hook or ServerHook()
         self.node_of: dict[int, int] = {}  # partition -> node id
-        self._reference: State = {}
+        self._global: State = {}
+        self._reference: dict[int, State] = {}  # partition -> the state it was sent
         self._sent: dict[int, int] = {}  # node id -> partition, this round
         self.outcome = RoundOutcome()
 
@@ -94,14 +98,21 @@ class CotuneFedAvg(FedAvg):
         partitions = sample_partitions(
             list(self.node_of), self.fraction_train, self.seed, server_round
         )
-        self._reference = from_arrays(arrays)
+        self._global = from_arrays(arrays)
         self._sent = {self.node_of[p]: p for p in partitions}
         self.outcome = RoundOutcome(sampled=partitions)
         config["server-round"] = server_round
-        record = RecordDict({ARRAYS_KEY: arrays, CONFIG_KEY: config})
-        return self._construct_messages(
-            record, [self.node_of[p] for p in partitions], MessageType.TRAIN
-        )
+        messages: list[Message] = []
+        self._reference = {}
+        for p in partitions:
+            state = self.hook.state_for(p, server_round, self._global)
+            self._reference[p] = state
+            record = RecordDict(
+                {ARRAYS_KEY: arrays if state is self._global else to_arrays(state),
+                 CONFIG_KEY: config}
+            )  # fmt: skip
+            messages.extend(self._construct_messages(record, [self.node_of[p]], MessageType.TRAIN))
+        return messages
 
     def _screen(self, replies: Iterable[Message]) -> list[tuple[int, State, float, MetricRecord]]:
         """Accepted (partition, state, weight, metrics), sorted by partition."""
@@ -117,7 +128,7 @@ class CotuneFedAvg(FedAvg):
                 out.failed[part] = str(msg.error.reason)
                 log.warning("round client %d failed: %s", part, msg.error.reason)
                 continue
-            reason = _reply_problem(msg, self._reference)
+            reason = _reply_problem(msg, self._reference[part])
             if reason is None:
                 state = from_arrays(msg.content.array_records[ARRAYS_KEY])
                 metrics = msg.content.metric_records[METRICS_KEY]
@@ -138,8 +149,10 @@ class CotuneFedAvg(FedAvg):
         accepted = self._screen(replies)
         if not accepted:
             return None, None
-        weights = [w for _, _, w, _ in accepted]
-        state = weighted_average([s for _, s, _, _ in accepted], weights)
+        updates = [AcceptedUpdate(p, s, w) for p, s, w, _ in accepted]
+        state = self.hook.aggregate(server_round, updates, self._global)
+        if state is None:
+            state = weighted_average([u.state for u in updates], [u.weight for u in updates])
         return to_arrays(state), _client_metrics([(w, m) for _, _, w, m in accepted])
 
 
