@@ -164,7 +164,13 @@ class CotunePreTrainedModel(PreTrainedModel):
         implementation = getattr(config, "_attn_implementation", None)
         if implementation is not None:
             base._attn_implementation = implementation
-        self.backbone = AutoModel.from_config(base)
+        try:
+            self.backbone = AutoModel.from_config(base)
+        except ValueError:  # a base model without that attention (e.g. DeBERTa-v2: no sdpa)
+            if implementation in (None, "eager"):
+                raise
+            base._attn_implementation = "eager"
+            self.backbone = AutoModel.from_config(base)
         if getattr(self.backbone, "pooler", None) is not None:
             self.backbone.pooler = None  # cotune pools the hidden states itself
         if config.no_ffn_residual_layers:
