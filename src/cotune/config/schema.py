@@ -257,6 +257,10 @@ Tracker = Literal["tensorboard", "mlflow", "wandb"]
 
 class RuntimeConfig(_Section):
     transport: Literal["inprocess", "grpc"] = "inprocess"
+    # where the cloud side computes: centralized training, the split/splitfed cloud,
+    # the federated server's model. "auto" picks the first CUDA GPU when there is one.
+    # Devices (split devices, federated clients) always compute on the CPU.
+    device: str = Field(default="cpu", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
     # experiment trackers fed with the records of metrics.jsonl and train.jsonl:
     # "tensorboard" (RUN/tensorboard/), "mlflow" (MLFLOW_TRACKING_URI, else RUN/mlruns),
     # "wandb" (WANDB_MODE, offline by default, files under RUN/wandb)

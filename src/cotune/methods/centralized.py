@@ -28,6 +28,7 @@ from cotune.training import (
     total_steps,
     trainable_count,
 )
+from cotune.training.placement import cloud_device, compute_device_summary, place
 from cotune.training.tasks import Evaluation
 
 
@@ -36,8 +37,10 @@ def train(cfg: Config, recorder: Recorder, run_dir: Path | None = None) -> Metho
     set_threads(cfg.train)
     task = load_task(cfg.task, cfg.seed)
     adapter = adapter_for(task, cfg)
+    device = cloud_device(cfg.runtime.device, cfg.memory.backward)
     model, tokenizer = adapter.build_model()
     apply_memory_option(model, cfg.memory)
+    place(model, device)
     loader = adapter.loader(adapter.encode(task.train, tokenizer), tokenizer, shuffle=True,
                             seed=cfg.seed)  # fmt: skip
     n_steps = total_steps(cfg.train, len(loader))
@@ -60,14 +63,20 @@ def train(cfg: Config, recorder: Recorder, run_dir: Path | None = None) -> Metho
                 breakdown_memory=cfg.memory.report, progress=f"{cfg.method} {task.name}")  # fmt: skip
     if run_dir is not None and outputs:
         adapter.save_outputs(run_dir, Evaluation(checkpoints.last, outputs))
-    trainable = {n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+    trainable = {
+        n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad
+    }
     return MethodResult(
         metrics=dict(checkpoints.last),
         device_peak_bytes=stats.peak_rss_bytes,
         saved_activation_bytes=stats.saved_activation_bytes,
         trainable_device=trainable_count(model),
         trainable_cloud=0,
-        extra={**stats.summary(), "device_weight_bytes": weight_bytes(model)},
+        extra={
+            **stats.summary(),
+            "device_weight_bytes": weight_bytes(model),
+            **compute_device_summary(device),
+        },  # fmt: skip
         saved={"trainable.safetensors": trainable},
         predictions=last[0].predictions if last else [],
     )

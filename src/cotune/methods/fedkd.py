@@ -50,6 +50,7 @@ from cotune.training import (
     seed_everything,
     trainable_count,
 )
+from cotune.training.placement import device_of, place, to_device
 from cotune.training.tasks import Collator, Distribution, Encoded
 
 # the teacher when `kd.teacher` is not set, by the task's modality
@@ -192,6 +193,7 @@ class KDHook(ServerHook):
         try:  # the teacher's own adapter checks that it suits the task (e.g. image size)
             self.teacher_adapter: TaskAdapter = adapter_for(task, teacher_cfg)
             self.teacher, self.teacher_tokenizer = self.teacher_adapter.build_model()
+            place(self.teacher, device_of(self.student))  # the server's device
         except UserError as err:
             raise ConfigError(f"kd.teacher = {cfg.kd.teacher!r}: {err}") from None
         t_tok = self.teacher_tokenizer
@@ -255,7 +257,9 @@ class KDHook(ServerHook):
         self.teacher.train()
         for _ in range(self.steps):
             s_batch, t_batch = next(loader)
-            with autocast(cfg.train.precision):
+            device = device_of(self.student)
+            s_batch, t_batch = to_device(s_batch, device), to_device(t_batch, device)
+            with autocast(cfg.train.precision, device.type):
                 s_out, t_out = self.student(**s_batch), self.teacher(**t_batch)
             losses = distillation_losses(
                 s_out.loss.float(), t_out.loss.float(),

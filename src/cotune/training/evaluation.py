@@ -27,6 +27,7 @@ from torch import nn
 from cotune.config import GenerationConfig
 from cotune.data.pairs import eos_id, prompt_ids
 from cotune.training.loop import autocast, model_inputs
+from cotune.training.placement import device_of, to_device
 
 PredictionRecord = dict[str, Any]  # one line of predictions.jsonl
 
@@ -76,15 +77,18 @@ def evaluate(
     and the per-example predictions the metrics were computed from."""
     was_training = model.training
     model.eval()
+    # a split device evaluates through its link: not an nn.Module, it stays on the CPU
+    device = device_of(model) if isinstance(model, nn.Module) else torch.device("cpu")
     merged: dict[str, float] = {}
     records: list[PredictionRecord] = []
     loss_sum, n_sum = 0.0, 0
     for split, loader in loaders.items():
         preds, labels = [], []
-        for batch in loader:
-            with autocast(precision):
+        for cpu_batch in loader:
+            batch = to_device(cpu_batch, device)
+            with autocast(precision, device.type):
                 out = model(**model_inputs(batch), labels=batch["labels"])
-            logits = out.logits.float()
+            logits = out.logits.float().cpu()
             n = batch["labels"].shape[0]
             loss_sum += float(out.loss) * n
             n_sum += n
@@ -92,7 +96,7 @@ def evaluate(
                 preds.append(logits.squeeze(-1).numpy())
             else:
                 preds.append(logits.argmax(-1).numpy())
-            labels.append(batch["labels"].numpy())
+            labels.append(cpu_batch["labels"].numpy())
         split_preds, split_labels = np.concatenate(preds), np.concatenate(labels)
         merged.update(task.compute_metrics(split, split_preds, split_labels))
         records.extend(prediction_records(split, split_preds, split_labels, task.kind))
@@ -108,6 +112,7 @@ def generate_texts(
     decoded without special tokens."""
     pad = int(tokenizer.pad_token_id)
     end = eos_id(tokenizer)
+    device = device_of(lm)
     was = lm.training
     lm.eval()
     out: list[str] = []
@@ -120,8 +125,8 @@ def generate_texts(
             input_ids[row, width - len(x) :] = torch.as_tensor(x)
             mask[row, width - len(x) :] = 1
         seqs = lm.generate(  # type: ignore[operator]
-            input_ids=input_ids,
-            attention_mask=mask,
+            input_ids=input_ids.to(device),
+            attention_mask=mask.to(device),
             num_beams=gen.num_beams,
             length_penalty=gen.length_penalty,
             no_repeat_ngram_size=gen.no_repeat_ngram_size,
@@ -131,7 +136,7 @@ def generate_texts(
             eos_token_id=end,
             pad_token_id=pad,
         )
-        for row in seqs[:, width:]:
+        for row in seqs[:, width:].cpu():
             out.append(tokenizer.decode(row, skip_special_tokens=True).strip())
     lm.train(was)
     return out

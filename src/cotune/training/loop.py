@@ -30,6 +30,7 @@ from cotune.memory.measure import (
     breakdown,
     model_state_bytes,
 )
+from cotune.training.placement import device_of, to_device
 
 PROGRESS_ENV = "COTUNE_PROGRESS"  # "0": no step bars, no evaluation lines (--quiet)
 
@@ -40,10 +41,10 @@ def progress_enabled() -> bool:
     return os.environ.get(PROGRESS_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
 
 
-def autocast(precision: str) -> AbstractContextManager[object]:
-    """CPU autocast for bf16; a no-op for fp32."""
+def autocast(precision: str, device_type: str = "cpu") -> AbstractContextManager[object]:
+    """Autocast to bf16 on `device_type` ("cpu" or "cuda") for bf16; a no-op for fp32."""
     if precision == "bf16":
-        return torch.autocast("cpu", dtype=torch.bfloat16)
+        return torch.autocast(device_type, dtype=torch.bfloat16)
     return nullcontext()
 
 
@@ -150,8 +151,10 @@ def train_step(
     max_grad_norm: float | None = None,
     meter: SavedTensorMeter | None = None,
 ) -> float:
-    """One optimiser step on one batch; returns the loss."""
-    with meter if meter is not None else nullcontext(), autocast(precision):
+    """One optimiser step on one batch (moved to the model's device); returns the loss."""
+    device = device_of(model)
+    batch = to_device(batch, device)
+    with meter if meter is not None else nullcontext(), autocast(precision, device.type):
         loss = model(**model_inputs(batch), labels=batch["labels"]).loss
     loss.backward()
     if max_grad_norm is not None:

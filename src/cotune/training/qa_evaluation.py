@@ -21,6 +21,7 @@ from cotune.data.squad import QAExample
 from cotune.data.squad_metrics import example_scores, squad_scores
 from cotune.training.evaluation import EvalResult, PredictionRecord
 from cotune.training.loop import autocast, model_inputs
+from cotune.training.placement import device_of, to_device
 
 
 @dataclass
@@ -56,20 +57,24 @@ def evaluate_qa(
     one prediction record per question."""
     was_training = model.training
     model.eval()
+    # a split device evaluates through its link: not an nn.Module, it stays on the CPU
+    device = device_of(model) if isinstance(model, torch.nn.Module) else torch.device("cpu")
     metrics: dict[str, float] = {}
     records: list[PredictionRecord] = []
     loss_sum, n_sum = 0.0, 0
     for split, part in splits.items():
         starts: list[np.ndarray] = []
         ends: list[np.ndarray] = []
-        for batch in part.loader:
-            with autocast(precision):
+        for cpu_batch in part.loader:
+            batch = to_device(cpu_batch, device)
+            with autocast(precision, device.type):
                 out = model(**model_inputs(batch), labels=batch["labels"])
-            n = int(batch["labels"].shape[0])
+            n = int(cpu_batch["labels"].shape[0])
             loss_sum += float(out.loss) * n
             n_sum += n
-            lengths = batch["attention_mask"].sum(dim=1).tolist()
-            s_logits, e_logits = out.start_logits.float().numpy(), out.end_logits.float().numpy()
+            lengths = cpu_batch["attention_mask"].sum(dim=1).tolist()
+            s_logits = out.start_logits.float().cpu().numpy()
+            e_logits = out.end_logits.float().cpu().numpy()
             for row, k in enumerate(lengths):
                 starts.append(s_logits[row, : int(k)])
                 ends.append(e_logits[row, : int(k)])

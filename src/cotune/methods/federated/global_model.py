@@ -26,6 +26,7 @@ from cotune.training import (
     set_threads,
     trainable_count,
 )
+from cotune.training.placement import cloud_device, place
 
 
 class GlobalModel:
@@ -43,6 +44,8 @@ class GlobalModel:
         self.model: nn.Module
         self.tokenizer: Any
         self.model, self.tokenizer = self.adapter.build_model()
+        self.device = cloud_device(cfg.runtime.device)  # the server's compute
+        place(self.model, self.device)
 
     @property
     def trainable(self) -> int:

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from cotune.models.lora import unwrap
 from cotune.models.proxy import ProxyPlan, encoder_layers, ffn_linears, ffn_param_names
+from cotune.training.placement import device_of, to_device
 
 # ----------------------------------------------------------------------------- layer outputs
 
@@ -88,7 +89,9 @@ def layer_gaps(
     fm.eval()
     err = [0.0] * len(plan.layer_map)
     power = [0.0] * len(plan.layer_map)
-    for batch in batches:
+    device = device_of(fm)
+    for cpu_batch in batches:
+        batch = to_device(cpu_batch, device)
         p_outs, f_outs = layer_outputs(proxy, batch), layer_outputs(fm, batch)
         mask = batch.get("attention_mask")
         m = None if mask is None else mask.unsqueeze(-1).float()
@@ -146,7 +149,7 @@ def align(
         p.requires_grad_(True)
     handles = []
     for n, mask in (grad_masks or {}).items():
-        handles.append(named[n].register_hook(lambda g, m=mask: g * m.to(g.dtype)))
+        handles.append(named[n].register_hook(lambda g, m=mask: g * m.to(g.device, g.dtype)))
     was = proxy.training, fm.training
     proxy.eval()
     fm.eval()
@@ -156,7 +159,7 @@ def align(
         for step in range(steps):
             if opt is None:
                 break
-            batch = next(batches)
+            batch = to_device(next(batches), device_of(fm))
             with torch.no_grad():
                 f_outs = layer_outputs(fm, batch)
             p_outs = layer_outputs(proxy, batch)

@@ -39,6 +39,7 @@ from cotune.methods.split.protocol import (
 from cotune.models.cut import CloudSegment
 from cotune.models.rng import RngStream
 from cotune.training import autocast, make_optimizer, make_schedule
+from cotune.training.placement import cloud_device, place
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +71,7 @@ class SplitCloud:
     def __init__(self, cfg: Config, rng: RngStream | None = None) -> None:
         self.cfg = cfg
         self.codec: Codec = make_codec(cfg.link)
+        self.compute = cloud_device(cfg.runtime.device)  # where the cloud segment runs
         self.fingerprint = fingerprint(cfg)
         self.labels_on_cloud = cfg.split.labels == "cloud"
         self._model_lock = threading.Lock()
@@ -98,8 +100,8 @@ class SplitCloud:
 
     def build(self, num_labels: int, problem: str, total_steps: int) -> None:
         split = self.make_split(num_labels, problem)
-        self.segment = split.cloud
-        self.head = split.head if self.labels_on_cloud else None
+        self.segment = place(split.cloud, self.compute)
+        self.head = place(split.head, self.compute) if self.labels_on_cloud else None
         self.width = split.width
         self.hidden_size = split.hidden_size
         self.max_length = int(
@@ -134,7 +136,7 @@ class SplitCloud:
         """The cloud's trainable tensors under the uncut model's names (for saving)."""
         if not self.built:
             return {}
-        return {n: p.detach().contiguous() for n, p in self.named.items()}
+        return {n: p.detach().cpu().contiguous() for n, p in self.named.items()}
 
     # ------------------------------------------------------------------ steps
 
@@ -302,15 +304,20 @@ class SplitSession:
                 )
             self.state.pending = None
             epoch = self.state.epoch
-        mask_long = None if mask is None else mask.long()
+        # the rows arrive on the CPU (the leaf whose gradient crosses back); the segment
+        # reads them on its device (`.to` is a no-op on the CPU path)
+        dev = c.compute
+        mask_long = None if mask is None else mask.long().to(dev)
+        mask_dev = None if mask is None else mask.to(dev)
+        labels = None if labels is None else labels.to(dev)
         leaf = rows.requires_grad_(train)
         with c._model_lock:
             for m in c.modules:
                 m.train(fwd.train or train)
             grad_ctx = torch.enable_grad() if train else torch.no_grad()
-            with grad_ctx, self.state.rng.scope(), autocast(c.cfg.train.precision):
+            with grad_ctx, self.state.rng.scope(), autocast(c.cfg.train.precision, dev.type):
                 crossing = self.state.pca.reconstruct(leaf) if self.state.pca else leaf
-                hidden = scatter_rows(crossing, mask, b, length)
+                hidden = scatter_rows(crossing, mask, b, length).to(dev)
                 features = c.segment(hidden, mask_long)
                 out = c.head(features, labels, mask_long) if c.head is not None else None
             result = pb.Result(step=fwd.step)
@@ -318,16 +325,16 @@ class SplitSession:
                 result.loss = float(out.loss.detach())
             if not train:
                 if out is not None:
-                    logits = c.kind.rows(c.kind.logits(out).detach().float(), mask)
+                    logits = c.kind.rows(c.kind.logits(out).detach().float(), mask_dev)
                     result.logits.CopyFrom(to_wire(logits))
                 else:
-                    top = c.kind.rows(features.detach().float(), mask)
-                    result.output.CopyFrom(c.codec.top_forward.encode(top))
+                    top = c.kind.rows(features.detach().float(), mask_dev)
+                    result.output.CopyFrom(c.codec.top_forward.encode(top.cpu()))
                 return pb.CloudMessage(result=result), None
             if out is None:  # U-shaped: wait for the head's gradient
-                top = c.kind.rows(features, mask)  # pooled features, or real tokens' rows
+                top = c.kind.rows(features, mask_dev)  # pooled features, or real tokens' rows
                 self.state.pending = {"step": fwd.step, "leaf": leaf, "top": top}
-                result.output.CopyFrom(c.codec.top_forward.encode(top.detach().float()))
+                result.output.CopyFrom(c.codec.top_forward.encode(top.detach().float().cpu()))
                 return pb.CloudMessage(result=result), None
             for p in c.params:
                 p.grad = None
@@ -350,7 +357,7 @@ class SplitSession:
         with c._model_lock:
             for p in c.params:
                 p.grad = None
-            top.backward(grad.to(top.dtype))
+            top.backward(grad.to(top.device, top.dtype))
             grads = c._take_grads()
         self.state.pending = None
         result = pb.Result(step=back.step)

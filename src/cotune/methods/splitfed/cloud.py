@@ -107,7 +107,7 @@ class LMCloud(SplitCloud):
     def load_trainable(self, state: State) -> None:
         with self._model_lock, torch.no_grad():
             for n, p in self.named.items():
-                p.copy_(torch.from_numpy(np.asarray(state[n])).to(p.dtype))
+                p.copy_(torch.from_numpy(np.asarray(state[n])).to(p.device, p.dtype))
 
     def numpy_state(self) -> State:
         with self._model_lock:
