@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
@@ -79,7 +79,10 @@ def to_device(batch: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
     }
 
 
-def place(module: nn.Module, device: torch.device) -> nn.Module:
+M = TypeVar("M", bound=nn.Module)
+
+
+def place(module: M, device: torch.device) -> M:
     """Move `module` to `device` (in place; a no-op when it is already there)."""
     if device_of(module) != device:
         module.to(device)
