@@ -310,3 +310,25 @@ def test_generic_examples_load_their_real_data() -> None:
     e2e = load_task(load_experiment(REPO / "examples" / "e2e-as-csv.toml").task, seed=0)
     assert e2e.kind == "generation" and len(e2e.eval["eval"]) == 20
     assert all(len(refs) >= 1 for refs in e2e.references["eval"])  # type: ignore[attr-defined]
+
+
+def test_own_data_examples_read_the_files_their_script_writes(tmp_path: Path) -> None:
+    """examples/own-data: make_files.py writes E2E as JSON lines and BBC News as a text
+    folder; the two configs beside it load them as a generation and a text-folder task."""
+    import runpy
+    import shutil
+
+    from cotune.runtime.experiment import load_experiment
+
+    folder = REPO / "examples" / "own-data"
+    for name in ("e2e-jsonl.toml", "bbc-text-folder.toml"):
+        shutil.copy(folder / name, tmp_path / name)
+    script = runpy.run_path(str(folder / "make_files.py"))
+    script["main"](["--out", str(tmp_path / "data")])
+    e2e = load_task(load_experiment(tmp_path / "e2e-jsonl.toml").task, seed=0)
+    assert e2e.kind == "generation" and len(e2e.train) == 2000 and len(e2e.eval["eval"]) == 50
+    refs = e2e.references["eval"]  # type: ignore[attr-defined]
+    assert min(map(len, refs)) >= 1 and sum(map(len, refs)) > 2 * len(refs)  # grouped
+    bbc = load_task(load_experiment(tmp_path / "bbc-text-folder.toml").task, seed=0)
+    assert bbc.label_names == ["business", "entertainment", "politics", "sports", "tech"]
+    assert len(bbc.train) + sum(len(v) for v in bbc.eval.values()) == 2225
