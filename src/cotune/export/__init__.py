@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -235,6 +237,21 @@ def _record(export: Export, cfg: Config, files: list[str], model: ExportModel) -
     return record
 
 
+@contextmanager
+def _no_shard_bars() -> Iterator[None]:
+    """transformers draws a "Writing model shards" bar for every `save_pretrained`, even
+    with one shard; an export is one quick step of a run (and `--quiet` means quiet)."""
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            hf_logging.enable_progress_bar()
+
+
 def export_model(
     run_dir: str | Path, cfg: Config, *, out: str | Path | None = None, merge: bool = False
 ) -> Export:
@@ -257,7 +274,8 @@ def export_model(
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        export = _write(model, cfg, tmp, final, merge)
+        with _no_shard_bars():
+            export = _write(model, cfg, tmp, final, merge)
         record = _record(export, cfg, trained.files, model)
         (tmp / RECORD_FILE).write_text(json.dumps(record, indent=2) + "\n")
     except BaseException:
