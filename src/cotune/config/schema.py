@@ -292,6 +292,22 @@ class RuntimeConfig(_Section):
     superlink: str | None = None
 
 
+class PrivacyConfig(_Section):
+    """Differential privacy of what crosses the split link (split, splitfed): on the
+    device, before the codec, every token row of the cut activations is clipped to L2
+    norm `clip` and Gaussian noise is added, its scale set by the accountant so that
+    training spends `epsilon` at `delta` per training example (see docs/privacy.md for
+    what this covers and what it does not)."""
+
+    epsilon: float | None = Field(default=None, gt=0)  # None: off
+    delta: float = Field(default=1e-5, gt=0, lt=1)
+    clip: float = Field(default=1.0, gt=0)  # L2 bound of each token row that crosses
+    accountant: Literal["rdp", "prv"] = "rdp"  # Opacus's RDP or PRV accountant
+    # None: the noise comes from the OS's randomness. A fixed seed makes runs repeatable
+    # but whoever knows it can subtract the noise: for experiments only.
+    noise_seed: int | None = None
+
+
 class GenerationConfig(_Section):
     """Decoding for generation tasks (e2e): beam search and the metrics to report."""
 
@@ -353,6 +369,7 @@ class Config(_Section):
     kd: KDConfig = Field(default_factory=KDConfig)
     proxy: ProxyConfig = Field(default_factory=ProxyConfig)
     generation: GenerationConfig = Field(default_factory=GenerationConfig)
+    privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
     # Optional sections the method reads (set when the method resolves the config; None:
     # not resolved yet, `to_toml` then writes every section).
     _reads: frozenset[str] | None = PrivateAttr(default=None)
@@ -388,7 +405,7 @@ class Config(_Section):
 
 # Sections a method may or may not read; the others every method reads.
 OPTIONAL_SECTIONS = (
-    "split", "link", "federated", "memory", "runtime", "kd", "proxy", "generation",
+    "split", "link", "federated", "memory", "runtime", "kd", "proxy", "generation", "privacy",
 )  # fmt: skip
 
 

@@ -26,6 +26,7 @@ from torch import nn
 
 from cotune.config import Config
 from cotune.data import load_task
+from cotune.data.registry import IMAGE_KINDS
 from cotune.data.registry import fingerprint as data_fingerprint
 from cotune.link.codecs import Codec
 from cotune.link.errors import LinkClosed, ProtocolError
@@ -49,6 +50,7 @@ from cotune.models import load_tokenizer
 from cotune.models.base_dtype import weight_bytes
 from cotune.models.cut import DeviceSegment, SplitClassifier
 from cotune.models.rng import RngStream
+from cotune.privacy import CutNoise, cut_noise_for
 from cotune.training import (
     Checkpoints,
     Evaluation,
@@ -125,6 +127,8 @@ class SplitDevice:
         self.training = True
         self.saved_bytes = 0  # largest saved-for-backward bytes of one step (device side)
         self.timeout = cfg.runtime.timeout_s
+        # [privacy]: clip + noise every row before the codec (set once the data is known)
+        self.noise: CutNoise | None = None
 
     def memory_state(self) -> dict[str, int]:
         """What the device holds: its segment (and head), their gradients, optimiser state."""
@@ -198,6 +202,8 @@ class SplitDevice:
             rows = real_token_rows(hidden, mask).float()
             if self.pca is not None:
                 rows = self.pca.project(rows)
+            if self.noise is not None:
+                rows = self.noise(rows, train)
         if meter is not None:
             self.saved_bytes = max(self.saved_bytes, meter.peak_bytes)
         fwd = pb.Forward(
@@ -367,6 +373,8 @@ def train_device(
     train_ds = adapter.encode(task.train, tokenizer)
     loader = adapter.loader(train_ds, tokenizer, shuffle=True, seed=cfg.seed)
     n_steps = total_steps(cfg.train, len(loader))
+    device.noise = cut_noise_for(cfg, n_examples=len(train_ds), steps=n_steps,
+                                 image_task=task.kind in IMAGE_KINDS)  # fmt: skip
     device.connect(n_steps)
     if codec.projection_rank is not None:
         # A loader of its own (same seed): calibration does not shift the training order.
@@ -378,7 +386,11 @@ def train_device(
     last: list[Evaluation] = []  # the latest evaluation (the final one after `fit`)
 
     def evaluate() -> dict[str, float]:
+        if device.noise is not None:
+            device.noise.eval_passes += 1
         last[:] = [adapter.evaluate(device, tokenizer)]
+        if device.noise is not None:  # what crossing so far has spent
+            last[0].metrics.update(device.noise.metrics())
         return last[0].metrics
 
     checkpoints = Checkpoints(
@@ -414,6 +426,17 @@ def train_device(
             "step_s_median": float(torch.tensor(stats.step_times).median())
             if stats.step_times
             else None,
+            **(
+                {
+                    "privacy": {
+                        **device.noise.budget.summary(),
+                        **device.noise.metrics(),
+                        "labels_cross": cfg.split.labels == "cloud",
+                    }
+                }
+                if device.noise is not None
+                else {}
+            ),  # fmt: skip
             "link": {
                 "codec": cfg.link.codec,
                 "transport": cfg.runtime.transport,

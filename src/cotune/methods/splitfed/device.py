@@ -24,6 +24,7 @@ from cotune.methods.split.protocol import DEVICE_STREAM
 from cotune.methods.splitfed.cloud import PROBLEM, LMCloud, build_lm_split
 from cotune.models.base_dtype import weight_bytes
 from cotune.models.rng import RngStream
+from cotune.privacy import cut_noise_for
 from cotune.training import (
     Recorder,
     StepStats,
@@ -101,6 +102,7 @@ def train_device(
     seed = derive_seed(cfg.seed, "splitfed-device", device_id)
     loader = adapter.loader(data, tokenizer, shuffle=True, seed=seed)
     n_steps = device_steps(cfg, len(task.train))
+    device.noise = cut_noise_for(cfg, n_examples=len(data), steps=n_steps)
     device.connect(n_steps)
     if codec.projection_rank is not None:
         cal = adapter.loader(data, tokenizer, shuffle=True, seed=seed)
