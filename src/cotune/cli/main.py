@@ -155,6 +155,23 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_attack(args: argparse.Namespace) -> int:
+    from cotune.attack import attack_run
+
+    r = attack_run(args.run_dir, before=args.before, steps=args.steps, examples=args.examples,
+                   hidden=args.hidden)  # fmt: skip
+    print(f"{r['device_rows']} token rows of {r['device_examples']} device examples "
+          f"(cut {r['cut']}, codec {r['codec']}, {r['device_weights']} device weights, "
+          f"noise std {r['noise_std']:.3g})")  # fmt: skip
+    print(f"  exact tokens recovered: {r['token_recovery']:.1%} "
+          f"(floor: most frequent public token {r['floor_majority']:.1%})")  # fmt: skip
+    if r.get("informative_recovery") is not None:
+        print(f"  label-informative tokens recovered: {r['informative_recovery']:.1%} "
+              f"(e.g. {', '.join(r['informative_tokens'][:8])})")  # fmt: skip
+    print(f"written: {os.path.join(args.run_dir, 'attack.json')}")
+    return 0
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
@@ -446,6 +463,25 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     p.add_argument("--out", metavar="DIR", help="where to write it (default RUN_DIR/model)")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser(
+        "attack",
+        parents=[common],
+        help="how much of a split run's input the cloud recovers from the cut rows",
+        description="An honest-but-curious cloud trains an inverter on public text "
+        "(BBC News) through its own copy of the device segment, the codec and the run's "
+        "noise, then maps the rows the device sends for its own data back to tokens; "
+        "prints and writes RUN_DIR/attack.json: exact-token recovery, recovery of the "
+        "label-informative tokens, and the floors.",
+    )
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a finished split run folder")
+    p.add_argument("--before", action="store_true",
+                   help="the device's initial weights (before fine-tuning)")  # fmt: skip
+    p.add_argument("--steps", type=int, default=1500, help="inverter training steps")
+    p.add_argument("--examples", type=int, default=500, help="device examples attacked")
+    p.add_argument("--hidden", type=int, default=0,
+                   help="hidden width of the inverter (0: linear)")  # fmt: skip
+    p.set_defaults(func=cmd_attack)
 
     p = sub.add_parser(
         "models", parents=[common], help="list the models available and where they come from"
