@@ -2,6 +2,7 @@
 
 from cotune.config.load import build_config, load_config, parse_value, to_toml, write_config
 from cotune.config.schema import (
+    NETWORK_PROFILES,
     Config,
     DeviceProfile,
     FederatedConfig,
@@ -11,6 +12,7 @@ from cotune.config.schema import (
     LoraConfig,
     MemoryConfig,
     ModelConfig,
+    NetworkConfig,
     ProxyConfig,
     RuntimeConfig,
     SplitConfig,
@@ -19,6 +21,7 @@ from cotune.config.schema import (
 )
 
 __all__ = [
+    "NETWORK_PROFILES",
     "Config",
     "DeviceProfile",
     "FederatedConfig",
@@ -28,6 +31,7 @@ __all__ = [
     "LoraConfig",
     "MemoryConfig",
     "ModelConfig",
+    "NetworkConfig",
     "ProxyConfig",
     "RuntimeConfig",
     "SplitConfig",
