@@ -311,3 +311,25 @@ def test_federated_run_projects_rounds(tmp_path: Path) -> None:
     per_client = max(r["round_bytes_down"] for r in rows) / 2
     assert offsets[1] - offsets[0] >= per_client * 8 / 40e6 + 2 * 0.025 - 1e-9
     assert math.isfinite(net["network_s"])
+
+
+def test_splitfed_run_waits_for_its_slowest_device_link(tmp_path: Path) -> None:
+    from helpers import splitfed_config, write_e2e
+
+    from cotune.runtime.experiment import run_experiment
+
+    cfg = splitfed_config(write_e2e(tmp_path / "e2e", n_train=9),
+                          train={"steps": 2, "batch_size": 1},
+                          link={"network": {"up_mbps": 2, "down_mbps": 4, "latency_ms": 30}},
+                          runtime={"export": False})  # fmt: skip
+    out = run_experiment(cfg, tmp_path / "run")
+    summary = json.loads((out / "summary.json").read_text())
+    devices = summary["network"]["devices"]
+    assert len(devices) == 3
+    # each device: >= 2 steps x (forward up + answer down) + adapter averaging, 30 ms each
+    assert all(d["network_s"] >= 4 * 0.030 and d["slept_s"] == 0 for d in devices.values())
+    slowest = max(d["offset_s"] for d in devices.values())
+    assert summary["network"]["offset_s"] == pytest.approx(slowest)
+    assert summary["projected_wall_s"] == pytest.approx(summary["wall_s"] + slowest)
+    last = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()][-1]
+    assert last["projected_wall_s"] - last["wall_s"] == pytest.approx(slowest)

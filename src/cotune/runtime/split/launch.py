@@ -168,13 +168,14 @@ def run_split(
         # the cloud's half of the model, next to the device's (a loopback cloud saves
         # its own in cloud/): `cotune.export` joins them
         result.saved.setdefault(CLOUD_STATE_FILE, cloud.state)
+    networks = {o.device_id: o.result.extra["network"] for o in outcomes
+                if isinstance(o.result.extra.get("network"), dict)}  # fmt: skip
+    if networks and "network" not in result.extra:
+        # devices run side by side: the run waits for the slowest one's network
+        offset = max(float(n.get("offset_s", 0.0)) for n in networks.values())
+        result.extra["network"] = {"offset_s": offset, "devices": networks}
     if spec.devices(cfg) > 1:
         result.extra["train_wall_s"] = train_wall
-        networks = {o.device_id: o.result.extra["network"] for o in outcomes
-                    if isinstance(o.result.extra.get("network"), dict)}  # fmt: skip
-        if networks:  # devices run side by side: the run waits for the slowest
-            offset = max(float(n.get("offset_s", 0.0)) for n in networks.values())
-            result.extra["network"] = {"offset_s": offset, "devices": networks}
         _log_final(
             recorder, result, t0, steps=max(int(o.result.extra.get("steps", 0)) for o in outcomes)
         )
