@@ -9,7 +9,8 @@ all three alike), on the same batches:
 - `measured`: over veth pair A, shaped for real: `tc tbf` at the profile's uplink rate
   on the device's end, at its downlink rate on the cloud's end, and the one-way
   latency (+- jitter) added in both directions by a TCP relay in the cloud namespace
-  (`relay` below) in front of the cloud; no `[link.network]`;
+  (`relay` below, at real-time priority so that a loaded machine does not delay its
+  chunks) in front of the cloud; no `[link.network]`;
 - `throttle`: over veth pair B (unshaped), with `[link.network] profile = P, mode =
   "throttle"`: cotune paces the bytes itself (token bucket + delay, `cotune.link.pacing`);
 - `clock`: over pair B with `mode = "clock"`: each step's measured (compute) time plus
@@ -216,8 +217,9 @@ def device(args: argparse.Namespace) -> int:
                     assert link is not None
                     charged.append(link.clock.seconds - before)
         step += args.steps
+        shown = {**times, "clock": [c + n for c, n in zip(times["clock"], charged, strict=True)]}
         print(f"{args.profile} round {r + 1}: "
-              + ", ".join(f"{w} {statistics.median(t):.3f}s" for w, t in times.items()),
+              + ", ".join(f"{w} {statistics.median(t):.3f}s" for w, t in shown.items()),
               flush=True)  # fmt: skip
     throttle_link = devices["throttle"].transport.network
     clock_link = devices["clock"].transport.network
@@ -350,7 +352,9 @@ def run_profile(args: argparse.Namespace, profile: str, tmp: Path) -> dict[str, 
             port = wait_file(folder / "port", cloud, f"the {way} cloud")
             if way == "measured":
                 ready = folder / "relay.log"
-                relay_proc = start([sys.executable, __file__, "relay", "--listen",
+                # real-time priority: on a loaded machine a waiting relay would add
+                # scheduling delay to every chunk, which a kernel qdisc would not
+                relay_proc = start(["chrt", "-f", "10", sys.executable, __file__, "relay", "--listen",
                                     f"{PAIR_A[3]}:{RELAY_PORT}", "--to", f"127.0.0.1:{port}",
                                     "--delay-ms", str(spec.latency_ms),
                                     "--jitter-ms", str(spec.jitter_ms)], CLOUD_NS, ready)  # fmt: skip
@@ -382,6 +386,9 @@ def run_profile(args: argparse.Namespace, profile: str, tmp: Path) -> dict[str, 
         "median_step_s": med,
         "clock_median_compute_s": statistics.median(got["clock_compute_s"]),
         "clock_median_network_s": statistics.median(got["clock_network_s"]),
+        # how much of a step the network is: where it is small, the comparison is one
+        # of compute times (noise on a shared machine), not of links
+        "network_share": statistics.median(got["clock_network_s"]) / med["clock"],
         "ratio_throttle_to_measured": med["throttle"] / med["measured"],
         "ratio_clock_to_measured": med["clock"] / med["measured"],
         "within_10pct": {
