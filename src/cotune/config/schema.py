@@ -207,8 +207,9 @@ class LinkConfig(_Section):
 class DeviceProfile(_Section):
     """One device of a federated fleet (`federated.devices`, or a `[[device]]` table of
     the file `federated.fleet` names). `rank`: its LoRA rank (fedlora; None: the fleet
-    has one rank, `model.lora.r`). The other fields describe the device for parts of
-    cotune that use them; nothing reads them yet (they are validated and recorded)."""
+    has one rank, `model.lora.r`). `up_mbps`, `down_mbps`, `latency_ms`: its link, in
+    place of `[link.network]`'s when that is set (the federated clock); `memory_mib` is
+    validated and recorded."""
 
     name: str | None = None
     rank: int | None = Field(default=None, ge=1)
