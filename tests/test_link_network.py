@@ -129,6 +129,7 @@ BAD_NETWORK = [
     ),
     ("link.network.up_mbps=-5", ["link.network.up_mbps", "positive", "-5"]),
     ('link.network.mode="sleep"', ["link.network.mode", "'clock'", "'throttle'"]),
+    ("link.network.latency_ms=2", ["jitter_ms (5) exceeds latency_ms (2)", "jitter_ms <="]),
 ]
 
 
