@@ -2,6 +2,7 @@
 
 from cotune.config.load import build_config, load_config, parse_value, to_toml, write_config
 from cotune.config.schema import (
+    NETWORK_PROFILES,
     Config,
     DeviceProfile,
     FederatedConfig,
@@ -11,6 +12,7 @@ from cotune.config.schema import (
     LoraConfig,
     MemoryConfig,
     ModelConfig,
+    NetworkConfig,
     PrivacyConfig,
     ProxyConfig,
     RuntimeConfig,
@@ -20,6 +22,7 @@ from cotune.config.schema import (
 )
 
 __all__ = [
+    "NETWORK_PROFILES",
     "Config",
     "DeviceProfile",
     "FederatedConfig",
@@ -30,6 +33,7 @@ __all__ = [
     "LoraConfig",
     "MemoryConfig",
     "ModelConfig",
+    "NetworkConfig",
     "ProxyConfig",
     "RuntimeConfig",
     "SplitConfig",

@@ -117,7 +117,76 @@ class SplitConfig(_Section):
     server: Literal["shared", "per_client"] = "shared"
 
 
+NetworkProfile = Literal["datacenter", "wifi", "lte", "constrained"]
+NETWORK_PROFILES: tuple[NetworkProfile, ...] = ("datacenter", "wifi", "lte", "constrained")
+
+
+class NetworkConfig(_Section):
+    """`[link.network]`: an emulated link between each device and the cloud (values in
+    `cotune.link.network.PROFILES`; the model in README "Emulated networks").
+
+    `profile` names a preset; explicit fields override it. Without a profile, `up_mbps`
+    and `down_mbps` are required (latency, jitter and loss default to 0). `mode`:
+    "clock" adds each message's transfer time to a simulated clock without sleeping;
+    "throttle" really paces the bytes (and reports the same clock)."""
+
+    profile: str | None = None
+    mode: Literal["clock", "throttle"] = "clock"
+    up_mbps: float | None = None  # device -> cloud, Mbit/s (10^6 bit/s)
+    down_mbps: float | None = None  # cloud -> device
+    latency_ms: float | None = None  # one-way propagation delay
+    jitter_ms: float | None = None  # uniform +-jitter around the latency (<= latency)
+    loss: float | None = None  # packet loss probability, modelled as retransmission time
+
+    @field_validator("profile")
+    @classmethod
+    def _known_profile(cls, v: str | None) -> str | None:
+        if v is not None and v not in NETWORK_PROFILES:
+            raise ValueError(
+                f"unknown network profile {v!r}; valid profiles: {', '.join(NETWORK_PROFILES)} "
+                "(or give up_mbps and down_mbps without a profile)"
+            )
+        return v
+
+    @field_validator("up_mbps", "down_mbps")
+    @classmethod
+    def _positive_rate(cls, v: float | None) -> float | None:
+        if v is not None and not v > 0:
+            raise ValueError(f"bandwidth must be a positive number of Mbit/s (e.g. 10), got {v}")
+        return v
+
+    @field_validator("latency_ms", "jitter_ms")
+    @classmethod
+    def _non_negative_delay(cls, v: float | None) -> float | None:
+        if v is not None and not v >= 0:
+            raise ValueError(f"delays are milliseconds >= 0, got {v}")
+        return v
+
+    @field_validator("loss")
+    @classmethod
+    def _loss_probability(cls, v: float | None) -> float | None:
+        if v is not None and not 0 <= v < 1:
+            raise ValueError(f"loss is a packet loss probability in [0, 1), got {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _rates_known(self) -> NetworkConfig:
+        if self.profile is None and (self.up_mbps is None or self.down_mbps is None):
+            raise ValueError(
+                "give a profile (one of " + ", ".join(NETWORK_PROFILES) + ") or both "
+                "up_mbps and down_mbps"
+            )
+        if self.profile is None and (self.jitter_ms or 0) > (self.latency_ms or 0):
+            raise ValueError(
+                f"jitter_ms ({self.jitter_ms}) must not exceed latency_ms "
+                f"({self.latency_ms or 0}): the delay is latency +- jitter"
+            )
+        return self
+
+
 class LinkConfig(_Section):
+    # an emulated network between each device and the cloud (None: no emulation)
+    network: NetworkConfig | None = None
     codec: Literal["identity", "fp16", "bf16", "int8", "topk", "pca", "sft"] = "identity"
     rank: int = Field(default=8, ge=1)
     # pca / sft: the wire format of the r-dim code and its gradient (default fp32)
@@ -138,8 +207,9 @@ class LinkConfig(_Section):
 class DeviceProfile(_Section):
     """One device of a federated fleet (`federated.devices`, or a `[[device]]` table of
     the file `federated.fleet` names). `rank`: its LoRA rank (fedlora; None: the fleet
-    has one rank, `model.lora.r`). The other fields describe the device for parts of
-    cotune that use them; nothing reads them yet (they are validated and recorded)."""
+    has one rank, `model.lora.r`). `up_mbps`, `down_mbps`, `latency_ms`: its link, in
+    place of `[link.network]`'s when that is set (the federated clock); `memory_mib` is
+    validated and recorded."""
 
     name: str | None = None
     rank: int | None = Field(default=None, ge=1)

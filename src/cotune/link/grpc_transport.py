@@ -24,6 +24,7 @@ import grpc
 from cotune.errors import ConfigError
 from cotune.link.accounting import DOWN, UP, ByteMeter, Tap
 from cotune.link.auth import call_metadata
+from cotune.link.emulation import EmulatedLink
 from cotune.link.errors import AuthError, LinkClosed, LinkError, error_for
 from cotune.link.proto import pb
 from cotune.link.service import CloudEndpoint
@@ -155,8 +156,10 @@ class GrpcTransport(Transport):
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         tap: Tap | None = None,
         connect_timeout: float = 60.0,
+        network: EmulatedLink | None = None,
     ) -> None:
         self.address = address
+        self.network = network
         self.connect_timeout = connect_timeout
         self.metadata = call_metadata(device_id, token)
         self.meter = ByteMeter(tap)
@@ -188,10 +191,12 @@ class GrpcTransport(Transport):
     def _serialize(self, msg: pb.DeviceMessage) -> bytes:
         data = msg.SerializeToString()
         self.meter.record(UP, data)
+        self._carry(UP, data)  # gRPC's sending thread: the bytes leave after the pacing
         return data
 
     def _deserialize(self, data: bytes) -> pb.CloudMessage:
         self.meter.record(DOWN, data)
+        self._carry(DOWN, data)  # the reader thread: the answer arrives after the pacing
         return pb.CloudMessage.FromString(data)
 
     def _requests(self):

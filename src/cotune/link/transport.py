@@ -7,6 +7,10 @@ the bytes it puts on the wire in its `meter` (see `cotune.link.accounting`).
 `InProcessTransport` runs the cloud's `CloudEndpoint` in this process: messages are
 serialized, counted, and parsed again exactly as over gRPC (same auth check, same size
 limit, same validation), so simulation and deployment report the same bytes.
+
+A transport given an `EmulatedLink` (`[link.network]`) hands it every message it counts,
+on the device's side: up before the message leaves, down as the answer arrives (see
+`cotune.link.emulation`).
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from collections import deque
 
 from cotune.link.accounting import DOWN, UP, ByteMeter, Tap
 from cotune.link.auth import call_metadata
+from cotune.link.emulation import EmulatedLink
 from cotune.link.errors import LinkClosed, LinkError, TooLarge, error_for
 from cotune.link.proto import pb
 from cotune.link.service import CloudEndpoint, DeviceStream
@@ -25,6 +30,12 @@ DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 
 class Transport(ABC):
     meter: ByteMeter
+    network: EmulatedLink | None = None
+
+    def _carry(self, direction: str, data: bytes) -> None:
+        """The emulated network's share of one message (nothing without one)."""
+        if self.network is not None:
+            self.network.carry(direction, data, self.meter.phase)
 
     @abstractmethod
     def send(self, msg: pb.DeviceMessage) -> None: ...
@@ -61,8 +72,10 @@ class InProcessTransport(Transport):
         *,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         tap: Tap | None = None,
+        network: EmulatedLink | None = None,
     ) -> None:
         self.endpoint = endpoint
+        self.network = network
         self.metadata = call_metadata(device_id, token)
         self.max_message_bytes = max_message_bytes
         self.meter = ByteMeter(tap)
@@ -95,6 +108,7 @@ class InProcessTransport(Transport):
             self._stream = self._open()
         self.meter.record(UP, data)
         self.endpoint.meter.record(UP, data)
+        self._carry(UP, data)
         reply, after = self._stream.handle(pb.DeviceMessage.FromString(data))
         rdata = reply.SerializeToString()
         if len(rdata) > self.max_message_bytes:
@@ -106,6 +120,7 @@ class InProcessTransport(Transport):
             raise self._broken
         self.meter.record(DOWN, rdata)
         self.endpoint.meter.record(DOWN, rdata)
+        self._carry(DOWN, rdata)
         self._answers.append(pb.CloudMessage.FromString(rdata))
         self._stream.run(after)
 

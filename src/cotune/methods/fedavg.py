@@ -25,6 +25,6 @@ SPEC = MethodSpec(
     name="fedavg",
     summary="federated averaging of the full weights",
     runs=FederatedSpec(client_train=local_train, client_evaluate=local_evaluate),
-    reads=frozenset({"generation", "federated", "memory", "runtime"}),
+    reads=frozenset({"generation", "federated", "link", "memory", "runtime"}),
     configure=configure,
 )

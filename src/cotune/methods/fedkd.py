@@ -336,6 +336,6 @@ SPEC = MethodSpec(
         server_hook=KDHook,
         public_fraction=lambda cfg: cfg.kd.public_fraction,
     ),
-    reads=frozenset({"federated", "kd", "memory", "runtime"}),
+    reads=frozenset({"federated", "kd", "link", "memory", "runtime"}),
     configure=configure,
 )

@@ -145,6 +145,6 @@ SPEC = MethodSpec(
         device_ranks=True,
         client_evaluate=local_evaluate,
     ),
-    reads=frozenset({"generation", "federated", "memory", "runtime"}),
+    reads=frozenset({"generation", "federated", "link", "memory", "runtime"}),
     configure=configure,
 )

@@ -14,6 +14,7 @@ import warnings
 from cotune.config import Config
 from cotune.config.schema import unused_sections
 from cotune.errors import ConfigError
+from cotune.link.network import network_spec
 from cotune.methods.spec import FederatedSpec, MethodSpec
 
 METHODS: dict[str, str] = {
@@ -63,6 +64,8 @@ def resolve(cfg: Config) -> Config:
     spec.configure(cfg)
     check_base_dtype(cfg)
     check_device_ranks(cfg, spec)
+    if cfg.link.network is not None and "link" in spec.reads:
+        network_spec(cfg.link.network)  # a profile's jitter over an overridden latency
     if cfg._reads is None:
         for section in unused_sections(cfg._given, spec.reads):
             warnings.warn(

@@ -75,7 +75,8 @@ class MethodResult:
     @classmethod
     def from_summary(cls, summary: dict[str, Any]) -> MethodResult:
         """Back from a run folder's summary.json (a device process's, for example)."""
-        known = {"method", "task", "model", "metrics", "comm", "wall_s", "device_peak_bytes",
+        known = {"method", "task", "model", "metrics", "comm", "wall_s", "projected_wall_s",
+                 "device_peak_bytes",
                  "trainable_params", "saved_activation_bytes", "seed", "name"}  # fmt: skip
         return cls(
             metrics=dict(summary["metrics"]),

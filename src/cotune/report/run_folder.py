@@ -83,10 +83,13 @@ class RunFolder:
             f.write(json.dumps(_clean(record)) + "\n")
 
     def log_eval(self, record: dict[str, Any]) -> None:
-        """One evaluation (step or round): task metrics, cumulative bytes, wall_s."""
+        """One evaluation (step or round): task metrics, cumulative bytes, wall_s, and
+        projected_wall_s (compute + emulated network; wall_s when no network is
+        emulated)."""
         missing = {"bytes_up", "bytes_down", "wall_s"} - set(record)
         if missing or not ({"step", "round"} & set(record)):
             raise ValueError(f"eval record lacks {sorted(missing) or ['step or round']}")
+        record.setdefault("projected_wall_s", record["wall_s"])
         self._append(self.metrics_path, record)
         if self.echo is not None:
             self.echo(record)

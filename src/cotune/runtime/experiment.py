@@ -94,6 +94,13 @@ def run_method(cfg: Config, run: RunFolder, resume: bool = False) -> MethodResul
     return run_federated(cfg, run.path, resume=resume)
 
 
+def network_offset_s(result: MethodResult) -> float:
+    """The seconds an emulated network adds to the measured time (`[link.network]`):
+    the method's `network.offset_s` (0 without one)."""
+    network = result.extra.get("network")
+    return float(network.get("offset_s", 0.0)) if isinstance(network, dict) else 0.0
+
+
 def run_experiment(cfg: Config, out: str | Path | None = None, resume: bool = False) -> Path:
     """Run `cfg` and write its run folder; returns the folder's path.
 
@@ -147,6 +154,8 @@ def run_experiment(cfg: Config, out: str | Path | None = None, resume: bool = Fa
         "metrics": result.metrics,
         "comm": {"bytes_up": result.bytes_up, "bytes_down": result.bytes_down},
         "wall_s": wall,
+        # compute + emulated network ([link.network]); wall_s when none is emulated
+        "projected_wall_s": wall + network_offset_s(result),
         "device_peak_bytes": result.device_peak_bytes,
         "trainable_params": {"device": result.trainable_device, "cloud": result.trainable_cloud},
         "saved_activation_bytes": result.saved_activation_bytes,

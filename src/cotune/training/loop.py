@@ -286,7 +286,9 @@ class Checkpoints:
     `eval_every` steps and after the last one, both written to `recorder`.
 
     `evaluate()` returns the metrics (with `loss` when it has one); `lr()` the current
-    learning rate; `traffic()` the cumulative (bytes_up, bytes_down) so far.
+    learning rate; `traffic()` the cumulative (bytes_up, bytes_down) so far;
+    `network()` the seconds an emulated network adds to the measured time so far
+    (`projected_wall_s` = `wall_s` + network(); see `cotune.link.emulation`).
     """
 
     def __init__(
@@ -297,6 +299,7 @@ class Checkpoints:
         evaluate: Callable[[], dict[str, float]],
         lr: Callable[[], float],
         traffic: Callable[[], tuple[int, int]] = lambda: (0, 0),
+        network: Callable[[], float] = lambda: 0.0,
     ) -> None:
         self.recorder = recorder
         self.n_steps = n_steps
@@ -304,6 +307,7 @@ class Checkpoints:
         self.evaluate = evaluate
         self.lr = lr
         self.traffic = traffic
+        self.network = network
         self.t_start = time.perf_counter()
         self.since_eval: list[float] = []
         self.last: dict[str, float] = {}
@@ -322,10 +326,11 @@ class Checkpoints:
             )  # fmt: skip
         if evals:
             self.last = dict(self.evaluate())
+            wall = time.perf_counter() - self.t_start
             self.recorder.log_eval(
                 {"step": step, **self.last,
                  "train_loss": sum(self.since_eval) / max(len(self.since_eval), 1),
                  "bytes_up": up, "bytes_down": down,
-                 "wall_s": time.perf_counter() - self.t_start}
+                 "wall_s": wall, "projected_wall_s": wall + self.network()}
             )  # fmt: skip
             self.since_eval.clear()

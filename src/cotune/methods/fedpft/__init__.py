@@ -92,7 +92,7 @@ SPEC = MethodSpec(
     name="fedpft",
     summary="devices train LoRA on an aligned, neuron-pruned proxy of the cloud's model",
     runs=FederatedSpec(client_train=proxy_local_train, server_hook=ProxyHook),
-    reads=frozenset({"federated", "proxy", "memory", "runtime"}),
+    reads=frozenset({"federated", "link", "proxy", "memory", "runtime"}),
     configure=configure,
 )
 

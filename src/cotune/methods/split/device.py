@@ -383,6 +383,7 @@ def train_device(
             [b for _, b in zip(range(cfg.link.calibration_batches), cal, strict=False)]
         )
     step = ReconnectingStep(device, connect, n_steps)
+    network = device.transport.network  # the emulated link, shared by reconnections
     last: list[Evaluation] = []  # the latest evaluation (the final one after `fit`)
 
     def evaluate() -> dict[str, float]:
@@ -398,6 +399,7 @@ def train_device(
         evaluate=evaluate,
         lr=lambda: device.optimizer.param_groups[0]["lr"],
         traffic=lambda: (device.transport.meter.up, device.transport.meter.down),
+        network=lambda: network.offset_s() if network is not None else 0.0,
     )  # fmt: skip
     stats = fit(step, cycle(loader), n_steps, position=lambda: device.steps_done,
                 breakdown_memory=cfg.memory.report,
@@ -437,6 +439,7 @@ def train_device(
                 if device.noise is not None
                 else {}
             ),  # fmt: skip
+            **({"network": network.snapshot()} if network is not None else {}),
             "link": {
                 "codec": cfg.link.codec,
                 "transport": cfg.runtime.transport,

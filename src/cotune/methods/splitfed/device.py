@@ -124,6 +124,7 @@ def train_device(
     stats = fit(step, cycle(loader), n_steps, position=lambda: device.steps_done,
                 on_step=on_step, breakdown_memory=cfg.memory.report)  # fmt: skip
     meter: dict[str, Any] = device.transport.meter.snapshot()
+    network = device.transport.network  # `[link.network]`'s emulated link, if any
     device.transport.close()
     state = {n: p.detach().clone().contiguous() for n, p in device.named.items()}
     loss = stats.recent_loss()
@@ -149,6 +150,7 @@ def train_device(
             "reconnects": step.reconnects,
             "recent_losses": stats.losses[-10:],
             "meter": meter,
+            **({"network": network.snapshot()} if network is not None else {}),
         },
         saved={"device_trainable.safetensors": state},
     )

@@ -126,6 +126,7 @@ def to_method_result(engine: str, result: dict[str, Any]) -> MethodResult:
             "device_weight_bytes": result.get("device_weight_bytes"),
             "client_bytes": result.get("client_bytes"),
             "federated_wall_s": result.get("wall_s"),
+            **({"network": result["network"]} if result.get("network") else {}),
             "client_data": result.get("client_data", "partition"),
             "evaluated_on": result.get("evaluated_on", "server"),
         },

@@ -7,6 +7,7 @@ from collections.abc import Iterable
 from flwr.app import Message
 from flwr.serverapp import Grid
 
+from cotune.runtime.federated.network import FleetNetwork
 from cotune.runtime.federated.records import message_bytes
 
 
@@ -17,11 +18,15 @@ class CountingGrid:
     Sizes are taken after the inner grid has stamped the outgoing messages (run id,
     source node), so they are the bytes that really left. Replies that arrive after
     the timeout are never pulled and are not counted. `last_down` / `last_up` hold the
-    last call's bytes per node id (to each node, from each node).
+    last call's bytes per node id (to each node, from each node). With a `network`
+    (`[link.network]`) each call's message sizes are charged to its clock; `part_of`
+    maps node ids to partitions (whose devices may have links of their own).
     """
 
-    def __init__(self, grid: Grid) -> None:
+    def __init__(self, grid: Grid, network: FleetNetwork | None = None) -> None:
         self.grid = grid
+        self.network = network
+        self.part_of: dict[int, int] = {}
         self.bytes_up = 0
         self.bytes_down = 0
         self.last_down: dict[int, int] = {}
@@ -37,12 +42,18 @@ class CountingGrid:
         replies = list(self.grid.send_and_receive(sent, timeout=timeout))
         sizes: dict[str, int] = {}  # deflated object sizes, shared by the messages
         self.last_down, self.last_up = {}, {}
+        down: dict[int, list[int]] = {}
+        up: dict[int, list[int]] = {}
         for msg in sent:
             node = msg.metadata.dst_node_id
-            self.last_down[node] = self.last_down.get(node, 0) + message_bytes(msg, sizes)
+            down.setdefault(node, []).append(message_bytes(msg, sizes))
         for msg in replies:
             node = msg.metadata.src_node_id
-            self.last_up[node] = self.last_up.get(node, 0) + message_bytes(msg, sizes)
+            up.setdefault(node, []).append(message_bytes(msg, sizes))
+        self.last_down = {node: sum(v) for node, v in down.items()}
+        self.last_up = {node: sum(v) for node, v in up.items()}
+        if self.network is not None:
+            self.network.charge(down, up, self.part_of)
         self.bytes_down += sum(self.last_down.values())
         self.bytes_up += sum(self.last_up.values())
         return replies

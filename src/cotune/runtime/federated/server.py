@@ -62,6 +62,7 @@ from cotune.runtime.federated.keys import (
     WEIGHT_KEY,
     number,
 )
+from cotune.runtime.federated.network import FleetNetwork
 from cotune.runtime.federated.records import from_arrays, to_arrays
 from cotune.runtime.federated.strategy import CotuneFedAvg
 from cotune.training import Evaluation
@@ -322,7 +323,10 @@ class FederatedServer:
             first = ckpt.round + 1
             self.run.truncate_after("round", ckpt.round)
             log.info("resuming after round %d", ckpt.round)
-        counting = CountingGrid(grid)
+        network = FleetNetwork.from_config(cfg)
+        if network is not None:  # resumed: the clock goes on from the checkpoint
+            network.seconds = float(totals.get("network_s", 0.0))
+        counting = CountingGrid(grid, network)
         counting.bytes_up, counting.bytes_down = int(totals["bytes_up"]), int(totals["bytes_down"])
         strategy = CotuneFedAvg(fraction=fed.fraction, seed=cfg.seed)
         own = fed.client_data == "node"
@@ -360,6 +364,7 @@ class FederatedServer:
             messages = _add_extras(hook, rnd, list(messages), strategy.node_of)
             if own:
                 messages = _address(messages, strategy.node_of)
+            counting.part_of = {node: part for part, node in strategy.node_of.items()}
             replies = counting.send_and_receive(messages, timeout=timeout)
             _add_client_bytes(totals, counting, strategy.node_of)
             arrays, client_metrics = strategy.aggregate_train(rnd, replies)
@@ -397,6 +402,8 @@ class FederatedServer:
                 last = evaluation.metrics
             totals["bytes_up"], totals["bytes_down"] = counting.bytes_up, counting.bytes_down
             totals["wall_s"] = wall0 + (time.perf_counter() - t_start)
+            if network is not None:
+                totals["network_s"] = network.seconds
             self.run.log_eval(
                 {
                     "round": rnd,
@@ -409,6 +416,9 @@ class FederatedServer:
                     "bytes_up": counting.bytes_up,
                     "bytes_down": counting.bytes_down,
                     "wall_s": totals["wall_s"],
+                    # the server's time plus each call's slowest client on the network
+                    "projected_wall_s": totals["wall_s"]
+                    + (network.seconds if network is not None else 0.0),
                 }
             )
             if cfg.runtime.checkpoint:
@@ -439,6 +449,7 @@ class FederatedServer:
             # per partition: its train messages and replies (the hand-shake is in the totals)
             "client_bytes": dict(sorted(totals["client_bytes"].items(), key=lambda kv: int(kv[0]))),
             "wall_s": totals["wall_s"],
+            **({"network": network.snapshot()} if network is not None else {}),
             "trainable_device": model.trainable,
             # what a client stores of its model (clients build the global model, or the
             # hook's device model, exactly as the server did)

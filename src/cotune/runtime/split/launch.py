@@ -32,6 +32,7 @@ from safetensors.torch import load_file
 from cotune.config import Config, to_toml
 from cotune.errors import ConfigError, UserError
 from cotune.link.auth import TokenBook, write_token_file
+from cotune.link.emulation import EmulatedLink
 from cotune.link.grpc_transport import GrpcTransport, TlsFiles
 from cotune.link.service import CloudEndpoint
 from cotune.link.transport import InProcessTransport, Transport
@@ -80,20 +81,30 @@ def grpc_connector(cfg: Config, address: str, token: str, device_id: int | None 
     rt = cfg.runtime
     tls = TlsFiles(ca=rt.tls_ca, server_name=rt.tls_server_name) if rt.tls_ca else None
     device = rt.device_id if device_id is None else device_id
+    network = device_link(cfg, device)
 
     def connect() -> Transport:
         return GrpcTransport(address, device, token, tls=tls, max_message_bytes=max_message_bytes(cfg),
-                             connect_timeout=rt.connect_timeout_s)  # fmt: skip
+                             connect_timeout=rt.connect_timeout_s, network=network)  # fmt: skip
 
     return connect
+
+
+def device_link(cfg: Config, device_id: int) -> EmulatedLink | None:
+    """Device `device_id`'s emulated network (`[link.network]`; None: none), shared by
+    its reconnections so its clock runs on; each device draws jitter and loss from a
+    seed of its own."""
+    return EmulatedLink.from_config(cfg.link.network, seed=cfg.seed * 100_003 + device_id)
 
 
 def inprocess_connector(
     cfg: Config, endpoint: CloudEndpoint, device_id: int, token: str
 ) -> Connect:
+    network = device_link(cfg, device_id)
+
     def connect() -> Transport:
         return InProcessTransport(
-            endpoint, device_id, token, max_message_bytes=max_message_bytes(cfg)
+            endpoint, device_id, token, max_message_bytes=max_message_bytes(cfg), network=network
         )
 
     return connect
@@ -157,6 +168,12 @@ def run_split(
         # the cloud's half of the model, next to the device's (a loopback cloud saves
         # its own in cloud/): `cotune.export` joins them
         result.saved.setdefault(CLOUD_STATE_FILE, cloud.state)
+    networks = {o.device_id: o.result.extra["network"] for o in outcomes
+                if isinstance(o.result.extra.get("network"), dict)}  # fmt: skip
+    if networks and "network" not in result.extra:
+        # devices run side by side: the run waits for the slowest one's network
+        offset = max(float(n.get("offset_s", 0.0)) for n in networks.values())
+        result.extra["network"] = {"offset_s": offset, "devices": networks}
     if spec.devices(cfg) > 1:
         result.extra["train_wall_s"] = train_wall
         _log_final(
@@ -169,9 +186,12 @@ def _log_final(
     recorder: Recorder, result: MethodResult, t0: float, steps: int | None = None
 ) -> None:
     step = steps if steps is not None else int(result.extra.get("steps", 0))
+    wall = time.perf_counter() - t0
+    network = result.extra.get("network")
+    offset = float(network.get("offset_s", 0.0)) if isinstance(network, dict) else 0.0
     recorder.log_eval(
         {"step": step, **result.metrics, "bytes_up": result.bytes_up,
-         "bytes_down": result.bytes_down, "wall_s": time.perf_counter() - t0}
+         "bytes_down": result.bytes_down, "wall_s": wall, "projected_wall_s": wall + offset}
     )  # fmt: skip
 
 
