@@ -43,7 +43,9 @@ class Records:
         self.evals: list[dict[str, Any]] = []
 
     def log_eval(self, record: dict[str, Any]) -> None:
-        self.evals.append({k: v for k, v in record.items() if k != "wall_s"})
+        self.evals.append(
+            {k: v for k, v in record.items() if k not in ("wall_s", "projected_wall_s")}
+        )
 
     def log_train(self, record: dict[str, Any]) -> None:
         pass
