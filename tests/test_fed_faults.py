@@ -172,7 +172,9 @@ def test_simulation_engine_survives_raised_and_timed_out_clients(tmp_path: Path,
         "federated.faults.seed=1", "runtime.export=false",
     ):  # fmt: skip
         args += ["--set", kv]
-    assert main(args) == 0, capsys.readouterr().err
+    code, err = main(args), capsys.readouterr().err
+    assert code == 0, err
+    assert "[eval] round 1/1" in err  # the ServerApp's round, echoed by cotune run
     kinds = faulty_clients([0, 1, 2, 3], 0.5, "mixed", 1, 1)
     assert sorted(kinds.values()) == ["raise", "timeout"]  # the seed gives one of each
     (record,) = read_jsonl(run_dir / "metrics.jsonl")

@@ -22,7 +22,7 @@ from cotune.config import build_config
 from cotune.errors import ConfigError
 from cotune.report.run_folder import read_jsonl
 from cotune.runtime.federated.app_config import prepare_run_dir, unflatten
-from cotune.runtime.federated.flower_cli import APP_DIR
+from cotune.runtime.federated.flower_cli import APP_DIR, RoundEcho
 from cotune.runtime.federated.keys import RESULT_FILE
 from cotune.runtime.launcher import child_env, console_script, descendants, free_port
 
@@ -150,3 +150,18 @@ def test_flwr_run_of_the_repository_app_on_a_local_simulation(tmp_path: Path) ->
         assert "local-simulation" in (home / "config.toml").read_text()
     finally:
         _stop_processes_mentioning(str(home))
+
+
+def test_cotune_run_echoes_each_new_round_the_server_app_writes(tmp_path: Path) -> None:
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text(json.dumps({"round": 1, "accuracy": 0.5}) + "\n")  # before a resume
+    seen: list[int] = []
+    follow = RoundEcho(tmp_path, lambda r: seen.append(int(r["round"])))
+    follow()
+    assert seen == []
+    with metrics.open("a") as f:
+        f.write(json.dumps({"round": 2}) + "\n" + json.dumps({"round": 3}) + "\n")
+        f.write('{"round": 4, "acc')  # still being written
+    follow()
+    follow()
+    assert seen == [2, 3]

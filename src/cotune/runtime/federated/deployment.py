@@ -19,6 +19,7 @@ import json
 from pathlib import Path
 
 from cotune.config import Config
+from cotune.report import progress
 from cotune.runtime.federated.flower_cli import (
     FLWR_HOME_DIR,
     flower_env,
@@ -129,9 +130,9 @@ def run_in_deployment(cfg: Config, options: ServerOptions, timeout: float | None
         flwr_home = run_dir / FLWR_HOME_DIR
         write_connection(flwr_home, cfg.runtime.superlink, cfg.runtime.tls_ca)
         submit(flwr_home, options)
-        wait_for_result(run_dir, timeout)
+        wait_for_result(run_dir, timeout, echo=progress.echo(cfg.federated.rounds))
         return
     with LocalFederation(run_dir / "federation", cfg.federated.clients, run_dir / "logs") as fed:
         write_connection(fed.flwr_home, fed.address)
         submit(fed.flwr_home, options)
-        wait_for_result(run_dir, timeout, fed.problem)
+        wait_for_result(run_dir, timeout, fed.problem, progress.echo(cfg.federated.rounds))

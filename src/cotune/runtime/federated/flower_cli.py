@@ -76,14 +76,52 @@ def submit(
     return proc.stdout
 
 
+class RoundEcho:
+    """Passes each new record of the run folder's metrics.jsonl (one per round, written
+    by the ServerApp in another process) to `echo`: `cotune run`'s progress lines."""
+
+    def __init__(self, run_dir: Path, echo: Callable[[dict[str, Any]], None] | None) -> None:
+        self.path = run_dir / "metrics.jsonl"
+        self.echo = echo
+        # a resumed run's earlier rounds are not news
+        self.last = max((int(r.get("round", 0)) for r in self._records()), default=0)
+
+    def _records(self) -> list[dict[str, Any]]:
+        try:
+            lines = self.path.read_text().splitlines()
+        except OSError:
+            return []
+        out = []
+        for line in lines:
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:  # a line being written
+                break
+        return out
+
+    def __call__(self) -> None:
+        if self.echo is None:
+            return
+        for record in self._records():
+            if int(record.get("round", 0)) > self.last:
+                self.last = int(record.get("round", 0))
+                self.echo(record)
+
+
 def wait_for_result(
-    run_dir: Path, timeout: float | None, alive: Callable[[], str | None] | None = None
+    run_dir: Path,
+    timeout: float | None,
+    alive: Callable[[], str | None] | None = None,
+    echo: Callable[[dict[str, Any]], None] | None = None,
 ) -> None:
     """Until the ServerApp's result file is in `run_dir`: its error as an exception if
     it failed, a RuntimeError if `alive()` reports (a message) that a process of the
-    run has died, a TimeoutError after `timeout` seconds (None: no bound)."""
+    run has died, a TimeoutError after `timeout` seconds (None: no bound). Each new
+    round of metrics.jsonl goes to `echo` meanwhile."""
     deadline = None if timeout is None else time.monotonic() + timeout
+    rounds = RoundEcho(run_dir, echo)
     while not (run_dir / RESULT_FILE).exists():
+        rounds()
         if (run_dir / ERROR_FILE).exists():
             raise_server_error(run_dir)
         problem = alive() if alive is not None else None
@@ -92,3 +130,4 @@ def wait_for_result(
         if deadline is not None and time.monotonic() > deadline:
             raise TimeoutError(f"no result in {run_dir} after {timeout:.0f} s")
         time.sleep(0.5)
+    rounds()

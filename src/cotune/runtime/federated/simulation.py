@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from cotune.config import Config
+from cotune.report import progress
 from cotune.runtime.federated.flower_cli import (
     CONNECTION,
     FLWR_HOME_DIR,
@@ -165,4 +166,4 @@ def run_in_simulation(cfg: Config, options: ServerOptions, timeout: float | None
                 )
             return None
 
-        wait_for_result(run_dir, timeout, problem)
+        wait_for_result(run_dir, timeout, problem, progress.echo(cfg.federated.rounds))
