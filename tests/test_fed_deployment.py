@@ -1,6 +1,6 @@
 """Deployment engine: `cotune run` with runtime.engine = "deployment" starts a
-SuperLink and two SuperNodes on 127.0.0.1, submits the Flower App (the same
-`cotune.runtime.federated.apps` ServerApp and ClientApp the simulation engine runs)
+SuperLink and two SuperNodes on 127.0.0.1, submits cotune's Flower App (the same
+`cotune.flower_app` ServerApp and ClientApp the simulation engine runs)
 with `flwr run`, completes two fedlora rounds, and stops every process it started.
 
 With SuperNodes of the user's (`runtime.superlink`; here a loopback `LocalFederation`
@@ -10,6 +10,7 @@ ServerApp process opens); nodes without usable data stop the run with status 2."
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import sys
@@ -24,6 +25,7 @@ from cotune.cli.main import main
 from cotune.report.run_folder import read_jsonl
 from cotune.runtime.federated import apps
 from cotune.runtime.federated.deployment import LocalFederation
+from cotune.runtime.federated.flower_cli import APP_DIR
 from cotune.runtime.federated.keys import AUDIT_OPENS_ENV
 
 # Files this (the `cotune run`) process opens while `_opened` is a list.
@@ -73,11 +75,13 @@ def test_two_fedlora_rounds_on_a_loopback_superlink(tmp_path: Path, capsys) -> N
     assert summary["engine"] == "deployment" and summary["rounds_completed"] == 2
     assert summary["comm"]["bytes_down"] == records[-1]["bytes_down"]
 
-    # the SuperNodes ran the very ClientApp object the simulation engine uses
-    app = tomllib.loads((run_dir / "flower-app" / "pyproject.toml").read_text())
+    # the SuperNodes ran the very ClientApp object the simulation engine uses, from the
+    # Flower App cotune submits (not one written into the run folder)
+    app = tomllib.loads((APP_DIR / "pyproject.toml").read_text())
     components = app["tool"]["flwr"]["app"]["components"]
     module, attr = components["clientapp"].split(":")
-    assert module == apps.__name__ and getattr(apps, attr) is apps.client_app
+    assert getattr(importlib.import_module(module), attr) is apps.client_app
+    assert not (run_dir / "flower-app").exists()
     assert "Start `flwr-clientapp` process" in (run_dir / "logs" / "supernode-1.log").read_text()
 
     # every SuperLink / SuperNode / app process of this run is gone (one that had to be

@@ -219,6 +219,20 @@ class DeviceProfile(_Section):
     latency_ms: float | None = Field(default=None, ge=0)
 
 
+class FaultsConfig(_Section):
+    """Injected client failures (`[federated.faults]`), to check that rounds survive
+    them: each round the server marks `fail_fraction` of the sampled clients (rounded
+    up; drawn by a generator seeded with (`seed`, round)) and their ClientApp fails the
+    train message: "raise" raises, "timeout" holds the reply until the round's
+    deadline (`federated.round_timeout`) has passed, "mixed" picks one of the two per
+    client. Counted per round in metrics.jsonl (`faults_injected`, and the failures
+    in `clients_failed` / `clients_timed_out`)."""
+
+    fail_fraction: float = Field(default=0.0, ge=0, le=1)
+    mode: Literal["raise", "timeout", "mixed"] = "raise"
+    seed: int = 0
+
+
 class FederatedConfig(_Section):
     clients: int = Field(default=4, ge=1)
     rounds: int = Field(default=10, ge=1)
@@ -249,6 +263,18 @@ class FederatedConfig(_Section):
     # update to the largest rank with zeros, average over all clients), "rank_wise" (each
     # rank component averaged over the clients that hold it). See docs/federated.md.
     rank_aggregation: Literal["zero_pad", "rank_wise"] = "zero_pad"
+    faults: FaultsConfig = Field(default_factory=FaultsConfig)
+
+    @model_validator(mode="after")
+    def _timeouts_need_a_deadline(self) -> FederatedConfig:
+        f = self.faults
+        if f.fail_fraction > 0 and f.mode != "raise" and self.round_timeout is None:
+            raise ValueError(
+                f"federated.faults.mode = {f.mode!r} holds the marked clients past the "
+                "round's deadline: set federated.round_timeout (seconds), or use "
+                "mode = 'raise'"
+            )
+        return self
 
     @model_validator(mode="after")
     def _fleet(self) -> FederatedConfig:

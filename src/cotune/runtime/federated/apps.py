@@ -1,13 +1,17 @@
 """The Flower apps that run every federated method (`FederatedSpec`): the ServerApp runs
 the rounds with the method's server hook, the ClientApp calls the method's
-`client_train`. The same two objects serve both engines:
+`client_train`. They are the components of cotune's Flower App (`cotune.flower_app`,
+whose `[tool.flwr.app.components]` name `cotune.flower_app:server_app` and
+`:client_app`), which every engine submits with `flwr run`:
 
-- simulation: `cotune run` passes them to `flwr.simulation.run_simulation`;
-- deployment: a SuperLink loads them from the Flower App in the run folder
-  (`[tool.flwr.app.components]` points at `cotune.runtime.federated.apps:server_app`
-  and `:client_app`), the SuperNodes run the ClientApp next to each device's data.
+- simulation: to a SuperLink in simulation mode (Flower's simulation runtime, Ray
+  actors as virtual SuperNodes);
+- deployment: to a SuperLink whose SuperNodes run the ClientApp next to each
+  device's data;
+- inline (tests): the same objects called in one process.
 
-The ServerApp reads its run folder from the run config (`run-dir`); the ClientApp
+The ServerApp reads its run folder and experiment config from the run config
+(`run-dir`, and `config` or the `cotune.*` keys; see `app_config`); the ClientApp
 gets the experiment config inside every train message and its data from the
 SuperNode's node config: its partition (`partition-id`, `num-partitions`), or with
 `federated.client_data = "node"` its own data (`data-path`: a file or folder in the
@@ -72,12 +76,15 @@ def build_server_app(defaults: dict[str, Any] | None = None) -> ServerApp:
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
+        from cotune.runtime.federated.app_config import prepare_run_dir
         from cotune.runtime.federated.server import FederatedServer, ServerOptions
 
         audit = os.environ.get(AUDIT_OPENS_ENV)
         if audit:
             audit_opens(audit)
-        options = ServerOptions.from_run_config({**(defaults or {}), **dict(context.run_config)})
+        run_config = {**(defaults or {}), **dict(context.run_config)}
+        run_config = prepare_run_dir(run_config, context.run_id)
+        options = ServerOptions.from_run_config(run_config)
         try:
             FederatedServer(options).run_rounds(grid)
         except BaseException as err:
@@ -288,8 +295,12 @@ def evaluate(message: Message, context: Context) -> Message:
 
 
 def build_client_app(mods: Sequence[Mod] = ()) -> ClientApp:
-    """The ClientApp; `mods` wrap its handlers (Flower mods: logging, DP, fault injection)."""
-    app = ClientApp(mods=list(mods))
+    """The ClientApp; `mods` wrap its handlers (Flower mods: logging, DP, fault
+    injection), inside the standard `fault_mod` (which fails only the train messages
+    the server marked, `[federated.faults]`)."""
+    from cotune.runtime.federated.faults import fault_mod
+
+    app = ClientApp(mods=[fault_mod, *mods])
     app.query()(query)
     app.train()(train)
     app.evaluate()(evaluate)

@@ -1,8 +1,8 @@
 """The deployment engine: a SuperLink, SuperNodes and `flwr run`.
 
-`cotune run` with `runtime.engine = "deployment"` writes a Flower App into the run
-folder (a pyproject.toml whose components are cotune's ServerApp and ClientApp) and
-submits it with `flwr run`, either
+`cotune run` with `runtime.engine = "deployment"` submits cotune's Flower App
+(`cotune.flower_app`, whose components are cotune's ServerApp and ClientApp) with
+`flwr run`, the run folder as its run config, either
 
 - to a SuperLink the user started (`runtime.superlink = "host:port"`), with SuperNodes
   on the devices (see docs/federated.md for the commands), or
@@ -16,80 +16,23 @@ run folder; this side waits (bounded) for its result file.
 from __future__ import annotations
 
 import json
-import subprocess
-import time
 from pathlib import Path
 
 from cotune.config import Config
-from cotune.runtime.federated.keys import (
-    ERROR_FILE,
-    NUM_PARTITIONS_KEY,
-    PARTITION_KEY,
-    RESULT_FILE,
-    NodeConfig,
-    raise_server_error,
+from cotune.report import progress
+from cotune.runtime.federated.flower_cli import (
+    FLWR_HOME_DIR,
+    flower_env,
+    submit,
+    wait_for_result,
+    write_connection,
 )
+from cotune.runtime.federated.keys import NUM_PARTITIONS_KEY, PARTITION_KEY, NodeConfig
 from cotune.runtime.federated.server import ServerOptions
-from cotune.runtime.launcher import LOOPBACK, Child, child_env, console_script, free_port, stop_all
+from cotune.runtime.launcher import LOOPBACK, Child, console_script, free_port, stop_all
 
-APP_DIR = "flower-app"
-FLWR_HOME_DIR = "flwr-home"
-CONNECTION = "cotune"
 START_TIMEOUT = 60.0
 STOP_TIMEOUT = 10.0
-
-
-def flower_env(flwr_home: Path) -> dict[str, str]:
-    """Environment for Flower's processes (they spawn `flower-superexec`,
-    `flwr-serverapp`, ... from this venv's scripts)."""
-    return child_env({"FLWR_HOME": str(flwr_home)})
-
-
-def write_flower_app(app_dir: Path, options: ServerOptions) -> Path:
-    """A Flower App whose components are cotune's apps; its default run config points
-    the ServerApp at the run folder."""
-    from cotune import __version__
-
-    app_dir.mkdir(parents=True, exist_ok=True)
-    config = options.to_run_config()
-    lines = [
-        "[build-system]",
-        'requires = ["hatchling"]',
-        'build-backend = "hatchling.build"',
-        "",
-        "[project]",
-        'name = "cotune-federated"',
-        f'version = "{__version__}"',
-        'description = "cotune federated fine-tuning on Flower"',
-        'license = "Apache-2.0"',
-        "dependencies = []  # cotune must be installed on the SuperLink and every SuperNode",
-        "",
-        "[tool.flwr.app]",
-        'publisher = "cotune"',
-        "",
-        "[tool.flwr.app.components]",
-        'serverapp = "cotune.runtime.federated.apps:server_app"',
-        'clientapp = "cotune.runtime.federated.apps:client_app"',
-        "",
-        "[tool.flwr.app.config]",
-        *(f"{k} = {json.dumps(v)}" for k, v in config.items()),
-        "",
-    ]
-    (app_dir / "pyproject.toml").write_text("\n".join(lines))
-    return app_dir
-
-
-def write_connection(flwr_home: Path, address: str, root_certificates: str | None = None) -> None:
-    """The Flower CLI config naming the SuperLink `flwr run` submits to: TLS verified
-    against `root_certificates` (a PEM file) when given, plain otherwise."""
-    flwr_home.mkdir(parents=True, exist_ok=True)
-    lines = ["[superlink]", f'default = "{CONNECTION}"', "", f"[superlink.{CONNECTION}]"]
-    lines.append(f"address = {json.dumps(address)}")
-    if root_certificates:
-        lines.append(f"root-certificates = {json.dumps(str(Path(root_certificates).resolve()))}")
-    else:
-        lines.append("insecure = true")
-    (flwr_home / "config.toml").write_text("\n".join(lines) + "\n")
 
 
 def node_config_arg(config: NodeConfig) -> str:
@@ -157,6 +100,12 @@ class LocalFederation:
     def alive(self) -> bool:
         return all(c.alive() for c in self.children)
 
+    def problem(self) -> str | None:
+        """Why the run cannot end well (a process of the federation died), or None."""
+        if self.alive():
+            return None
+        return f"a SuperLink/SuperNode process exited early; see the logs in {self.log_dir}"
+
     def stop(self) -> None:
         """Stop the processes this federation started and everything they spawned."""
         stop_all(self.children, grace=STOP_TIMEOUT)
@@ -173,50 +122,17 @@ class LocalFederation:
         self.stop()
 
 
-def submit(app_dir: Path, flwr_home: Path, options: ServerOptions) -> str:
-    """`flwr run APP_DIR cotune --run-config ...`; returns the CLI's output."""
-    overrides = " ".join(f"{k}={json.dumps(v)}" for k, v in options.to_run_config().items())
-    proc = subprocess.run(
-        [console_script("flwr"), "run", str(app_dir), CONNECTION, "--run-config", overrides],
-        env=flower_env(flwr_home),
-        capture_output=True,
-        text=True,
-        timeout=START_TIMEOUT * 2,
-        check=False,
-    )
-    if proc.returncode != 0 or "Successfully started run" not in proc.stdout:
-        raise RuntimeError(f"flwr run failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
-    return proc.stdout
-
-
-def wait_for_result(
-    run_dir: Path, timeout: float | None, federation: LocalFederation | None = None
-) -> None:
-    deadline = None if timeout is None else time.monotonic() + timeout
-    while not (run_dir / RESULT_FILE).exists():
-        if (run_dir / ERROR_FILE).exists():
-            raise_server_error(run_dir)
-        if federation is not None and not federation.alive():
-            raise RuntimeError(
-                f"a SuperLink/SuperNode process exited early; see the logs in {federation.log_dir}"
-            )
-        if deadline is not None and time.monotonic() > deadline:
-            raise TimeoutError(f"no result in {run_dir} after {timeout:.0f} s")
-        time.sleep(0.5)
-
-
 def run_in_deployment(cfg: Config, options: ServerOptions, timeout: float | None = None) -> None:
     """Submit the run to `runtime.superlink`, or to a loopback federation started here;
     return when the ServerApp has written its result (or raise)."""
     run_dir = options.run_dir
-    app_dir = write_flower_app(run_dir / APP_DIR, options)
     if cfg.runtime.superlink:
         flwr_home = run_dir / FLWR_HOME_DIR
         write_connection(flwr_home, cfg.runtime.superlink, cfg.runtime.tls_ca)
-        submit(app_dir, flwr_home, options)
-        wait_for_result(run_dir, timeout)
+        submit(flwr_home, options)
+        wait_for_result(run_dir, timeout, echo=progress.echo(cfg.federated.rounds))
         return
     with LocalFederation(run_dir / "federation", cfg.federated.clients, run_dir / "logs") as fed:
         write_connection(fed.flwr_home, fed.address)
-        submit(app_dir, fed.flwr_home, options)
-        wait_for_result(run_dir, timeout, fed)
+        submit(fed.flwr_home, options)
+        wait_for_result(run_dir, timeout, fed.problem, progress.echo(cfg.federated.rounds))

@@ -1,9 +1,10 @@
 """Running a federated method (`FederatedSpec`) on the engine its config names.
 
-`run_federated` starts the Flower engine (simulation or deployment; "inline" for tests),
-which runs cotune's ServerApp and ClientApp, then reads what the ServerApp wrote into
-the run folder. The ServerApp writes the run's metrics.jsonl and train.jsonl itself
-(in deployment it runs in another process, next to the SuperLink).
+`run_federated` starts the Flower engine (simulation or deployment: cotune's Flower App
+submitted with `flwr run`; "inline" for tests), which runs cotune's ServerApp and
+ClientApp, then reads what the ServerApp wrote into the run folder. The ServerApp
+writes the run's metrics.jsonl and train.jsonl itself (it runs in another process,
+next to the SuperLink).
 """
 
 from __future__ import annotations
@@ -42,8 +43,9 @@ def run_federated(
     """Run `cfg` (a federated method) to the end, or to round `stop_after`.
 
     With `resume`, the ServerApp continues from the run folder's checkpoint. A
-    `client_app` replaces the standard ClientApp (tests wrap it with fault-injecting
-    mods). `engine` overrides `runtime.engine`; "inline" runs the clients in this
+    `client_app` replaces the standard ClientApp on the inline engine (tests wrap it
+    with mods). `deployment_timeout` bounds the wait for the result of a run submitted
+    with `flwr run` (None: no bound). `engine` overrides `runtime.engine`; "inline" runs the clients in this
     process without Ray (`inline.py`, for tests and debugging), each with its
     `node_configs` entry as node config when given (nodes with their own `data-path`).
     """
@@ -62,10 +64,15 @@ def run_federated(
     for name in (RESULT_FILE, ERROR_FILE, USER_ERROR_FILE):
         (run_path / name).unlink(missing_ok=True)
     options = ServerOptions(run_dir=run_path, resume=resume, stop_after=stop_after)
+    if engine != "inline" and client_app is not None:
+        raise ValueError(
+            f"a custom client_app runs on the inline engine only; the {engine} engine "
+            "submits cotune's Flower App (use [federated.faults] to inject failures)"
+        )
     if engine == "simulation":
         from cotune.runtime.federated.simulation import run_in_simulation
 
-        run_in_simulation(cfg, options, client_app)
+        run_in_simulation(cfg, options, timeout=deployment_timeout)
     elif engine == "inline":
         from cotune.runtime.federated.inline import run_inline
 
@@ -73,8 +80,6 @@ def run_federated(
     else:
         from cotune.runtime.federated.deployment import run_in_deployment
 
-        if client_app is not None:
-            raise ValueError("a custom client_app cannot be sent to SuperNodes")
         run_in_deployment(cfg, options, timeout=deployment_timeout)
     return to_method_result(engine, read_result(run_path))
 

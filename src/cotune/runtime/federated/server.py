@@ -45,6 +45,7 @@ from cotune.runtime.federated.checkpoint import (
     save_checkpoint,
     save_final_state,
 )
+from cotune.runtime.federated.faults import faulty_clients, mark
 from cotune.runtime.federated.grid import CountingGrid
 from cotune.runtime.federated.keys import (
     ARRAYS_KEY,
@@ -56,6 +57,7 @@ from cotune.runtime.federated.keys import (
     LABELS_KEY,
     METRICS_KEY,
     NODE_KEY,
+    NUM_PARTITIONS_KEY,
     PARTITION_KEY,
     RESULT_FILE,
     SHA_KEY,
@@ -140,9 +142,16 @@ def discover_partitions(grid: CountingGrid, n_clients: int, timeout: float) -> d
                         reply.error.reason,
                     )
                     continue
-                part = int(
-                    number(reply.content.metric_records[METRICS_KEY][PARTITION_KEY], PARTITION_KEY)
-                )
+                metrics = reply.content.metric_records[METRICS_KEY]
+                part = int(number(metrics[PARTITION_KEY], PARTITION_KEY))
+                parts = int(number(metrics.get(NUM_PARTITIONS_KEY, 0), NUM_PARTITIONS_KEY))
+                if parts and parts != n_clients:
+                    raise ConfigError(
+                        f"the federation's SuperNodes hold {parts} partitions (num-partitions) "
+                        f"but federated.clients = {n_clients}: they must agree; in a Flower "
+                        f"simulation run with --federation-config 'num-supernodes={n_clients}' "
+                        f"or set federated.clients = {parts}"
+                    )
                 if part in node_of and node_of[part] != reply.metadata.src_node_id:
                     raise RuntimeError(f"two SuperNodes claim partition-id {part}")
                 node_of[part] = reply.metadata.src_node_id
@@ -365,6 +374,12 @@ class FederatedServer:
             if own:
                 messages = _address(messages, strategy.node_of)
             counting.part_of = {node: part for part, node in strategy.node_of.items()}
+            faults = fed.faults
+            kinds = faulty_clients(
+                strategy.outcome.sampled, faults.fail_fraction, faults.mode, faults.seed, rnd
+            )
+            if kinds:
+                messages = mark(messages, kinds, counting.part_of, time.time() + timeout)
             replies = counting.send_and_receive(messages, timeout=timeout)
             _add_client_bytes(totals, counting, strategy.node_of)
             arrays, client_metrics = strategy.aggregate_train(rnd, replies)
@@ -411,6 +426,7 @@ class FederatedServer:
                     **hook.round_metrics(),
                     **({"train_loss": cm["train_loss"]} if "train_loss" in cm else {}),
                     **outcome.counts(),
+                    **({"faults_injected": len(kinds)} if faults.fail_fraction > 0 else {}),
                     "round_bytes_up": counting.bytes_up - up0,
                     "round_bytes_down": counting.bytes_down - down0,
                     "bytes_up": counting.bytes_up,
