@@ -65,8 +65,14 @@ def describe_setup(cfg: dict[str, Any]) -> str:
     if method in ("split", "splitfed"):
         link = cfg.get("link", {})
         codec = link.get("codec", "identity")
-        code = f"{codec} r={link.get('rank')}" if codec in ("sft", "pca") else codec
-        where = f"device: embeddings + layers < {cfg.get('split', {}).get('cut', '?')}"
+        cut = cfg.get("split", {}).get("cut", "?")
+        code = codec
+        if codec in ("sft", "pca"):
+            fmt = link.get("code_format", "fp32")
+            code = f"{codec} r={link.get('rank')}" + ("" if fmt == "fp32" else f" {fmt}")
+        where = f"device: embeddings + layers < {cut}"
+        if codec == "sft":
+            where += f" + layer {cut}'s attention"
         return f"{where}; cut codec {code}; {_lora(model)}; {_budget(train)}"
     if method.startswith("fed"):
         fed = cfg.get("federated", {})
