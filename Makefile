@@ -59,9 +59,10 @@ constraints: setup
 	  echo "# Regenerate after a tested upgrade: make constraints"; \
 	  $(PY) -m pip freeze --exclude-editable | sed 's/+cpu$$//' | grep -v '^cotune=='; } > constraints.txt
 
+# BBC News with minilm three ways (examples/demo: centralized LoRA, split with the SFT cut,
+# fedlora over 4 devices) -> runs/demo/index.html and a table of the three rows
 demo: setup
-	$(VENV)/bin/cotune run examples/bbc-news-lora.toml --out runs/demo
-	$(VENV)/bin/cotune compare runs/demo --plot runs/demo/compare.png
+	$(VENV)/bin/cotune demo examples/demo --out runs/demo
 
 # the static checks (make lint), then every test
 test: setup lint

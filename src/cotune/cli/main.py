@@ -1,4 +1,4 @@
-"""`cotune run / sweep / compare / export / models / tasks / methods` (and split methods'
+"""`cotune run / sweep / compare / demo / config / export / models / tasks / methods` (and split methods'
 `cloud` / `device`)."""
 
 from __future__ import annotations
@@ -138,6 +138,47 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from cotune.report.compare import compare
 
     compare(args.runs, args.plot, resamples=args.resamples)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from cotune.report.demo import demo_rows, demo_table
+    from cotune.runtime.demo import run_demo
+
+    def row_done(name: str, path: object, seconds: float) -> None:
+        print(f"demo row {name}: {seconds:.0f} s -> {path}", file=sys.stderr)
+
+    result = run_demo(args.configs, args.out, sets=args.set, on_row=row_done)
+    console = Console(width=None if sys.stdout.isatty() else 160)
+    console.print(demo_table(demo_rows(result.rows)))
+    print(f"demo: {len(result.rows)} rows in {result.total_s:.0f} s; page: {result.page}")
+    return 0
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    from cotune.errors import ConfigError
+
+    if args.defaults:
+        if args.config or args.set:
+            raise ConfigError(
+                "--defaults prints the schema's defaults: give no CONFIG and no --set "
+                "(`cotune config CONFIG` prints a config file resolved)"
+            )
+        from cotune.config.describe import defaults_toml
+
+        sys.stdout.write(defaults_toml())
+        return 0
+    if not args.config:
+        raise ConfigError(
+            "give --defaults (every key with its default and help) or a CONFIG file to "
+            "print resolved (with its method's defaults and --set overrides applied)"
+        )
+    from cotune.config import to_toml
+    from cotune.runtime.experiment import load_experiment
+
+    sys.stdout.write(to_toml(load_experiment(args.config, args.set)))
     return 0
 
 
@@ -427,6 +468,47 @@ def build_parser() -> argparse.ArgumentParser:
         help="bootstrap resamples of the paired difference (default 2000)",
     )  # fmt: skip
     p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser(
+        "demo",
+        parents=[common],
+        help="run a folder of configs (one row each) and write a comparison page",
+        description="Run every *.toml config of CONFIGS (default examples/demo: BBC News "
+        "with MiniLM centralized, split with the SFT cut, and fedlora over 4 devices) into "
+        "OUT/<config name>/, then write OUT/index.html (a table of accuracy, bytes up and "
+        "down, device peak memory, device trainable parameters and wall time, and a plot "
+        "of accuracy against bytes on the wire) and print the table. Every config is "
+        "checked before the first one runs.",
+    )
+    p.add_argument(
+        "configs", nargs="?", default="examples/demo",
+        help="folder of cotune TOML configs, one per row (default examples/demo)",
+    )  # fmt: skip
+    p.add_argument("--out", default="runs/demo", help="demo folder (default runs/demo)")
+    p.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE",
+        help="override a config key in every row, e.g. --set train.steps=20 (repeatable)",
+    )  # fmt: skip
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser(
+        "config",
+        parents=[common],
+        help="print every config key with its default and help, or a config resolved",
+        description="With --defaults: the whole config schema as TOML, every key at its "
+        "default after comments saying what it does and what is valid (keys unset by "
+        "default commented out); parsed back it is the default config. With CONFIG: that "
+        "file resolved against its method, with --set overrides, as a run would record it.",
+    )
+    p.add_argument("config", nargs="?", help="a TOML config file to print resolved")
+    p.add_argument(
+        "--defaults", action="store_true",
+        help="print every key of the schema with its default and help text (TOML)",
+    )  # fmt: skip
+    p.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key"
+    )
+    p.set_defaults(func=cmd_config)
 
     p = sub.add_parser(
         "memory",

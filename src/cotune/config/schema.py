@@ -19,45 +19,62 @@ GENERATION_METRICS: tuple[GenerationMetric, ...] = ("bleu", "nist", "meteor", "r
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # the docstring under each field is its help text (`cotune config --defaults`)
+    model_config = ConfigDict(
+        extra="forbid", validate_assignment=True, use_attribute_docstrings=True
+    )
 
 
 class TaskConfig(_Section):
+    """What to learn: the task and where its data is."""
+
     name: str = "bbc-news"
+    """The task (`cotune tasks`): bbc-news, glue/<cola|sst2|mrpc|qqp|stsb|mnli|qnli|rte|wnli>,
+    squad, e2e, digits, fashion-mnist, text-folder, csv, json, hf:<id>, ..."""
     data_dir: str | None = None
+    """The task's data folder (relative to the config file's folder); unset: the task's
+    packaged data, where it has some."""
     max_train_examples: int | None = Field(default=None, ge=1)
+    """Train on a seeded subsample of this many examples (unset: all)."""
     max_eval_examples: int | None = Field(default=None, ge=1)
-    test_fraction: float = Field(default=0.2, gt=0.0, lt=1.0)  # tasks with no eval split
-    # GLUE folders with an evaluation file but no train.tsv (QNLI offline): train on a
-    # stratified share of the evaluation file and evaluate on the other `split_eval`
+    """Score a seeded subsample of this many examples (unset: all)."""
+    test_fraction: float = Field(default=0.2, gt=0.0, lt=1.0)
+    """Tasks with no evaluation split: the share of the data held out to score."""
     split_eval: float | None = Field(default=None, gt=0.0, lt=1.0)
-    # the training file: squad's train-v1.1.json elsewhere than data_dir (default: data_dir's
-    # own, if any); "csv" / "json" tasks: the rows to train on (and eval_file the rows to
-    # score; without it `split_eval` (default 0.2) of train is held out, the same for
-    # every seed)
+    """GLUE folders with an evaluation file but no train.tsv (QNLI offline): train on a
+    stratified share of the evaluation file and evaluate on the other `split_eval`."""
     train_file: str | None = None
+    """The training file: squad's train-v1.1.json elsewhere than data_dir (unset:
+    data_dir's own, if any); csv / json tasks: the rows to train on (without eval_file,
+    `split_eval` (default 0.2) of them is held out, the same for every seed)."""
     eval_file: str | None = None
-    # "csv" / "json" / "hf:<id>" tasks: which columns hold what. problem None:
-    # "generation" when target_column is given, else "classification".
+    """csv / json tasks: the rows to score."""
     text_column: str = "text"
+    """csv / json / hf:<id> tasks: the column holding the text."""
     text_pair_column: str | None = None
+    """csv / json / hf:<id> tasks: the column of the second text of a pair (unset: none)."""
     label_column: str = "label"
+    """csv / json / hf:<id> tasks: the column holding the label."""
     target_column: str | None = None
+    """csv / json / hf:<id> tasks: the column of the text to generate (generation)."""
     problem: Literal["classification", "regression", "generation"] | None = None
-    # classification tasks whose classes come from the data (csv, json, hf:<id>,
-    # text-folder): the class names in label order (None: the sorted distinct training
-    # labels). A federated server whose nodes bring their own data fills it with the
-    # union of the nodes' labels, so every node maps a class to the same index.
+    """csv / json / hf:<id> tasks: classification | regression | generation (unset:
+    generation when target_column is given, else classification)."""
     labels: list[str] | None = None
-    # "hf:<id>" tasks: the split to evaluate on (None: validation, else test, else held out)
+    """Classification tasks whose classes come from the data (csv, json, hf:<id>,
+    text-folder): the class names in label order (unset: the sorted distinct training
+    labels; a federated server whose nodes bring their own data fills in the union of
+    the nodes' labels)."""
     eval_split: str | None = None
-    # extractive QA: tokens shared by successive windows of a long context (None:
-    # min(128, train.max_seq_len // 2)), and the longest answer span in tokens
+    """hf:<id> tasks: the split to evaluate on (unset: validation, else test, else held out)."""
     doc_stride: int | None = Field(default=None, ge=1)
+    """Extractive QA: tokens shared by successive windows of a long context (unset:
+    min(128, train.max_seq_len // 2))."""
     max_answer_len: int = Field(default=30, ge=1)
-    # image tasks: images are resized to image_size x image_size (a multiple of the
-    # model's patch size: 14 for DINOv2, whose position embeddings are interpolated)
+    """Extractive QA: the longest answer span, in tokens."""
     image_size: int = Field(default=224, ge=1)
+    """Image tasks: images are resized to image_size x image_size (a multiple of the
+    model's patch size: 14 for DINOv2, whose position embeddings are interpolated)."""
 
     @field_validator("labels")
     @classmethod
@@ -71,38 +88,67 @@ class TaskConfig(_Section):
 
 
 class LoraConfig(_Section):
+    """LoRA adapters: the base model frozen, low-rank updates trained."""
+
     r: int = Field(default=8, ge=1)
+    """The adapters' rank."""
     alpha: float = Field(default=16.0, gt=0)
+    """The scaling numerator: updates are scaled by alpha / r."""
     dropout: float = Field(default=0.1, ge=0.0, lt=1.0)
-    target_modules: list[str] | None = None  # None: the family's default
+    """Dropout on the adapters' input."""
+    target_modules: list[str] | None = None
+    """The modules that get adapters (unset: the model family's default, e.g. query and
+    value for BERT-like encoders)."""
 
 
 class ModelConfig(_Section):
+    """Which model, and what of it trains."""
+
     name: str = "minilm"
+    """A zoo name (`cotune models`), a save_pretrained folder, or a Hugging Face hub id."""
     lora: LoraConfig | None = None
+    """LoRA adapters, e.g. lora = { r = 8, alpha = 16, dropout = 0.1 } (unset: full
+    fine-tuning)."""
     pooling: Literal["auto", "mean", "cls", "last"] = "auto"
-    # How the frozen base's Linear weights are stored (LoRA only; embeddings, norms and
-    # everything that trains stay fp32): "bf16", or "int8" weight-only with a per-output-
-    # channel scale. See docs/memory.md ("A low-memory frozen base").
+    """How a classifier pools the tokens (auto: the family's usual)."""
     base_dtype: Literal["fp32", "bf16", "int8"] = "fp32"
+    """How the frozen base's Linear weights are stored under LoRA (int8: weight-only, a
+    scale per output channel); what trains stays fp32. See docs/memory.md."""
 
 
 class TrainConfig(_Section):
+    """The training loop (local training of federated clients included)."""
+
     steps: int | None = Field(default=None, ge=1)
+    """Optimizer steps to train (give steps or epochs, not both; neither: 1 epoch)."""
     epochs: float | None = Field(default=None, gt=0)
+    """Passes over the training data (fractions allowed)."""
     batch_size: int = Field(default=16, ge=1)
+    """Training examples per step."""
     eval_batch_size: int = Field(default=64, ge=1)
-    lr: float | None = Field(default=None, gt=0)  # None: 5e-5 full fine-tuning, 2e-3 LoRA
+    """Examples per batch when scoring."""
+    lr: float | None = Field(default=None, gt=0)
+    """The peak learning rate (unset: 5e-5 for full fine-tuning, 2e-3 under LoRA)."""
     optimizer: Literal["adamw", "sgd"] = "adamw"
+    """The optimizer."""
     weight_decay: float = Field(default=0.01, ge=0)
+    """Decoupled weight decay (AdamW) or L2 (SGD)."""
     warmup_ratio: float = Field(default=0.06, ge=0, lt=1)
+    """The share of the steps over which the learning rate rises linearly from 0."""
     schedule: Literal["linear", "constant"] = "linear"
+    """After warmup: linear (decays to 0 at the last step) | constant."""
     max_grad_norm: float | None = Field(default=1.0, gt=0)
+    """Clip the gradients' global norm to this (unset: no clipping)."""
     max_seq_len: int = Field(default=128, ge=8)
+    """Texts are cut to this many tokens."""
     precision: Literal["fp32", "bf16"] = "fp32"
-    eval_every: int | None = Field(default=None, ge=1)  # None: evaluate at the end only
+    """The compute precision (bf16: CPU autocast)."""
+    eval_every: int | None = Field(default=None, ge=1)
+    """Score every this many steps (unset: at the end only)."""
     label_smoothing: float = Field(default=0.0, ge=0, lt=1)
-    threads: int | None = Field(default=None, ge=1)  # torch intra-op threads; None: torch default
+    """Label smoothing of the classification loss."""
+    threads: int | None = Field(default=None, ge=1)
+    """torch intra-op threads (unset: torch's default)."""
 
     @model_validator(mode="after")
     def _steps_or_epochs(self) -> TrainConfig:
@@ -112,9 +158,16 @@ class TrainConfig(_Section):
 
 
 class SplitConfig(_Section):
+    """Split and split-federated training (methods split, splitfed): where the model is cut."""
+
     cut: int = Field(default=3, ge=1)
+    """The device runs the embeddings and the transformer layers before this one (1 to
+    layers - 1); the cloud the rest."""
     labels: Literal["cloud", "device"] = "cloud"
+    """cloud: the labels cross with the activations and the cloud holds the head |
+    device: U-shaped, the head and the loss stay on the device."""
     server: Literal["shared", "per_client"] = "shared"
+    """splitfed: one cloud half shared by all devices | one per device."""
 
 
 NetworkProfile = Literal["datacenter", "wifi", "lte", "constrained"]
@@ -131,12 +184,19 @@ class NetworkConfig(_Section):
     "throttle" really paces the bytes (and reports the same clock)."""
 
     profile: str | None = None
+    """A named preset: datacenter | wifi | lte | constrained (explicit keys override it)."""
     mode: Literal["clock", "throttle"] = "clock"
-    up_mbps: float | None = None  # device -> cloud, Mbit/s (10^6 bit/s)
-    down_mbps: float | None = None  # cloud -> device
-    latency_ms: float | None = None  # one-way propagation delay
-    jitter_ms: float | None = None  # uniform +-jitter around the latency (<= latency)
-    loss: float | None = None  # packet loss probability, modelled as retransmission time
+    """clock (a simulated clock, no sleeping) | throttle (the bytes really paced)."""
+    up_mbps: float | None = None
+    """Device -> cloud bandwidth, Mbit/s (10^6 bit/s)."""
+    down_mbps: float | None = None
+    """Cloud -> device bandwidth, Mbit/s."""
+    latency_ms: float | None = None
+    """One-way propagation delay, milliseconds."""
+    jitter_ms: float | None = None
+    """Uniform +- jitter around the latency, milliseconds (at most latency_ms)."""
+    loss: float | None = None
+    """Packet loss probability, modelled as retransmission time."""
 
     @field_validator("profile")
     @classmethod
@@ -185,14 +245,23 @@ class NetworkConfig(_Section):
 
 
 class LinkConfig(_Section):
-    # an emulated network between each device and the cloud (None: no emulation)
+    """What crosses the cut between device and cloud (split methods; docs/split.md)."""
+
     network: NetworkConfig | None = None
+    """An emulated network between each device and the cloud (unset: no emulation);
+    see [link.network]."""
     codec: Literal["identity", "fp16", "bf16", "int8", "topk", "pca", "sft"] = "identity"
+    """What the device sends per real token: identity (the full-width activations), fp16 /
+    bf16 / int8 (rounded), topk (the largest values), pca / sft (an r-dim code; sft: the
+    SFT low-rank cut). See docs/split.md."""
     rank: int = Field(default=8, ge=1)
-    # pca / sft: the wire format of the r-dim code and its gradient (default fp32)
+    """pca / sft: the values sent per real token."""
     code_format: Literal["fp32", "fp16", "bf16", "int8"] = "fp32"
-    keep: float = Field(default=0.1, gt=0, le=1)  # topk
-    calibration_batches: int = Field(default=4, ge=1)  # pca
+    """pca / sft: the wire format of the r-dim code and its gradient."""
+    keep: float = Field(default=0.1, gt=0, le=1)
+    """topk: the share of each token's values sent."""
+    calibration_batches: int = Field(default=4, ge=1)
+    """pca: the batches of cut activations the device fits its basis on."""
 
     @model_validator(mode="after")
     def _code_format_needs_a_code(self) -> LinkConfig:
@@ -212,11 +281,17 @@ class DeviceProfile(_Section):
     validated and recorded."""
 
     name: str | None = None
+    """The device's name (for reports)."""
     rank: int | None = Field(default=None, ge=1)
+    """fedlora: this device's LoRA rank (unset: model.lora.r)."""
     memory_mib: float | None = Field(default=None, gt=0)
+    """The device's memory, MiB (recorded)."""
     up_mbps: float | None = Field(default=None, gt=0)
+    """The device's uplink, Mbit/s (recorded)."""
     down_mbps: float | None = Field(default=None, gt=0)
+    """The device's downlink, Mbit/s (recorded)."""
     latency_ms: float | None = Field(default=None, ge=0)
+    """The device's link latency, ms (recorded)."""
 
 
 class FaultsConfig(_Section):
@@ -229,41 +304,58 @@ class FaultsConfig(_Section):
     in `clients_failed` / `clients_timed_out`)."""
 
     fail_fraction: float = Field(default=0.0, ge=0, le=1)
+    """The share of each round's sampled clients made to fail (rounded up; 0: none)."""
     mode: Literal["raise", "timeout", "mixed"] = "raise"
+    """raise (the client raises) | timeout (it holds its reply past the round's deadline)
+    | mixed (one of the two per client)."""
     seed: int = 0
+    """Seeds which clients fail (with the round number)."""
 
 
 class FederatedConfig(_Section):
+    """Federated methods (fedavg, fedlora, fedkd, fedpft) and splitfed's devices."""
+
     clients: int = Field(default=4, ge=1)
+    """The number of clients (devices)."""
     rounds: int = Field(default=10, ge=1)
+    """Federated rounds."""
     fraction: float = Field(default=1.0, gt=0, le=1)
+    """The share of the clients that train in each round."""
     local_epochs: float = Field(default=1.0, gt=0)
-    local_steps: int | None = Field(default=None, ge=1)  # overrides local_epochs when set
+    """Passes over its data a client trains per round."""
+    local_steps: int | None = Field(default=None, ge=1)
+    """Steps a client trains per round (overrides local_epochs when set)."""
     partition: Literal["iid", "dirichlet", "shards"] = "iid"
+    """How the training data is cut among clients: iid | dirichlet (label skew, alpha) |
+    shards (shards_per_client label-sorted shards each)."""
     alpha: float = Field(default=1.0, gt=0)
+    """dirichlet: the concentration (smaller: more skewed)."""
     shards_per_client: int = Field(default=2, ge=1)
+    """shards: the shards each client gets."""
     aggregate_every: int = Field(default=100, ge=1)
-    round_timeout: float | None = Field(default=None, gt=0)  # seconds
-    # score the global model every `eval_every` rounds (the last round always)
+    """splitfed: average the devices' adapters every this many steps."""
+    round_timeout: float | None = Field(default=None, gt=0)
+    """Seconds the server waits for a round's clients (unset: no limit)."""
     eval_every: int = Field(default=1, ge=1)
-    # where a client's training data comes from: "partition": its share of the task's
-    # training data, cut by `partition` (simulation, inline, loopback deployment);
-    # "node": all of its own data (a SuperNode's `data-path` node config, a splitfed
-    # device's `--data`); the server then reads no training data. Deployment to a
-    # SuperLink of yours (`runtime.superlink`) always uses "node".
+    """Score the global model every this many rounds (the last round always)."""
     client_data: Literal["partition", "node"] = "partition"
-    # Heterogeneous devices. Client k is device k mod len(list) of `client_ranks` (each
-    # client's LoRA rank, fedlora) or of `devices` (`DeviceProfile`s). `fleet`: a TOML
-    # file of `[[device]]` tables, read into `devices` when the config is loaded (the
-    # resolved config carries the devices, so clients never need the file).
+    """Where a client's training data comes from: partition (its share of the task's
+    data, cut by `partition`) | node (all of its own data: a SuperNode's data-path, a
+    splitfed device's --data; the server then reads no training data). Deployment to a
+    SuperLink of yours (runtime.superlink) always uses node."""
     client_ranks: list[Annotated[int, Field(ge=1)]] | None = Field(default=None, min_length=1)
+    """fedlora: each client's LoRA rank; client k has rank client_ranks[k mod len] (unset:
+    all model.lora.r)."""
     fleet: str | None = None
+    """A TOML file of [[device]] tables, read into `devices` when the config is loaded."""
     devices: list[DeviceProfile] = Field(default_factory=list)
-    # how fedlora aggregates adapters of different ranks: "zero_pad" (HetLoRA: pad every
-    # update to the largest rank with zeros, average over all clients), "rank_wise" (each
-    # rank component averaged over the clients that hold it). See docs/federated.md.
+    """The fleet's devices: client k is device k mod len (an empty list: all alike)."""
     rank_aggregation: Literal["zero_pad", "rank_wise"] = "zero_pad"
+    """fedlora with several ranks: zero_pad (HetLoRA: pad every update to the largest
+    rank, average over all clients) | rank_wise (each rank component averaged over the
+    clients holding it). See docs/federated.md."""
     faults: FaultsConfig = Field(default_factory=FaultsConfig)
+    """Injected client failures, to test that rounds survive them (see [federated.faults])."""
 
     @model_validator(mode="after")
     def _timeouts_need_a_deadline(self) -> FederatedConfig:
@@ -314,21 +406,28 @@ class MemoryConfig(_Section):
     `checkpoint = true`, rewritten so on validation (the resolved config says what runs)."""
 
     backward: Literal["none", "random", "norm", "backrazor", "checkpoint"] = "none"
+    """Which activations are saved sparsely for backward: none (all, dense) | random |
+    norm | backrazor | checkpoint (shorthand for checkpoint = true)."""
     keep: float = Field(default=0.5, gt=0, le=1)
+    """The share of each saved activation kept (random, norm, backrazor)."""
     rescale: bool = True
+    """random / norm: rescale the kept values so the gradient stays unbiased."""
     norm: Literal["linf", "l1", "l2"] = "linf"
+    """norm: the norm that ranks what is kept: linf | l1 | l2."""
     ops: list[MemoryOp] = Field(default_factory=lambda: list(MEMORY_OPS))
-    # the training process's C allocator: "release" gives freed large blocks back to the
-    # OS at once (RSS follows the memory in use); "default" leaves glibc as it is;
-    # "jemalloc" runs the process on jemalloc returning freed pages at once (the cotune
-    # command restarts itself with it preloaded; needs libjemalloc installed)
+    """The operations whose saved activations are sparsified: linear, matmul, softmax,
+    layernorm, activation."""
     allocator: Literal["release", "default", "jemalloc"] = "release"
-    # measure where each step's peak RSS goes (summary.json: memory_breakdown)
+    """The training process's C allocator: release (freed large blocks go back to the OS
+    at once) | default (glibc as it is) | jemalloc (needs libjemalloc installed)."""
     report: bool = False
-    # the device's memory cap (MiB of RSS): measured before training (a short run in a
-    # process of its own), checked after every step; `--max-memory` on the CLI
+    """Measure where each step's peak RSS goes (summary.json: memory_breakdown)."""
     max_device_mib: float | None = Field(default=None, gt=0)
+    """The device's memory cap, MiB of RSS: measured before training, checked after every
+    step (--max-memory on the command line; unset: no cap)."""
     checkpoint: bool = False
+    """Recompute each transformer layer's forward during backward (activation
+    checkpointing), combinable with any `backward`."""
 
     @model_validator(mode="after")
     def _checkpoint_shorthand(self) -> MemoryConfig:
@@ -352,40 +451,57 @@ Tracker = Literal["tensorboard", "mlflow", "wandb"]
 
 
 class RuntimeConfig(_Section):
+    """Where and how the run executes: processes, links, trackers, outputs."""
+
     transport: Literal["inprocess", "grpc"] = "inprocess"
-    # where the cloud side computes: centralized training, the split/splitfed cloud,
-    # the federated server's model. "auto" picks the first CUDA GPU when there is one.
-    # Devices (split devices, federated clients) always compute on the CPU.
+    """Split methods: inprocess (the cloud in this process) | grpc (a cloud process,
+    on loopback unless `cloud` is given)."""
     device: str = Field(default="cpu", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
-    # experiment trackers fed with the records of metrics.jsonl and train.jsonl:
-    # "tensorboard" (RUN/tensorboard/), "mlflow" (MLFLOW_TRACKING_URI, else RUN/mlruns),
-    # "wandb" (WANDB_MODE, offline by default, files under RUN/wandb)
+    """Where the cloud side computes (centralized training, the split/splitfed cloud, the
+    federated server's model): auto (the first CUDA GPU if any, else cpu) | cpu | cuda |
+    cuda:N. Devices (split devices, federated clients) always compute on the CPU."""
     loggers: list[Tracker] = Field(default_factory=list)
-    # federated: "simulation" (Flower's Ray engine), "deployment" (SuperLink + SuperNodes),
-    # "inline" (the clients one after another in this process, no Ray: least overhead)
+    """Experiment trackers fed with metrics.jsonl and train.jsonl: tensorboard
+    (RUN/tensorboard/) | mlflow (MLFLOW_TRACKING_URI, else RUN/mlruns) | wandb (WANDB_MODE,
+    offline by default)."""
     engine: Literal["simulation", "deployment", "inline"] = "simulation"
+    """Federated: simulation (Flower's Ray engine) | deployment (SuperLink + SuperNodes) |
+    inline (the clients one after another in this process, no Ray: least overhead)."""
     checkpoint: bool = True
-    # write RUN_DIR/model/ (the trained model for transformers / peft) when the run ends;
-    # `cotune export RUN_DIR` writes it later from the saved weights
+    """Federated: save a checkpoint after every round (for `cotune run --resume`)."""
     export: bool = True
-    # split methods over gRPC (see docs/split.md). `cloud`: address (host:port) of a
-    # running `cotune cloud`; None with transport="grpc" starts one on loopback.
+    """Write RUN_DIR/model/ (the trained model for transformers / peft) when the run ends;
+    `cotune export RUN_DIR` writes it later from the saved weights."""
     cloud: str | None = None
+    """Split methods over gRPC: the address (host:port) of a running `cotune cloud`
+    (unset with transport = "grpc": one is started on loopback)."""
     device_id: int = Field(default=0, ge=0)
-    tokens: str | None = None  # token file: one "<device id> <token>" line per device
-    tls_cert: str | None = None  # cloud: PEM certificate (with tls_key) turns TLS on
+    """Split device: this device's id in the token file."""
+    tokens: str | None = None
+    """The token file: one "<device id> <token>" line per device (a remote cloud and its
+    devices need it; a loopback cloud makes its own)."""
+    tls_cert: str | None = None
+    """Cloud: PEM certificate (with tls_key) turns TLS on."""
     tls_key: str | None = None
-    tls_ca: str | None = None  # device: PEM certificate/CA to trust (turns TLS on)
-    tls_server_name: str | None = None  # device: name to check in the cloud's certificate
+    """Cloud: the PEM private key of tls_cert."""
+    tls_ca: str | None = None
+    """Device: the PEM certificate / CA to trust (turns TLS on)."""
+    tls_server_name: str | None = None
+    """Device: the name to check in the cloud's certificate (unset: gRPC's default, the
+    address's host)."""
     max_message_mb: float = Field(default=64.0, gt=0)
-    timeout_s: float = Field(default=600.0, gt=0)  # device: longest wait for an answer
-    connect_timeout_s: float = Field(default=120.0, gt=0)  # device: wait for the cloud to be up
-    reconnect: int = Field(default=3, ge=0)  # device: reconnection attempts after a drop
-    # federated, simulation engine: clients training at once (None: one per CPU core)
+    """The largest gRPC message, MB."""
+    timeout_s: float = Field(default=600.0, gt=0)
+    """Device: the longest wait for an answer, seconds."""
+    connect_timeout_s: float = Field(default=120.0, gt=0)
+    """Device: how long to wait for the cloud to be up, seconds."""
+    reconnect: int = Field(default=3, ge=0)
+    """Device: reconnection attempts after a dropped link."""
     parallel_clients: int | None = Field(default=None, ge=1)
-    # federated, deployment engine: address (host:port) of a SuperLink started by the
-    # user; None starts a SuperLink and federated.clients SuperNodes on loopback
+    """Federated, simulation engine: clients training at once (unset: one per CPU core)."""
     superlink: str | None = None
+    """Federated, deployment engine: the address (host:port) of a SuperLink you started
+    (unset: a SuperLink and federated.clients SuperNodes are started on loopback)."""
 
 
 class PrivacyConfig(_Section):
@@ -395,49 +511,80 @@ class PrivacyConfig(_Section):
     training spends `epsilon` at `delta` per training example (see docs/privacy.md for
     what this covers and what it does not)."""
 
-    epsilon: float | None = Field(default=None, gt=0)  # None: off
+    epsilon: float | None = Field(default=None, gt=0)
+    """The privacy budget spent over the whole training, per training example (unset: no
+    noise)."""
     delta: float = Field(default=1e-5, gt=0, lt=1)
-    clip: float = Field(default=1.0, gt=0)  # L2 bound of each token row that crosses
-    accountant: Literal["rdp", "prv"] = "rdp"  # Opacus's RDP or PRV accountant
-    # None: the noise comes from the OS's randomness. A fixed seed makes runs repeatable
-    # but whoever knows it can subtract the noise: for experiments only.
+    """The delta of (epsilon, delta)-DP (well below 1 / the number of training examples)."""
+    clip: float = Field(default=1.0, gt=0)
+    """The L2 bound each token row of the cut is clipped to before the noise."""
+    accountant: Literal["rdp", "prv"] = "rdp"
+    """Opacus's RDP or PRV accountant, to set the noise from epsilon and delta."""
     noise_seed: int | None = None
+    """Unset: the noise comes from the OS's randomness. A fixed seed makes runs repeatable,
+    but whoever knows it can subtract the noise: for experiments only."""
 
 
 class GenerationConfig(_Section):
     """Decoding for generation tasks (e2e): beam search and the metrics to report."""
 
     num_beams: int = Field(default=4, ge=1)
+    """Beam width (1: greedy)."""
     length_penalty: float = 0.8
+    """Beam search's length penalty exponent."""
     no_repeat_ngram_size: int = Field(default=4, ge=0)
+    """No n-gram of this size is generated twice (0: no limit)."""
     max_new_tokens: int = Field(default=64, ge=1)
+    """The longest generated text, in tokens."""
     batch_size: int = Field(default=8, ge=1)
+    """Prompts decoded at once."""
     metrics: list[GenerationMetric] = Field(default_factory=lambda: list(GENERATION_METRICS))
+    """The metrics reported: bleu, nist, meteor, rouge_l, cider."""
 
 
 class KDConfig(_Section):
-    # None: fedkd fills in the kind's default teacher (minilm for text, dinov2-small for images)
+    """fedkd: the server-side teacher and the mutual distillation."""
+
     teacher: str | None = None
+    """The server's teacher model (unset: minilm for text, dinov2-small for images)."""
     teacher_lora: LoraConfig | None = None
+    """LoRA for the teacher, e.g. { r = 8 } (unset: full fine-tuning)."""
     public_fraction: float = Field(default=0.2, gt=0, lt=1)
+    """The share of the training data held by the server as public distillation data."""
     temperature: float = Field(default=2.0, gt=0)
+    """The distillation temperature."""
     server_epochs: float = Field(default=1.0, gt=0)
+    """Passes over the public data per round of distillation."""
     server_steps: int | None = Field(default=None, ge=1)
-    teacher_lr: float | None = Field(default=None, gt=0)  # None: 5e-5 full, 2e-3 LoRA teacher
+    """Distillation steps per round (overrides server_epochs when set)."""
+    teacher_lr: float | None = Field(default=None, gt=0)
+    """The teacher's learning rate (unset: 5e-5 full, 2e-3 LoRA)."""
 
 
 class ProxyConfig(_Section):
+    """fedpft: the proxy model the devices fine-tune (docs/fedpft.md)."""
+
     kind: Literal["neuron", "layer_drop"] = "neuron"
-    keep_layers: list[int] | None = None  # None: first and last
-    ffn_keep: float = Field(default=0.25, gt=0)  # fraction (<= 1) or count (> 1)
+    """The proxy: neuron (FFN neurons pruned, layers kept) or layer_drop (only keep_layers
+    kept)."""
+    keep_layers: list[int] | None = None
+    """layer_drop: the layers kept (unset: the first and the last)."""
+    ffn_keep: float = Field(default=0.25, gt=0)
+    """neuron: the FFN neurons kept per layer, a fraction (<= 1) or a count (> 1)."""
     align_every: int = Field(default=10, ge=1)
+    """Re-align the proxy with the full model every this many rounds."""
     align_keep: float = Field(default=0.5, ge=0, le=1)
-    align_steps: int = Field(default=200, ge=0)  # layer-level alignment before FL
-    realign_steps: int = Field(default=50, ge=0)  # neuron-level alignment, every align_every
+    """At each re-alignment the least-used 1 - align_keep of each compressed layer's
+    neurons are re-aligned."""
+    align_steps: int = Field(default=200, ge=0)
+    """Layer-level alignment steps before federated training."""
+    realign_steps: int = Field(default=50, ge=0)
+    """Neuron-level alignment steps, every align_every rounds."""
     align_lr: float = Field(default=3e-4, gt=0)
-    # the cloud's public data (a task name; labels unused). None: fedpft fills in the
-    # default of the task's modality (bbc-news for text, digits for images)
+    """The alignment's learning rate."""
     public_corpus: str | None = None
+    """The cloud's public data, a task name, labels unused (unset: bbc-news for text,
+    digits for images)."""
 
     @field_validator("ffn_keep")
     @classmethod
@@ -452,8 +599,11 @@ class Config(_Section):
     checks the method-specific rules and reads the optional sections it declares."""
 
     name: str = "run"
+    """The run's name: the default run folder is runs/<timestamp>-<name>."""
     method: str = Field(default="centralized", min_length=1)
+    """centralized | split | splitfed | fedavg | fedlora | fedkd | fedpft (`cotune methods`)."""
     seed: int = 0
+    """Seeds the model's new weights, the data order and subsamples, the partitions."""
     task: TaskConfig = Field(default_factory=TaskConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
