@@ -282,6 +282,12 @@ class RuntimeConfig(_Section):
     tls_ca: str | None = None  # device: PEM certificate/CA to trust (turns TLS on)
     tls_server_name: str | None = None  # device: name to check in the cloud's certificate
     max_message_mb: float = Field(default=64.0, gt=0)
+    # cloud: per-device limits, enforced before a message is parsed (docs/security.md):
+    # open streams, messages a second (bursts of twice as many), and how long a stream
+    # may go without delivering a whole message before it is cut
+    max_streams_per_device: int = Field(default=2, ge=1)
+    max_messages_per_s: float = Field(default=200.0, gt=0)
+    stream_idle_s: float = Field(default=900.0, gt=0)
     timeout_s: float = Field(default=600.0, gt=0)  # device: longest wait for an answer
     connect_timeout_s: float = Field(default=120.0, gt=0)  # device: wait for the cloud to be up
     reconnect: int = Field(default=3, ge=0)  # device: reconnection attempts after a drop

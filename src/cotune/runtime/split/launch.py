@@ -31,7 +31,7 @@ from safetensors.torch import load_file
 
 from cotune.config import Config, to_toml
 from cotune.errors import ConfigError, UserError
-from cotune.link.auth import TokenBook, write_token_file
+from cotune.link.auth import TokenBook, read_device_token, write_token_file
 from cotune.link.grpc_transport import GrpcTransport, TlsFiles
 from cotune.link.service import CloudEndpoint
 from cotune.link.transport import InProcessTransport, Transport
@@ -66,13 +66,7 @@ def device_token(cfg: Config) -> str:
             "runtime.tokens: a device needs the token file its cloud was given "
             "(one '<device id> <token>' line per device; only its own line is needed)"
         )
-    book = TokenBook.load(cfg.runtime.tokens)
-    if cfg.runtime.device_id not in book:
-        raise ConfigError(
-            f"runtime.tokens: {cfg.runtime.tokens!r} has no token for device "
-            f"{cfg.runtime.device_id}; it lists devices {book.device_ids()}"
-        )
-    return book.token(cfg.runtime.device_id)
+    return read_device_token(cfg.runtime.tokens, cfg.runtime.device_id)
 
 
 def grpc_connector(cfg: Config, address: str, token: str, device_id: int | None = None) -> Connect:
