@@ -13,7 +13,9 @@ device 1 is malicious and, in every attack phase, at once
 
 Phases alternate (quiet, attack, quiet, attack, ...) so that load drift on a shared
 machine hits both alike; the attacker runs in its own process at a lower priority
-(`nice`), standing in for a device on its own hardware. Reported: the honest device's
+(`nice 19`), standing in for a device on its own hardware. Every honest step taken
+while the attacker runs its round (from after its imports until it exits, ~10 s: the
+stall is cut after `stream_idle_s`) is timed as an attack step. Reported: the honest device's
 median step time in each kind of phase and their ratio (target <= 1.2), the cloud's
 peak resident memory (VmHWM) before and after the attacks, and what the attacker saw.
 
@@ -30,6 +32,7 @@ import argparse
 import json
 import os
 import platform
+import select
 import socket
 import statistics
 import struct
@@ -211,7 +214,9 @@ def stall_mid_message(
         sock.close()
 
 
-def attack(address: str, tokens: dict[int, str], streams: int = 50) -> dict[str, Any]:
+def attack(
+    address: str, tokens: dict[int, str], streams: int = 50, stall_wait_s: float = 20.0
+) -> dict[str, Any]:
     """Everything at once, by malicious devices with valid tokens: the first opens the
     streams, the next ones send the oversized message, stall, and flood."""
     (d1, t1), (d2, t2), (d3, t3), (d4, t4) = list(tokens.items())[:4]
@@ -228,7 +233,7 @@ def attack(address: str, tokens: dict[int, str], streams: int = 50) -> dict[str,
         run("bogus_token_streams", hold_streams, address, d1, "x" * 32, streams, 6.0),
         run("oversized", send_oversized, address, d2, t2, 256 << 20),
         run("stall_cut_after_s", stall_mid_message, host, int(port), d3, t3, 1 << 20, 1024,
-            10.0),
+            stall_wait_s),
         run("flood", flood, address, d4, t4, 5000),
     ]  # fmt: skip
     for t in threads:
@@ -302,16 +307,20 @@ CONFIG: dict[str, Any] = {
     "train": {"steps": 10_000, "batch_size": 8, "max_seq_len": 64, "threads": 1},
     "split": {"cut": 2, "labels": "cloud"},
     "runtime": {
-        "connect_timeout_s": 900, "max_message_mb": 16, "stream_idle_s": 3.0,
+        "connect_timeout_s": 900, "max_message_mb": 16, "stream_idle_s": 10.0,
         "max_messages_per_s": 200,
     },
 }  # fmt: skip
 
 
 def _attacker(address: str, tokens: str, out: str) -> None:
-    os.nice(10)
+    """One attack round, from the "go" line on stdin (after the imports)."""
+    os.nice(19)
     book = {int(k): v for k, v in json.loads(tokens).items()}
-    Path(out).write_text(json.dumps(attack(address, book)))
+    print("ready", flush=True)
+    sys.stdin.readline()
+    rounds = [attack(address, book)]
+    Path(out).write_text(json.dumps(rounds))
 
 
 def main() -> int:
@@ -319,8 +328,9 @@ def main() -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("--phases", type=int, default=3, help="quiet/attack phase pairs")
-    p.add_argument("--steps", type=int, default=20, help="honest steps per phase")
+    p.add_argument("--steps", type=int, default=40, help="honest steps per quiet phase")
     p.add_argument("--out", default=str(RESULTS / "link_abuse.json"))
+    p.add_argument("--workdir", help="where the cloud's log and config go (default: /tmp)")
     p.add_argument("--echo-cloud", action="store_true", help=argparse.SUPPRESS)
     p.add_argument(
         "--attack", nargs=3, metavar=("ADDRESS", "TOKENS", "OUT"), help=argparse.SUPPRESS
@@ -365,7 +375,7 @@ def run_benchmark(args: argparse.Namespace) -> int:
     while len(batches) < total:
         batches.extend(b for _, b in zip(range(total - len(batches)), loader, strict=False))
 
-    with tempfile.TemporaryDirectory(prefix="cotune-abuse-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="cotune-abuse-", dir=args.workdir) as tmp:
         folder = Path(tmp)
         tokens = write_token_file(folder / "tokens", [0, 1, 2, 3, 4])
         cloud_cfg = cfg.model_copy(deep=True)
@@ -386,51 +396,57 @@ def run_benchmark(args: argparse.Namespace) -> int:
                 cfg, split, codec, grpc_connector(cfg, address, tokens[0], 0)(),
                 num_labels=task.num_labels, problem=task.kind,
             )  # fmt: skip
-            dev.connect(total)
+            dev.connect(cfg.train.steps)  # the LR schedule: longer than the benchmark
             for b in batches[:4]:  # warm-up
                 dev.train_step(b)
-            step = 4
             times: dict[str, list[float]] = {"quiet": [], "attack": []}
             seen: list[dict[str, Any]] = []
             rss_before = peak_rss_kb(cloud.pid)
             load_before = os.getloadavg()
+            counter = [4]
+
+            def step_once() -> float:
+                t0 = time.perf_counter()
+                dev.train_step(batches[counter[0] % len(batches)])
+                counter[0] += 1
+                return time.perf_counter() - t0
+
             for phase in range(args.phases):
-                for kind in ("quiet", "attack"):
-                    attacker = None
-                    if kind == "attack":
-                        report = folder / f"attack-{phase}.json"
-                        attacker = subprocess.Popen(
-                            [
-                                sys.executable,
-                                __file__,
-                                "--attack",
-                                address,
-                                json.dumps({d: tokens[d] for d in (1, 2, 3, 4)}),
-                                str(report),
-                            ]
-                        )
-                        time.sleep(1.0)  # the attack under way
-                    for b in batches[step : step + args.steps]:
-                        t0 = time.perf_counter()
-                        dev.train_step(b)
-                        times[kind].append(time.perf_counter() - t0)
-                    step += args.steps
-                    if attacker is not None:
-                        attacker.wait(120)
-                        seen.append(json.loads(report.read_text()))
+                for _ in range(args.steps):  # quiet
+                    times["quiet"].append(step_once())
+                report = folder / f"attack-{phase}.json"
+                attacker = subprocess.Popen(
+                    [sys.executable, __file__, "--attack", address,
+                     json.dumps({d: tokens[d] for d in (1, 2, 3, 4)}), str(report)],
+                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                )  # fmt: skip
+                assert attacker.stdin is not None and attacker.stdout is not None
+                while not select.select([attacker.stdout], [], [], 0)[0]:
+                    step_once()  # untimed: the attacker's process is still importing
+                attacker.stdout.readline()
+                attacker.stdin.write("go\n")
+                attacker.stdin.close()  # one attack round
+                while attacker.poll() is None:  # timed: every step while it attacks
+                    times["attack"].append(step_once())
+                seen.extend(json.loads(report.read_text()))
                 print(
                     f"phase {phase + 1}: "
                     + ", ".join(
-                        f"{k} {statistics.median(v) * 1e3:.1f} ms" for k, v in times.items()
+                        f"{k} {statistics.median(v) * 1e3:.1f} ms ({len(v)})"
+                        for k, v in times.items()
                     ),
                     flush=True,
                 )
             rss_after = peak_rss_kb(cloud.pid)
             load_after = os.getloadavg()
             dev.transport.close()
+        except BaseException:
+            log.flush()
+            print("the cloud's log ends:\n" + (folder / "cloud.log").read_text()[-3000:])
+            raise
         finally:
             cloud.terminate()
-            cloud.wait(60)
+            cloud.wait(120)
             log.close()
     med = {k: statistics.median(v) for k, v in times.items()}
     result = {
@@ -442,7 +458,7 @@ def run_benchmark(args: argparse.Namespace) -> int:
             },
             "max_streams_per_device": cfg.runtime.max_streams_per_device,
             "phases": args.phases,
-            "steps_per_phase": args.steps,
+            "quiet_steps_per_phase": args.steps,
             "attack": "50 streams with the device's token, 50 with bogus tokens, one 256 MB "
             "message, one message stalled after 1 kB of 1 MB, a flood of 5000 messages",
         },  # fmt: skip

@@ -296,6 +296,10 @@ class RuntimeConfig(_Section):
     # federated, deployment engine: address (host:port) of a SuperLink started by the
     # user; None starts a SuperLink and federated.clients SuperNodes on loopback
     superlink: str | None = None
+    # opt out of TLS and authentication (docs/security.md): the loopback federation
+    # runs without TLS and SuperNode authentication, `flwr run` submits in clear, and a
+    # split cloud / device may use a non-loopback address without TLS. Warned about.
+    insecure: bool = False
 
 
 class GenerationConfig(_Section):

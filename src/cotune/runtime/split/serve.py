@@ -21,7 +21,7 @@ from safetensors.torch import save_file
 from cotune.config import Config
 from cotune.errors import ConfigError
 from cotune.link.auth import TokenBook
-from cotune.link.grpc_transport import TlsFiles, start_server
+from cotune.link.grpc_transport import TlsFiles, is_loopback, start_server
 from cotune.link.guard import Limits, StreamGuard
 from cotune.link.service import CloudEndpoint
 from cotune.methods import SplitSpec, get_spec, method_names, resolve
@@ -62,6 +62,15 @@ class CloudServer:
         self.tls = None
         if rt.tls_cert or rt.tls_key:
             self.tls = TlsFiles(cert=rt.tls_cert, key=rt.tls_key)
+        elif not is_loopback(listen):
+            if not rt.insecure:
+                raise ConfigError(
+                    f"--listen {listen}: a cloud other machines reach serves TLS; set "
+                    "runtime.tls_cert and runtime.tls_key (`cotune keys init KEYS --host "
+                    "NAME` writes KEYS/server.crt and KEYS/server.key; devices trust "
+                    "KEYS/ca.crt), or runtime.insecure=true to serve in clear"
+                )
+            log.warning("runtime.insecure: serving %s without TLS", listen)
         resolve(cfg)
         seed_everything(cfg.seed)
         set_threads(cfg.train)
