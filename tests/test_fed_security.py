@@ -38,8 +38,9 @@ def test_keys_init_and_add_node(tmp_path: Path, capsys: pytest.CaptureFixture[st
     server = x509.load_pem_x509_certificate(keys.server_cert.read_bytes())
     server.verify_directly_issued_by(ca)  # raises if the CA did not sign it
     san = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    assert san.get_values_for_type(x509.DNSName) == ["cloud.example.org"]
-    assert [str(a) for a in san.get_values_for_type(x509.IPAddress)] == ["10.0.0.5"]
+    assert san.get_values_for_type(x509.DNSName) == ["cloud.example.org", "localhost"]
+    ips = [str(a) for a in san.get_values_for_type(x509.IPAddress)]
+    assert ips == ["10.0.0.5", "127.0.0.1", "::1"]
     assert ca.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
     for private in (keys.ca_key, keys.server_key, keys.node_key("clinic-a")):
         assert _mode(private) == 0o600, private

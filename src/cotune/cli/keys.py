@@ -18,7 +18,9 @@ def cmd_keys(args: argparse.Namespace) -> int:
     from cotune.runtime.federated.credentials import KeyFolder, add_node, init_keys
 
     if args.keys_command == "init":
-        names = args.node or [f"node-{i}" for i in range(args.nodes)]
+        names = args.node or [f"node-{i}" for i in range(args.nodes or 0)]
+        if not names and args.nodes is None and not KeyFolder(Path(args.folder)).node_names():
+            names = ["node-0", "node-1"]  # a new folder; a re-issued one keeps its nodes' keys
         keys = init_keys(
             args.folder, hosts=args.host or None, nodes=names,
             ca_cert=args.ca_cert, ca_key=args.ca_key, force=args.force,
@@ -50,10 +52,14 @@ def add_keys_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentPa
     q.add_argument("folder", metavar="FOLDER", help="where the keys go (made private, 0700)")
     q.add_argument(
         "--host", action="append", default=[], metavar="NAME",
-        help="a DNS name or IP address the server is reached at (repeatable; default "
-        "localhost, 127.0.0.1, ::1)",
+        help="a DNS name or IP address the server is reached at (repeatable; localhost, "
+        "127.0.0.1 and ::1 are always included)",
     )  # fmt: skip
-    q.add_argument("--nodes", type=int, default=2, help="node key pairs node-0, node-1, ...")
+    q.add_argument(
+        "--nodes", type=int, metavar="N",
+        help="node key pairs node-0 ... node-(N-1) (default 2 in a new folder, none when "
+        "FOLDER has node keys: re-issuing the certificates keeps them)",
+    )  # fmt: skip
     q.add_argument("--node", action="append", default=[], metavar="NAME",
                    help="a node key pair by name (repeatable; replaces --nodes)")  # fmt: skip
     q.add_argument("--ca-cert", metavar="PEM", help="use this CA certificate (with --ca-key)")

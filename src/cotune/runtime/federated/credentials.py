@@ -219,9 +219,8 @@ def init_keys(
     ca_key: str | Path | None = None,
     force: bool = False,
 ) -> KeyFolder:
-    """A key folder: a CA (new, or the given `ca_cert` + `ca_key`), a SuperLink
-    certificate for `hosts` (default localhost and the loopback addresses) and a key
-    pair per name in `nodes`."""
+    """A key folder: a CA (new, or the given `ca_cert` + `ca_key`), a server certificate
+    for `hosts` and the loopback names, and a key pair per name in `nodes`."""
     keys = KeyFolder(Path(root))
     if keys.ca_key.exists() and not force:
         raise ConfigError(
@@ -247,7 +246,8 @@ def init_keys(
             ) from None
     else:
         make_ca(keys)
-    make_server_cert(keys, list(hosts or DEFAULT_HOSTS))
+    # the loopback names too: `flwr` on the server's own machine reaches it at 127.0.0.1
+    make_server_cert(keys, list(dict.fromkeys([*(hosts or []), *DEFAULT_HOSTS])))
     for name in nodes or []:
         add_node(keys, name, force=force)
     return keys
