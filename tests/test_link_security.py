@@ -71,13 +71,13 @@ def test_token_book_keeps_keyed_hashes_only() -> None:
 @pytest.fixture()
 def echo_cloud(tmp_path: Path) -> Iterator[dict[str, Any]]:
     """A cloud process (trivial service, the real transport and guard): 4 MB messages,
-    a stream cut after 1 s without a whole message, 200 messages/s per device."""
+    a stream cut after 3 s without a whole message, 200 messages/s per device."""
     tokens = write_token_file(tmp_path / "tokens", [0, 1, 2, 3, 4])
     port_file = tmp_path / "port"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     proc = subprocess.Popen(
         [sys.executable, abuse.__file__, "--echo-cloud", "--tokens", str(tmp_path / "tokens"),
-         "--port-file", str(port_file), "--max-message-mb", "4", "--idle-s", "1"],
+         "--port-file", str(port_file), "--max-message-mb", "4", "--idle-s", "3"],
         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env,
     )  # fmt: skip
     try:
@@ -113,7 +113,7 @@ def test_many_streams_flood_and_stall_are_cut_off_while_an_honest_device_goes_on
     address, tokens = echo_cloud["address"], echo_cloud["tokens"]
     seen = abuse.attack(address, {d: tokens[d] for d in (1, 2, 3, 4)}, streams=50)
     own = seen["own_token_streams"]
-    # at most 2 open at a time per device (a slot frees when an idle one is cut after 1 s)
+    # at most 2 open at a time per device (a slot frees when an idle one is cut after 3 s)
     refused, cut = own.get("RESOURCE_EXHAUSTED", 0), own.get("CANCELLED", 0)
     assert refused + cut == 50 and refused >= 40 and cut >= 2, own
     bogus = seen["bogus_token_streams"]
@@ -124,7 +124,7 @@ def test_many_streams_flood_and_stall_are_cut_off_while_an_honest_device_goes_on
     assert seen["oversized"] == "RESOURCE_EXHAUSTED"
     code, answered = seen["flood"]
     assert code == "RESOURCE_EXHAUSTED" and answered < 5000
-    assert seen["stall_cut_after_s"] is not None and seen["stall_cut_after_s"] < 5
+    assert seen["stall_cut_after_s"] is not None and 2.5 < seen["stall_cut_after_s"] < 10
     # an honest device is served right after, and the stalled streams were released
     assert abuse.flood(address, 0, tokens[0], 20) == ("OK", 20)
     assert abuse.flood(address, 1, tokens[1], 5) == ("OK", 5)
@@ -133,3 +133,16 @@ def test_many_streams_flood_and_stall_are_cut_off_while_an_honest_device_goes_on
     assert 30 <= counters["refused"] <= refused
     assert 40 <= counters["unauthenticated"] <= 50
     assert counters["stalled"] >= 3 and counters["rate_limited"] >= 1
+
+
+def test_cloud_off_loopback_needs_tls_unless_insecure(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    tokens = tmp_path / "tokens"
+    write_token_file(tokens, [0])
+    cfg = tmp_path / "split.toml"
+    cfg.write_text(to_toml(build_config({**CONFIG, "runtime": {"tokens": str(tokens)}})))
+    code = main(["cloud", "--config", str(cfg), "--listen", "0.0.0.0:0"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "runtime.tls_cert" in err and "cotune keys init" in err and "insecure" in err
