@@ -313,9 +313,9 @@ CONFIG: dict[str, Any] = {
 }  # fmt: skip
 
 
-def _attacker(address: str, tokens: str, out: str) -> None:
+def _attacker(address: str, tokens: str, out: str, niceness: int) -> None:
     """One attack round, from the "go" line on stdin (after the imports)."""
-    os.nice(19)
+    os.nice(niceness)
     book = {int(k): v for k, v in json.loads(tokens).items()}
     print("ready", flush=True)
     sys.stdin.readline()
@@ -330,6 +330,11 @@ def main() -> int:
     p.add_argument("--phases", type=int, default=3, help="quiet/attack phase pairs")
     p.add_argument("--steps", type=int, default=40, help="honest steps per quiet phase")
     p.add_argument("--out", default=str(RESULTS / "link_abuse.json"))
+    p.add_argument(
+        "--attacker-nice", type=int, default=19,
+        help="niceness of the attacker's process (19: it stands for another machine; 0: "
+        "it competes for this machine's cores like the cloud and the honest device)",
+    )  # fmt: skip
     p.add_argument("--workdir", help="where the cloud's log and config go (default: /tmp)")
     p.add_argument("--echo-cloud", action="store_true", help=argparse.SUPPRESS)
     p.add_argument(
@@ -346,7 +351,7 @@ def main() -> int:
         serve_echo(args.tokens, args.port_file, args.max_message_mb, limits)
         return 0
     if args.attack:
-        _attacker(*args.attack)
+        _attacker(*args.attack, niceness=args.attacker_nice)
         return 0
     return run_benchmark(args)
 
@@ -416,7 +421,8 @@ def run_benchmark(args: argparse.Namespace) -> int:
                     times["quiet"].append(step_once())
                 report = folder / f"attack-{phase}.json"
                 attacker = subprocess.Popen(
-                    [sys.executable, __file__, "--attack", address,
+                    [sys.executable, __file__, "--attacker-nice", str(args.attacker_nice),
+                     "--attack", address,
                      json.dumps({d: tokens[d] for d in (1, 2, 3, 4)}), str(report)],
                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
                 )  # fmt: skip
@@ -458,6 +464,7 @@ def run_benchmark(args: argparse.Namespace) -> int:
             },
             "max_streams_per_device": cfg.runtime.max_streams_per_device,
             "phases": args.phases,
+            "attacker_nice": args.attacker_nice,
             "quiet_steps_per_phase": args.steps,
             "attack": "50 streams with the device's token, 50 with bogus tokens, one 256 MB "
             "message, one message stalled after 1 kB of 1 MB, a flood of 5000 messages",
