@@ -146,3 +146,19 @@ def test_cloud_off_loopback_needs_tls_unless_insecure(
     err = capsys.readouterr().err
     assert code == 2
     assert "runtime.tls_cert" in err and "cotune keys init" in err and "insecure" in err
+
+
+def test_a_message_that_is_not_a_device_message_cuts_the_stream(
+    echo_cloud: dict[str, Any],
+) -> None:
+    import grpc
+
+    address, tokens = echo_cloud["address"], echo_cloud["tokens"]
+    channel = grpc.insecure_channel(address)
+    stub = channel.stream_stream(abuse.METHOD, request_serializer=None, response_deserializer=None)
+    with pytest.raises(grpc.RpcError) as err:
+        for _ in stub(iter([b"\xff\xff\xff"]), metadata=abuse._metadata(0, tokens[0])):
+            pass
+    channel.close()
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert abuse.flood(address, 0, tokens[0], 2) == ("OK", 2)  # the cloud goes on

@@ -153,9 +153,10 @@ def _decoded(requests, ticket: Ticket, meter: ByteMeter):  # type: ignore[no-unt
         meter.record(UP, data)
         ticket.message(len(data))
         try:
-            yield pb.DeviceMessage.FromString(data)
+            msg = pb.DeviceMessage.FromString(data)
         except DecodeError:
             raise MalformedMessage("the message is not a cotune DeviceMessage") from None
+        yield msg
 
 
 def _guarded(requests, device_id: int):  # type: ignore[no-untyped-def]
