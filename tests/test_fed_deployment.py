@@ -91,8 +91,9 @@ def test_two_fedlora_rounds_on_a_loopback_superlink(tmp_path: Path, capsys) -> N
     assert _processes_with_env(flwr_home) == []
 
 
-def _own_data_run(run_dir: Path, superlink: str, eval_file: Path) -> list[str]:
-    args = ["run", "--out", str(run_dir)]
+def _own_data_run(run_dir: Path, fed: LocalFederation, eval_file: Path) -> list[str]:
+    superlink = fed.address
+    args = ["run", "--out", str(run_dir), "--set", f"runtime.tls_ca={fed.root_certificates}"]
     for kv in (
         "method=fedlora", "model.name=tiny-bert", 'task.name="csv"',
         f"task.eval_file={eval_file}", "train.batch_size=4", "train.max_seq_len=16",
@@ -118,7 +119,7 @@ def test_three_supernodes_each_train_on_their_own_file(  # type: ignore[no-untyp
     with LocalFederation(tmp_path / "fed", 3, node_configs=nodes) as fed:
         _opened = []
         try:
-            code = main(_own_data_run(run_dir, fed.address, dev))
+            code = main(_own_data_run(run_dir, fed, dev))
         finally:
             parent, _opened = _opened, None
     assert code == 0, capsys.readouterr().err
@@ -165,7 +166,7 @@ def test_supernodes_without_usable_data_stop_the_run_with_status_2(  # type: ign
         {"data-path": str(wrong)},
     ]
     with LocalFederation(tmp_path / "fed", 3, node_configs=nodes) as fed:
-        code = main(_own_data_run(tmp_path / "run", fed.address, dev))
+        code = main(_own_data_run(tmp_path / "run", fed, dev))
     err = capsys.readouterr().err
     assert code == 2, err
     assert "3 SuperNode(s) cannot train on their own data" in err

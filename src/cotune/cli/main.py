@@ -10,6 +10,7 @@ import sys
 import warnings
 from collections.abc import Sequence
 
+from cotune.cli.keys import INSECURE_HELP, add_keys_parser
 from cotune.errors import UserError
 
 # cotune.training.loop.PROGRESS_ENV (not imported here: `cotune --help` stays torch-free)
@@ -61,7 +62,8 @@ def parse_memory_size(text: str) -> float:
 
 def _cap_sets(args: argparse.Namespace) -> list[str]:
     cap = getattr(args, "max_memory", None)
-    return [f"memory.max_device_mib={parse_memory_size(cap)}"] if cap else []
+    sets = [f"memory.max_device_mib={parse_memory_size(cap)}"] if cap else []
+    return sets + (["runtime.insecure=true"] if getattr(args, "insecure", False) else [])
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -284,7 +286,7 @@ def cmd_cloud(args: argparse.Namespace) -> int:
     from cotune.runtime.split.serve import serve_forever
 
     process_env()
-    cfg = load_experiment(args.config, args.set)
+    cfg = load_experiment(args.config, [*args.set, *_cap_sets(args)])
     ensure_process_allocator(cfg)
     return serve_forever(cfg, args.listen, out=args.out, port_file=args.port_file)
 
@@ -418,6 +420,7 @@ def build_parser() -> argparse.ArgumentParser:
         "across seeds; seeds already finished in DIR are not run again",
     )
     p.add_argument("--max-memory", metavar="SIZE", help=MAX_MEMORY_HELP)
+    p.add_argument("--insecure", action="store_true", help=INSECURE_HELP)
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser(
@@ -593,6 +596,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--out", help="folder for the cloud's trained tensors and byte counts (written on exit)"
     )
     p.add_argument("--port-file", help=argparse.SUPPRESS)
+    p.add_argument("--insecure", action="store_true", help=INSECURE_HELP)
     p.set_defaults(func=cmd_cloud)
 
     p = sub.add_parser(
@@ -614,8 +618,11 @@ def build_parser() -> argparse.ArgumentParser:
         "the ones the device's own --config names",
     )
     p.add_argument("--max-memory", metavar="SIZE", help=MAX_MEMORY_HELP)
+    p.add_argument("--insecure", action="store_true", help=INSECURE_HELP)
     p.add_argument("--out", help="run folder (default runs/<timestamp>-<name>)")
     p.set_defaults(func=cmd_device)
+
+    add_keys_parser(sub, common)
 
     return parser
 

@@ -491,6 +491,14 @@ class RuntimeConfig(_Section):
     address's host)."""
     max_message_mb: float = Field(default=64.0, gt=0)
     """The largest gRPC message, MB."""
+    max_streams_per_device: int = Field(default=2, ge=1)
+    """Cloud: open streams one device may hold; more are refused before a message is
+    parsed (docs/security.md)."""
+    max_messages_per_s: float = Field(default=200.0, gt=0)
+    """Cloud: messages a second one device may send (bursts of twice as many)."""
+    stream_idle_s: float = Field(default=900.0, gt=0)
+    """Cloud: how long a stream may go without delivering a whole message before it is
+    cut, seconds."""
     timeout_s: float = Field(default=600.0, gt=0)
     """Device: the longest wait for an answer, seconds."""
     connect_timeout_s: float = Field(default=120.0, gt=0)
@@ -502,6 +510,10 @@ class RuntimeConfig(_Section):
     superlink: str | None = None
     """Federated, deployment engine: the address (host:port) of a SuperLink you started
     (unset: a SuperLink and federated.clients SuperNodes are started on loopback)."""
+    insecure: bool = False
+    """Opt out of TLS and authentication (docs/security.md): the loopback federation runs
+    without TLS and SuperNode authentication, `flwr run` submits in clear, and a split
+    cloud / device may use a non-loopback address without TLS. Warned about."""
 
 
 class PrivacyConfig(_Section):

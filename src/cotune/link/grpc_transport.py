@@ -6,7 +6,8 @@ each stream runs in a worker thread, so many devices are served concurrently. Cl
 side, `GrpcTransport` is a device's stream. Both ends count bytes in their
 (de)serializers, i.e. the exact bytes handed to gRPC, plus gRPC's 5-byte message prefix
 (see `cotune.link.accounting`). Messages over `max_message_bytes` are refused by gRPC
-with RESOURCE_EXHAUSTED.
+with RESOURCE_EXHAUSTED, from their length prefix, before they are read; the server
+parses a message only after it is charged to its device (see `cotune.link.guard`).
 """
 
 from __future__ import annotations
@@ -15,17 +16,27 @@ import ipaddress
 import logging
 import queue
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from cotune.errors import ConfigError
 from cotune.link.accounting import DOWN, UP, ByteMeter, Tap
 from cotune.link.auth import call_metadata
 from cotune.link.emulation import EmulatedLink
-from cotune.link.errors import AuthError, LinkClosed, LinkError, error_for
+from cotune.link.errors import (
+    AuthError,
+    LinkClosed,
+    LinkError,
+    MalformedMessage,
+    TooLarge,
+    error_for,
+)
+from cotune.link.guard import StreamGuard, Ticket
 from cotune.link.proto import pb
 from cotune.link.service import CloudEndpoint
 from cotune.link.transport import DEFAULT_MAX_MESSAGE_BYTES, Transport
@@ -69,13 +80,13 @@ def start_server(
     tls: TlsFiles | None = None,
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
     max_workers: int = 16,
+    guard: StreamGuard | None = None,
 ) -> tuple[grpc.Server, int]:
     """Serve `endpoint` on `listen` ("HOST:PORT"; port 0 picks one). Returns the started
-    server and the bound port."""
+    server and the bound port. `guard` (default limits when None) admits each device's
+    streams and charges its messages before they are parsed."""
 
-    def deserialize(data: bytes) -> pb.DeviceMessage:
-        endpoint.meter.record(UP, data)
-        return pb.DeviceMessage.FromString(data)
+    guard = guard or StreamGuard()
 
     def serialize(msg: pb.CloudMessage) -> bytes:
         data = msg.SerializeToString()
@@ -89,13 +100,25 @@ def start_server(
             log.warning("refused a stream: %s (peer %s)", err.message, context.peer())
             context.abort(grpc.StatusCode.UNAUTHENTICATED, err.message)
             return
-        yield from endpoint.serve(device_id, _guarded(requests, device_id))
+        try:
+            ticket = guard.admit(device_id, context.cancel)
+        except TooLarge as err:
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, err.message)
+            return
+        try:
+            messages = _decoded(requests, ticket, endpoint.meter)
+            yield from endpoint.serve(device_id, _guarded(messages, device_id))
+        except LinkError as err:  # over its rate, or not a DeviceMessage: cut off
+            log.warning("device %s: %s (peer %s)", device_id, err.message, context.peer())
+            context.abort(getattr(grpc.StatusCode, err.code), err.message)
+        finally:
+            ticket.close()
 
     handler = grpc.method_handlers_generic_handler(
         SERVICE,
         {
             "Connect": grpc.stream_stream_rpc_method_handler(
-                connect, request_deserializer=deserialize, response_serializer=serialize
+                connect, request_deserializer=None, response_serializer=serialize
             )
         },
     )
@@ -118,6 +141,23 @@ def start_server(
         raise ConfigError(f"cannot listen on {listen!r} (address in use or invalid)")
     server.start()
     return server, port
+
+
+def _decoded(requests, ticket: Ticket, meter: ByteMeter):  # type: ignore[no-untyped-def]
+    """Raw messages -> `DeviceMessage`s: each is counted and charged to the device's
+    rate before it is parsed; the stall clock restarts whenever the next is awaited."""
+    while True:
+        ticket.last = time.monotonic()
+        data = next(requests, None)
+        if data is None:
+            return
+        meter.record(UP, data)
+        ticket.message(len(data))
+        try:
+            msg = pb.DeviceMessage.FromString(data)
+        except DecodeError:
+            raise MalformedMessage("the message is not a cotune DeviceMessage") from None
+        yield msg
 
 
 def _guarded(requests, device_id: int):  # type: ignore[no-untyped-def]

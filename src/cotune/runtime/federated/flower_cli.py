@@ -34,17 +34,46 @@ def flower_env(flwr_home: Path) -> dict[str, str]:
     return child_env({"FLWR_HOME": str(flwr_home)})
 
 
-def write_connection(flwr_home: Path, address: str, root_certificates: str | None = None) -> None:
+def write_connection(
+    flwr_home: Path, address: str, root_certificates: str | None = None, insecure: bool = False
+) -> None:
     """The Flower CLI config naming the SuperLink `flwr run` submits to: TLS verified
-    against `root_certificates` (a PEM file) when given, plain otherwise."""
+    against `root_certificates` (a PEM file) when given, else against the system's
+    roots; plain only when `insecure`."""
     flwr_home.mkdir(parents=True, exist_ok=True)
     lines = ["[superlink]", f'default = "{CONNECTION}"', "", f"[superlink.{CONNECTION}]"]
     lines.append(f"address = {json.dumps(address)}")
-    if root_certificates:
-        lines.append(f"root-certificates = {json.dumps(str(Path(root_certificates).resolve()))}")
-    else:
+    if insecure:
         lines.append("insecure = true")
+    elif root_certificates:
+        lines.append(f"root-certificates = {json.dumps(str(Path(root_certificates).resolve()))}")
     (flwr_home / "config.toml").write_text("\n".join(lines) + "\n")
+
+
+def _flwr(flwr_home: Path, *args: str) -> dict[str, object]:
+    """A `flwr ... --format json` command against the connection in `flwr_home`."""
+    proc = subprocess.run(
+        [console_script("flwr"), *args, CONNECTION, "--format", "json"],
+        env=flower_env(flwr_home), capture_output=True, text=True, timeout=SUBMIT_TIMEOUT,
+        check=False,
+    )  # fmt: skip
+    try:
+        answer = json.loads(proc.stdout[proc.stdout.index("{") :])
+    except ValueError:
+        answer = {}
+    if proc.returncode != 0 or not answer.get("success"):
+        raise RuntimeError(f"flwr {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}")
+    return dict(answer)
+
+
+def register_node(flwr_home: Path, public_key: Path) -> int:
+    """Register a SuperNode's public key with the SuperLink; its Flower node id."""
+    return int(str(_flwr(flwr_home, "supernode", "register", str(public_key))["node-id"]))
+
+
+def unregister_node(flwr_home: Path, node_id: int) -> None:
+    """Unregister a SuperNode: the SuperLink refuses it from then on."""
+    _flwr(flwr_home, "supernode", "unregister", str(node_id))
 
 
 def pairs(values: dict[str, Any]) -> str:

@@ -89,7 +89,8 @@ class LocalSimulation:
         )  # fmt: skip
         self.children.append(link)
         link.wait_for_port(LOOPBACK, self.port, START_TIMEOUT, "the Flower simulation SuperLink")
-        write_connection(self.flwr_home, self.address)
+        # the simulation SuperLink serves only this machine's loopback, in clear
+        write_connection(self.flwr_home, self.address, insecure=True)
         return self
 
     def problem(self) -> str | None:

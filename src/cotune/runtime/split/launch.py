@@ -31,9 +31,9 @@ from safetensors.torch import load_file
 
 from cotune.config import Config, to_toml
 from cotune.errors import ConfigError, UserError
-from cotune.link.auth import TokenBook, write_token_file
+from cotune.link.auth import TokenBook, read_device_token, write_token_file
 from cotune.link.emulation import EmulatedLink
-from cotune.link.grpc_transport import GrpcTransport, TlsFiles
+from cotune.link.grpc_transport import GrpcTransport, TlsFiles, is_loopback
 from cotune.link.service import CloudEndpoint
 from cotune.link.transport import InProcessTransport, Transport
 from cotune.methods import (
@@ -67,19 +67,15 @@ def device_token(cfg: Config) -> str:
             "runtime.tokens: a device needs the token file its cloud was given "
             "(one '<device id> <token>' line per device; only its own line is needed)"
         )
-    book = TokenBook.load(cfg.runtime.tokens)
-    if cfg.runtime.device_id not in book:
-        raise ConfigError(
-            f"runtime.tokens: {cfg.runtime.tokens!r} has no token for device "
-            f"{cfg.runtime.device_id}; it lists devices {book.device_ids()}"
-        )
-    return book.token(cfg.runtime.device_id)
+    return read_device_token(cfg.runtime.tokens, cfg.runtime.device_id)
 
 
 def grpc_connector(cfg: Config, address: str, token: str, device_id: int | None = None) -> Connect:
     """Connects device `device_id` (default `runtime.device_id`) to the cloud at `address`."""
     rt = cfg.runtime
-    tls = TlsFiles(ca=rt.tls_ca, server_name=rt.tls_server_name) if rt.tls_ca else None
+    tls = None  # plain on loopback, or when the user opted out
+    if rt.tls_ca or not (rt.insecure or is_loopback(address)):  # else the system's roots
+        tls = TlsFiles(ca=rt.tls_ca, server_name=rt.tls_server_name)
     device = rt.device_id if device_id is None else device_id
     network = device_link(cfg, device)
 

@@ -21,7 +21,8 @@ from safetensors.torch import save_file
 from cotune.config import Config
 from cotune.errors import ConfigError
 from cotune.link.auth import TokenBook
-from cotune.link.grpc_transport import TlsFiles, start_server
+from cotune.link.grpc_transport import TlsFiles, is_loopback, start_server
+from cotune.link.guard import Limits, StreamGuard
 from cotune.link.service import CloudEndpoint
 from cotune.methods import SplitSpec, get_spec, method_names, resolve
 from cotune.methods.spec import CloudService
@@ -61,6 +62,15 @@ class CloudServer:
         self.tls = None
         if rt.tls_cert or rt.tls_key:
             self.tls = TlsFiles(cert=rt.tls_cert, key=rt.tls_key)
+        elif not is_loopback(listen):
+            if not rt.insecure:
+                raise ConfigError(
+                    f"--listen {listen}: a cloud other machines reach serves TLS; set "
+                    "runtime.tls_cert and runtime.tls_key (`cotune keys init KEYS --host "
+                    "NAME` writes KEYS/server.crt and KEYS/server.key; devices trust "
+                    "KEYS/ca.crt), or runtime.insecure=true to serve in clear"
+                )
+            log.warning("runtime.insecure: serving %s without TLS", listen)
         resolve(cfg)
         seed_everything(cfg.seed)
         set_threads(cfg.train)
@@ -68,12 +78,21 @@ class CloudServer:
         self.tokens = tokens
         self.cloud = cloud_service(cfg)
         self.endpoint = CloudEndpoint(self.cloud, tokens)
+        self.guard = StreamGuard(
+            Limits(
+                max_streams_per_device=rt.max_streams_per_device,
+                messages_per_s=rt.max_messages_per_s,
+                burst=max(1, int(2 * rt.max_messages_per_s)),
+                idle_s=rt.stream_idle_s,
+            )
+        )
         self.server, self.port = start_server(
             self.endpoint,
             listen,
             tls=self.tls,
             max_message_bytes=int(rt.max_message_mb * 1024 * 1024),
-            max_workers=max(8, 2 * len(tokens.device_ids()) + 2),
+            max_workers=max(8, rt.max_streams_per_device * len(tokens.device_ids()) + 4),
+            guard=self.guard,
         )
         self.host = listen.rsplit(":", 1)[0]
 
@@ -83,12 +102,15 @@ class CloudServer:
 
     def stop(self, grace: float = 5.0) -> None:
         self.server.stop(grace).wait()
+        self.guard.stop()
 
     def summary(self) -> dict[str, Any]:
         return {
             "steps": self.cloud.steps,
             "trainable_params": self.cloud.trainable_count(),
-            "refused_streams": self.endpoint.refused,
+            "refused_streams": self.endpoint.refused + self.guard.refused_streams,
+            "stalled_streams": self.guard.stalled_streams,
+            "rate_limited": self.guard.rate_limited,
             **self.endpoint.meter.snapshot(),
         }
 
