@@ -117,10 +117,11 @@ def test_many_streams_flood_and_stall_are_cut_off_while_an_honest_device_goes_on
     refused, cut = own.get("RESOURCE_EXHAUSTED", 0), own.get("CANCELLED", 0)
     assert refused + cut == 50 and refused >= 40 and cut >= 2, own
     bogus = seen["bogus_token_streams"]
-    assert bogus.get("UNAUTHENTICATED", 0) >= 40 and set(bogus) <= {
-        "UNAUTHENTICATED",
-        "RESOURCE_EXHAUSTED",
-    }, bogus
+    # every bogus stream is refused: by the token check, or (on a slow machine, while
+    # the other attacks hold calls open) by gRPC's own cap on concurrent calls
+    assert sum(bogus.values()) == 50, bogus
+    assert set(bogus) <= {"UNAUTHENTICATED", "RESOURCE_EXHAUSTED"}, bogus
+    assert bogus.get("UNAUTHENTICATED", 0) >= 25, bogus
     assert seen["oversized"] == "RESOURCE_EXHAUSTED"
     code, answered = seen["flood"]
     assert code == "RESOURCE_EXHAUSTED" and answered < 5000
@@ -131,7 +132,7 @@ def test_many_streams_flood_and_stall_are_cut_off_while_an_honest_device_goes_on
     counters = _counters(echo_cloud["proc"])
     # (gRPC's own cap on concurrent calls may refuse a few before the guard sees them)
     assert 30 <= counters["refused"] <= refused
-    assert 40 <= counters["unauthenticated"] <= 50
+    assert bogus.get("UNAUTHENTICATED", 0) <= counters["unauthenticated"] <= 50
     assert counters["stalled"] >= 3 and counters["rate_limited"] >= 1
 
 
