@@ -44,7 +44,7 @@ _UNITS = {"": 1 / 2**20, "b": 1 / 2**20, "k": 1 / 1024, "kb": 1e3 / 2**20, "kib"
           "gib": 1024.0}  # fmt: skip
 
 
-def parse_memory_size(text: str) -> float:
+def parse_memory_size(text: str, flag: str = "--max-memory") -> float:
     """`1.5GiB`, `800MiB`, `2GB`, `900M` -> MiB (a bare number is bytes)."""
     import re
 
@@ -54,7 +54,7 @@ def parse_memory_size(text: str) -> float:
     unit = m.group(2).lower() if m else ""
     if m is None or unit not in _UNITS or float(m.group(1)) <= 0:
         raise UserError(
-            f"--max-memory {text!r}: give a positive size such as 1.5GiB, 800MiB, 2GB or 900M "
+            f"{flag} {text!r}: give a positive size such as 1.5GiB, 800MiB, 2GB or 900M "
             "(units B, K/KiB, KB, M/MiB, MB, G/GiB, GB)"
         )
     return float(m.group(1)) * _UNITS[unit]
@@ -335,6 +335,49 @@ def cmd_memory(args: argparse.Namespace) -> int:
 
     print(f"allocator: {read_summary(path).get('allocator', 'unknown')} (memory.allocator)")
     print(f"run folder: {path}")
+    return 0
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    import torch
+
+    from cotune.planner import PlanRequest, make_plan, network_from_args
+    from cotune.planner.speed import profile_gflops
+    from cotune.planner.table import format_plan, write_pick
+    from cotune.runtime.experiment import load_experiment
+
+    torch.set_num_threads(1)
+    network = None
+    if args.network or args.up_mbps is not None or args.down_mbps is not None:
+        network = network_from_args(args.network, args.up_mbps, args.down_mbps, args.latency_ms)
+    for name in ("gflops", "cloud_gflops"):
+        value = getattr(args, name)
+        if value is not None and not value > 0:
+            raise UserError(f"--{name.replace('_', '-')} must be positive, got {value:g}")
+    budget = parse_memory_size(args.memory, "--memory") if args.memory else None
+    if args.devices < 1:
+        raise UserError(f"--devices must be at least 1, got {args.devices}")
+    cfg = load_experiment(args.config, args.set)
+    gflops = args.gflops
+    if args.profile:
+        gflops = profile_gflops(cfg, cfg.train.batch_size, cfg.train.max_seq_len)
+        print(f"device compute: {gflops:.1f} GFLOP/s (one {cfg.model.name} layer, forward and "
+              f"backward, batch {cfg.train.batch_size} x {cfg.train.max_seq_len}, 1 thread)")  # fmt: skip
+        if budget is None and network is None:
+            return 0
+    if budget is None or network is None or gflops is None:
+        raise UserError(
+            "cotune plan needs --memory SIZE, a network (--network PROFILE, or --up-mbps and "
+            "--down-mbps) and the device's speed (--gflops G, or --profile on the device)"
+        )
+    req = PlanRequest(budget_mib=budget, gflops=gflops,
+                      cloud_gflops=args.cloud_gflops or 10 * gflops, network=network,
+                      devices=args.devices, max_cost=args.max_cost)  # fmt: skip
+    plan = make_plan(cfg, req)
+    print(format_plan(plan, top=args.top))
+    if args.write:
+        chosen = write_pick(plan, args.pick, args.write)
+        print(f"\nwrote {args.write}: #{args.pick}, {chosen.label}")
     return 0
 
 
@@ -621,6 +664,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--insecure", action="store_true", help=INSECURE_HELP)
     p.add_argument("--out", help="run folder (default runs/<timestamp>-<name>)")
     p.set_defaults(func=cmd_device)
+
+    p = sub.add_parser(
+        "plan", parents=[common],
+        help="rank configurations (method, cut, codec, LoRA, memory option) for a device",
+    )  # fmt: skip
+    p.add_argument("config", nargs="?", help="TOML config giving the model, task, batch and length")
+    p.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key"
+    )
+    p.add_argument("--memory", metavar="SIZE", help="the device's memory budget, e.g. 1GiB")
+    p.add_argument("--gflops", type=float, help="the device's measured speed, GFLOP/s")
+    p.add_argument("--profile", action="store_true",
+                   help="measure this machine's GFLOP/s (run it on the device)")  # fmt: skip
+    p.add_argument("--cloud-gflops", type=float, help="the cloud's speed (default 10x the device)")
+    p.add_argument("--network", metavar="PROFILE",
+                   help="datacenter | wifi | lte | constrained (explicit values override it)")  # fmt: skip
+    p.add_argument("--up-mbps", type=float, help="device -> cloud Mbit/s")
+    p.add_argument("--down-mbps", type=float, help="cloud -> device Mbit/s")
+    p.add_argument("--latency-ms", type=float, help="one-way latency, ms")
+    p.add_argument("--devices", type=int, default=1, help="devices training together")
+    p.add_argument("--max-cost", type=float, default=2.0,
+                   help="accuracy points above which a configuration ranks last")  # fmt: skip
+    p.add_argument("--top", type=int, default=15, help="ranked rows to print")
+    p.add_argument("--write", metavar="CONFIG", help="write the chosen configuration as TOML")
+    p.add_argument("--pick", type=int, default=1, help="which ranked row --write writes")
+    p.set_defaults(func=cmd_plan)
 
     add_keys_parser(sub, common)
 

@@ -1,0 +1,149 @@
+"""`cotune plan`'s predictions against real runs on this machine (issue 18, done-when 3).
+
+Ten planned configurations of minilm on BBC News (batch 4 x 64 tokens, every row full)
+are run for real with `cotune memory --steps N` (one process per row; split devices in
+their own process over loopback gRPC, so the peak is the device's): the device's peak
+RSS and the median step time against the planner's prediction. The planner's constants
+are fitted on the even-numbered rows (least squares) and checked on the odd-numbered
+ones; `src/cotune/planner/calibration.json` gets the fitted constants.
+
+Command: nice .venv/bin/python benchmarks/plan_check.py  (results:
+benchmarks/results/plan_check.json)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cotune.data.registry import load_task
+from cotune.link.network import PROFILES
+from cotune.planner.calibration import Calibration, load_calibration, save_calibration
+from cotune.planner.facts import FactFinder
+from cotune.planner.plan import Candidate, batch_shape, candidate_config
+from cotune.planner.predict import compute_s, peak_mib
+from cotune.planner.speed import profile_gflops
+from cotune.report import read_summary
+from cotune.runtime.experiment import load_experiment
+
+ROOT = Path(__file__).resolve().parents[1]
+OUT = ROOT / "benchmarks" / "results" / "plan_check"
+BASE = str(ROOT / "examples" / "bbc-news-centralized.toml")
+SETS = ["train.batch_size=4", "train.max_seq_len=64", "train.threads=1"]
+ROWS = [
+    Candidate("centralized", None, None, None, "none"),
+    Candidate("centralized", None, None, None, "checkpoint"),
+    Candidate("centralized", None, None, 8, "none"),
+    Candidate("centralized", None, None, 8, "checkpoint"),
+    Candidate("split", 2, "identity", None, "none"),
+    Candidate("split", 3, "int8", None, "none"),
+    Candidate("split", 4, "sft8-int8", None, "none"),
+    Candidate("split", 3, "int8", 8, "none"),
+    Candidate("split", 2, "identity", None, "checkpoint"),
+    Candidate("centralized", None, None, None, "norm@0.1"),
+]
+
+
+def measure(i: int, c: Candidate, toml: Path, steps: int, tokens: int) -> dict[str, float]:
+    """Peak RSS of the device process; step time from the run's training throughput
+    (`tokens_per_s` over the steps, `tokens` a batch: every row full)."""
+    out = OUT / f"row{i}"
+    if not (out / "summary.json").is_file():
+        args = [sys.executable, "-m", "cotune", "--quiet", "memory", str(toml), "--steps",
+                str(steps), "--out", str(out)]  # fmt: skip
+        subprocess.run(args, check=True, capture_output=True, text=True)
+    s = read_summary(out)
+    last = [json.loads(x) for x in (out / "train.jsonl").read_text().splitlines() if x][-1]
+    return {"peak_mib": s["device_peak_bytes"] / 2**20, "step_s": tokens / last["tokens_per_s"]}
+
+
+def fit(rows: list[dict], cal: Calibration) -> Calibration:
+    a = np.array([[r["saved_mib"], 1.0] for r in rows])
+    y = np.array([r["measured"]["peak_mib"] - r["fixed_mib"] for r in rows])
+    (saved_scale, overhead), *_ = np.linalg.lstsq(a, y, rcond=None)
+    t = np.array([[r["flops_s"], r["trainable_m"]] for r in rows])
+    ty = np.array([r["measured"]["step_s"] for r in rows])
+    (flops_scale, per_mparam), *_ = np.linalg.lstsq(t, ty, rcond=None)
+    return replace(
+        cal, saved_scale=float(saved_scale), overhead_mib=float(overhead), grad_scale=1.0,
+        flops_scale=float(flops_scale), per_mparam_s=float(per_mparam),
+        source="fitted on benchmarks/results/plan_check.json rows 0, 2, 4, 6, 8 (of 0-9)",
+    )  # fmt: skip
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--steps", type=int, default=4)
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    OUT.mkdir(parents=True, exist_ok=True)
+    base = load_experiment(BASE, SETS)
+    task = load_task(base.task, base.seed)
+    shape = batch_shape(base, task.train)
+    gflops = profile_gflops(base, shape.batch, shape.length)
+    finder = FactFinder(task.num_labels, shape.length)
+    raw = Calibration(runtime_mib=load_calibration().runtime_mib)
+    rows = []
+    for i, c in enumerate(ROWS):
+        cfg = candidate_config(base, c, 1)
+        facts = finder.facts(cfg, split=c.method == "split")
+        toml = OUT / f"row{i}.toml"
+        from cotune.config import to_toml
+
+        toml.write_text(to_toml(cfg))
+        measured = measure(i, c, toml, args.steps, shape.batch * shape.length)
+        unit = replace(raw, saved_scale=0.0, grad_scale=1.0, overhead_mib=0.0)
+        rows.append({
+            "row": i, "config": c.label, "measured": measured,
+            "fixed_mib": peak_mib(facts, shape.batch, cfg.train.optimizer, unit),
+            "saved_mib": facts.saved_bytes_per_example * shape.batch / 2**20,
+            "flops_s": compute_s(facts, shape, gflops, gflops, replace(raw, per_mparam_s=0.0)),
+            "trainable_m": (facts.trainable + facts.cloud_trainable) / 1e6,
+            "facts": facts, "cfg": cfg,
+        })  # fmt: skip
+        print(f"row {i} {c.label}: {measured}", flush=True)
+    cal = fit([r for r in rows if r["row"] % 2 == 0], raw)
+    save_calibration(cal)
+    table = []
+    for r in rows:
+        f, cfg = r.pop("facts"), r.pop("cfg")
+        pred_peak = peak_mib(f, shape.batch, cfg.train.optimizer, cal)
+        pred_step = compute_s(f, shape, gflops, gflops, cal) + 0.0  # loopback: no network
+        m = r["measured"]
+        table.append({
+            **{k: r[k] for k in ("row", "config", "measured")},
+            "set": "fit" if r["row"] % 2 == 0 else "check",
+            "predicted": {"peak_mib": pred_peak, "step_s": pred_step},
+            "ratio": {"peak": pred_peak / m["peak_mib"], "step": pred_step / m["step_s"]},
+            "uncalibrated": {"peak_mib": r["fixed_mib"] + r["saved_mib"], "step_s": r["flops_s"]},
+        })  # fmt: skip
+    check = [t for t in table if t["set"] == "check"]
+    result = {
+        "command": "benchmarks/plan_check.py --steps " + str(args.steps),
+        "setup": {"base": "examples/bbc-news-centralized.toml", "sets": SETS,
+                  "shape": vars(shape), "gflops_profiled": gflops,
+                  "network": "loopback (none emulated)", "profiles": list(PROFILES)},
+        "calibration": cal.as_dict(),
+        "rows": table,
+        "check_within": {
+            "peak_15pct": all(abs(t["ratio"]["peak"] - 1) <= 0.15 for t in check),
+            "step_20pct": all(abs(t["ratio"]["step"] - 1) <= 0.20 for t in check),
+        },
+    }  # fmt: skip
+    path = ROOT / "benchmarks" / "results" / "plan_check.json"
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    for t in table:
+        print(f"{t['row']} {t['set']:5} {t['config']:55} peak {t['predicted']['peak_mib']:.0f}/"
+              f"{t['measured']['peak_mib']:.0f} step {t['predicted']['step_s']:.2f}/"
+              f"{t['measured']['step_s']:.2f}")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
