@@ -69,3 +69,17 @@ def test_quiet_prints_no_progress(tmp_path: Path) -> None:
                           text=True, env=env, timeout=300)  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     assert "[eval]" not in proc.stderr and "step/s" not in proc.stderr and "it/s" not in proc.stderr
+
+
+def test_quiet_holds_for_one_command_only(monkeypatch, capsys) -> None:  # type: ignore[no-untyped-def]
+    """`main(["--quiet", ...])` called in-process (tests, notebooks) must not silence the
+    commands that follow it."""
+    from cotune.cli.main import main
+
+    monkeypatch.delenv(QUIET_ENV, raising=False)
+    assert main(["--quiet", "config", "--defaults"]) == 0
+    assert QUIET_ENV not in os.environ
+    monkeypatch.setenv(QUIET_ENV, "1")
+    assert main(["--quiet", "config", "--defaults"]) == 0
+    assert os.environ[QUIET_ENV] == "1"
+    capsys.readouterr()

@@ -709,7 +709,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     warnings.showwarning = _show_warning
     warnings.filterwarnings("ignore", category=FutureWarning)
     logging.basicConfig(level=logging.WARNING, format="cotune: %(levelname)s: %(message)s")
-    if args.quiet:  # child processes (devices, cloud, Flower) inherit it
+    # --quiet holds for this command only: child processes (devices, cloud, Flower)
+    # inherit it, and a caller running several commands in one process gets its
+    # environment back
+    before = os.environ.get(QUIET_ENV)
+    if args.quiet:
         os.environ[QUIET_ENV] = "0"
     try:
         return int(args.func(args) or 0)
@@ -719,6 +723,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("cotune: interrupted", file=sys.stderr)
         return 130
+    finally:
+        if before is None:
+            os.environ.pop(QUIET_ENV, None)
+        else:
+            os.environ[QUIET_ENV] = before
 
 
 if __name__ == "__main__":
