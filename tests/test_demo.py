@@ -70,7 +70,7 @@ def test_page_has_a_row_per_run_folder_and_the_plot(tmp_path) -> None:
     assert "central" in central and "0.9312" in central and "0 B" in central
     assert "LoRA r=8; 40 steps of 16" in central and "150.00K" not in central
     assert "0.15M" in central  # device trainable params
-    assert "0.9045" in split and "2.50 MB" in split and "625.00 KB" in split
+    assert "0.9045" in split and "2.50 MB" in split and "625.00 kB" in split
     assert "layers &lt; 3 + layer 3&#x27;s attention" in split
     assert "sft r=8;" in split and "9.00M" in split
     assert "0.9178" in fed and "40.00 MB" in fed and "1.2K" in fed

@@ -48,7 +48,7 @@ def test_run_folder_has_every_contract_file(tmp_path) -> None:
     evals = read_jsonl(run.metrics_path)
     assert [r["step"] for r in evals] == [10, 20]
     html = (run.path / "report.html").read_text()
-    assert "plot.png" in html and "split" in html and "1.00 KB" in html
+    assert "plot.png" in html and "split" in html and "1.00 kB" in html
     assert (run.path / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

@@ -21,7 +21,7 @@ def _fmt(value: Any) -> str:
 def human_bytes(n: float | None) -> str:
     if n is None:
         return "n/a"
-    for unit in ("B", "KB", "MB", "GB", "TB"):
+    for unit in ("B", "kB", "MB", "GB", "TB"):  # SI (powers of 1000), as everywhere in cotune
         if abs(n) < 1000 or unit == "TB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
         n /= 1000
