@@ -128,4 +128,5 @@ def check_protection(cfg: Config, spec: MethodSpec, capable: Callable[[str], lis
             "fleet) is not supported: the updates must all have one shape; drop the ranks"
         )
     secagg_plan(cfg)
-    rounds_budget(cfg)
+    # the noise itself (`rounds_budget`, seconds of Opacus's search) is planned once,
+    # by the server before its first round: not every time a config is resolved
