@@ -138,6 +138,31 @@ def test_an_unchanged_update_does_not_crash_the_clipping(
     assert len(stds) == 1  # the average of the zero updates was still noised
 
 
+@pytest.mark.parametrize("method", ["fedavg", "fedkd"])
+def test_server_side_dp_runs_with_fedavg_and_fedkd(
+    method: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    stds = _spy_noise(monkeypatch)
+    kd = {"kd": {"teacher": "tiny-roberta", "server_steps": 2}} if method == "fedkd" else {}
+    cfg = tiny_config(
+        write_sst2(tmp_path, n_train=64),
+        method=method,
+        federated={"clients": 4, "rounds": 1},
+        privacy={"epsilon": EPS, "delta": DELTA, "clip": 0.5, "federated": "server"},
+        **kd,
+    )
+    result = run_federated(cfg, tmp_path / "run", engine="inline")
+    (row,) = read_jsonl(tmp_path / "run" / "metrics.jsonl")
+    assert row["clients_ok"] == 4 and row["epsilon"] == pytest.approx(EPS, rel=0.01)
+    # fraction 1: no sampling amplification, sigma from the accountant at rate 1
+    sigma = get_noise_multiplier(
+        target_epsilon=EPS, target_delta=DELTA, sample_rate=1.0, steps=1,
+        accountant="rdp", epsilon_tolerance=0.01,
+    )  # fmt: skip
+    assert stds == pytest.approx([sigma * 0.5 / 4])
+    assert result.extra["privacy"]["noise_std"] == pytest.approx(stds[0])
+
+
 # ------------------------------------------------------------------------------ SecAgg+
 
 
@@ -344,3 +369,28 @@ def test_client_dp_and_secagg_on_flowers_simulation_engine(tmp_path: Path) -> No
     a, b = _final(tmp_path / "plain"), _final(tmp_path / "secagg")
     for name in a:
         np.testing.assert_allclose(b[name], a[name], rtol=0, atol=1e-4, err_msg=name)
+
+
+@pytest.mark.slow
+def test_secagg_on_a_loopback_deployment(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = write_sst2(tmp_path, n_train=80)
+    run_dir = tmp_path / "run"
+    args = ["run", "--out", str(run_dir)]
+    for kv in (
+        "method=fedlora", "model.name=tiny-bert", "task.name=glue/sst2",
+        f"task.data_dir={data}", "task.max_eval_examples=32", "train.batch_size=8",
+        "train.max_seq_len=24", "federated.clients=3", "federated.rounds=1",
+        "federated.local_steps=2", "federated.round_timeout=300", "federated.secagg=true",
+        "runtime.engine=deployment",
+    ):  # fmt: skip
+        args += ["--set", kv]
+    assert main(args) == 0, capsys.readouterr().err
+    (row,) = read_jsonl(run_dir / "metrics.jsonl")
+    assert row["clients_ok"] == 3 and row["clients_failed"] == 0
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["secure_aggregation"] == {
+        "sampled": 3, "shares": 3, "threshold": 2, "clip_range": 8.0,
+        "max_weight": summary["secure_aggregation"]["max_weight"],
+    }  # fmt: skip
