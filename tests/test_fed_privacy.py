@@ -163,6 +163,26 @@ def test_server_side_dp_runs_with_fedavg_and_fedkd(
     assert result.extra["privacy"]["noise_std"] == pytest.approx(stds[0])
 
 
+def test_noise_comes_from_its_own_generator_not_the_runs_seed(tmp_path: Path) -> None:
+    data = write_sst2(tmp_path, n_train=64)
+
+    def final(name: str, **privacy: object) -> dict[str, np.ndarray]:
+        cfg = tiny_config(
+            data,
+            federated={"clients": 4, "rounds": 1},
+            privacy={"epsilon": EPS, "clip": 0.5, "federated": "server", **privacy},
+        )
+        run_federated(cfg, tmp_path / name, engine="inline")
+        return _final(tmp_path / name)
+
+    seeded, again = final("a", noise_seed=7), final("b", noise_seed=7)
+    fresh, fresh_again = final("c"), final("d")
+    for name in seeded:  # same noise seed: the same run; no noise seed: OS entropy
+        np.testing.assert_array_equal(seeded[name], again[name])
+    assert any(not np.array_equal(fresh[n], fresh_again[n]) for n in fresh)
+    assert any(not np.array_equal(fresh[n], seeded[n]) for n in fresh)
+
+
 # ------------------------------------------------------------------------------ SecAgg+
 
 
