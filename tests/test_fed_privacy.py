@@ -336,6 +336,12 @@ SECAGG = ("--set", "federated.secagg=true")
         ((*SECAGG, "--set", "federated.fraction=0.5"), ["at least 3 clients", "2 client"]),
         ((*SECAGG, "--set", "federated.secagg_threshold=4"), ["secagg_threshold = 4"]),
         ((*SECAGG, "--set", "federated.secagg_shares=5"), ["secagg_shares = 5"]),
+        ((*SECAGG, "--set", "federated.secagg_shares=2"), ["secagg_shares = 2", "3..4"]),
+        ((*SECAGG, "--set", "federated.secagg_threshold=1"), ["secagg_threshold = 1"]),
+        ((*SECAGG, "--set", "federated.secagg_shares=3", "--set", "federated.secagg_threshold=3"),
+         ["secagg_threshold = 3", "2..2"]),
+        ((*SECAGG, "--set", "method=splitfed", "--set", "federated.secagg_threshold=9"),
+         ["'splitfed'"]),
         # the method is checked first: the message names it, not the round's size
         ((*SECAGG, "--set", "method=fedkd", "--set", "federated.clients=2"), ["'fedkd'"]),
         ((*SECAGG, "--set", "method=splitfed"), ["'splitfed'", "fedavg, fedlora"]),

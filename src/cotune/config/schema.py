@@ -359,13 +359,14 @@ class FederatedConfig(_Section):
     secagg: bool = False
     """fedavg, fedlora: SecAgg+ secure aggregation (Flower's), the server only learns the
     sum of the round's masked, quantised updates (docs/privacy.md)."""
-    secagg_shares: int | None = Field(default=None, ge=3)
+    secagg_shares: int | None = None
     """SecAgg+: the shares each client's secrets are split into, one per neighbour
-    (itself included); unset: every client sampled in the round."""
-    secagg_threshold: int | None = Field(default=None, ge=2)
+    (itself included), 3 or more; unset: every client sampled in the round. (Checked
+    with the method, when the config is resolved.)"""
+    secagg_threshold: int | None = None
     """SecAgg+: the shares needed to rebuild a secret, below `secagg_shares`; a round
     survives while every client keeps this many live neighbours. Unset: a majority of
-    the shares (shares // 2 + 1)."""
+    the shares (shares // 2 + 1). At least 2."""
     secagg_clip_range: float = Field(default=8.0, gt=0, allow_inf_nan=False)
     """SecAgg+: each value of an update (trained minus received weights) is clipped to
     [-secagg_clip_range, secagg_clip_range] before it is quantised."""
@@ -378,17 +379,6 @@ class FederatedConfig(_Section):
                 f"federated.faults.mode = {f.mode!r} holds the marked clients past the "
                 "round's deadline: set federated.round_timeout (seconds), or use "
                 "mode = 'raise'"
-            )
-        return self
-
-    @model_validator(mode="after")
-    def _secagg_threshold(self) -> FederatedConfig:
-        s, t = self.secagg_shares, self.secagg_threshold
-        if s is not None and t is not None and t >= s:
-            raise ValueError(
-                f"federated.secagg_threshold = {t} must be below federated.secagg_shares = "
-                f"{s} (a client's secret is rebuilt from threshold of its shares; with as "
-                "many as there are, no client may drop): lower the threshold or raise shares"
             )
         return self
 

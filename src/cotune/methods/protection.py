@@ -55,18 +55,23 @@ def secagg_plan(cfg: Config) -> SecAggPlan | None:
             "federated.clients or federated.fraction, or drop federated.secagg"
         )
     shares = fed.secagg_shares if fed.secagg_shares is not None else m
+    if shares < 3:
+        raise ConfigError(
+            f"federated.secagg_shares = {shares}: a client's secrets need at least 3 shares "
+            f"(itself and two neighbours); set 3..{m} or leave it unset (all {m} clients)"
+        )
     if shares > m:
         raise ConfigError(
             f"federated.secagg_shares = {shares} exceeds the clients of a round: {per_round}; "
             f"set secagg_shares to at most {m} (or leave it unset: all of them)"
         )
     threshold = fed.secagg_threshold if fed.secagg_threshold is not None else shares // 2 + 1
-    if threshold > m - 1 or threshold >= shares:
+    if threshold < 2 or threshold > m - 1 or threshold >= shares:
         raise ConfigError(
-            f"federated.secagg_threshold = {threshold} needs more clients per round than "
-            f"that (and more shares, federated.secagg_shares = {shares}), so that one may "
-            f"drop: {per_round}; valid thresholds here are 2..{min(m, shares) - 1}, or "
-            "raise federated.clients / federated.fraction"
+            f"federated.secagg_threshold = {threshold} must be at least 2 and below both "
+            f"the clients per round and the shares (federated.secagg_shares = {shares}), so "
+            f"that one client may drop: {per_round}; valid thresholds here are "
+            f"2..{min(m, shares) - 1}, or raise federated.clients / federated.fraction"
         )
     return SecAggPlan(m, shares, threshold, fed.secagg_clip_range)
 
