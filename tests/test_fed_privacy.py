@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, Message, MessageType
 from flwr.common import bytes_to_ndarray
-from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
 from helpers import tiny_config, write_sst2
 from opacus.accountants.utils import get_noise_multiplier
 from safetensors.numpy import load_file
@@ -291,6 +291,37 @@ def test_secagg_survives_a_client_dropping_mid_round(
     assert p["clients_ok"] == s["clients_ok"] == 3
     assert s["clients_failed"] == 1
     a, b = _final(plain), _final(secure)
+    for name in a:
+        np.testing.assert_allclose(b[name], a[name], rtol=0, atol=1e-4, err_msg=name)
+
+
+DROPPED: list[int] = []
+
+
+def _drop_at_unmask(message: Message, context, call_next):  # type: ignore[no-untyped-def]
+    """Partition 0 goes away after sending its masked vector (at the unmask stage)."""
+    config = message.content.config_records.get(RECORD_KEY_CONFIGS)
+    stage = None if config is None else config.get(Key.STAGE)
+    if stage == Stage.UNMASK and int(context.node_config["partition-id"]) == 0:
+        DROPPED.append(0)
+        raise RuntimeError("gone before unmasking")
+    return call_next(message, context)
+
+
+def test_secagg_keeps_the_update_of_a_client_gone_before_unmasking(tmp_path: Path) -> None:
+    # its masked vector is in the sum; the others' shares of its private mask seed
+    # remove that mask, so its update counts and the sum is plain FedAvg's over all 4
+    data = write_sst2(tmp_path, n_train=80)
+    fed = {"clients": 4, "rounds": 1}
+    run_federated(tiny_config(data, federated=fed), tmp_path / "plain", engine="inline")
+    secure = tiny_config(data, federated={**fed, "secagg": True})
+    app = build_client_app(outer=[_drop_at_unmask])
+    DROPPED.clear()
+    run_federated(secure, tmp_path / "secagg", client_app=app, engine="inline")
+    assert DROPPED == [0]
+    (row,) = read_jsonl(tmp_path / "secagg" / "metrics.jsonl")
+    assert row["clients_ok"] == 4
+    a, b = _final(tmp_path / "plain"), _final(tmp_path / "secagg")
     for name in a:
         np.testing.assert_allclose(b[name], a[name], rtol=0, atol=1e-4, err_msg=name)
 
