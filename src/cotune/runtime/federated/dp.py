@@ -21,7 +21,6 @@ What cotune adds around Flower's code, and why:
 
 from __future__ import annotations
 
-import logging
 import os
 from collections.abc import Iterable
 
@@ -37,9 +36,7 @@ from flwr.serverapp.strategy import (
 from cotune.privacy import RoundsBudget
 from cotune.runtime.federated.client_mods import update_norm
 from cotune.runtime.federated.keys import ARRAYS_KEY
-from cotune.runtime.federated.strategy import CotuneFedAvg, _QuietFlower
-
-log = logging.getLogger("cotune.federated")
+from cotune.runtime.federated.strategy import CotuneFedAvg, QuietFlower
 
 
 class _Averager(Strategy):
@@ -115,7 +112,7 @@ class RoundsDP:
         saved = np.random.get_state()
         np.random.seed(self._noise_seed(server_round))
         try:
-            with _QuietFlower():
+            with QuietFlower():
                 return self.flower.aggregate_train(server_round, moved)
         finally:
             np.random.set_state(saved)

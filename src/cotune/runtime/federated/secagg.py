@@ -43,7 +43,7 @@ from flwr.serverapp import Grid
 
 from cotune.methods.protection import SecAggPlan
 from cotune.runtime.federated.records import to_arrays
-from cotune.runtime.federated.strategy import CotuneFedAvg, _client_metrics, _QuietFlower
+from cotune.runtime.federated.strategy import CotuneFedAvg, QuietFlower, client_metrics_of
 
 log = logging.getLogger("cotune.federated")
 
@@ -82,7 +82,7 @@ class SecAggRound:
 
     def __init__(self, plan: SecAggPlan, max_weight: float, timeout: float | None) -> None:
         self.plan = plan
-        with _QuietFlower():
+        with QuietFlower():
             self.workflow = SecAggPlusWorkflow(
                 num_shares=plan.shares,
                 reconstruction_threshold=plan.threshold,
@@ -116,7 +116,7 @@ class SecAggRound:
             self.workflow.collect_masked_vectors_stage,
             self.workflow.unmask_stage,
         )
-        with _QuietFlower():
+        with QuietFlower():
             for name, step in zip(STAGES, steps, strict=True):
                 try:
                     ok = step(grid, context, state)
@@ -160,7 +160,7 @@ class SecAggRound:
             (float(done[p].num_examples), MetricRecord(_numbers(done[p].metrics)))
             for p in out.accepted
         ]
-        return to_arrays(state), _client_metrics(metrics)
+        return to_arrays(state), client_metrics_of(metrics)
 
 
 def _numbers(metrics: dict[str, Any]) -> dict[str, int | float | list[int] | list[float]]:

@@ -46,7 +46,7 @@ class RoundOutcome:
         }
 
 
-class _QuietFlower:
+class QuietFlower:
     """Raise the flwr logger to ERROR inside a `with` block."""
 
     def __enter__(self) -> None:
@@ -70,7 +70,7 @@ class CotuneFedAvg(FedAvg):
 
     def __init__(self, fraction: float, seed: int, hook: ServerHook | None = None) -> None:
         # FedAvg warns that client-side evaluation is off: the server evaluates instead.
-        with _QuietFlower():
+        with QuietFlower():
             self._init_fedavg(fraction)
         self.seed = seed
         self.hook = hook or ServerHook()
@@ -185,7 +185,7 @@ class CotuneFedAvg(FedAvg):
             if self.denominator is not None and len(updates) < self.denominator:
                 state = _shrink(state, self._global, len(updates) / self.denominator)
         examples = [(number(m[WEIGHT_KEY], WEIGHT_KEY), m) for _, _, _, m in parsed]
-        return to_arrays(state), _client_metrics(examples)
+        return to_arrays(state), client_metrics_of(examples)
 
 
 def _shrink(average: State, reference: State, factor: float) -> State:
@@ -202,7 +202,7 @@ def _shrink(average: State, reference: State, factor: float) -> State:
 PEAK_KEYS = ("peak_rss_bytes", "saved_activation_bytes")
 
 
-def _client_metrics(replies: list[tuple[float, MetricRecord]]) -> MetricRecord:
+def client_metrics_of(replies: list[tuple[float, MetricRecord]]) -> MetricRecord:
     """Example-weighted means of the clients' metrics; maxima of their peak memory."""
     total = sum(w for w, _ in replies)
     out: dict[str, int | float | list[int] | list[float]] = {}
