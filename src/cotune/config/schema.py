@@ -356,6 +356,20 @@ class FederatedConfig(_Section):
     clients holding it). See docs/federated.md."""
     faults: FaultsConfig = Field(default_factory=FaultsConfig)
     """Injected client failures, to test that rounds survive them (see [federated.faults])."""
+    secagg: bool = False
+    """fedavg, fedlora: SecAgg+ secure aggregation (Flower's), the server only learns the
+    sum of the round's masked, quantised updates (docs/privacy.md)."""
+    secagg_shares: int | None = None
+    """SecAgg+: the shares each client's secrets are split into, one per neighbour
+    (itself included), 3 or more; unset: every client sampled in the round. (Checked
+    with the method, when the config is resolved.)"""
+    secagg_threshold: int | None = None
+    """SecAgg+: the shares needed to rebuild a secret, below `secagg_shares`; a round
+    survives while every client keeps this many live neighbours. Unset: a majority of
+    the shares (shares // 2 + 1). At least 2."""
+    secagg_clip_range: float = Field(default=8.0, gt=0, allow_inf_nan=False)
+    """SecAgg+: each value of an update (trained minus received weights) is clipped to
+    [-secagg_clip_range, secagg_clip_range] before it is quantised."""
 
     @model_validator(mode="after")
     def _timeouts_need_a_deadline(self) -> FederatedConfig:
@@ -517,24 +531,33 @@ class RuntimeConfig(_Section):
 
 
 class PrivacyConfig(_Section):
-    """Differential privacy of what crosses the split link (split, splitfed): on the
-    device, before the codec, every token row of the cut activations is clipped to L2
-    norm `clip` and Gaussian noise is added, its scale set by the accountant so that
-    training spends `epsilon` at `delta` per training example (see docs/privacy.md for
-    what this covers and what it does not)."""
+    """Differential privacy (see docs/privacy.md for what each covers and what it does
+    not). split, splitfed: on the device, before the codec, every token row of the cut
+    activations is clipped to L2 norm `clip` and Gaussian noise is added, its scale set
+    by the accountant so that training spends `epsilon` at `delta` per training example.
+    fedavg, fedlora, fedkd with `federated` set: user-level DP of the federated rounds
+    with Flower's fixed-clipping wrappers, each client's update clipped to L2 norm
+    `clip` (on the server or on the client) and Gaussian noise added to the average on
+    the server, its scale set by the accountant so that the run's rounds spend `epsilon`
+    at `delta` per client."""
 
-    epsilon: float | None = Field(default=None, gt=0)
-    """The privacy budget spent over the whole training, per training example (unset: no
-    noise)."""
-    delta: float = Field(default=1e-5, gt=0, lt=1)
-    """The delta of (epsilon, delta)-DP (well below 1 / the number of training examples)."""
-    clip: float = Field(default=1.0, gt=0)
-    """The L2 bound each token row of the cut is clipped to before the noise."""
+    epsilon: float | None = Field(default=None, gt=0, allow_inf_nan=False)
+    """The privacy budget spent over the whole training, per training example (split,
+    splitfed) or per client (federated rounds); unset: no noise."""
+    delta: float = Field(default=1e-5, gt=0, lt=1, allow_inf_nan=False)
+    """The delta of (epsilon, delta)-DP (well below 1 / the number of training examples,
+    or of clients for federated rounds)."""
+    clip: float = Field(default=1.0, gt=0, allow_inf_nan=False)
+    """The L2 bound each token row of the cut is clipped to before the noise (split,
+    splitfed), or each client's model update (federated rounds)."""
     accountant: Literal["rdp", "prv"] = "rdp"
     """Opacus's RDP or PRV accountant, to set the noise from epsilon and delta."""
     noise_seed: int | None = None
     """Unset: the noise comes from the OS's randomness. A fixed seed makes runs repeatable,
     but whoever knows it can subtract the noise: for experiments only."""
+    federated: Literal["server", "client"] | None = None
+    """fedavg, fedlora, fedkd: DP of the federated rounds, clipping each update on the
+    server (server) or on the client before it is sent (client); unset: off."""
 
 
 class GenerationConfig(_Section):

@@ -24,7 +24,12 @@ def configure(cfg: Config) -> None:
 SPEC = MethodSpec(
     name="fedavg",
     summary="federated averaging of the full weights",
-    runs=FederatedSpec(client_train=local_train, client_evaluate=local_evaluate),
-    reads=frozenset({"generation", "federated", "link", "memory", "runtime"}),
+    runs=FederatedSpec(
+        client_train=local_train,
+        client_evaluate=local_evaluate,
+        differential_privacy=True,
+        secure_aggregation=True,
+    ),
+    reads=frozenset({"generation", "federated", "link", "memory", "privacy", "runtime"}),
     configure=configure,
 )

@@ -335,7 +335,8 @@ SPEC = MethodSpec(
         client_train=local_train,
         server_hook=KDHook,
         public_fraction=lambda cfg: cfg.kd.public_fraction,
+        differential_privacy=True,
     ),
-    reads=frozenset({"federated", "kd", "link", "memory", "runtime"}),
+    reads=frozenset({"federated", "kd", "link", "memory", "privacy", "runtime"}),
     configure=configure,
 )

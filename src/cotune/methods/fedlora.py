@@ -144,7 +144,9 @@ SPEC = MethodSpec(
         server_hook=server_hook,
         device_ranks=True,
         client_evaluate=local_evaluate,
+        differential_privacy=True,
+        secure_aggregation=True,
     ),
-    reads=frozenset({"generation", "federated", "link", "memory", "runtime"}),
+    reads=frozenset({"generation", "federated", "link", "memory", "privacy", "runtime"}),
     configure=configure,
 )

@@ -15,6 +15,7 @@ from cotune.config import Config
 from cotune.config.schema import unused_sections
 from cotune.errors import ConfigError
 from cotune.link.network import network_spec
+from cotune.methods.protection import check_protection
 from cotune.methods.spec import FederatedSpec, MethodSpec
 
 METHODS: dict[str, str] = {
@@ -61,6 +62,7 @@ def resolve(cfg: Config) -> Config:
     """Check `cfg` against its method's rules, fill the method's defaults, and warn
     about optional sections the method does not read. Idempotent; returns `cfg`."""
     spec = get_spec(cfg.method)
+    check_protection(cfg, spec, _capable)
     spec.configure(cfg)
     check_base_dtype(cfg)
     check_device_ranks(cfg, spec)
@@ -106,6 +108,17 @@ def check_device_ranks(cfg: Config, spec: MethodSpec) -> None:
         f"need {' or '.join(repr(n) for n in able) or 'a rank-aware method'}: drop the "
         "ranks or change the method"
     )
+
+
+def _capable(flag: str) -> list[str]:
+    """The federated methods whose `FederatedSpec` has `flag` set (imports every
+    method: for error messages only)."""
+    out = []
+    for name in method_names():
+        runs = get_spec(name).runs
+        if isinstance(runs, FederatedSpec) and getattr(runs, flag):
+            out.append(name)
+    return out
 
 
 def _ranks_ok(spec: MethodSpec) -> bool:

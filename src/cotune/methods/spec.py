@@ -268,6 +268,13 @@ class FederatedSpec:
     # whether devices may train adapters of different LoRA ranks (federated.client_ranks,
     # or ranks in federated.devices): fedlora's rank-aware aggregation
     device_ranks: bool = False
+    # whether the rounds may be run with user-level differential privacy
+    # (`privacy.federated`): the update a client sends is its whole contribution, and
+    # what the server does after averaging is post-processing
+    differential_privacy: bool = False
+    # whether the rounds may use SecAgg+ (`federated.secagg`): the server needs only the
+    # example-weighted sum of the updates, nothing of any single one
+    secure_aggregation: bool = False
 
 
 # ----------------------------------------------------------------------------- the spec

@@ -294,13 +294,18 @@ def evaluate(message: Message, context: Context) -> Message:
     )
 
 
-def build_client_app(mods: Sequence[Mod] = ()) -> ClientApp:
-    """The ClientApp; `mods` wrap its handlers (Flower mods: logging, DP, fault
-    injection), inside the standard `fault_mod` (which fails only the train messages
-    the server marked, `[federated.faults]`)."""
+def build_client_app(mods: Sequence[Mod] = (), outer: Sequence[Mod] = ()) -> ClientApp:
+    """The ClientApp; `mods` wrap its handlers (Flower mods: logging, fault
+    injection), inside the standard ones, outermost first: `fault_mod` (fails only the
+    train messages the server marked, `[federated.faults]`), `secagg_mod` (Flower's
+    SecAgg+ on the messages of its stages) and `dp_clip_mod` (Flower's client-side
+    clipping when the server asks for it). Each passes other messages through. `outer`
+    mods wrap the standard ones and see every message first (a test's SecAgg+ dropout
+    at a given stage)."""
+    from cotune.runtime.federated.client_mods import dp_clip_mod, secagg_mod
     from cotune.runtime.federated.faults import fault_mod
 
-    app = ClientApp(mods=[fault_mod, *mods])
+    app = ClientApp(mods=[*outer, fault_mod, secagg_mod, dp_clip_mod, *mods])
     app.query()(query)
     app.train()(train)
     app.evaluate()(evaluate)

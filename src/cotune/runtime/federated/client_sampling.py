@@ -7,16 +7,12 @@ in a resumed run as in an uninterrupted one.
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 
+from cotune.methods.sampling import sample_size
 from cotune.training import derive_seed
 
-
-def sample_size(n_available: int, fraction: float) -> int:
-    """`fraction` of the clients, rounded to nearest, at least one."""
-    return max(1, min(n_available, int(math.floor(fraction * n_available + 0.5))))
+__all__ = ["sample_partitions", "sample_size"]
 
 
 def sample_partitions(

@@ -134,5 +134,6 @@ def to_method_result(engine: str, result: dict[str, Any]) -> MethodResult:
             **({"network": result["network"]} if result.get("network") else {}),
             "client_data": result.get("client_data", "partition"),
             "evaluated_on": result.get("evaluated_on", "server"),
+            **{k: result[k] for k in ("privacy", "secure_aggregation") if k in result},
         },
     )

@@ -18,7 +18,8 @@ class CountingGrid:
     Sizes are taken after the inner grid has stamped the outgoing messages (run id,
     source node), so they are the bytes that really left. Replies that arrive after
     the timeout are never pulled and are not counted. `last_down` / `last_up` hold the
-    last call's bytes per node id (to each node, from each node). With a `network`
+    bytes per node id (to each node, from each node) of the calls since `reset_last()`
+    (a round's train messages: one call, or SecAgg+'s four stages). With a `network`
     (`[link.network]`) each call's message sizes are charged to its clock; `part_of`
     maps node ids to partitions (whose devices may have links of their own).
     """
@@ -32,6 +33,9 @@ class CountingGrid:
         self.last_down: dict[int, int] = {}
         self.last_up: dict[int, int] = {}
 
+    def reset_last(self) -> None:
+        self.last_down, self.last_up = {}, {}
+
     def get_node_ids(self) -> Iterable[int]:
         return self.grid.get_node_ids()
 
@@ -41,7 +45,6 @@ class CountingGrid:
         sent = list(messages)
         replies = list(self.grid.send_and_receive(sent, timeout=timeout))
         sizes: dict[str, int] = {}  # deflated object sizes, shared by the messages
-        self.last_down, self.last_up = {}, {}
         down: dict[int, list[int]] = {}
         up: dict[int, list[int]] = {}
         for msg in sent:
@@ -50,10 +53,12 @@ class CountingGrid:
         for msg in replies:
             node = msg.metadata.src_node_id
             up.setdefault(node, []).append(message_bytes(msg, sizes))
-        self.last_down = {node: sum(v) for node, v in down.items()}
-        self.last_up = {node: sum(v) for node, v in up.items()}
+        for node, v in down.items():
+            self.last_down[node] = self.last_down.get(node, 0) + sum(v)
+        for node, v in up.items():
+            self.last_up[node] = self.last_up.get(node, 0) + sum(v)
         if self.network is not None:
             self.network.charge(down, up, self.part_of)
-        self.bytes_down += sum(self.last_down.values())
-        self.bytes_up += sum(self.last_up.values())
+        self.bytes_down += sum(sum(v) for v in down.values())
+        self.bytes_up += sum(sum(v) for v in up.values())
         return replies

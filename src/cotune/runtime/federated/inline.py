@@ -5,11 +5,12 @@ a SuperLink costs more than the work. The ServerApp and ClientApp are the same
 objects the engines run. A client that overruns the round timeout is abandoned (its
 thread is left to finish in the background and its reply is dropped), so clients
 that time out must not touch shared state afterwards; the engines have no such
-limit.
+limit. Each node gets its own copy of a message, as over a wire.
 """
 
 from __future__ import annotations
 
+import copy
 import random
 import threading
 import time
@@ -73,6 +74,9 @@ class InlineGrid(Grid):
 
     def _handle(self, message: Message, deadline: float | None) -> Message | None:
         out: list[Message] = []
+        # the node gets its own copy, as over a wire: a mod that edits its message
+        # (SecAgg+'s pops its stage) must not edit the server's, shared by many nodes
+        message = copy.deepcopy(message)
 
         def call() -> None:
             context = self.contexts[message.metadata.dst_node_id]

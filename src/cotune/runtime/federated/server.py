@@ -24,9 +24,9 @@ import logging
 import resource
 import time
 import tomllib
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
@@ -34,7 +34,9 @@ from flwr.serverapp import Grid
 from cotune.config import Config, build_config, to_toml
 from cotune.errors import ConfigError, DataError
 from cotune.methods import ServerHook, resolve
+from cotune.methods.federated.data import split_for
 from cotune.methods.federated.global_model import GlobalModel
+from cotune.methods.protection import rounds_budget, secagg_plan
 from cotune.methods.registry import federated_spec
 from cotune.models.base_dtype import weight_bytes
 from cotune.report import RunFolder, progress
@@ -45,6 +47,7 @@ from cotune.runtime.federated.checkpoint import (
     save_checkpoint,
     save_final_state,
 )
+from cotune.runtime.federated.dp import RoundsDP
 from cotune.runtime.federated.faults import faulty_clients, mark
 from cotune.runtime.federated.grid import CountingGrid
 from cotune.runtime.federated.keys import (
@@ -66,6 +69,7 @@ from cotune.runtime.federated.keys import (
 )
 from cotune.runtime.federated.network import FleetNetwork
 from cotune.runtime.federated.records import from_arrays, to_arrays
+from cotune.runtime.federated.secagg import SecAggRound
 from cotune.runtime.federated.strategy import CotuneFedAvg
 from cotune.training import Evaluation
 
@@ -303,6 +307,7 @@ class FederatedServer:
         self.options = options
         self.cfg = config_from_text((options.run_dir / "config.toml").read_text())
         self.run = RunFolder(options.run_dir, echo=progress.echo(self.cfg.federated.rounds))
+        self._node_examples: list[int] = []
 
     def _open_trackers(self) -> None:
         text = (self.options.run_dir / "config.toml").read_text()
@@ -348,6 +353,16 @@ class FederatedServer:
         model = GlobalModel(cfg)
         hook = federated_spec(cfg).server_hook(cfg, model)
         strategy.hook = hook  # what each client receives, how updates combine
+        budget = rounds_budget(cfg)  # [privacy] federated: Flower's DP wrapper around it
+        driver: CotuneFedAvg | RoundsDP = (
+            strategy if budget is None else RoundsDP(strategy, budget, cfg.privacy.noise_seed)
+        )
+        plan = secagg_plan(cfg)
+        secagg = None
+        if plan is not None:
+            secagg = SecAggRound(
+                plan, self._max_examples(cfg), fed.round_timeout or DEFAULT_ROUND_TIMEOUT
+            )
         if ckpt is not None:
             model.load(ckpt.global_state)
             hook.load_state_dict(ckpt.hook_state)
@@ -367,7 +382,8 @@ class FederatedServer:
         completed = first - 1
         for rnd in range(first, fed.rounds + 1):
             up0, down0 = counting.bytes_up, counting.bytes_down
-            messages = strategy.configure_train(
+            counting.reset_last()
+            messages = driver.configure_train(
                 rnd, to_arrays(model.state()), ConfigRecord({CONFIG_TEXT_KEY: config_text}), grid
             )
             messages = _add_extras(hook, rnd, list(messages), strategy.node_of)
@@ -380,9 +396,15 @@ class FederatedServer:
             )
             if kinds:
                 messages = mark(messages, kinds, counting.part_of, time.time() + timeout)
-            replies = counting.send_and_receive(messages, timeout=timeout)
+            if secagg is not None:  # the server sees masked vectors and their sum only
+                replies = []
+                arrays, client_metrics = secagg.run(
+                    cast(Grid, counting), strategy, rnd, list(messages)
+                )
+            else:
+                replies = counting.send_and_receive(messages, timeout=timeout)
+                arrays, client_metrics = driver.aggregate_train(rnd, replies)
             _add_client_bytes(totals, counting, strategy.node_of)
-            arrays, client_metrics = strategy.aggregate_train(rnd, replies)
             outcome = strategy.outcome
             _observe_replies(hook, rnd, replies, outcome.accepted)
             if own:
@@ -424,6 +446,7 @@ class FederatedServer:
                     "round": rnd,
                     **(last if scored else {}),
                     **hook.round_metrics(),
+                    **(driver.round_metrics(rnd) if isinstance(driver, RoundsDP) else {}),
                     **({"train_loss": cm["train_loss"]} if "train_loss" in cm else {}),
                     **outcome.counts(),
                     **({"faults_injected": len(kinds)} if faults.fail_fraction > 0 else {}),
@@ -476,9 +499,26 @@ class FederatedServer:
             "server_peak_rss_bytes": _peak_rss_bytes(),
             "client_data": fed.client_data,
             "evaluated_on": "clients" if client_eval else "server",
+            **(
+                {"privacy": {**budget.summary(), "epsilon": budget.spent(completed)}}
+                if budget is not None
+                else {}
+            ),
+            **(
+                {"secure_aggregation": {**asdict(plan), "max_weight": secagg.workflow.max_weight}}
+                if plan is not None and secagg is not None
+                else {}
+            ),
         }
         (self.options.run_dir / RESULT_FILE).write_text(json.dumps(result, indent=2) + "\n")
         return result
+
+    def _max_examples(self, cfg: Config) -> int:
+        """The most training examples a client holds (SecAgg+ scales each client's
+        weight by it): from the nodes' hand-shake, else from the partitions."""
+        if self._node_examples:
+            return max(self._node_examples)
+        return max(split_for(cfg).sizes(), default=1)
 
     def _meet_nodes(self, grid: CountingGrid, strategy: CotuneFedAvg) -> Config:
         """The hand-shake with nodes that bring their own data: client ids, the
@@ -490,6 +530,7 @@ class FederatedServer:
         )
         clients = assign_clients(nodes, cfg.federated.clients)
         strategy.set_partitions({part: n.node_id for part, n in clients.items()})
+        self._node_examples = [n.examples for n in nodes]
         labels = union_labels(cfg, nodes)
         if labels is not None and labels != cfg.task.labels:
             cfg = cfg.model_copy(deep=True)

@@ -12,6 +12,7 @@ import logging
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
@@ -45,7 +46,7 @@ class RoundOutcome:
         }
 
 
-class _QuietFlower:
+class QuietFlower:
     """Raise the flwr logger to ERROR inside a `with` block."""
 
     def __enter__(self) -> None:
@@ -62,11 +63,14 @@ class CotuneFedAvg(FedAvg):
     global arrays (as the method's hook shapes them for each client, `state_for`), drop
     replies that are errors or fail `check_update` against what that client received,
     and combine the rest with the hook's `aggregate`, by default averaged weighted by
-    `num-examples`, summed in partition order."""
+    `num-examples`, summed in partition order.
+
+    `global_state` is the round's global state; `sent_to(node)` the partition a node
+    trains this round (SecAgg+ and DP read them)."""
 
     def __init__(self, fraction: float, seed: int, hook: ServerHook | None = None) -> None:
         # FedAvg warns that client-side evaluation is off: the server evaluates instead.
-        with _QuietFlower():
+        with QuietFlower():
             self._init_fedavg(fraction)
         self.seed = seed
         self.hook = hook or ServerHook()
@@ -75,6 +79,12 @@ class CotuneFedAvg(FedAvg):
         self._reference: dict[int, State] = {}  # partition -> the state it was sent
         self._sent: dict[int, int] = {}  # node id -> partition, this round
         self.outcome = RoundOutcome()
+        # differential privacy (`dp.py`) sets these: replies screened before they are
+        # clipped, every client weighs the same, and the average divides by the planned
+        # number of clients however many replied
+        self.prescreened = False
+        self.uniform = False
+        self.denominator: int | None = None
 
     def _init_fedavg(self, fraction: float) -> None:
         super().__init__(
@@ -91,6 +101,13 @@ class CotuneFedAvg(FedAvg):
     def set_partitions(self, node_of: dict[int, int]) -> None:
         """Which node holds each partition (from the start-up handshake)."""
         self.node_of = dict(node_of)
+
+    @property
+    def global_state(self) -> State:
+        return self._global
+
+    def sent_to(self, node_id: int) -> int | None:
+        return self._sent.get(node_id)
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -114,10 +131,12 @@ class CotuneFedAvg(FedAvg):
             messages.extend(self._construct_messages(record, [self.node_of[p]], MessageType.TRAIN))
         return messages
 
-    def _screen(self, replies: Iterable[Message]) -> list[tuple[int, State, float, MetricRecord]]:
-        """Accepted (partition, state, weight, metrics), sorted by partition."""
+    def screen(self, replies: Iterable[Message]) -> list[Message]:
+        """The replies that may be aggregated (no error, `check_update` passed against
+        what that client received), in partition order; what happened to every sampled
+        client is recorded in `outcome`."""
         out = self.outcome
-        accepted = []
+        accepted: list[tuple[int, Message]] = []
         seen: set[int] = set()
         for msg in replies:
             part = self._sent.get(msg.metadata.src_node_id)
@@ -130,9 +149,7 @@ class CotuneFedAvg(FedAvg):
                 continue
             reason = _reply_problem(msg, self._reference[part])
             if reason is None:
-                state = from_arrays(msg.content.array_records[ARRAYS_KEY])
-                metrics = msg.content.metric_records[METRICS_KEY]
-                accepted.append((part, state, number(metrics[WEIGHT_KEY], WEIGHT_KEY), metrics))
+                accepted.append((part, msg))
             else:
                 out.rejected[part] = reason
                 log.warning("update of client %d rejected: %s", part, reason)
@@ -141,25 +158,51 @@ class CotuneFedAvg(FedAvg):
             log.warning("client %d sent no reply before the round timeout", part)
         accepted.sort(key=lambda a: a[0])
         out.accepted = [a[0] for a in accepted]
-        return accepted
+        return [m for _, m in accepted]
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        accepted = self._screen(replies)
+        """`screen` the replies (unless `prescreened`: a wrapper screened them before
+        clipping) and combine the accepted updates."""
+        accepted = list(replies) if self.prescreened else self.screen(replies)
         if not accepted:
             return None, None
-        updates = [AcceptedUpdate(p, s, w) for p, s, w, _ in accepted]
-        state = self.hook.aggregate(server_round, updates, self._global)
-        if state is None:
+        parsed = []
+        for msg in accepted:
+            part = self._sent[msg.metadata.src_node_id]
+            metrics = msg.content.metric_records[METRICS_KEY]
+            state = from_arrays(msg.content.array_records[ARRAYS_KEY])
+            weight = 1.0 if self.uniform else number(metrics[WEIGHT_KEY], WEIGHT_KEY)
+            parsed.append((part, state, weight, metrics))
+        parsed.sort(key=lambda a: a[0])
+        updates = [AcceptedUpdate(p, s, w) for p, s, w, _ in parsed]
+        combined = self.hook.aggregate(server_round, updates, self._global)
+        if combined is not None:
+            state = combined
+        else:
             state = weighted_average([u.state for u in updates], [u.weight for u in updates])
-        return to_arrays(state), _client_metrics([(w, m) for _, _, w, m in accepted])
+            if self.denominator is not None and len(updates) < self.denominator:
+                state = _shrink(state, self._global, len(updates) / self.denominator)
+        examples = [(number(m[WEIGHT_KEY], WEIGHT_KEY), m) for _, _, _, m in parsed]
+        return to_arrays(state), client_metrics_of(examples)
+
+
+def _shrink(average: State, reference: State, factor: float) -> State:
+    """`reference + factor * (average - reference)`: an average of k updates turned
+    into their sum over the planned n clients (factor k / n)."""
+    return {
+        k: (
+            reference[k].astype(np.float64) + factor * (v.astype(np.float64) - reference[k])
+        ).astype(v.dtype)
+        for k, v in average.items()
+    }
 
 
 PEAK_KEYS = ("peak_rss_bytes", "saved_activation_bytes")
 
 
-def _client_metrics(replies: list[tuple[float, MetricRecord]]) -> MetricRecord:
+def client_metrics_of(replies: list[tuple[float, MetricRecord]]) -> MetricRecord:
     """Example-weighted means of the clients' metrics; maxima of their peak memory."""
     total = sum(w for w, _ in replies)
     out: dict[str, int | float | list[int] | list[float]] = {}
