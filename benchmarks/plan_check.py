@@ -5,20 +5,26 @@ are run for real with `cotune memory --steps N` (one process per row; split devi
 their own process over loopback gRPC, so the peak is the device's): the device's peak
 RSS and the median step time against the planner's prediction. The planner's constants
 are fitted on the even-numbered rows (least squares) and checked on the odd-numbered
-ones; `src/cotune/planner/calibration.json` gets the fitted constants.
+ones; `src/cotune/planner/calibration.json` gets the fitted constants. With
+`--passes P` every row runs P times, pass after pass; a row's step time is its
+smallest median (other jobs on a shared machine only ever slow a step down), its peak
+the largest. Each run's load average is recorded (load.json; in the JSON).
 
-Command: nice .venv/bin/python benchmarks/plan_check.py  (results:
-benchmarks/results/plan_check.json)
+Command: OMP_NUM_THREADS=1 nice .venv/bin/python benchmarks/plan_check.py --steps 8
+--passes 2  (resumable; results: benchmarks/results/plan_check.json)
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
+import time
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -51,17 +57,44 @@ ROWS = [
 ]
 
 
-def measure(i: int, c: Candidate, toml: Path, steps: int, tokens: int) -> dict[str, float]:
-    """Peak RSS of the device process; step time from the run's training throughput
-    (`tokens_per_s` over the steps, `tokens` a batch: every row full)."""
-    out = OUT / f"row{i}"
-    if not (out / "summary.json").is_file():
-        args = [sys.executable, "-m", "cotune", "--quiet", "memory", str(toml), "--steps",
-                str(steps), "--out", str(out)]  # fmt: skip
-        subprocess.run(args, check=True, capture_output=True, text=True)
+def run_dir(i: int, p: int) -> Path:
+    """Row `i`'s run folder in pass `p` (1: the first)."""
+    return OUT / (f"row{i}" if p == 1 else f"row{i}-pass{p}")
+
+
+def run_row(i: int, p: int, toml: Path, steps: int) -> None:
+    """Run row `i` (pass `p`) with `cotune memory` unless its folder has a summary;
+    the load average before and after it goes to load.json."""
+    out = run_dir(i, p)
+    if (out / "summary.json").is_file():
+        return
+    args = [sys.executable, "-m", "cotune", "--quiet", "memory", str(toml), "--steps",
+            str(steps), "--out", str(out)]  # fmt: skip
+    before, t0 = os.getloadavg(), time.time()
+    subprocess.run(args, check=True, capture_output=True, text=True)
+    load = {"loadavg_before": before, "loadavg_after": os.getloadavg(),
+            "run_s": time.time() - t0, "cpus": os.cpu_count()}  # fmt: skip
+    (out / "load.json").write_text(json.dumps(load) + "\n")
+
+
+def measure_one(out: Path, tokens: int) -> dict[str, Any]:
     s = read_summary(out)
     last = [json.loads(x) for x in (out / "train.jsonl").read_text().splitlines() if x][-1]
-    return {"peak_mib": s["device_peak_bytes"] / 2**20, "step_s": tokens / last["tokens_per_s"]}
+    load_file = out / "load.json"
+    return {"peak_mib": s["device_peak_bytes"] / 2**20, "step_s": s["step_s_median"],
+            "mean_step_s": tokens / last["tokens_per_s"],
+            "load": json.loads(load_file.read_text()) if load_file.is_file() else None}  # fmt: skip
+
+
+def measure(i: int, passes: int, tokens: int) -> dict[str, Any]:
+    """Peak RSS of the device process (the largest over the passes); the median step
+    time (summary.json's `step_s_median`: the first step's warm-up left out), the
+    smallest over the passes (the one least slowed by other jobs on the machine); each
+    pass's figures, with the mean step time from the run's training throughput
+    (`tokens_per_s` over the steps, `tokens` a batch: every row full) and the load."""
+    each = [measure_one(run_dir(i, p), tokens) for p in range(1, passes + 1)]
+    return {"peak_mib": max(m["peak_mib"] for m in each),
+            "step_s": min(m["step_s"] for m in each), "passes": each}  # fmt: skip
 
 
 def fit(rows: list[dict], cal: Calibration) -> Calibration:
@@ -81,6 +114,8 @@ def fit(rows: list[dict], cal: Calibration) -> Calibration:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--passes", type=int, default=1,
+                    help="measure every row this many times (step time: the smallest)")  # fmt: skip
     args = ap.parse_args()
     torch.set_num_threads(1)
     OUT.mkdir(parents=True, exist_ok=True)
@@ -90,15 +125,20 @@ def main() -> None:
     gflops = profile_gflops(base, shape.batch, shape.length)
     finder = FactFinder(task.num_labels, shape.length)
     raw = Calibration(runtime_mib=load_calibration().runtime_mib)
+    from cotune.config import to_toml
+
+    configs = [candidate_config(base, c, 1) for c in ROWS]
+    for i, cfg in enumerate(configs):
+        (OUT / f"row{i}.toml").write_text(to_toml(cfg))
+    for p in range(1, args.passes + 1):  # pass after pass: a burst of load hits one pass
+        for i, c in enumerate(ROWS):
+            run_row(i, p, OUT / f"row{i}.toml", args.steps)
+            print(f"pass {p} row {i} {c.label}: {measure_one(run_dir(i, p), 1)}", flush=True)
     rows = []
     for i, c in enumerate(ROWS):
-        cfg = candidate_config(base, c, 1)
+        cfg = configs[i]
         facts = finder.facts(cfg, split=c.method == "split")
-        toml = OUT / f"row{i}.toml"
-        from cotune.config import to_toml
-
-        toml.write_text(to_toml(cfg))
-        measured = measure(i, c, toml, args.steps, shape.batch * shape.length)
+        measured = measure(i, args.passes, shape.batch * shape.length)
         unit = replace(raw, saved_scale=0.0, grad_scale=1.0, overhead_mib=0.0)
         rows.append({
             "row": i, "config": c.label, "measured": measured,
@@ -108,7 +148,6 @@ def main() -> None:
             "trainable_m": (facts.trainable + facts.cloud_trainable) / 1e6,
             "facts": facts, "cfg": cfg,
         })  # fmt: skip
-        print(f"row {i} {c.label}: {measured}", flush=True)
     cal = fit([r for r in rows if r["row"] % 2 == 0], raw)
     save_calibration(cal)
     table = []
@@ -126,10 +165,11 @@ def main() -> None:
         })  # fmt: skip
     check = [t for t in table if t["set"] == "check"]
     result = {
-        "command": "benchmarks/plan_check.py --steps " + str(args.steps),
+        "command": f"benchmarks/plan_check.py --steps {args.steps} --passes {args.passes}",
         "setup": {"base": "examples/bbc-news-centralized.toml", "sets": SETS,
                   "shape": vars(shape), "gflops_profiled": gflops,
-                  "network": "loopback (none emulated)", "profiles": list(PROFILES)},
+                  "network": "loopback (none emulated)", "profiles": list(PROFILES),
+                  "loadavg_at_end": os.getloadavg(), "cpus": os.cpu_count()},
         "calibration": cal.as_dict(),
         "rows": table,
         "check_within": {
