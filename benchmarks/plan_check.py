@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from scipy.optimize import nnls
 
 from cotune.data.registry import load_task
 from cotune.link.network import PROFILES
@@ -103,7 +104,8 @@ def fit(rows: list[dict], cal: Calibration) -> Calibration:
     (saved_scale, overhead), *_ = np.linalg.lstsq(a, y, rcond=None)
     t = np.array([[r["flops_s"], r["trainable_m"]] for r in rows])
     ty = np.array([r["measured"]["step_s"] for r in rows])
-    (flops_scale, per_mparam), *_ = np.linalg.lstsq(t, ty, rcond=None)
+    # non-negative: a negative time per parameter would make large models' steps free
+    (flops_scale, per_mparam), _ = nnls(t, ty)
     return replace(
         cal, saved_scale=float(saved_scale), overhead_mib=float(overhead), grad_scale=1.0,
         flops_scale=float(flops_scale), per_mparam_s=float(per_mparam),
@@ -122,7 +124,12 @@ def main() -> None:
     base = load_experiment(BASE, SETS)
     task = load_task(base.task, base.seed)
     shape = batch_shape(base, task.train)
-    gflops = profile_gflops(base, shape.batch, shape.length)
+    gflops_file = OUT / "gflops.json"  # profiled once: a refit reuses it (reproducible)
+    if gflops_file.is_file():
+        gflops = float(json.loads(gflops_file.read_text())["gflops"])
+    else:
+        gflops = profile_gflops(base, shape.batch, shape.length)
+        gflops_file.write_text(json.dumps({"gflops": gflops, "loadavg": os.getloadavg()}) + "\n")
     finder = FactFinder(task.num_labels, shape.length)
     raw = Calibration(runtime_mib=load_calibration().runtime_mib)
     from cotune.config import to_toml
@@ -133,7 +140,8 @@ def main() -> None:
     for p in range(1, args.passes + 1):  # pass after pass: a burst of load hits one pass
         for i, c in enumerate(ROWS):
             run_row(i, p, OUT / f"row{i}.toml", args.steps)
-            print(f"pass {p} row {i} {c.label}: {measure_one(run_dir(i, p), 1)}", flush=True)
+            got = measure_one(run_dir(i, p), shape.batch * shape.length)
+            print(f"pass {p} row {i} {c.label}: {got}", flush=True)
     rows = []
     for i, c in enumerate(ROWS):
         cfg = configs[i]
@@ -163,6 +171,19 @@ def main() -> None:
             "ratio": {"peak": pred_peak / m["peak_mib"], "step": pred_step / m["step_s"]},
             "uncalibrated": {"peak_mib": r["fixed_mib"] + r["saved_mib"], "step_s": r["flops_s"]},
         })  # fmt: skip
+    for t in table:  # each check row against the fit row run just before it, pass by pass
+        if t["set"] != "check":
+            continue
+        ref = table[t["row"] - 1]
+        pairs = zip(t["measured"]["passes"], ref["measured"]["passes"], strict=True)
+        measured = [a["step_s"] / b["step_s"] for a, b in pairs]
+        predicted = t["predicted"]["step_s"] / ref["predicted"]["step_s"]
+        t["same_pass"] = {
+            "against_row": ref["row"], "predicted_ratio": predicted,
+            "measured_ratio_per_pass": measured,
+            "measured_ratio_median": float(np.median(measured)),
+            "error": predicted / float(np.median(measured)) - 1,
+        }  # fmt: skip
     check = [t for t in table if t["set"] == "check"]
     result = {
         "command": f"benchmarks/plan_check.py --steps {args.steps} --passes {args.passes}",
