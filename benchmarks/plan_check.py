@@ -198,12 +198,27 @@ def main() -> None:
             "step_20pct": all(abs(t["ratio"]["step"] - 1) <= 0.20 for t in check),
         },
     }  # fmt: skip
+    result["markdown"] = markdown(table)
     path = ROOT / "benchmarks" / "results" / "plan_check.json"
     path.write_text(json.dumps(result, indent=2) + "\n")
+    print(result["markdown"], flush=True)
+
+
+def markdown(table: list[dict[str, Any]]) -> str:
+    """The README table: predicted against measured, per row, with the errors."""
+    lines = ["| row | set | configuration | peak MiB predicted / measured | error | "
+             "step s predicted / measured (per pass) | error | same-pass ratio error |",
+             "|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for t in table:
-        print(f"{t['row']} {t['set']:5} {t['config']:55} peak {t['predicted']['peak_mib']:.0f}/"
-              f"{t['measured']['peak_mib']:.0f} step {t['predicted']['step_s']:.2f}/"
-              f"{t['measured']['step_s']:.2f}")  # fmt: skip
+        pr, me = t["predicted"], t["measured"]
+        passes = ", ".join(f"{p['step_s']:.3f}" for p in me["passes"])
+        same = f"{t['same_pass']['error']:+.0%}" if "same_pass" in t else ""
+        lines.append(
+            f"| {t['row']} | {t['set']} | {t['config']} | {pr['peak_mib']:.0f} / "
+            f"{me['peak_mib']:.0f} | {t['ratio']['peak'] - 1:+.1%} | {pr['step_s']:.3f} / "
+            f"{me['step_s']:.3f} ({passes}) | {t['ratio']['step'] - 1:+.0%} | {same} |"
+        )
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -13,8 +13,8 @@ Arms (minilm, SST-2, a seeded 2,000-phrase subsample, batch 16 x 64 tokens, the
   the `net-uniform-8` run of benchmarks/fleet_ranks.py (the same task, subsample,
   batch and length), not run here.
 
-The centralized and split arms train 250 steps of batch 16 (2 epochs of the
-subsample; lr 1e-4, 6% warmup, linear decay) and are scored every 50 steps; they run in
+The centralized and split arms train 100 steps of batch 16 (0.8 epoch of the
+subsample; lr 1e-4, 6% warmup, linear decay) and are scored every 20 steps; they run in
 process (`runtime.transport = "inprocess"`: no network, so each evaluation's `wall_s`
 is compute only). Each evaluation's time under a profile is then projected by
 cotune's clock (`cotune.link.network.transfer_s`, per message): its measured `wall_s`
@@ -27,7 +27,7 @@ that profile; benchmarks/fleet_ranks.py's `projected` figures). Compute is this
 machine's on both sides of the link: the device is taken to be as fast as the cloud.
 
 The time to a target is the projected time of the first evaluation at or above it
-(evaluations every 50 steps / every round: a time is an upper bound at that grain).
+(evaluations every 20 steps / every round: a time is an upper bound at that grain).
 
     OMP_NUM_THREADS=1 nice .venv/bin/python benchmarks/time_to_accuracy.py
 
@@ -59,11 +59,11 @@ OUT = ROOT / "benchmarks" / "results" / "time_to_accuracy"
 BASE = ROOT / "examples" / "sst2-split-sft.toml"
 COMMON = [
     "task.max_train_examples=2000",
-    "train.steps=250",
+    "train.steps=100",
     "train.batch_size=16",
     "train.max_seq_len=64",
     "train.lr=1e-4",
-    "train.eval_every=50",
+    "train.eval_every=20",
     "train.threads=1",
     "split.cut=4",
     "runtime.transport=inprocess",
