@@ -5,6 +5,7 @@ charged once; bad input names the valid values and exits 2."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
@@ -14,7 +15,7 @@ import pytest
 from helpers import TOKEN, batch_for, inprocess_pair, make_device, tiny_cfg
 
 from cotune.cli.main import main
-from cotune.config import NETWORK_PROFILES, NetworkConfig, build_config
+from cotune.config import NETWORK_PROFILES, DeviceProfile, NetworkConfig, build_config
 from cotune.errors import ConfigError
 from cotune.link.accounting import GRPC_PREFIX_BYTES
 from cotune.link.auth import TokenBook
@@ -25,6 +26,7 @@ from cotune.link.network import (
     PROFILES,
     NetworkClock,
     NetworkSpec,
+    exchange_s,
     network_spec,
     transfer_s,
 )
@@ -295,6 +297,23 @@ def test_federated_call_waits_for_its_slowest_client() -> None:
     assert fleet.seconds == pytest.approx(t + t2) and fleet.calls == 2
 
 
+def test_a_device_named_profile_replaces_the_network_and_its_own_figures_win() -> None:
+    base = NetworkSpec(up_mbps=8, down_mbps=16, latency_ms=10, mode="clock", profile="wifi")
+    devices = [DeviceProfile(network="constrained"), DeviceProfile(network="lte", up_mbps=3.0),
+               DeviceProfile()]  # fmt: skip
+    fleet = FleetNetwork(base, [
+        {"network": d.network, "up_mbps": d.up_mbps, "down_mbps": d.down_mbps,
+         "latency_ms": d.latency_ms} for d in devices])  # fmt: skip
+    assert fleet.spec_for(0) == dataclasses.replace(PROFILES["constrained"], profile="constrained")
+    assert fleet.spec_for(0).loss == 0.01  # all the profile's figures, loss included
+    assert fleet.spec_for(1) == dataclasses.replace(PROFILES["lte"], profile="lte", up_mbps=3.0)
+    assert fleet.spec_for(2) == base and fleet.spec_for(3) == fleet.spec_for(0)
+    t = fleet.charge({1: [10_000], 2: [10_000]}, {1: [5_000], 2: [5_000]}, {1: 0, 2: 1})
+    slowest = exchange_s(fleet.spec_for(0), [10_000], [5_000])
+    assert t == pytest.approx(slowest)
+    assert slowest > exchange_s(fleet.spec_for(1), [10_000], [5_000])
+
+
 def test_federated_run_projects_rounds(tmp_path: Path) -> None:
     from helpers import tiny_config, write_sst2
 
@@ -313,6 +332,9 @@ def test_federated_run_projects_rounds(tmp_path: Path) -> None:
     per_client = max(r["round_bytes_down"] for r in rows) / 2
     assert offsets[1] - offsets[0] >= per_client * 8 / 40e6 + 2 * 0.025 - 1e-9
     assert math.isfinite(net["network_s"])
+    # each round: the clients' local training, the slowest one's and all of it
+    for r in rows:
+        assert 0 < r["client_train_s_max"] <= r["client_train_s_total"] <= r["wall_s"]
 
 
 def test_splitfed_run_waits_for_its_slowest_device_link(tmp_path: Path) -> None:

@@ -276,9 +276,10 @@ class LinkConfig(_Section):
 class DeviceProfile(_Section):
     """One device of a federated fleet (`federated.devices`, or a `[[device]]` table of
     the file `federated.fleet` names). `rank`: its LoRA rank (fedlora; None: the fleet
-    has one rank, `model.lora.r`). `up_mbps`, `down_mbps`, `latency_ms`: its link, in
-    place of `[link.network]`'s when that is set (the federated clock); `memory_mib` is
-    validated and recorded."""
+    has one rank, `model.lora.r`). `network`: a named link profile for it, in place of
+    `[link.network]`'s figures when that is set (the federated clock); `up_mbps`,
+    `down_mbps`, `latency_ms`: its link's figures, over both; `memory_mib` is validated
+    and recorded."""
 
     name: str | None = None
     """The device's name (for reports)."""
@@ -286,6 +287,9 @@ class DeviceProfile(_Section):
     """fedlora: this device's LoRA rank (unset: model.lora.r)."""
     memory_mib: float | None = Field(default=None, gt=0)
     """The device's memory, MiB (recorded)."""
+    network: NetworkProfile | None = None
+    """The device's link as a named profile (datacenter | wifi | lte | constrained: all
+    its figures, loss and jitter included), in place of [link.network]'s."""
     up_mbps: float | None = Field(default=None, gt=0)
     """The device's uplink, Mbit/s (recorded)."""
     down_mbps: float | None = Field(default=None, gt=0)

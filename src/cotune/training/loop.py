@@ -10,6 +10,7 @@ RSS, shows progress, and calls `on_step` after each step; `Checkpoints` is the c
 from __future__ import annotations
 
 import os
+import statistics
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager, nullcontext
@@ -122,6 +123,10 @@ class StepStats:
             "steps": self.steps,
             "examples_seen": self.examples,
             "tokens_per_s": self.tokens_per_s,
+            # the lower median, as torch's (the split device reports the same figure)
+            **(
+                {"step_s_median": statistics.median_low(self.step_times)} if self.step_times else {}
+            ),  # fmt: skip
             "train_s": self.train_s,
             "final_train_loss": self.mean_loss,
         }

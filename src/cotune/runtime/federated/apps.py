@@ -26,6 +26,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import time
 import traceback
 from collections.abc import Sequence
 from functools import lru_cache
@@ -53,6 +54,7 @@ from cotune.runtime.federated.keys import (
     NUM_PARTITIONS_KEY,
     PARTITION_KEY,
     SHA_KEY,
+    TRAIN_S_KEY,
     USER_ERROR_FILE,
     WEIGHT_KEY,
     number,
@@ -251,10 +253,13 @@ def train(message: Message, context: Context) -> Message:
     extras = {k: from_arrays(v) for k, v in content.array_records.items() if k != ARRAYS_KEY}
     state = from_arrays(content.array_records[ARRAYS_KEY])
     rnd = int(number(config["server-round"], "server-round"))
+    t0 = time.perf_counter()
     update = federated_spec(cfg).client_train(cfg, partition, state, rnd, extras)
+    train_s = time.perf_counter() - t0  # this client's local training, wall seconds
     metrics = MetricRecord(
-        {WEIGHT_KEY: update.num_examples, PARTITION_KEY: partition, **update.metrics}
-    )
+        {WEIGHT_KEY: update.num_examples, PARTITION_KEY: partition, TRAIN_S_KEY: train_s,
+         **update.metrics}
+    )  # fmt: skip
     records: dict[str, ArrayRecord | MetricRecord | ConfigRecord] = {
         ARRAYS_KEY: to_arrays(update.state),
         METRICS_KEY: metrics,

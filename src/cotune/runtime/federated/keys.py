@@ -17,6 +17,7 @@ NUM_PARTITIONS_KEY = "num-partitions"
 DATA_PATH_KEY = "data-path"
 EVAL_PATH_KEY = "eval-path"
 NODE_KEY = "node"  # ConfigRecord of a reply: what a node's own data is (or why it fails)
+TRAIN_S_KEY = "train-s"  # MetricRecord of a train reply: the client's local training, s
 SHA_KEY = "data-sha256"  # the fingerprint of a node's training examples
 EXAMPLES_KEY = "examples"
 LABELS_KEY = "labels"

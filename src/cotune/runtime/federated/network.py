@@ -5,9 +5,10 @@ sends every sampled client its messages and waits for all replies, so it lasts a
 as its slowest client: the call's network time is the largest, over its clients, of
 that client's messages down then its replies up, each costing
 `cotune.link.network.transfer_s` on the client's link. A client's link is
-`[link.network]`, with the `up_mbps`, `down_mbps` and `latency_ms` its device profile
-gives (`federated.devices` / `federated.fleet`; client k is device k mod the number of
-devices) in place of the network's own.
+`[link.network]`, or its device's named `network` profile (all that profile's figures)
+when the device gives one, with the `up_mbps`, `down_mbps` and `latency_ms` its device
+profile gives (`federated.devices` / `federated.fleet`; client k is device k mod the
+number of devices) over either.
 
 Only the clock is emulated for federated runs: "throttle" is a split link's mode (the
 clients' messages cross Flower's own transport, which cotune does not pace).
@@ -21,13 +22,13 @@ from collections.abc import Mapping
 from typing import Any
 
 from cotune.config import Config
-from cotune.link.network import NetworkSpec, exchange_s, network_spec
+from cotune.link.network import PROFILES, NetworkSpec, exchange_s, network_spec
 
 log = logging.getLogger(__name__)
 
 
 class FleetNetwork:
-    def __init__(self, base: NetworkSpec, devices: list[dict[str, float | None]]) -> None:
+    def __init__(self, base: NetworkSpec, devices: list[dict[str, Any]]) -> None:
         self.base = base
         self.devices = devices
         self.seconds = 0.0
@@ -45,19 +46,23 @@ class FleetNetwork:
                 "projects its network time on the clock (metrics.jsonl: projected_wall_s)"
             )
         devices = [
-            {"up_mbps": d.up_mbps, "down_mbps": d.down_mbps, "latency_ms": d.latency_ms}
+            {"network": d.network, "up_mbps": d.up_mbps, "down_mbps": d.down_mbps,
+             "latency_ms": d.latency_ms}
             for d in cfg.federated.devices
-        ]
+        ]  # fmt: skip
         return cls(base, devices)
 
     def spec_for(self, partition: int) -> NetworkSpec:
         """Client `partition`'s link: the network, with its device's own figures."""
         if not self.devices:
             return self.base
-        own: dict[str, Any] = {
-            k: v for k, v in self.devices[partition % len(self.devices)].items() if v is not None
-        }
-        spec = dataclasses.replace(self.base, **own)
+        device = self.devices[partition % len(self.devices)]
+        own: dict[str, Any] = {k: v for k, v in device.items() if v is not None and k != "network"}
+        base = self.base
+        if device.get("network") is not None:  # its named profile, on the network's clock
+            name = str(device["network"])
+            base = dataclasses.replace(PROFILES[name], mode=base.mode, profile=name)
+        spec = dataclasses.replace(base, **own)
         if spec.jitter_ms > spec.latency_ms:
             spec = dataclasses.replace(spec, jitter_ms=spec.latency_ms)
         return spec

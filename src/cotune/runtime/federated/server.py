@@ -64,6 +64,7 @@ from cotune.runtime.federated.keys import (
     PARTITION_KEY,
     RESULT_FILE,
     SHA_KEY,
+    TRAIN_S_KEY,
     WEIGHT_KEY,
     number,
 )
@@ -404,6 +405,7 @@ class FederatedServer:
             else:
                 replies = counting.send_and_receive(messages, timeout=timeout)
                 arrays, client_metrics = driver.aggregate_train(rnd, replies)
+            train_s = _train_times(replies)  # none under SecAgg+: the replies stay inside it
             _add_client_bytes(totals, counting, strategy.node_of)
             outcome = strategy.outcome
             _observe_replies(hook, rnd, replies, outcome.accepted)
@@ -450,6 +452,12 @@ class FederatedServer:
                     **({"train_loss": cm["train_loss"]} if "train_loss" in cm else {}),
                     **outcome.counts(),
                     **({"faults_injected": len(kinds)} if faults.fail_fraction > 0 else {}),
+                    # the clients' local training: the slowest one's, and all of it
+                    **(
+                        {"client_train_s_max": max(train_s), "client_train_s_total": sum(train_s)}
+                        if train_s
+                        else {}
+                    ),  # fmt: skip
                     "round_bytes_up": counting.bytes_up - up0,
                     "round_bytes_down": counting.bytes_down - down0,
                     "bytes_up": counting.bytes_up,
@@ -603,9 +611,21 @@ def _address(messages: list[Message], node_of: dict[int, int]) -> list[Message]:
     return messages
 
 
+def _train_times(replies: list[Message]) -> list[float]:
+    """The local training time (s) each client that trained reports."""
+    out = []
+    for msg in replies:
+        content = msg.content if not msg.has_error() else None
+        if content is not None and METRICS_KEY in content.metric_records:
+            metrics = content.metric_records[METRICS_KEY]
+            if TRAIN_S_KEY in metrics:
+                out.append(float(number(metrics[TRAIN_S_KEY], TRAIN_S_KEY)))
+    return out
+
+
 def _trained_on(rnd: int, replies: list[Message]) -> list[dict[str, Any]]:
-    """One train.jsonl record per client that trained: its examples and the
-    fingerprint of the data it trained on."""
+    """One train.jsonl record per client that trained: its examples, the fingerprint of
+    the data it trained on and its local training time (`train_s`, wall seconds)."""
     out = []
     for msg in replies:
         content = msg.content if not msg.has_error() else None
@@ -617,7 +637,9 @@ def _trained_on(rnd: int, replies: list[Message]) -> list[dict[str, Any]]:
             {"round": rnd, "event": "client_trained",
              "partition": int(number(metrics[PARTITION_KEY], PARTITION_KEY)),
              "examples": int(number(metrics.get(WEIGHT_KEY, 0), WEIGHT_KEY)),
-             "data_sha256": str(node[SHA_KEY]) if node is not None and SHA_KEY in node else None}
+             "data_sha256": str(node[SHA_KEY]) if node is not None and SHA_KEY in node else None,
+             **({"train_s": float(number(metrics[TRAIN_S_KEY], TRAIN_S_KEY))}
+                if TRAIN_S_KEY in metrics else {})}
         )  # fmt: skip
     return sorted(out, key=lambda r: r["partition"])
 
