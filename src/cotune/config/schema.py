@@ -523,12 +523,12 @@ class PrivacyConfig(_Section):
     training spends `epsilon` at `delta` per training example (see docs/privacy.md for
     what this covers and what it does not)."""
 
-    epsilon: float | None = Field(default=None, gt=0)
+    epsilon: float | None = Field(default=None, gt=0, allow_inf_nan=False)
     """The privacy budget spent over the whole training, per training example (unset: no
     noise)."""
-    delta: float = Field(default=1e-5, gt=0, lt=1)
+    delta: float = Field(default=1e-5, gt=0, lt=1, allow_inf_nan=False)
     """The delta of (epsilon, delta)-DP (well below 1 / the number of training examples)."""
-    clip: float = Field(default=1.0, gt=0)
+    clip: float = Field(default=1.0, gt=0, allow_inf_nan=False)
     """The L2 bound each token row of the cut is clipped to before the noise."""
     accountant: Literal["rdp", "prv"] = "rdp"
     """Opacus's RDP or PRV accountant, to set the noise from epsilon and delta."""
