@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 from helpers import write_sst2
 
 from cotune.attack import attack_config, attack_run
@@ -85,3 +86,41 @@ def test_what_the_attack_does_not_cover_is_refused(data: Path, tmp_path: Path) -
     with pytest.raises(ConfigError, match="'centralized' run"):
         attack_run(run)
     assert main(["attack", str(run)]) == 2
+
+
+def test_gradient_directions_give_the_labels_away() -> None:
+    # a constructed U-shaped case: the gradient of a softmax head's loss w.r.t. the
+    # pooled features is J^T (p - onehot(y)); its sign along w1 - w0 is set by y
+    from cotune.attack.label_leak import gradient_label_attack
+
+    g = torch.Generator().manual_seed(0)
+    n, width = 400, 32
+    labels = (torch.rand(n, generator=g) < 0.7).long()  # 70% ones: the floor
+    w = torch.randn(2, width, generator=g)
+    p1 = torch.rand(n, generator=g)
+    coef = p1 - labels.float()  # d loss / d logit_1 (= -d / d logit_0)
+    grads = coef[:, None] * (w[1] - w[0]) + 0.05 * torch.randn(n, width, generator=g)
+    guess = gradient_label_attack(grads, 2, prior=[1, 0])
+    accuracy = float((guess == labels).float().mean())
+    assert accuracy > 0.95 > 0.7
+    # named by the wrong prior, the same clusters are the labels flipped
+    flipped = gradient_label_attack(grads, 2, prior=[0, 1])
+    assert float((flipped == labels).float().mean()) < 0.05
+    # gradients that carry no label: the attack is no better than the floor
+    blind = gradient_label_attack(torch.randn(n, width, generator=g), 2, prior=[1, 0])
+    assert float((blind == labels).float().mean()) < 0.8
+
+
+def test_a_u_shaped_run_leaks_its_labels_through_the_gradient(data: Path, tmp_path: Path) -> None:
+    from cotune.runtime.curious_cloud import label_leak
+
+    cloud = label_leak(build_config(_raw(data)), tmp_path / "cloud")
+    assert cloud["label_recovery"] == 1.0 and cloud["labels"] == "cloud"
+    raw = _raw(data, split={"labels": "device"},
+               train={"steps": 12, "batch_size": 8, "lr": 1e-3})  # fmt: skip
+    r = label_leak(build_config(raw), tmp_path / "device")
+    assert r["labels"] == "device" and r["examples"] == 96 and r["steps"] == 12
+    assert r["floor_majority"] < 0.75
+    assert r["label_recovery"] > r["floor_majority"] + 0.15
+    # the run itself went through: a finished run folder
+    assert (tmp_path / "device" / "summary.json").is_file()

@@ -4,14 +4,20 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
+from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 
 from cotune.cli.main import main
+from cotune.config import build_config
+from cotune.config.load import load_config, write_config
 from cotune.errors import ConfigError
+from cotune.methods import resolve
 from cotune.privacy import CutNoise, PrivacyBudget, clip_rows, cut_noise_for, epsilon_spent
-from tests.helpers import batch_for, inprocess_pair, tiny_cfg, write_sst2
+from tests.helpers import batch_for, inprocess_pair, tiny_cfg, write_e2e, write_sst2
 
 
 def test_clipping_bounds_every_row_and_leaves_short_rows_alone() -> None:
@@ -111,7 +117,13 @@ def _split_args(data, out, *extra: str) -> list[str]:  # type: ignore[no-untyped
     ("setting", "needle"),
     [("privacy.epsilon=0", "privacy.epsilon"), ("privacy.epsilon=-1", "privacy.epsilon"),
      ("privacy.delta=1", "privacy.delta"), ("privacy.delta=1.5", "privacy.delta"),
-     ("privacy.clip=0", "privacy.clip")],
+     ("privacy.clip=0", "privacy.clip"),
+     # non-finite values: a clear error, not an infinite budget or a NaN noise
+     ("privacy.epsilon=inf", "privacy.epsilon: Input should be a finite number"),
+     ("privacy.epsilon=nan", "privacy.epsilon: Input should be a finite number"),
+     ("privacy.delta=nan", "privacy.delta: Input should be a finite number"),
+     ("privacy.clip=inf", "privacy.clip: Input should be a finite number"),
+     ("privacy.clip=nan", "privacy.clip: Input should be a finite number")],
 )  # fmt: skip
 def test_bad_privacy_settings_exit_2(setting: str, needle: str, tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
     code, err = _run(_split_args(write_sst2(tmp_path), tmp_path / "r", "--set", setting), capsys)
@@ -135,3 +147,26 @@ def test_a_private_split_run_reports_epsilon_per_evaluation(tmp_path, capsys) ->
     assert p["target_epsilon"] == 3.0 and p["steps"] == 6 and p["labels_cross"] is True
     assert p["sample_rate"] == pytest.approx(8 / 160)
     assert p["noise_std"] == pytest.approx(p["noise_multiplier"] * math.sqrt(24))
+
+
+@pytest.mark.parametrize("method", ["split", "splitfed"])
+def test_split_methods_keep_privacy_in_the_written_config(method: str, tmp_path: Path) -> None:
+    # [privacy] is read by split and splitfed: no "ignored" warning, and the written
+    # config.toml keeps it (cotune attack RUN_DIR reads the run's noise from it)
+    raw: dict[str, Any] = {
+        "method": method, "model": {"name": "tiny-bert"}, "split": {"cut": 1},
+        "privacy": {"epsilon": 2.0, "clip": 0.5},
+    }  # fmt: skip
+    if method == "splitfed":  # a causal LM on a generation task, LoRA
+        raw["task"] = {"name": "e2e", "data_dir": str(write_e2e(tmp_path / "e2e", n_train=4))}
+        raw["model"] = {"name": "tiny-llama", "lora": {"r": 4}}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        cfg = resolve(build_config(raw))
+    write_config(cfg, tmp_path / "config.toml")
+    again = load_config(tmp_path / "config.toml")
+    assert again.privacy.epsilon == 2.0 and again.privacy.clip == 0.5
+    # a method that does not read it still says so
+    with pytest.warns(UserWarning, match=r"\[privacy\] is not read by method 'centralized'"):
+        resolve(build_config({"method": "centralized", "model": {"name": "tiny-bert"},
+                              "privacy": {"epsilon": 2.0}}))  # fmt: skip

@@ -11,7 +11,8 @@ position. The inverter is then applied to the rows the device really sends for i
 own data (through the device's real segment: initial weights before fine-tuning,
 trained weights after), and we count the tokens it gets exactly right.
 
-- `cut_rows`: (rows as the cloud decodes them, the token id at each row) for texts;
+- `cut_rows`: (rows as the cloud decodes them, the token id at each row) for texts
+  (`segment_rows` then `through_link`, usable apart to reuse one segment's rows);
 - `train_inverter`: a linear or one-hidden-layer classifier over the public vocabulary;
 - `recovery`: exact-token recovery over real (non-special) tokens, overall and on the
   most label-informative tokens;
@@ -43,6 +44,54 @@ class CutRows:
 
 
 @torch.no_grad()
+def segment_rows(
+    segment: nn.Module,
+    tokenizer: object,
+    texts: Sequence[str],
+    *,
+    max_length: int,
+    batch_size: int = 32,
+    skip_ids: Sequence[int] = (),
+) -> CutRows:
+    """Run `texts` through the device `segment`; the rows of real tokens other than
+    `skip_ids`, as the segment outputs them (before any noise or codec)."""
+    segment.eval()
+    skip = torch.tensor(sorted(set(skip_ids)), dtype=torch.long)
+    rows, ids, example = [], [], []
+    for start in range(0, len(texts), batch_size):
+        enc = tokenizer(  # type: ignore[operator]
+            list(texts[start : start + batch_size]), truncation=True, max_length=max_length,
+            padding=True, return_tensors="pt",
+        )  # fmt: skip
+        inputs = {k: enc[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in enc}
+        hidden, mask = segment(**inputs)
+        mask = inputs["attention_mask"].bool() if mask is None else mask.bool()
+        tok = inputs["input_ids"][mask]
+        which = torch.arange(start, start + hidden.shape[0]).unsqueeze(1).expand_as(mask)[mask]
+        keep = ~torch.isin(tok, skip)
+        rows.append(hidden[mask].float()[keep])
+        ids.append(tok[keep])
+        example.append(which[keep])
+    return CutRows(torch.cat(rows), torch.cat(ids), torch.cat(example))
+
+
+@torch.no_grad()
+def through_link(
+    raw: CutRows, codec: Codec, *, noise: RowsFn | None = None, chunk: int = 4096
+) -> CutRows:
+    """The rows of `raw` as the cloud decodes them: (noise,) then the codec's encode
+    and decode, in chunks of `chunk` rows (the codecs work row by row)."""
+    out = []
+    for i in range(0, raw.rows.shape[0], chunk):
+        sent = raw.rows[i : i + chunk]
+        if noise is not None:
+            sent = noise(sent)
+        out.append(
+            codec.forward.decode(codec.forward.encode(sent), "rows", sent.shape[0], sent.shape[1])
+        )
+    return CutRows(torch.cat(out), raw.ids, raw.example)
+
+
 def cut_rows(
     segment: nn.Module,
     codec: Codec,
@@ -56,30 +105,9 @@ def cut_rows(
 ) -> CutRows:
     """Run `texts` through the device `segment`, (noise,) encode and decode with `codec`
     (what the cloud holds); keep the rows of real tokens other than `skip_ids`."""
-    segment.eval()
-    skip = torch.tensor(sorted(set(skip_ids)), dtype=torch.long)
-    rows, ids, example = [], [], []
-    for start in range(0, len(texts), batch_size):
-        enc = tokenizer(  # type: ignore[operator]
-            list(texts[start : start + batch_size]), truncation=True, max_length=max_length,
-            padding=True, return_tensors="pt",
-        )  # fmt: skip
-        inputs = {k: enc[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in enc}
-        hidden, mask = segment(**inputs)
-        mask = inputs["attention_mask"].bool() if mask is None else mask.bool()
-        sent = hidden[mask].float()
-        if noise is not None:
-            sent = noise(sent)
-        seen = codec.forward.decode(
-            codec.forward.encode(sent), "rows", sent.shape[0], sent.shape[1]
-        )
-        tok = inputs["input_ids"][mask]
-        which = torch.arange(start, start + hidden.shape[0]).unsqueeze(1).expand_as(mask)[mask]
-        keep = ~torch.isin(tok, skip)
-        rows.append(seen[keep])
-        ids.append(tok[keep])
-        example.append(which[keep])
-    return CutRows(torch.cat(rows), torch.cat(ids), torch.cat(example))
+    raw = segment_rows(segment, tokenizer, texts, max_length=max_length,
+                       batch_size=batch_size, skip_ids=skip_ids)  # fmt: skip
+    return through_link(raw, codec, noise=noise)
 
 
 class Inverter(nn.Module):

@@ -44,7 +44,7 @@ SPEC = MethodSpec(
     name="split",
     summary="device runs the layers before the cut, the cloud the rest; any link codec",
     runs=SplitSpec(cloud=SplitCloud, device=train_device),
-    reads=frozenset({"split", "link", "memory", "runtime"}),
+    reads=frozenset({"split", "link", "memory", "runtime", "privacy"}),
     configure=configure,
 )
 

@@ -144,7 +144,7 @@ SPEC = MethodSpec(
         devices=lambda cfg: cfg.federated.clients,
         finish=finish,
     ),
-    reads=frozenset({"generation", "split", "link", "federated", "memory", "runtime"}),
+    reads=frozenset({"generation", "split", "link", "federated", "memory", "runtime", "privacy"}),
     configure=configure,
 )
 
