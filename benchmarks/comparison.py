@@ -249,3 +249,28 @@ def _rel(path: Path | None) -> str | None:
         return str(Path(path).resolve().relative_to(ROOT))
     except ValueError:
         return str(path)
+
+
+def differences_table(
+    differences: list[dict[str, Any]], verdict: Callable[[dict[str, Any]], str] | None = None
+) -> list[str]:
+    """The Markdown table of the pairs' differences (points): per seed, mean, the seeds'
+    t-interval and the paired bootstrap over the eval examples, and a verdict column
+    when `verdict` is given."""
+    extra = " verdict |" if verdict else ""
+    lines = [
+        f"| difference | per seed (points) | mean | seeds interval | examples interval |{extra}",
+        "|---|---|---|---|---|" + ("---|" if verdict else ""),
+    ]
+    for d in differences:
+        if "mean" not in d:
+            lines.append(f"| {d['a']} - {d['b']} | not run yet | | | |" + (" |" if verdict else ""))
+            continue
+        si, ei = d.get("seeds_interval"), d.get("examples_interval")
+        lines.append(
+            f"| {d['a']} - {d['b']} | {', '.join(points(x) for x in d['per_seed'])} "
+            f"| {points(d['mean'])} "
+            f"| {interval(si) if si else 'one seed'} | {interval(ei) if ei else '-'} |"
+            + (f" {verdict(d)} |" if verdict else "")
+        )
+    return lines

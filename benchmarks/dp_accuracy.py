@@ -38,8 +38,7 @@ from comparison import (
     Comparison,
     Pair,
     describe,
-    interval,
-    points,
+    differences_table,
     run,
     summarise,
     write,
@@ -81,18 +80,7 @@ def render(data: dict[str, Any]) -> str:
         eps = arm.get("metrics", {}).get("epsilon", {}).get("mean")
         spent = "inf (no noise)" if name == "none" else f"{eps:.2f}" if eps else "-"
         lines.append(f"| {name} | {len(arm['seeds'])} | {describe(arm, 'accuracy')} | {spent} |")
-    lines += ["", "| difference | per seed (points) | mean | seeds interval | examples interval |",
-              "|---|---|---|---|---|"]  # fmt: skip
-    for d in data["differences"]:
-        if "mean" not in d:
-            lines.append(f"| {d['a']} - {d['b']} | not run yet | | | |")
-            continue
-        si, ei = d.get("seeds_interval"), d.get("examples_interval")
-        lines.append(
-            f"| {d['a']} - {d['b']} | {', '.join(points(x) for x in d['per_seed'])} "
-            f"| {points(d['mean'])} "
-            f"| {interval(si) if si else 'one seed'} | {interval(ei) if ei else '-'} |"
-        )
+    lines += ["", *differences_table(data["differences"])]
     return "\n".join(lines) + "\n"
 
 

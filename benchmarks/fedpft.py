@@ -40,8 +40,7 @@ from comparison import (
     Comparison,
     Pair,
     describe,
-    interval,
-    points,
+    differences_table,
     run,
     summarise,
     write,
@@ -153,18 +152,7 @@ def render(data: dict[str, Any]) -> str:
     for name, arm in data["arms"].items():
         b = arm.get("bytes_mean")
         lines.append(f"| {name} | {describe(arm, 'accuracy')} | {f'{b / 1e6:.1f}' if b else '-'} |")
-    lines += ["", "| difference | per seed (points) | mean | seeds interval | examples interval | verdict |",
-              "|---|---|---|---|---|---|"]  # fmt: skip
-    for d in data["differences"]:
-        if "mean" not in d:
-            lines.append(f"| {d['a']} - {d['b']} | not run yet | | | | |")
-            continue
-        si, ei = d.get("seeds_interval"), d.get("examples_interval")
-        lines.append(
-            f"| {d['a']} - {d['b']} | {', '.join(points(x) for x in d['per_seed'])} "
-            f"| {points(d['mean'])} | {interval(si) if si else 'one seed'} "
-            f"| {interval(ei) if ei else '-'} | {d['verdict']} |"
-        )
+    lines += ["", *differences_table(data["differences"], lambda d: d["verdict"])]
     for arm, a in data.get("alignment", {}).items():
         if a:
             lines += ["", f"{arm}: proxy gap to the FM per layer before -> after alignment "

@@ -27,8 +27,7 @@ from comparison import (
     Comparison,
     Pair,
     describe,
-    interval,
-    points,
+    differences_table,
     run,
     summarise,
     write,
@@ -68,18 +67,7 @@ def render(data: dict[str, Any]) -> str:
     lines = [f"## {data['comparison']}", "", "| arm | accuracy (mean ± 95% t-interval) |",
              "|---|---|"]  # fmt: skip
     lines += [f"| {name} | {describe(arm, 'accuracy')} |" for name, arm in data["arms"].items()]
-    lines += ["", "| difference | per seed (points) | mean | seeds interval | examples interval | verdict |",
-              "|---|---|---|---|---|---|"]  # fmt: skip
-    for d in data["differences"]:
-        if "mean" not in d:
-            lines.append(f"| {d['a']} - {d['b']} | not run yet | | | | |")
-            continue
-        si, ei = d.get("seeds_interval"), d.get("examples_interval")
-        lines.append(
-            f"| {d['a']} - {d['b']} | {', '.join(points(x) for x in d['per_seed'])} "
-            f"| {points(d['mean'])} | {interval(si) if si else 'one seed'} "
-            f"| {interval(ei) if ei else '-'} | {verdict(d)} |"
-        )
+    lines += ["", *differences_table(data["differences"], verdict)]
     return "\n".join(lines) + "\n"
 
 

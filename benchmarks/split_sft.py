@@ -38,8 +38,7 @@ from comparison import (
     Comparison,
     Pair,
     describe,
-    interval,
-    points,
+    differences_table,
     run,
     summarise,
     write,
@@ -127,18 +126,7 @@ def render(data: dict[str, Any]) -> str:
         ratio = f"{identity / b:.1f}" if identity and b else "-"
         mb = "-" if not arm["seeds"] else f"{b / 1e6:.2f}" if b else "0 (no link)"
         lines.append(f"| {name} | {describe(arm, 'accuracy')} | {mb} | {ratio} |")
-    lines += ["", "| difference | per seed (points) | mean | seeds interval | examples interval |",
-              "|---|---|---|---|---|"]  # fmt: skip
-    for d in data["differences"]:
-        if "mean" not in d:
-            lines.append(f"| {d['a']} - {d['b']} | not run yet | | | |")
-            continue
-        si, ei = d.get("seeds_interval"), d.get("examples_interval")
-        lines.append(
-            f"| {d['a']} - {d['b']} | {', '.join(points(x) for x in d['per_seed'])} "
-            f"| {points(d['mean'])} "
-            f"| {interval(si) if si else 'one seed'} | {interval(ei) if ei else '-'} |"
-        )
+    lines += ["", *differences_table(data["differences"])]
     lines.append("")
     for arm, v in data["verdicts"].items():
         if v["gap_points"] is None:
