@@ -269,3 +269,16 @@ def write_squad(folder: Path, n_articles: int = 6, per_article: int = 4, seed: i
         data.append({"title": f"Article_{a}", "paragraphs": [{"context": context, "qas": qas}]})
     (folder / "dev-v1.1.json").write_text(json.dumps({"version": "1.1", "data": data}))
     return folder
+
+
+def tiny_fedlora_run_args(tmp_path: Path, run_dir: Path, *sets: str) -> list[str]:
+    """`cotune run` arguments for a tiny fedlora run on a small written SST-2 (80 phrases;
+    tiny-bert, batch 8 x 24 tokens, 2 local steps, 32 eval examples), plus `sets`."""
+    data = write_sst2(tmp_path, n_train=80)
+    base = ("method=fedlora", "model.name=tiny-bert", "task.name=glue/sst2",
+            f"task.data_dir={data}", "task.max_eval_examples=32", "train.batch_size=8",
+            "train.max_seq_len=24", "federated.local_steps=2")  # fmt: skip
+    args = ["run", "--out", str(run_dir)]
+    for kv in (*base, *sets):
+        args += ["--set", kv]
+    return args

@@ -19,7 +19,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import eventually, expected_sha, node_files, node_rows, write_rows, write_sst2
+from helpers import (
+    eventually,
+    expected_sha,
+    node_files,
+    node_rows,
+    tiny_fedlora_run_args,
+    write_rows,
+)
 
 from cotune.cli.main import main
 from cotune.report.run_folder import read_jsonl
@@ -55,16 +62,9 @@ def _processes_with_env(needle: str) -> list[int]:
 
 @pytest.mark.slow
 def test_two_fedlora_rounds_on_a_loopback_superlink(tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
-    data = write_sst2(tmp_path, n_train=80)
     run_dir = tmp_path / "run"
-    args = ["run", "--out", str(run_dir)]
-    for kv in (
-        "method=fedlora", "model.name=tiny-bert", "task.name=glue/sst2",
-        f"task.data_dir={data}", "task.max_eval_examples=32", "train.batch_size=8",
-        "train.max_seq_len=24", "federated.clients=2", "federated.rounds=2",
-        "federated.local_steps=2", "federated.round_timeout=300", "runtime.engine=deployment",
-    ):  # fmt: skip
-        args += ["--set", kv]
+    args = tiny_fedlora_run_args(tmp_path, run_dir, "federated.clients=2", "federated.rounds=2",
+                                 "federated.round_timeout=300", "runtime.engine=deployment")  # fmt: skip
     assert main(args) == 0, capsys.readouterr().err
 
     records = read_jsonl(run_dir / "metrics.jsonl")

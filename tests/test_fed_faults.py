@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from flwr.app import Array, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
-from helpers import tiny_config, write_sst2
+from helpers import tiny_config, tiny_fedlora_run_args, write_sst2
 
 from cotune.cli.main import main
 from cotune.errors import ConfigError
@@ -160,18 +160,12 @@ def test_simulation_engine_survives_raised_and_timed_out_clients(tmp_path: Path,
     """The user's path: `cotune run` on the simulation engine (flwr run against a
     loopback simulation SuperLink), one client raising and one holding its reply past
     the round's deadline in a round of four."""
-    data = write_sst2(tmp_path, n_train=80)
     run_dir = tmp_path / "run"
-    args = ["run", "--out", str(run_dir)]
-    for kv in (
-        "method=fedlora", "model.name=tiny-bert", "task.name=glue/sst2",
-        f"task.data_dir={data}", "task.max_eval_examples=32", "train.batch_size=8",
-        "train.max_seq_len=24", "federated.clients=4", "federated.rounds=1",
-        "federated.local_steps=2", "federated.round_timeout=90",
-        "federated.faults.fail_fraction=0.5", "federated.faults.mode=mixed",
-        "federated.faults.seed=1", "runtime.export=false",
-    ):  # fmt: skip
-        args += ["--set", kv]
+    args = tiny_fedlora_run_args(
+        tmp_path, run_dir, "federated.clients=4", "federated.rounds=1",
+        "federated.round_timeout=90", "federated.faults.fail_fraction=0.5",
+        "federated.faults.mode=mixed", "federated.faults.seed=1", "runtime.export=false",
+    )  # fmt: skip
     code, err = main(args), capsys.readouterr().err
     assert code == 0, err
     assert "[eval] round 1/1" in err  # the ServerApp's round, echoed by cotune run

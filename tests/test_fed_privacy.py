@@ -18,7 +18,7 @@ import pytest
 from flwr.app import Array, ArrayRecord, Message, MessageType
 from flwr.common import bytes_to_ndarray
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
-from helpers import tiny_config, write_sst2
+from helpers import tiny_config, tiny_fedlora_run_args, write_sst2
 from opacus.accountants.utils import get_noise_multiplier
 from safetensors.numpy import load_file
 
@@ -432,17 +432,10 @@ def test_client_dp_and_secagg_on_flowers_simulation_engine(tmp_path: Path) -> No
 def test_secagg_on_a_loopback_deployment(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    data = write_sst2(tmp_path, n_train=80)
     run_dir = tmp_path / "run"
-    args = ["run", "--out", str(run_dir)]
-    for kv in (
-        "method=fedlora", "model.name=tiny-bert", "task.name=glue/sst2",
-        f"task.data_dir={data}", "task.max_eval_examples=32", "train.batch_size=8",
-        "train.max_seq_len=24", "federated.clients=3", "federated.rounds=1",
-        "federated.local_steps=2", "federated.round_timeout=300", "federated.secagg=true",
-        "runtime.engine=deployment",
-    ):  # fmt: skip
-        args += ["--set", kv]
+    args = tiny_fedlora_run_args(tmp_path, run_dir, "federated.clients=3", "federated.rounds=1",
+                                 "federated.round_timeout=300", "federated.secagg=true",
+                                 "runtime.engine=deployment")  # fmt: skip
     assert main(args) == 0, capsys.readouterr().err
     (row,) = read_jsonl(run_dir / "metrics.jsonl")
     assert row["clients_ok"] == 3 and row["clients_failed"] == 0
