@@ -263,3 +263,62 @@ def test_a_run_written_before_a_key_existed_counts_that_key_as_its_default(tmp_p
     assert config_differences(run, changed) == ["train.lr"]
     (run / "config.toml").write_text(text + "\n[no_such_section]\nx = 1\n")  # not loadable now
     assert "no_such_section.x" in config_differences(run, cfg)
+
+
+@pytest.mark.slow
+def test_seeds_and_sweep_continue_an_interrupted_federated_run_from_its_checkpoint(
+    tmp_path: Path, capsys
+) -> None:  # type: ignore[no-untyped-def]
+    data = write_sst2(tmp_path, n_train=120)
+    cfg = tiny_config(data, federated={"clients": 3, "rounds": 4, "fraction": 0.67},
+                      runtime={"engine": "inline"})  # fmt: skip
+    config = tmp_path / "fed.toml"
+    config.write_text(to_toml(cfg))
+    whole = tmp_path / "whole"
+    run_federated(cfg, whole, engine="inline")
+
+    # --seeds: seed 0 stopped after round 2 of 4 continues; rounds 1-2 are not run again
+    group = tmp_path / "group"
+    run_federated(cfg, group / "seed-0", engine="inline", stop_after=2)
+    first_two = read_jsonl(group / "seed-0" / "metrics.jsonl")
+    assert [r["round"] for r in first_two] == [1, 2]
+    assert main(["run", str(config), "--seeds", "0", "--out", str(group)]) == 0
+    out = capsys.readouterr().out
+    assert "seed 0: continuing in" in out and "after round 2" in out
+    resumed = read_jsonl(group / "seed-0" / "metrics.jsonl")
+    assert [r["round"] for r in resumed] == [1, 2, 3, 4]
+    assert resumed[:2] == first_two  # kept, not rewritten by a fresh start
+    assert [r["accuracy"] for r in resumed] == [
+        r["accuracy"] for r in read_jsonl(whole / "metrics.jsonl")
+    ]
+    assert _summary(group / "seed-0")["rounds_completed"] == 4
+
+    # sweep: the same, through `cotune run --resume` children
+    sweep = tmp_path / "sweep"
+    label = "train.lr=0.0005"
+    stopped = sweep / label / "seed-0"
+    run_federated(
+        load_experiment(config, ["train.lr=0.0005", "seed=0", "train.threads=1"]),
+        stopped, engine="inline", stop_after=1,
+    )  # fmt: skip
+    args = ["sweep", str(config), "--grid", "train.lr=0.0005", "--seeds", "0", "--out", str(sweep)]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert f"[resume] {label} seed 0: continues after round 1" in out
+    assert [r["round"] for r in read_jsonl(stopped / "metrics.jsonl")] == [1, 2, 3, 4]
+    assert _summary(stopped)["rounds_completed"] == 4
+
+
+def test_a_checkpoint_of_another_config_is_not_continued(tmp_path: Path) -> None:
+    from cotune.runtime.seeds import continuable_round
+
+    data = write_sst2(tmp_path, n_train=60)
+    cfg = tiny_config(data, federated={"clients": 2, "rounds": 3}, runtime={"engine": "inline"})
+    run_dir = tmp_path / "run"
+    run_federated(cfg, run_dir, engine="inline", stop_after=1)
+    assert continuable_round(run_dir, cfg) == 1
+    other = tiny_config(data, federated={"clients": 2, "rounds": 3}, runtime={"engine": "inline"},
+                        train={"lr": 0.5})  # fmt: skip
+    assert continuable_round(run_dir, other) is None
+    # a method that cannot resume never continues, whatever the folder holds
+    assert continuable_round(run_dir, cfg.model_copy(update={"method": "centralized"})) is None

@@ -6,7 +6,9 @@ OUT/seed-S`), then writes `OUT/aggregate.json` (`report.aggregate`). It resumes:
 whose folder already holds summary.json is not run again, provided its config.toml is
 the one this invocation would write (otherwise it stops, naming the keys that differ,
 so two configs never end up in one aggregate). A folder without summary.json (a run
-that crashed or was interrupted) is run again from the start.
+that crashed or was interrupted) continues from its last round's checkpoint when its
+method is resumable (the federated ones) and its config.toml is this invocation's
+(`continuable_round`); any other such folder is run again from the start.
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ from cotune.errors import ConfigError, UserError
 from cotune.methods import resolve
 from cotune.report import default_run_dir, read_summary
 from cotune.report.aggregate import is_finished, seed_dir, write_aggregate
-from cotune.runtime.experiment import load_experiment, run_experiment
+from cotune.runtime.experiment import load_experiment, resumable_methods, run_experiment
+from cotune.runtime.federated.checkpoint import checkpoint_round
 
 Log = Callable[[str], None]
 
@@ -95,6 +98,18 @@ def check_resumable(run_dir: Path, cfg: Config) -> None:
         )
 
 
+def continuable_round(run_dir: Path, cfg: Config) -> int | None:
+    """The round an interrupted run of `cfg` in `run_dir` can continue after (`cotune
+    run --resume`), or None when it must start again: it finished, its method cannot
+    resume, it has no checkpoint, or its folder holds another config."""
+    if is_finished(run_dir) or cfg.method not in resumable_methods():
+        return None
+    done = checkpoint_round(run_dir)
+    if done is None or config_differences(run_dir, cfg):
+        return None
+    return done
+
+
 def metrics_line(run_dir: Path) -> str:
     summary = read_summary(run_dir)
     return ", ".join(f"{k}={v:.4f}" for k, v in summary["metrics"].items() if isinstance(v, float))
@@ -125,8 +140,12 @@ def run_seeds(
             check_resumable(run_dir, cfgs[seed])
             log(f"seed {seed}: already finished in {run_dir} (summary.json): not re-run")
             continue
-        log(f"seed {seed}: running into {run_dir}")
-        run_experiment(cfgs[seed], run_dir)
+        after = continuable_round(run_dir, cfgs[seed])
+        if after is not None:
+            log(f"seed {seed}: continuing in {run_dir} after round {after} (its checkpoint)")
+        else:
+            log(f"seed {seed}: running into {run_dir}")
+        run_experiment(cfgs[seed], run_dir, resume=after is not None)
         log(f"seed {seed}: {metrics_line(run_dir)}")
     write_aggregate(folder, [seed_dir(folder, s) for s in seeds])
     return folder

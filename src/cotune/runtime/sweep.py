@@ -13,7 +13,9 @@ Values are TOML like `--set` (`--grid train.lr=1e-3,2e-3`, `--grid link.codec=in
 resolved in this process before anything starts, so a bad value fails at once. With
 `parallel > 1` each child runs with `train.threads = 1` (the children share the cores).
 Resumable like `cotune run --seeds`: a run whose folder holds summary.json is skipped
-(if its config matches), anything else is run from the start.
+(if its config matches), an interrupted federated run with a checkpoint and the same
+config continues after its last round (`cotune run --resume`), anything else is run
+from the start.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from cotune.report import default_run_dir
 from cotune.report.aggregate import SWEEP_FILE, is_finished, seed_dir, write_aggregate
 from cotune.runtime.experiment import load_experiment
 from cotune.runtime.launcher import Child, cotune_command, stop_all
-from cotune.runtime.seeds import Log, check_resumable, metrics_line
+from cotune.runtime.seeds import Log, check_resumable, continuable_round, metrics_line
 
 LOG_FILE = "cotune.log"
 POLL_S = 0.5
@@ -158,7 +160,9 @@ def plan(
     return [job for jobs in nth_seeds for job in jobs if job is not None]
 
 
-def _command(job: Job) -> list[str]:
+def _command(job: Job, resume: bool = False) -> list[str]:
+    if resume:  # the run folder's config.toml is the job's (continuable_round checked it)
+        return cotune_command("run", "--resume", str(job.run_dir))
     args = ["run", *([str(job.config)] if job.config is not None else [])]
     for s in job.sets:
         args += ["--set", s]
@@ -205,12 +209,18 @@ def run_jobs(jobs: list[Job], parallel: int, log: Log = print) -> list[str]:
     if parallel < 1:
         raise ConfigError(f"--parallel must be at least 1, got {parallel}")
     todo: list[Job] = []
+    resume: dict[int, int] = {}  # id(job) -> the round its checkpoint completed
     for job in jobs:
         if is_finished(job.run_dir):
             check_resumable(job.run_dir, job.cfg)
             log(f"[skip] {job.label} seed {job.seed}: already finished (summary.json): not re-run")
-        else:
-            todo.append(job)
+            continue
+        after = continuable_round(job.run_dir, job.cfg)
+        if after is not None:
+            resume[id(job)] = after
+            log(f"[resume] {job.label} seed {job.seed}: continues after round {after} "
+                "(its checkpoint)")  # fmt: skip
+        todo.append(job)
     log(f"{len(jobs)} runs: {len(jobs) - len(todo)} already finished, {len(todo)} to run, "
         f"{min(parallel, max(len(todo), 1))} at a time")  # fmt: skip
     failed: list[str] = []
@@ -221,7 +231,8 @@ def run_jobs(jobs: list[Job], parallel: int, log: Log = print) -> list[str]:
             while todo and len(active) < parallel:
                 job = todo.pop(0)
                 job.run_dir.mkdir(parents=True, exist_ok=True)
-                active[Child(_command(job), job.run_dir / LOG_FILE)] = (job, time.monotonic())
+                cmd = _command(job, resume=id(job) in resume)
+                active[Child(cmd, job.run_dir / LOG_FILE)] = (job, time.monotonic())
             time.sleep(POLL_S)
             for child in [c for c in active if not c.alive()]:
                 job, t0 = active.pop(child)

@@ -63,14 +63,29 @@ def save_checkpoint(run_dir: str | Path, ckpt: ServerCheckpoint) -> Path:
     return final
 
 
+def _state_file(run_dir: str | Path) -> Path | None:
+    """The last complete checkpoint's state.json (the previous one when a swap was
+    interrupted), or None."""
+    path = checkpoint_dir(run_dir) / "state.json"
+    if path.exists():
+        return path
+    old = checkpoint_dir(run_dir).with_name(CHECKPOINT_DIR + ".old") / "state.json"
+    return old if old.exists() else None
+
+
+def checkpoint_round(run_dir: str | Path) -> int | None:
+    """The round the run folder's checkpoint completed (read from its index only), or
+    None when it has no checkpoint."""
+    state = _state_file(run_dir)
+    return None if state is None else int(json.loads(state.read_text())["round"])
+
+
 def load_checkpoint(run_dir: str | Path) -> ServerCheckpoint | None:
     """The last completed round's checkpoint, or None if the run has none."""
-    path = checkpoint_dir(run_dir)
-    if not (path / "state.json").exists():
-        old = path.with_name(CHECKPOINT_DIR + ".old")  # interrupted while swapping
-        if not (old / "state.json").exists():
-            return None
-        path = old
+    state = _state_file(run_dir)
+    if state is None:
+        return None
+    path = state.parent
     meta = json.loads((path / "state.json").read_text())
     glob = load_file(str(path / "global.safetensors"))
     hook = load_file(str(path / "hook.safetensors"))
