@@ -13,7 +13,9 @@ data, allocator retention. Settings:
 - memory modes none / checkpoint / norm and backrazor at keep 0.1 and 0.3 / checkpoint
   combined with each sparse mode; for LoRA also the frozen base in bf16 and int8;
   `none` and the best mode once more with glibc's default allocator settings, and the
-  main modes on jemalloc (`memory.allocator = "jemalloc"`).
+  main modes on jemalloc (`memory.allocator = "jemalloc"`); for full fine-tuning also
+  the optimiser stepped inside backward (`memory.step_in_backward`, "+step-in-bwd":
+  each parameter's gradient freed once it has stepped; no gradient clipping).
 
 Step time is the median step of the row's run, its ratio taken against `none` of the
 same group; rows run one after another, but the machine is shared, so the ratios are
@@ -57,6 +59,8 @@ MODES: dict[str, list[str]] = {
 }
 DEFAULT_ALLOCATOR = ['memory.allocator="default"']
 JEMALLOC = ['memory.allocator="jemalloc"']
+# the optimiser stepped inside backward (no global-norm clipping: the norm is never known)
+IN_BACKWARD = ["memory.step_in_backward=true", "train.max_grad_norm=0"]
 MINILM = ["train.batch_size=16", "train.max_seq_len=128", "train.threads=1"]
 LORA = ['model.lora={r = 8, alpha = 16, dropout = 0.1, target_modules = ["query", "key", "value", "dense"]}',
         "train.lr=2e-3"]  # fmt: skip
@@ -69,7 +73,12 @@ def groups() -> dict[str, tuple[str, list[str], dict[str, list[str]]]]:
     full_rows = {**MODES, "none/glibc-default": DEFAULT_ALLOCATOR,
                  "norm@0.1/glibc-default": [*SPARSE["norm@0.1"], *DEFAULT_ALLOCATOR],
                  **{f"{m}/jemalloc": [*MODES[m], *JEMALLOC]
-                    for m in ("none", "checkpoint", "norm@0.1", "checkpoint+norm@0.1")}}  # fmt: skip
+                    for m in ("none", "checkpoint", "norm@0.1", "checkpoint+norm@0.1")},
+                 **{f"{m}+step-in-bwd": [*MODES[m], *IN_BACKWARD]
+                    for m in ("none", "checkpoint", "norm@0.1", "backrazor@0.1",
+                              "checkpoint+norm@0.1")},
+                 **{f"{m}+step-in-bwd/jemalloc": [*MODES[m], *IN_BACKWARD, *JEMALLOC]
+                    for m in ("norm@0.1", "checkpoint+norm@0.1")}}  # fmt: skip
     lora_rows: dict[str, list[str]] = {}
     for dtype in ("fp32", "bf16", "int8"):
         for mode in ("none", "checkpoint", "norm@0.1", "backrazor@0.3", "checkpoint+norm@0.1"):

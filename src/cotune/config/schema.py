@@ -137,8 +137,8 @@ class TrainConfig(_Section):
     """The share of the steps over which the learning rate rises linearly from 0."""
     schedule: Literal["linear", "constant"] = "linear"
     """After warmup: linear (decays to 0 at the last step) | constant."""
-    max_grad_norm: float | None = Field(default=1.0, gt=0)
-    """Clip the gradients' global norm to this (unset: no clipping)."""
+    max_grad_norm: float | None = Field(default=1.0, ge=0)
+    """Clip the gradients' global norm to this (0: no clipping)."""
     max_seq_len: int = Field(default=128, ge=8)
     """Texts are cut to this many tokens."""
     precision: Literal["fp32", "bf16"] = "fp32"
@@ -446,6 +446,10 @@ class MemoryConfig(_Section):
     checkpoint: bool = False
     """Recompute each transformer layer's forward during backward (activation
     checkpointing), combinable with any `backward`."""
+    step_in_backward: bool = False
+    """Step the optimiser inside backward: each parameter is updated, and its gradient
+    freed, as soon as its gradient is complete, so the model's gradients never all exist
+    at once (the same updates; needs train.max_grad_norm = 0: no global-norm clipping)."""
 
     @model_validator(mode="after")
     def _checkpoint_shorthand(self) -> MemoryConfig:
@@ -671,6 +675,17 @@ class Config(_Section):
             and self.federated.client_data != "node"
         ):
             self.federated.client_data = "node"
+        return self
+
+    @model_validator(mode="after")
+    def _step_in_backward_needs_no_clipping(self) -> Config:
+        if self.memory.step_in_backward and self.train.max_grad_norm:
+            raise ValueError(
+                "memory.step_in_backward = true updates each parameter as soon as its "
+                "gradient is ready, so the global gradient norm that train.max_grad_norm = "
+                f"{self.train.max_grad_norm} clips to is never known; set "
+                "train.max_grad_norm = 0 (no clipping) or step_in_backward = false"
+            )
         return self
 
     def __eq__(self, other: object) -> bool:

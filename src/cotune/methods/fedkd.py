@@ -271,7 +271,7 @@ class KDHook(ServerHook):
                 (self.student, s_opt, scheds[0]),
                 (self.teacher, t_opt, scheds[1]),
             ):
-                if cfg.train.max_grad_norm is not None:
+                if cfg.train.max_grad_norm:  # 0: no clipping
                     nn.utils.clip_grad_norm_(
                         [p for p in model.parameters() if p.requires_grad], cfg.train.max_grad_norm
                     )

@@ -162,7 +162,7 @@ def train_step(
     with meter if meter is not None else nullcontext(), autocast(precision, device.type):
         loss = model(**model_inputs(batch), labels=batch["labels"]).loss
     loss.backward()
-    if max_grad_norm is not None:
+    if max_grad_norm:  # 0 or None: no clipping
         torch.nn.utils.clip_grad_norm_(
             [p for g in optimizer.param_groups for p in g["params"]], max_grad_norm
         )

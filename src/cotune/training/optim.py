@@ -3,18 +3,42 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+import weakref
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.weak import WeakIdKeyDictionary
 
 from cotune.config import Config, TrainConfig
+
+
+def _param_groups(params: list[nn.Parameter], cfg: Config) -> list[dict[str, Any]]:
+    """AdamW's groups: weight decay on matrices, none on biases and norms."""
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    groups = [
+        {"params": decay, "weight_decay": cfg.train.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    return [g for g in groups if g["params"]]
+
+
+def _build(params: list[nn.Parameter], cfg: Config, lr: float) -> torch.optim.Optimizer:
+    if cfg.train.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=lr)
+    fused = bool(params) and all(p.device.type == "cpu" and p.is_floating_point() for p in params)
+    return torch.optim.AdamW(_param_groups(params, cfg), lr=lr, betas=(0.9, 0.999),
+                             fused=fused or None)  # fmt: skip
 
 
 def make_optimizer(
     params: Iterable[nn.Parameter], cfg: Config, lr: float | None = None
 ) -> torch.optim.Optimizer:
-    """AdamW (no weight decay on biases and norms) or SGD over the trainable params.
+    """AdamW (no weight decay on biases and norms) or SGD over the trainable params;
+    with `memory.step_in_backward`, the same optimiser stepped inside backward
+    (`StepInBackward`).
 
     AdamW is torch's fused kernel when every parameter is a floating-point CPU tensor:
     one pass per tensor without temporaries, where the default per-tensor loop allocates
@@ -22,17 +46,100 @@ def make_optimizer(
     about 8x slower on CPU (measured in docs/memory.md). Elsewhere torch's default."""
     lr = cfg.resolved_lr() if lr is None else lr
     params = [p for p in params if p.requires_grad]
-    if cfg.train.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=lr)
-    decay = [p for p in params if p.ndim >= 2]
-    no_decay = [p for p in params if p.ndim < 2]
-    groups = [
-        {"params": decay, "weight_decay": cfg.train.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
-    fused = bool(params) and all(p.device.type == "cpu" and p.is_floating_point() for p in params)
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, betas=(0.9, 0.999),
-                             fused=fused or None)  # fmt: skip
+    if cfg.memory.step_in_backward:
+        return StepInBackward(params, lambda p: _build([p], cfg, lr))
+    return _build(params, cfg, lr)
+
+
+class _States(Mapping[torch.Tensor, dict[str, Any]]):
+    """The per-parameter optimisers' states as one `optimizer.state` mapping."""
+
+    def __init__(self, inner: dict[torch.Tensor, torch.optim.Optimizer]) -> None:
+        self.inner = inner
+
+    def __getitem__(self, p: torch.Tensor) -> dict[str, Any]:
+        return self.inner[p].state[p]
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        return (p for p, opt in self.inner.items() if p in opt.state)
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
+
+
+# Which StepInBackward steps a parameter: one hook per parameter for its lifetime,
+# dispatching to the parameter's newest optimiser while that one is alive. A model
+# trained again (a federated client's cached model, every round) gets a new optimiser
+# that takes its parameters over: an earlier one never steps them again.
+_OWNER: WeakIdKeyDictionary = WeakIdKeyDictionary()  # parameter -> weakref(StepInBackward)
+_HOOKED: WeakIdKeyDictionary = WeakIdKeyDictionary()  # parameter -> its hook's handle
+
+
+def _dispatch(p: torch.Tensor) -> None:
+    ref = _OWNER.get(p)
+    owner = ref() if ref is not None else None
+    if owner is not None:
+        owner._step_one(p)
+
+
+class StepInBackward(torch.optim.Optimizer):
+    """An optimiser stepped inside backward: one optimiser per trainable parameter
+    (`build(p)`, the run's own AdamW or SGD), stepped by a post-accumulate-grad hook the
+    moment that parameter's gradient is complete, which then frees the gradient. The
+    whole model's gradients never exist at once: at most the ones backward is still
+    accumulating (torchtune's `optimizer_in_bwd`).
+
+    The update of each parameter is the one the plain optimiser makes (same kernel,
+    same state), so without clipping the trajectory is the same. Global-norm clipping is
+    not possible (the norm is known only once every gradient exists): the config refuses
+    `memory.step_in_backward` with `train.max_grad_norm` set. One backward per step: a
+    second backward before `step()` would step the parameters it reaches again.
+
+    `step()` and `zero_grad()` are no-ops (the work happened in backward); learning-rate
+    schedules work as usual: `param_groups` are the per-parameter optimisers' own groups.
+    The newest StepInBackward over a parameter is the one that steps it (`release()`
+    hands it back to plain gradients).
+    """
+
+    def __init__(
+        self,
+        params: list[nn.Parameter],
+        build: Callable[[nn.Parameter], torch.optim.Optimizer],
+    ) -> None:
+        if not params:
+            raise ValueError("StepInBackward needs at least one trainable parameter")
+        self.inner = {p: build(p) for p in params}
+        first = next(iter(self.inner.values()))
+        super().__init__(params, dict(first.defaults))
+        # the groups the schedule adjusts are the ones the inner optimisers step with
+        self.param_groups = [g for opt in self.inner.values() for g in opt.param_groups]
+        self.state = _States(self.inner)  # type: ignore[assignment]
+        me = weakref.ref(self)
+        for p in params:
+            if p not in _HOOKED:
+                _HOOKED[p] = p.register_post_accumulate_grad_hook(_dispatch)
+            _OWNER[p] = me
+
+    def _step_one(self, p: torch.Tensor) -> None:
+        self.inner[p].step()
+        p.grad = None
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
+        if closure is not None:
+            raise ValueError("StepInBackward steps inside backward; it takes no closure")
+        return None
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        return None  # each gradient was freed as its parameter stepped
+
+    def release(self) -> None:
+        """Stop stepping the parameters this optimiser still owns (they keep their
+        gradients again, as under a plain optimiser)."""
+        for p in self.inner:
+            ref = _OWNER.get(p)
+            if ref is not None and ref() is self:
+                del _OWNER[p]
 
 
 def lr_factor(step: int, total: int, warmup: int, kind: str) -> float:

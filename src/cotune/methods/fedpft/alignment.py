@@ -165,7 +165,7 @@ def align(
             p_outs = layer_outputs(proxy, batch)
             loss = alignment_loss(p_outs, f_outs, plan, batch.get("attention_mask"))
             loss.backward()
-            if max_grad_norm is not None:
+            if max_grad_norm:  # 0 or None: no clipping
                 nn.utils.clip_grad_norm_(train, max_grad_norm)
             # linear decay to 0.1 x lr
             for g in opt.param_groups:

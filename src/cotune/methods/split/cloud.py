@@ -156,7 +156,7 @@ class SplitCloud:
             with self._model_lock:
                 for p, g in zip(self.params, grads, strict=True):
                     p.grad = g
-                if self.cfg.train.max_grad_norm is not None:
+                if self.cfg.train.max_grad_norm:  # 0: no clipping
                     torch.nn.utils.clip_grad_norm_(self.params, self.cfg.train.max_grad_norm)
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)

@@ -263,7 +263,7 @@ class SplitDevice:
                 rows.backward(grad)
         else:
             rows.backward(grad)
-        if self.cfg.train.max_grad_norm is not None:
+        if self.cfg.train.max_grad_norm:  # 0: no clipping
             torch.nn.utils.clip_grad_norm_(self.params, self.cfg.train.max_grad_norm)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
