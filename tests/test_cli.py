@@ -80,6 +80,36 @@ def test_run_tiny_model_writes_contract_folder(tmp_path, capsys) -> None:
     assert json.loads((again / "summary.json").read_text())["metrics"] == summary["metrics"]
 
 
+def test_zero_steps_scores_the_model_as_built(tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
+    data = _sst2_dir(tmp_path)
+    base = ["--set", "task.name=glue/sst2", "--set", f"task.data_dir={json.dumps(str(data))}",
+            "--set", "model.name=tiny-bert", "--set", "train.batch_size=4"]  # fmt: skip
+    out = tmp_path / "untuned"
+    code, _, err = _run(["run", *base, "--set", "train.steps=0", "--out", str(out)], capsys)
+    assert code == 0, err
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 0 and summary["final_train_loss"] is None
+    evals = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in evals] == [0] and "train_loss" not in evals[0]
+    records = [json.loads(x) for x in (out / "predictions.jsonl").read_text().splitlines()]
+    assert len(records) == 4  # every dev sentence scored
+    assert summary["metrics"]["accuracy"] == sum(r["correct"] for r in records) / 4
+    # one step of training moves the score's inputs: the 0-step run really did not train
+    one = tmp_path / "one"
+    code, _, err = _run(["run", *base, "--set", "train.steps=1", "--set", "train.lr=0.5",
+                         "--out", str(one)], capsys)  # fmt: skip
+    assert code == 0, err
+    assert (
+        json.loads((one / "summary.json").read_text())["metrics"]["loss"]
+        != summary["metrics"]["loss"]
+    )
+    # other methods need steps
+    code, _, err = _run(["run", *base, "--set", "train.steps=0", "--set", "method=split",
+                         "--out", str(tmp_path / "split")], capsys)  # fmt: skip
+    assert code == 2 and "train.steps = 0" in err and "centralized" in err
+    assert not (tmp_path / "split").exists()
+
+
 BAD_INPUTS = [
     (["--set", "method=fedfoo"], "method"),
     (["--set", "task.name=glue/nope"], "task"),

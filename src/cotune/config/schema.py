@@ -119,8 +119,9 @@ class ModelConfig(_Section):
 class TrainConfig(_Section):
     """The training loop (local training of federated clients included)."""
 
-    steps: int | None = Field(default=None, ge=1)
-    """Optimizer steps to train (give steps or epochs, not both; neither: 1 epoch)."""
+    steps: int | None = Field(default=None, ge=0)
+    """Optimizer steps to train (give steps or epochs, not both; neither: 1 epoch).
+    0 (centralized only): no training, the model as built is scored (a baseline)."""
     epochs: float | None = Field(default=None, gt=0)
     """Passes over the training data (fractions allowed)."""
     batch_size: int = Field(default=16, ge=1)
@@ -675,6 +676,16 @@ class Config(_Section):
             and self.federated.client_data != "node"
         ):
             self.federated.client_data = "node"
+        return self
+
+    @model_validator(mode="after")
+    def _no_steps_is_centralized_only(self) -> Config:
+        if self.train.steps == 0 and self.method != "centralized":
+            raise ValueError(
+                "train.steps = 0 scores the model as built without training, which is "
+                f"what method 'centralized' does; method {self.method!r} needs "
+                "train.steps >= 1 (or train.epochs)"
+            )
         return self
 
     @model_validator(mode="after")

@@ -61,6 +61,8 @@ def train(cfg: Config, recorder: Recorder, run_dir: Path | None = None) -> Metho
                               lr=lambda: float(schedule.get_last_lr()[0]))  # fmt: skip
     stats = fit(step, cycle(loader), n_steps, on_step=checkpoints,
                 breakdown_memory=cfg.memory.report, progress=f"{cfg.method} {task.name}")  # fmt: skip
+    if n_steps == 0:  # train.steps = 0: the model as built, scored once (a baseline)
+        checkpoints.evaluate_now(0)
     if run_dir is not None and outputs:
         adapter.save_outputs(run_dir, Evaluation(checkpoints.last, outputs))
     trainable = {

@@ -128,7 +128,7 @@ class StepStats:
                 {"step_s_median": statistics.median_low(self.step_times)} if self.step_times else {}
             ),  # fmt: skip
             "train_s": self.train_s,
-            "final_train_loss": self.mean_loss,
+            "final_train_loss": self.mean_loss if self.steps else None,
         }
 
 
@@ -308,7 +308,7 @@ class Checkpoints:
     ) -> None:
         self.recorder = recorder
         self.n_steps = n_steps
-        self.eval_every = eval_every or n_steps
+        self.eval_every = eval_every or max(n_steps, 1)
         self.evaluate = evaluate
         self.lr = lr
         self.traffic = traffic
@@ -330,12 +330,19 @@ class Checkpoints:
                  "tokens_per_s": stats.tokens_per_s, "bytes_up": up, "bytes_down": down}
             )  # fmt: skip
         if evals:
-            self.last = dict(self.evaluate())
-            wall = time.perf_counter() - self.t_start
-            self.recorder.log_eval(
-                {"step": step, **self.last,
-                 "train_loss": sum(self.since_eval) / max(len(self.since_eval), 1),
-                 "bytes_up": up, "bytes_down": down,
-                 "wall_s": wall, "projected_wall_s": wall + self.network()}
-            )  # fmt: skip
-            self.since_eval.clear()
+            self.evaluate_now(step)
+
+    def evaluate_now(self, step: int) -> None:
+        """Score the model now and log it as step `step`'s evaluation (with
+        `train.steps = 0`, step 0: the model as built)."""
+        up, down = self.traffic()
+        self.last = dict(self.evaluate())
+        wall = time.perf_counter() - self.t_start
+        trained = (
+            {"train_loss": sum(self.since_eval) / len(self.since_eval)} if self.since_eval else {}
+        )
+        self.recorder.log_eval(
+            {"step": step, **self.last, **trained, "bytes_up": up, "bytes_down": down,
+             "wall_s": wall, "projected_wall_s": wall + self.network()}
+        )  # fmt: skip
+        self.since_eval.clear()

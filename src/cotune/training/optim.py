@@ -108,7 +108,7 @@ class StepInBackward(torch.optim.Optimizer):
     ) -> None:
         if not params:
             raise ValueError("StepInBackward needs at least one trainable parameter")
-        self.inner = {p: build(p) for p in params}
+        self.inner: dict[torch.Tensor, torch.optim.Optimizer] = {p: build(p) for p in params}
         first = next(iter(self.inner.values()))
         super().__init__(params, dict(first.defaults))
         # the groups the schedule adjusts are the ones the inner optimisers step with
