@@ -185,8 +185,9 @@ def summarise(
     return data
 
 
-def points(x: float | None) -> str:
-    return "n/a" if x is None else f"{100 * x:+.2f}"
+def points(x: float | None, scale: float = 100.0) -> str:
+    """A difference in points (`scale` 1 for a metric that is a percentage already)."""
+    return "n/a" if x is None else f"{scale * x:+.2f}"
 
 
 def interval(i: dict[str, Any], scale: float = 100.0) -> str:
@@ -252,11 +253,14 @@ def _rel(path: Path | None) -> str | None:
 
 
 def differences_table(
-    differences: list[dict[str, Any]], verdict: Callable[[dict[str, Any]], str] | None = None
+    differences: list[dict[str, Any]],
+    verdict: Callable[[dict[str, Any]], str] | None = None,
+    scale: Callable[[str], float] = lambda metric: 100.0,
 ) -> list[str]:
     """The Markdown table of the pairs' differences (points): per seed, mean, the seeds'
     t-interval and the paired bootstrap over the eval examples, and a verdict column
-    when `verdict` is given."""
+    when `verdict` is given. `scale(metric)`: 100 for a 0-1 metric (the default), 1 for
+    one that is a percentage already (BLEU, SQuAD F1)."""
     extra = " verdict |" if verdict else ""
     lines = [
         f"| difference | per seed (points) | mean | seeds interval | examples interval |{extra}",
@@ -266,11 +270,12 @@ def differences_table(
         if "mean" not in d:
             lines.append(f"| {d['a']} - {d['b']} | not run yet | | | |" + (" |" if verdict else ""))
             continue
+        k = scale(d.get("metric", ""))
         si, ei = d.get("seeds_interval"), d.get("examples_interval")
         lines.append(
-            f"| {d['a']} - {d['b']} | {', '.join(points(x) for x in d['per_seed'])} "
-            f"| {points(d['mean'])} "
-            f"| {interval(si) if si else 'one seed'} | {interval(ei) if ei else '-'} |"
+            f"| {d['a']} - {d['b']} | {', '.join(points(x, k) for x in d['per_seed'])} "
+            f"| {points(d['mean'], k)} "
+            f"| {interval(si, k) if si else 'one seed'} | {interval(ei, k) if ei else '-'} |"
             + (f" {verdict(d)} |" if verdict else "")
         )
     return lines
