@@ -57,6 +57,6 @@ def test_stopped_and_resumed_run_equals_uninterrupted(tmp_path: Path, capsys) ->
 def test_resume_refuses_a_method_without_checkpoints(tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
     run_dir = tmp_path / "run"
     run_dir.mkdir()
-    (run_dir / "config.toml").write_text('method = "centralized"\n')
+    (run_dir / "config.toml").write_text('method = "split"\n')
     assert main(["run", "--resume", str(run_dir)]) == 2
     assert "cannot resume" in capsys.readouterr().err

@@ -310,15 +310,15 @@ def test_seeds_and_sweep_continue_an_interrupted_federated_run_from_its_checkpoi
 
 
 def test_a_checkpoint_of_another_config_is_not_continued(tmp_path: Path) -> None:
-    from cotune.runtime.seeds import continuable_round
+    from cotune.runtime.seeds import continuable
 
     data = write_sst2(tmp_path, n_train=60)
     cfg = tiny_config(data, federated={"clients": 2, "rounds": 3}, runtime={"engine": "inline"})
     run_dir = tmp_path / "run"
     run_federated(cfg, run_dir, engine="inline", stop_after=1)
-    assert continuable_round(run_dir, cfg) == 1
+    assert continuable(run_dir, cfg) == "round 1"
     other = tiny_config(data, federated={"clients": 2, "rounds": 3}, runtime={"engine": "inline"},
                         train={"lr": 0.5})  # fmt: skip
-    assert continuable_round(run_dir, other) is None
+    assert continuable(run_dir, other) is None
     # a method that cannot resume never continues, whatever the folder holds
-    assert continuable_round(run_dir, cfg.model_copy(update={"method": "centralized"})) is None
+    assert continuable(run_dir, cfg.model_copy(update={"method": "split"})) is None

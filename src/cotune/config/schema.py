@@ -491,7 +491,10 @@ class RuntimeConfig(_Section):
     """Federated: simulation (Flower's Ray engine) | deployment (SuperLink + SuperNodes) |
     inline (the clients one after another in this process, no Ray: least overhead)."""
     checkpoint: bool = True
-    """Federated: save a checkpoint after every round (for `cotune run --resume`)."""
+    """Save checkpoints to continue an interrupted run with `cotune run --resume`:
+    federated methods after every round, centralized every `checkpoint_minutes`."""
+    checkpoint_minutes: float = Field(default=10.0, ge=0)
+    """Centralized: minutes of training between checkpoints (0: after every step)."""
     export: bool = True
     """Write RUN_DIR/model/ (the trained model for transformers / peft) when the run ends;
     `cotune export RUN_DIR` writes it later from the saved weights."""

@@ -18,6 +18,7 @@ from cotune.training import (
     Checkpoints,
     ModelStep,
     Recorder,
+    StepStats,
     adapter_for,
     cycle,
     fit,
@@ -29,10 +30,15 @@ from cotune.training import (
     trainable_count,
 )
 from cotune.training.placement import cloud_device, compute_device_summary, place
+from cotune.training.resume import LocalResume, remove_local
 from cotune.training.tasks import Evaluation
 
 
-def train(cfg: Config, recorder: Recorder, run_dir: Path | None = None) -> MethodResult:
+def train(
+    cfg: Config, recorder: Recorder, run_dir: Path | None = None, resume: bool = False
+) -> MethodResult:
+    """Train and score; with a run folder, checkpoint every `runtime.checkpoint_minutes`
+    (with `runtime.checkpoint`), and with `resume` continue from its checkpoint."""
     seed_everything(cfg.seed)
     set_threads(cfg.train)
     task = load_task(cfg.task, cfg.seed)
@@ -59,8 +65,27 @@ def train(cfg: Config, recorder: Recorder, run_dir: Path | None = None) -> Metho
 
     checkpoints = Checkpoints(recorder, n_steps, cfg.train.eval_every, evaluate,
                               lr=lambda: float(schedule.get_last_lr()[0]))  # fmt: skip
-    stats = fit(step, cycle(loader), n_steps, on_step=checkpoints,
+    saver = (
+        LocalResume(run_dir, model, optimizer, schedule, 60 * cfg.runtime.checkpoint_minutes)
+        if run_dir is not None and cfg.runtime.checkpoint
+        else None
+    )
+    batches = cycle(loader)
+    start = saver.restore() if saver is not None and resume else None
+    if saver is not None and start is not None:  # continue after the checkpoint's step
+        saver.skip(batches, start.steps)
+        saver.restore_rng()
+        checkpoints.since_eval = saver.since_eval
+
+    def on_step(done: int, loss: float, stats: StepStats) -> None:
+        checkpoints(done, loss, stats)
+        if saver is not None and done < n_steps:
+            saver.maybe_save(done, stats, checkpoints.since_eval)
+
+    stats = fit(step, batches, n_steps, on_step=on_step, stats=start,
                 breakdown_memory=cfg.memory.report, progress=f"{cfg.method} {task.name}")  # fmt: skip
+    if run_dir is not None:
+        remove_local(run_dir)
     if n_steps == 0:  # train.steps = 0: the model as built, scored once (a baseline)
         checkpoints.evaluate_now(0)
     if run_dir is not None and outputs:
@@ -87,6 +112,6 @@ def train(cfg: Config, recorder: Recorder, run_dir: Path | None = None) -> Metho
 SPEC = MethodSpec(
     name="centralized",
     summary="the whole model trained in one place on all the data (the reference)",
-    runs=LocalSpec(train=train),
+    runs=LocalSpec(train=train, resumable=True),
     reads=frozenset({"generation", "memory", "runtime"}),
 )

@@ -4,8 +4,9 @@ A method is one module (or package) exposing `SPEC`, a `MethodSpec`: its name, t
 optional config sections it reads, the rules it checks on a config, and *how it runs*,
 one of three shapes the runtime knows how to execute:
 
-- `LocalSpec(train)`: everything in one process (centralized). `train(cfg, recorder,
-  run_dir)` trains and scores the model.
+- `LocalSpec(train, resumable)`: everything in one process (centralized). `train(cfg,
+  recorder, run_dir, resume=False)` trains and scores the model (continuing from the
+  run folder's checkpoint with `resume`, when the spec is resumable).
 - `SplitSpec(cloud, device, devices, finish)`: one cloud serves `devices(cfg)` devices
   over a link. `cloud(cfg)` is the link service (`cotune cloud` serves it); `device(cfg,
   device_id, connect, recorder, run_dir)` trains one device to the end through the
@@ -95,7 +96,11 @@ class MethodResult:
 
 @dataclass(frozen=True)
 class LocalSpec:
-    train: Callable[[Config, Recorder, Path | None], MethodResult]
+    """`train(cfg, recorder, run_dir, resume=False)`; with `resumable`, `resume=True`
+    continues from the run folder's checkpoint (`cotune.training.resume`)."""
+
+    train: Callable[..., MethodResult]
+    resumable: bool = False
 
 
 # ----------------------------------------------------------------------------- split

@@ -36,6 +36,7 @@ from cotune.report.trackers import check_trackers, open_trackers
 from cotune.runtime.launcher import process_env
 from cotune.runtime.memory_cap import apply_memory_cap
 from cotune.runtime.provenance import provenance
+from cotune.training.resume import checkpoint_step
 
 log = logging.getLogger(__name__)
 
@@ -71,11 +72,12 @@ def data_part(cfg: Config) -> Part:
 
 
 def resumable_methods() -> list[str]:
-    """Methods whose spec can continue a run from its checkpoint (federated ones)."""
+    """Methods whose spec can continue a run from its checkpoint (the federated ones and
+    centralized)."""
     out = []
     for name in method_names():
         runs = get_spec(name).runs
-        if isinstance(runs, FederatedSpec) and runs.resumable:
+        if isinstance(runs, FederatedSpec | LocalSpec) and runs.resumable:
             out.append(name)
     return out
 
@@ -84,7 +86,13 @@ def run_method(cfg: Config, run: RunFolder, resume: bool = False) -> MethodResul
     """Execute `cfg`'s method spec, reporting into `run`."""
     runs = get_spec(cfg.method).runs
     if isinstance(runs, LocalSpec):
-        return runs.train(cfg, run, run.path)
+        if not resume:
+            return runs.train(cfg, run, run.path)
+        done = checkpoint_step(run.path)
+        if done is None:
+            log.warning("no checkpoint in %s: starting from step 0", run.path)
+        run.truncate_after("step", done if done is not None else -1)  # records past it
+        return runs.train(cfg, run, run.path, resume=True)
     if isinstance(runs, SplitSpec):
         from cotune.runtime.split.launch import run_split
 

@@ -6,9 +6,9 @@ OUT/seed-S`), then writes `OUT/aggregate.json` (`report.aggregate`). It resumes:
 whose folder already holds summary.json is not run again, provided its config.toml is
 the one this invocation would write (otherwise it stops, naming the keys that differ,
 so two configs never end up in one aggregate). A folder without summary.json (a run
-that crashed or was interrupted) continues from its last round's checkpoint when its
-method is resumable (the federated ones) and its config.toml is this invocation's
-(`continuable_round`); any other such folder is run again from the start.
+that crashed or was interrupted) continues from its checkpoint (a federated run's last
+round, a centralized run's last save) when its config.toml is this invocation's
+(`continuable`); any other such folder is run again from the start.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from cotune.report import default_run_dir, read_summary
 from cotune.report.aggregate import is_finished, seed_dir, write_aggregate
 from cotune.runtime.experiment import load_experiment, resumable_methods, run_experiment
 from cotune.runtime.federated.checkpoint import checkpoint_round
+from cotune.training.resume import checkpoint_step
 
 Log = Callable[[str], None]
 
@@ -98,16 +99,20 @@ def check_resumable(run_dir: Path, cfg: Config) -> None:
         )
 
 
-def continuable_round(run_dir: Path, cfg: Config) -> int | None:
-    """The round an interrupted run of `cfg` in `run_dir` can continue after (`cotune
-    run --resume`), or None when it must start again: it finished, its method cannot
-    resume, it has no checkpoint, or its folder holds another config."""
+def continuable(run_dir: Path, cfg: Config) -> str | None:
+    """Where an interrupted run of `cfg` in `run_dir` can continue from (`cotune run
+    --resume`), as "round 3" (federated) or "step 120" (centralized), or None when it
+    must start again: it finished, its method cannot resume, it has no checkpoint, or
+    its folder holds another config."""
     if is_finished(run_dir) or cfg.method not in resumable_methods():
         return None
     done = checkpoint_round(run_dir)
-    if done is None or config_differences(run_dir, cfg):
+    where = f"round {done}" if done is not None else None
+    if where is None and (step := checkpoint_step(run_dir)) is not None:
+        where = f"step {step}"
+    if where is None or config_differences(run_dir, cfg):
         return None
-    return done
+    return where
 
 
 def metrics_line(run_dir: Path) -> str:
@@ -140,9 +145,9 @@ def run_seeds(
             check_resumable(run_dir, cfgs[seed])
             log(f"seed {seed}: already finished in {run_dir} (summary.json): not re-run")
             continue
-        after = continuable_round(run_dir, cfgs[seed])
+        after = continuable(run_dir, cfgs[seed])
         if after is not None:
-            log(f"seed {seed}: continuing in {run_dir} after round {after} (its checkpoint)")
+            log(f"seed {seed}: continuing in {run_dir} after {after} (its checkpoint)")
         else:
             log(f"seed {seed}: running into {run_dir}")
         run_experiment(cfgs[seed], run_dir, resume=after is not None)

@@ -13,9 +13,9 @@ Values are TOML like `--set` (`--grid train.lr=1e-3,2e-3`, `--grid link.codec=in
 resolved in this process before anything starts, so a bad value fails at once. With
 `parallel > 1` each child runs with `train.threads = 1` (the children share the cores).
 Resumable like `cotune run --seeds`: a run whose folder holds summary.json is skipped
-(if its config matches), an interrupted federated run with a checkpoint and the same
-config continues after its last round (`cotune run --resume`), anything else is run
-from the start.
+(if its config matches), an interrupted run with a checkpoint and the same config
+continues from it (`cotune run --resume`: a federated run after its last round, a
+centralized one after its last save), anything else is run from the start.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from cotune.report import default_run_dir
 from cotune.report.aggregate import SWEEP_FILE, is_finished, seed_dir, write_aggregate
 from cotune.runtime.experiment import load_experiment
 from cotune.runtime.launcher import Child, cotune_command, stop_all
-from cotune.runtime.seeds import Log, check_resumable, continuable_round, metrics_line
+from cotune.runtime.seeds import Log, check_resumable, continuable, metrics_line
 
 LOG_FILE = "cotune.log"
 POLL_S = 0.5
@@ -161,7 +161,7 @@ def plan(
 
 
 def _command(job: Job, resume: bool = False) -> list[str]:
-    if resume:  # the run folder's config.toml is the job's (continuable_round checked it)
+    if resume:  # the run folder's config.toml is the job's (continuable checked it)
         return cotune_command("run", "--resume", str(job.run_dir))
     args = ["run", *([str(job.config)] if job.config is not None else [])]
     for s in job.sets:
@@ -209,17 +209,16 @@ def run_jobs(jobs: list[Job], parallel: int, log: Log = print) -> list[str]:
     if parallel < 1:
         raise ConfigError(f"--parallel must be at least 1, got {parallel}")
     todo: list[Job] = []
-    resume: dict[int, int] = {}  # id(job) -> the round its checkpoint completed
+    resume: dict[int, str] = {}  # id(job) -> where its checkpoint stands
     for job in jobs:
         if is_finished(job.run_dir):
             check_resumable(job.run_dir, job.cfg)
             log(f"[skip] {job.label} seed {job.seed}: already finished (summary.json): not re-run")
             continue
-        after = continuable_round(job.run_dir, job.cfg)
+        after = continuable(job.run_dir, job.cfg)
         if after is not None:
             resume[id(job)] = after
-            log(f"[resume] {job.label} seed {job.seed}: continues after round {after} "
-                "(its checkpoint)")  # fmt: skip
+            log(f"[resume] {job.label} seed {job.seed}: continues after {after} (its checkpoint)")
         todo.append(job)
     log(f"{len(jobs)} runs: {len(jobs) - len(todo)} already finished, {len(todo)} to run, "
         f"{min(parallel, max(len(todo), 1))} at a time")  # fmt: skip

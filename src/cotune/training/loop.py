@@ -224,6 +224,7 @@ def fit(
     breakdown_memory: bool = False,
     on_step: OnStep | None = None,
     progress: str | None = None,
+    stats: StepStats | None = None,
 ) -> StepStats:
     """Run `step` over `batches` until `n_steps` optimiser steps are done.
 
@@ -233,9 +234,10 @@ def fit(
     where it goes (`stats.memory`: a `MemoryBreakdown` of the step with the highest
     peak; parameters, gradients and optimizer state from the step's `memory_state()`
     when it has one). `on_step(step, loss, stats)` runs after each step (evaluation,
-    logging), outside the timed region.
+    logging), outside the timed region. `stats`: the totals to continue from (a
+    resumed run: its steps count as done).
     """
-    stats = StepStats()
+    stats = stats if stats is not None else StepStats()
     done = position or (lambda: stats.steps)
     if measure:  # the setup's garbage (tokenising, loading) goes back to the OS first
         release_free_memory()

@@ -133,6 +133,21 @@ class StepInBackward(torch.optim.Optimizer):
     def zero_grad(self, set_to_none: bool = True) -> None:
         return None  # each gradient was freed as its parameter stepped
 
+    def state_dict(self) -> dict[str, Any]:
+        """Every parameter's optimiser state, in parameter order."""
+        return {"per_parameter": [opt.state_dict() for opt in self.inner.values()]}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        inner = state_dict["per_parameter"]
+        if len(inner) != len(self.inner):
+            raise ValueError(
+                f"optimiser state for {len(inner)} parameters, this optimiser has {len(self.inner)}"
+            )
+        for opt, state in zip(self.inner.values(), inner, strict=True):
+            opt.load_state_dict(state)
+        # loading gives each inner optimiser new group dicts: the schedule adjusts those
+        self.param_groups = [g for opt in self.inner.values() for g in opt.param_groups]
+
     def release(self) -> None:
         """Stop stepping the parameters this optimiser still owns (they keep their
         gradients again, as under a plain optimiser)."""

@@ -77,7 +77,10 @@ def checkpoint_round(run_dir: str | Path) -> int | None:
     """The round the run folder's checkpoint completed (read from its index only), or
     None when it has no checkpoint."""
     state = _state_file(run_dir)
-    return None if state is None else int(json.loads(state.read_text())["round"])
+    if state is None:
+        return None
+    done = json.loads(state.read_text()).get("round")  # a local run's checkpoint has none
+    return None if done is None else int(done)
 
 
 def load_checkpoint(run_dir: str | Path) -> ServerCheckpoint | None:
