@@ -44,6 +44,9 @@ from comparison import (
     write,
 )
 
+from cotune.report import read_summary
+from cotune.report.aggregate import seed_dir
+
 OUT = ROOT / "benchmarks" / "results" / "dp_accuracy"
 CONFIGS = ROOT / "benchmarks" / "configs"
 EPSILONS = (8, 3, 1)
@@ -69,6 +72,19 @@ def fedlora() -> Comparison:
 COMPARISONS = {"split-sft": split_sft, "fedlora": fedlora}
 
 
+def epsilon_spent(arm_dir: Path, seeds: list[int]) -> float | None:
+    """The mean epsilon the arm's runs spent on training: the final metric `epsilon`
+    (split; federated runs since it was added), else summary.json's `privacy.epsilon`
+    (federated runs written before)."""
+    vals = []
+    for s in seeds:
+        summary = read_summary(seed_dir(arm_dir, s))
+        eps = summary["metrics"].get("epsilon", summary.get("privacy", {}).get("epsilon"))
+        if eps is not None:
+            vals.append(float(eps))
+    return sum(vals) / len(vals) if vals else None
+
+
 def render(data: dict[str, Any]) -> str:
     lines = [
         f"## dp_accuracy: {data['comparison']} (SST-2 dev, 872 sentences)",
@@ -77,7 +93,7 @@ def render(data: dict[str, Any]) -> str:
         "|---|---|---|---|",
     ]
     for name, arm in data["arms"].items():
-        eps = arm.get("metrics", {}).get("epsilon", {}).get("mean")
+        eps = arm.get("epsilon_spent_mean")
         spent = "inf (no noise)" if name == "none" else f"{eps:.2f}" if eps else "-"
         lines.append(f"| {name} | {len(arm['seeds'])} | {describe(arm, 'accuracy')} | {spent} |")
     lines += ["", *differences_table(data["differences"])]
@@ -98,6 +114,8 @@ def main() -> None:
     runs = args.out / comparison.name
     failed = [] if args.summary_only else run(comparison, runs, args.parallel)
     data = summarise(comparison, runs)
+    for name, arm in data["arms"].items():
+        arm["epsilon_spent_mean"] = epsilon_spent(runs / name, arm.get("seeds", []))
     data["failed"] = failed
     write(data, args.out / f"{comparison.name}.json", render)
 

@@ -104,6 +104,8 @@ def test_noise_is_the_accountants_and_every_averaged_update_is_clipped(
     assert privacy["clipping"] == mode and privacy["noise_multiplier"] == pytest.approx(sigma)
     assert privacy["noise_std"] == pytest.approx(sigma * clip / 2)
     assert privacy["epsilon"] == pytest.approx(spent[-1])
+    # and the final metrics say it too (as a split run's do: `cotune compare` shows it)
+    assert result.metrics["epsilon"] == pytest.approx(spent[-1])
 
 
 def test_rounds_budget_matches_flowers_noise_formula() -> None:

@@ -486,6 +486,8 @@ class FederatedServer:
             self.run.write_predictions(evaluation.predictions)
             model.adapter.save_outputs(self.options.run_dir, evaluation)
         save_final_state(self.options.run_dir, model.state())
+        if budget is not None:  # the final metrics say what they cost, as a split run's do
+            last = {**last, "epsilon": budget.spent(completed)}
         held = hook.device_model()
         result = {
             "metrics": last,
