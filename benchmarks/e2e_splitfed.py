@@ -64,10 +64,24 @@ def comparison(control: bool = False) -> Comparison:
     return Comparison("e2e_splitfed", arms, pairs, seeds=[0, 1])
 
 
+SEEDS_NEEDED = 2  # the issue's bar: 2 seeds
+
+
 def verdict(diff: dict[str, Any]) -> str:
+    """The claim's verdict on the wider interval; "provisional" before both seeds."""
     wide = diff.get("wider_interval")
     if "mean" not in diff or wide is None:
-        return "not decided yet (fewer than 2 finished seeds)"
+        return "not decided yet (no seed finished by both arms)"
+    seeds = len(diff.get("seeds", []))
+    decided = _decide(diff, wide)
+    return (
+        decided
+        if seeds >= SEEDS_NEEDED
+        else f"provisional ({seeds} of {SEEDS_NEEDED} seeds): {decided}"
+    )
+
+
+def _decide(diff: dict[str, Any], wide: dict[str, float]) -> str:
     lo, hi, mean = wide["low"], wide["high"], diff["mean"]  # BLEU is a percentage already
     span = f"{mean:+.2f} BLEU, interval [{lo:+.2f}, {hi:+.2f}]"
     if (diff["a"], diff["b"]) == ("splitfed", "centralized"):
