@@ -87,7 +87,9 @@ def _decide(diff: dict[str, Any], wide: dict[str, float]) -> str:
     if (diff["a"], diff["b"]) == ("splitfed", "centralized"):
         if hi < 0:
             return f"does not hold here: splitfed trails centralized beyond its interval ({span})"
-        return f"holds here: splitfed is within its interval of centralized ({span})"
+        if lo > 0:
+            return f"holds here, and more: splitfed is ahead of centralized ({span})"
+        return f"holds here: no difference beyond the interval ({span})"
     if lo > 0:
         return f"{diff['a']} ahead ({span})"
     if hi < 0:
