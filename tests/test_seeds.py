@@ -322,3 +322,18 @@ def test_a_checkpoint_of_another_config_is_not_continued(tmp_path: Path) -> None
     assert continuable(run_dir, other) is None
     # a method that cannot resume never continues, whatever the folder holds
     assert continuable(run_dir, cfg.model_copy(update={"method": "split"})) is None
+
+
+def test_settings_that_do_not_change_a_run_are_not_differences(tmp_path: Path) -> None:
+    from cotune.runtime.seeds import config_differences
+
+    config = _config_file(tmp_path)
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "config.toml").write_text(to_toml(load_experiment(config, [])))
+    same = load_experiment(
+        config, ["train.threads=2", "runtime.checkpoint=false", "runtime.checkpoint_minutes=1",
+                 "runtime.export=false"],
+    )  # fmt: skip
+    assert config_differences(run_dir, same) == []
+    assert config_differences(run_dir, load_experiment(config, ["train.lr=0.5"])) == ["train.lr"]

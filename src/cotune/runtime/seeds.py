@@ -29,9 +29,15 @@ from cotune.training.resume import checkpoint_step
 
 Log = Callable[[str], None]
 
-# keys that may differ between a finished run and a resumed invocation: how many
-# threads a run used does not change what it computes
-IGNORED_KEYS = {("train", "threads")}
+# keys that may differ between a finished run and a resumed invocation: they do not
+# change what a run computes (how many threads it used, whether it saved checkpoints to
+# resume from, whether it exported its model at the end)
+IGNORED_KEYS = {
+    ("train", "threads"),
+    ("runtime", "checkpoint"),
+    ("runtime", "checkpoint_minutes"),
+    ("runtime", "export"),
+}
 
 
 def parse_seeds(text: str) -> list[int]:
