@@ -165,9 +165,8 @@ class LocalResume:
     def maybe_save(self, step: int, stats: StepStats, since_eval: list[float]) -> bool:
         if time.monotonic() - self.last_save < self.every_s:
             return False
-        trainable = {
-            n: p.detach().clone() for n, p in self.model.named_parameters() if p.requires_grad
-        }
+        # the live tensors (no copies: saving is synchronous and nothing trains meanwhile)
+        trainable = {n: p.detach() for n, p in self.model.named_parameters() if p.requires_grad}
         save_local(
             self.run_dir,
             LocalCheckpoint(
