@@ -117,6 +117,7 @@ def arm_summary(out: Path, arm: Arm, seeds: Sequence[int]) -> dict[str, Any]:
             "comm": agg["comm"],
             "wall_s_mean": agg["wall_s"],
             "device_peak_bytes_mean": agg["device_peak_bytes"],
+            "saved_activation_bytes_mean": agg["saved_activation_bytes"],
         }
     )
     return entry
@@ -183,6 +184,13 @@ def summarise(
         **(extra or {}),
     }
     return data
+
+
+def provisional(diff: dict[str, Any], needed: int, decided: str) -> str:
+    """`decided` as it stands, or marked provisional while fewer than `needed` seeds are
+    finished by both arms of the pair."""
+    seeds = len(diff.get("seeds", []))
+    return decided if seeds >= needed else f"provisional ({seeds} of {needed} seeds): {decided}"
 
 
 def points(x: float | None, scale: float = 100.0) -> str:

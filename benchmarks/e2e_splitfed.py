@@ -36,6 +36,7 @@ from comparison import (
     Pair,
     interval,
     mean_pm,
+    provisional,
     run,
     summarise,
     write,
@@ -72,13 +73,7 @@ def verdict(diff: dict[str, Any]) -> str:
     wide = diff.get("wider_interval")
     if "mean" not in diff or wide is None:
         return "not decided yet (no seed finished by both arms)"
-    seeds = len(diff.get("seeds", []))
-    decided = _decide(diff, wide)
-    return (
-        decided
-        if seeds >= SEEDS_NEEDED
-        else f"provisional ({seeds} of {SEEDS_NEEDED} seeds): {decided}"
-    )
+    return provisional(diff, SEEDS_NEEDED, _decide(diff, wide))
 
 
 def _decide(diff: dict[str, Any], wide: dict[str, float]) -> str:

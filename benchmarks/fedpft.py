@@ -41,6 +41,7 @@ from comparison import (
     Pair,
     describe,
     differences_table,
+    provisional,
     run,
     summarise,
     write,
@@ -81,13 +82,7 @@ def verdict(diff: dict[str, Any]) -> str:
     wide = diff.get("wider_interval")
     if "mean" not in diff or wide is None:
         return "not decided yet (no seed finished by both arms)"
-    seeds = len(diff.get("seeds", []))
-    decided = _decide(diff, wide)
-    return (
-        decided
-        if seeds >= SEEDS_NEEDED
-        else f"provisional ({seeds} of {SEEDS_NEEDED} seeds): {decided}"
-    )
+    return provisional(diff, SEEDS_NEEDED, _decide(diff, wide))
 
 
 SEEDS_NEEDED = 3  # the bar: a verdict stands on 3 seeds

@@ -58,8 +58,6 @@ from comparison import (
 OUT = ROOT / "benchmarks" / "results" / "seed_tasks"
 EXAMPLES = ROOT / "examples"
 GROUPS = ("squad", "fashion", "gemma")
-# metrics that are percentages already (the others are 0-1 and shown x100)
-PERCENT = {"f1", "exact_match", "bleu", "rouge_l"}
 PRIMARY = {"squad": ("f1", "exact_match"), "fashion": ("accuracy",),
            "gemma": ("bleu", "nist", "meteor", "rouge_l", "cider")}  # fmt: skip
 
@@ -118,15 +116,16 @@ def comparison(group: str, seeds: list[int]) -> Comparison:
 
 
 def scale(metric: str) -> float:
-    return 1.0 if metric in PERCENT else 100.0
+    """Shown x100: accuracy (0-1). As they are: F1 / EM / BLEU / ROUGE-L (percentages)
+    and NIST / METEOR / CIDEr (their own scales)."""
+    return 100.0 if metric == "accuracy" else 1.0
 
 
 def fmt(arm: dict[str, Any], metric: str) -> str:
     m = arm.get("metrics", {}).get(metric)
     if not m:
         return "-"
-    k = 1.0 if metric in PERCENT else (100.0 if metric == "accuracy" else 1.0)
-    hw = m.get("half_width")
+    k, hw = scale(metric), m.get("half_width")
     digits = 2 if metric != "meteor" else 4
     text = f"{k * m['mean']:.{digits}f}"
     return text + (f" ± {k * hw:.{digits}f}" if hw is not None and hw == hw else "")
@@ -155,23 +154,9 @@ def render(data: dict[str, Any]) -> str:
             f" | {mib(arm.get('saved_activation_bytes_mean'))} | "
             f"{arm.get('wall_s_mean') or 0:,.0f} |"
         )
-    lines += ["", "Differences (points; accuracy x100, F1 / EM / BLEU / ROUGE-L as they are):",
+    lines += ["", "Differences (accuracy in points x100, the other metrics on their own scales):",
               "", *differences_table(data["differences"], scale=scale)]  # fmt: skip
     return "\n".join(lines) + "\n"
-
-
-def saved_bytes(runs: Path, arm: dict[str, Any], name: str) -> float | None:
-    """The mean of the runs' saved-for-backward peak (summary.json), for the memory rows."""
-    import json
-
-    from cotune.report.aggregate import seed_dir
-
-    vals = []
-    for s in arm.get("seeds", []):
-        summary = json.loads((seed_dir(runs / name, s) / "summary.json").read_text())
-        if summary.get("saved_activation_bytes"):
-            vals.append(float(summary["saved_activation_bytes"]))
-    return sum(vals) / len(vals) if vals else None
 
 
 def main() -> None:
@@ -196,8 +181,6 @@ def main() -> None:
                           comp.pairs, comp.seeds)  # fmt: skip
         failed = [] if args.summary_only else run(todo, runs, args.parallel)
         data = summarise(comp, runs)
-        for name, arm in data["arms"].items():
-            arm["saved_activation_bytes_mean"] = saved_bytes(runs, arm, name)
         data["failed"] = failed
         write(data, args.out / f"{group}.json", render)
 

@@ -124,6 +124,7 @@ def aggregate_runs(
         },
         "wall_s": _mean([s.get("wall_s") for s in summaries]),
         "device_peak_bytes": _mean([s.get("device_peak_bytes") for s in summaries]),
+        "saved_activation_bytes": _mean([s.get("saved_activation_bytes") for s in summaries]),
     }
 
 

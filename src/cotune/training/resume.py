@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,10 +41,39 @@ def checkpoint_dir(run_dir: str | Path) -> Path:
     return Path(run_dir) / CHECKPOINT_DIR
 
 
+def write_checkpoint_dir(run_dir: str | Path, write: Callable[[Path], None]) -> Path:
+    """RUN_DIR/checkpoint, written by `write(folder)` into a fresh folder that replaces
+    the previous checkpoint only once complete (a crash mid-write leaves the previous
+    one, or `checkpoint.old` mid-swap, which `state_file` reads). Federated and local
+    checkpoints both go through it."""
+    final = checkpoint_dir(run_dir)
+    tmp = final.with_name(CHECKPOINT_DIR + ".tmp")
+    old = final.with_name(CHECKPOINT_DIR + ".old")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    write(tmp)
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        final.rename(old)
+    tmp.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def state_file(run_dir: str | Path) -> Path | None:
+    """The last complete checkpoint's state.json (the previous one when a swap was
+    interrupted), or None."""
+    path = checkpoint_dir(run_dir) / STATE_FILE
+    if path.exists():
+        return path
+    old = checkpoint_dir(run_dir).with_name(CHECKPOINT_DIR + ".old") / STATE_FILE
+    return old if old.exists() else None
+
+
 def checkpoint_step(run_dir: str | Path) -> int | None:
     """The steps a local run's checkpoint holds (read from its index), or None."""
-    state = checkpoint_dir(run_dir) / STATE_FILE
-    if not state.is_file():
+    state = state_file(run_dir)
+    if state is None:
         return None
     meta = json.loads(state.read_text())
     return int(meta["step"]) if meta.get("kind") == "local" else None
@@ -63,34 +92,28 @@ class LocalCheckpoint:
 
 def save_local(run_dir: str | Path, ckpt: LocalCheckpoint) -> Path:
     """Write `ckpt`, replacing the previous one only once the new one is complete."""
-    final = checkpoint_dir(run_dir)
-    tmp = final.with_name(CHECKPOINT_DIR + ".tmp")
-    old = final.with_name(CHECKPOINT_DIR + ".old")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    torch.save(
-        {"trainable": ckpt.trainable, "optimizer": ckpt.optimizer, "schedule": ckpt.schedule,
-         "rng": ckpt.rng},
-        tmp / TENSORS_FILE,
-    )  # fmt: skip
-    meta = {"kind": "local", "step": ckpt.step, "totals": ckpt.totals,
-            "since_eval": ckpt.since_eval}  # fmt: skip
-    (tmp / STATE_FILE).write_text(json.dumps(meta) + "\n")
-    shutil.rmtree(old, ignore_errors=True)
-    if final.exists():
-        final.rename(old)
-    tmp.rename(final)
-    shutil.rmtree(old, ignore_errors=True)
-    return final
+
+    def write(folder: Path) -> None:
+        torch.save(
+            {"trainable": ckpt.trainable, "optimizer": ckpt.optimizer,
+             "schedule": ckpt.schedule, "rng": ckpt.rng},
+            folder / TENSORS_FILE,
+        )  # fmt: skip
+        meta = {"kind": "local", "step": ckpt.step, "totals": ckpt.totals,
+                "since_eval": ckpt.since_eval}  # fmt: skip
+        (folder / STATE_FILE).write_text(json.dumps(meta) + "\n")
+
+    return write_checkpoint_dir(run_dir, write)
 
 
 def load_local(run_dir: str | Path) -> LocalCheckpoint | None:
     """The run folder's local checkpoint, or None if it has none."""
     if checkpoint_step(run_dir) is None:
         return None
-    path = checkpoint_dir(run_dir)
-    meta = json.loads((path / STATE_FILE).read_text())
-    tensors = torch.load(path / TENSORS_FILE, weights_only=True)
+    state = state_file(run_dir)
+    assert state is not None
+    meta = json.loads(state.read_text())
+    tensors = torch.load(state.parent / TENSORS_FILE, weights_only=True)
     return LocalCheckpoint(
         step=int(meta["step"]), trainable=tensors["trainable"], optimizer=tensors["optimizer"],
         schedule=tensors["schedule"], rng=tensors["rng"], totals=dict(meta["totals"]),

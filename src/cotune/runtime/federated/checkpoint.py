@@ -9,7 +9,6 @@ derived from (seed, round), so nothing else is needed to continue exactly.
 from __future__ import annotations
 
 import json
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,8 +17,7 @@ from safetensors.numpy import load_file, save_file
 
 from cotune.export.state import TRAINABLE_FILE
 from cotune.methods.spec import State
-
-CHECKPOINT_DIR = "checkpoint"
+from cotune.training.resume import state_file, write_checkpoint_dir
 
 
 @dataclass
@@ -30,10 +28,6 @@ class ServerCheckpoint:
     totals: dict[str, Any] = field(default_factory=dict)
 
 
-def checkpoint_dir(run_dir: str | Path) -> Path:
-    return Path(run_dir) / CHECKPOINT_DIR
-
-
 def _save_state(state: State, path: Path) -> None:
     # safetensors keeps names; key order is restored from the JSON index.
     save_file({k: v for k, v in state.items()}, str(path))
@@ -41,42 +35,25 @@ def _save_state(state: State, path: Path) -> None:
 
 def save_checkpoint(run_dir: str | Path, ckpt: ServerCheckpoint) -> Path:
     """Write `ckpt`, replacing the previous checkpoint only once the new one is complete."""
-    final = checkpoint_dir(run_dir)
-    tmp = final.with_name(CHECKPOINT_DIR + ".tmp")
-    old = final.with_name(CHECKPOINT_DIR + ".old")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    _save_state(ckpt.global_state, tmp / "global.safetensors")
-    _save_state(ckpt.hook_state, tmp / "hook.safetensors")
-    meta = {
-        "round": ckpt.round,
-        "global_keys": list(ckpt.global_state),
-        "hook_keys": list(ckpt.hook_state),
-        "totals": ckpt.totals,
-    }
-    (tmp / "state.json").write_text(json.dumps(meta, indent=2) + "\n")
-    shutil.rmtree(old, ignore_errors=True)
-    if final.exists():
-        final.rename(old)
-    tmp.rename(final)
-    shutil.rmtree(old, ignore_errors=True)
-    return final
 
+    def write(folder: Path) -> None:
+        _save_state(ckpt.global_state, folder / "global.safetensors")
+        _save_state(ckpt.hook_state, folder / "hook.safetensors")
+        meta = {
+            "round": ckpt.round,
+            "global_keys": list(ckpt.global_state),
+            "hook_keys": list(ckpt.hook_state),
+            "totals": ckpt.totals,
+        }
+        (folder / "state.json").write_text(json.dumps(meta, indent=2) + "\n")
 
-def _state_file(run_dir: str | Path) -> Path | None:
-    """The last complete checkpoint's state.json (the previous one when a swap was
-    interrupted), or None."""
-    path = checkpoint_dir(run_dir) / "state.json"
-    if path.exists():
-        return path
-    old = checkpoint_dir(run_dir).with_name(CHECKPOINT_DIR + ".old") / "state.json"
-    return old if old.exists() else None
+    return write_checkpoint_dir(run_dir, write)
 
 
 def checkpoint_round(run_dir: str | Path) -> int | None:
     """The round the run folder's checkpoint completed (read from its index only), or
     None when it has no checkpoint."""
-    state = _state_file(run_dir)
+    state = state_file(run_dir)
     if state is None:
         return None
     done = json.loads(state.read_text()).get("round")  # a local run's checkpoint has none
@@ -85,7 +62,7 @@ def checkpoint_round(run_dir: str | Path) -> int | None:
 
 def load_checkpoint(run_dir: str | Path) -> ServerCheckpoint | None:
     """The last completed round's checkpoint, or None if the run has none."""
-    state = _state_file(run_dir)
+    state = state_file(run_dir)
     if state is None:
         return None
     path = state.parent
