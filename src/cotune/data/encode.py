@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from cotune.data.aside import aside
 from cotune.data.task import Example
 
 ENCODE_BATCH = 1000  # examples per tokenizer call
@@ -61,8 +62,11 @@ def _tokenize(tokenizer: Any, examples: list[Example], max_len: int) -> dict[str
     return tokenizer(texts_a, texts_b, truncation=True, max_length=max_len)
 
 
+@aside
 def encode(examples: list[Example], tokenizer: Any, max_len: int) -> EncodedDataset:
-    """Tokenise `examples` in batches (truncated to `max_len`, no padding)."""
+    """Tokenise `examples` in batches (truncated to `max_len`, no padding), on a helper
+    thread (`cotune.data.aside`: the tokenizer's transient memory stays off the training
+    heap)."""
     items: list[dict[str, Any]] = [{} for _ in examples]
     for start in range(0, len(examples), ENCODE_BATCH):
         chunk = range(start, min(start + ENCODE_BATCH, len(examples)))

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from cotune.data.aside import aside
 from cotune.data.encode import long_tensor, make_loader, token_array
 from cotune.data.task import Example
 
@@ -64,9 +65,11 @@ class PairDataset(Dataset):
         return PairDataset([self.items[i] for i in indices])
 
 
+@aside
 def encode_pairs(examples: list[Example], tokenizer: Any, max_len: int) -> PairDataset:
     """Prompt (`text_a`) + target (`text_b`) + EOS, truncated to `max_len` tokens
-    (the target is cut first; the prompt keeps at most `max_len // 2`)."""
+    (the target is cut first; the prompt keeps at most `max_len // 2`); on a helper
+    thread (`cotune.data.aside`)."""
     end = eos_id(tokenizer)
     bos = bos_prefix(tokenizer)
     prompts = [ex.text_a + PROMPT_SUFFIX for ex in examples]

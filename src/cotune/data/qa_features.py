@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from cotune.data.aside import aside
 from cotune.data.encode import ENCODE_BATCH, EncodedDataset, token_array
 from cotune.data.squad import QAExample
 from cotune.data.task import Example
@@ -92,12 +93,13 @@ def _context_offsets(enc: Any, row: int) -> np.ndarray:
     return offs
 
 
+@aside
 def encode_qa(
     examples: Sequence[Example], tokenizer: Any, max_len: int, stride: int | None = None
 ) -> QAFeatures:
     """Features of `examples` (`QAExample`s): windows of `max_len` tokens sharing
     `stride` tokens (default `default_stride`; reduced for a question that leaves less
-    room), unpadded."""
+    room), unpadded; on a helper thread (`cotune.data.aside`)."""
     if not getattr(tokenizer, "is_fast", False):
         raise DataError("extractive QA needs a fast tokenizer (for character offsets)")
     stride = default_stride(max_len) if stride is None else stride

@@ -431,12 +431,13 @@ class MemoryBreakdown:
     Measured directly: `runtime_at_rest` (RSS before data and model: interpreter and
     libraries), `parameters` (parameters and buffers), `optimizer_state`, `gradients`
     and `saved_activations` alive at that moment (gradient tensors; saved-for-backward
-    storages the graph still holds), `allocator_retention` (freed heap bytes glibc held
-    beyond what it held at rest). From glibc's heap counters: `transient` (heap in use
-    at that moment beyond the step's start, other than saved activations and gradients:
-    forward/backward temporaries, optimizer scratch) and `data_and_other` (heap in use
-    at the step's start beyond rest, parameters and optimizer state: data, tokenizer,
-    Python objects). `peak_rss` is the kernel's exact high-water mark of the step;
+    storages the graph still holds), `allocator_retention` (freed heap bytes the
+    allocator held beyond what it held at rest, at most the peak's remainder after the
+    other parts: glibc also counts free bytes whose pages it returned). From glibc's heap
+    counters: `transient` (heap in use at that moment beyond the step's start, other
+    than saved activations and gradients: forward/backward temporaries, optimizer
+    scratch) and `data_and_other` (heap in use at the step's start beyond rest,
+    parameters and optimizer state: data, tokenizer, Python objects). `peak_rss` is the kernel's exact high-water mark of the step;
     `unexplained` = peak_rss - the parts (sampling misses the exact peak by up to a
     millisecond; RSS outside the heap can grow, heap pages can be untouched).
     """
@@ -478,14 +479,18 @@ def breakdown(
     if sampler.start is None or at is None or at.heap is None or rest.heap is None:
         return None
     in_heap = state["parameters"] - state.get("parameters_mapped", 0) + state["optimizer_state"]
-    return MemoryBreakdown(
-        peak_rss=peak_rss,
-        runtime_at_rest=rest.rss,
-        parameters=state["parameters"],
-        optimizer_state=state["optimizer_state"],
-        gradients=at.grads_live,
-        saved_activations=at.saved_live,
-        transient=max(at.heap.in_use - sampler.start.in_use - at.saved_live - at.grads_live, 0),
-        data_and_other=max(sampler.start.in_use - rest.heap.in_use - in_heap, 0),
-        allocator_retention=max(at.heap.free_held - rest.heap.free_held, 0),
-    )
+    parts = {
+        "runtime_at_rest": rest.rss,
+        "parameters": state["parameters"],
+        "optimizer_state": state["optimizer_state"],
+        "gradients": at.grads_live,
+        "saved_activations": at.saved_live,
+        "transient": max(at.heap.in_use - sampler.start.in_use - at.saved_live - at.grads_live, 0),
+        "data_and_other": max(sampler.start.in_use - rest.heap.in_use - in_heap, 0),
+    }
+    # glibc counts free heap bytes whether or not their pages are resident (malloc_trim
+    # returns the pages of free blocks inside the heap but they stay free bytes): what
+    # the allocator holds in RSS is at most what the peak leaves beyond the other parts
+    free_held = max(at.heap.free_held - rest.heap.free_held, 0)
+    retention = min(free_held, max(peak_rss - sum(parts.values()), 0))
+    return MemoryBreakdown(peak_rss=peak_rss, allocator_retention=retention, **parts)
