@@ -453,7 +453,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--resume",
         metavar="RUN_DIR",
-        help="continue RUN_DIR from its last checkpoint (federated methods), with its config",
+        help="continue RUN_DIR from its last checkpoint (centralized and the federated "
+        "methods; split and splitfed runs cannot resume), with its config",
     )
     p.add_argument(
         "--seeds",

@@ -113,7 +113,7 @@ def run_experiment(cfg: Config, out: str | Path | None = None, resume: bool = Fa
     """Run `cfg` and write its run folder; returns the folder's path.
 
     With `resume`, `out` is an existing run folder and the method continues from its
-    last checkpoint (methods whose spec is resumable: the federated ones).
+    last checkpoint (methods whose spec is resumable: centralized and the federated ones).
     """
     process_env()
     resolve(cfg)
