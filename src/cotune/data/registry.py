@@ -164,20 +164,7 @@ def load_task(
     if cfg.split_eval is not None:
         train, evals = split_eval_file(spec.name, train, evals, cfg.split_eval)
         source += f" (train/eval split of its evaluation file, {cfg.split_eval:g} held out)"
-    return Task(
-        name=name,
-        kind=spec.kind,
-        num_labels=1 if spec.label_values is None else len(spec.label_names),
-        label_names=list(spec.label_names),
-        train=subsample(train, cfg.max_train_examples, seed, "train"),
-        eval={
-            split: subsample(examples, cfg.max_eval_examples, seed, f"eval/{split}")
-            for split, examples in evals.items()
-        },
-        primary_metric=spec.primary_metric,
-        metrics=dict(spec.metrics),
-        source=source,
-    )
+    return _glue_task(spec, cfg, seed, train, evals, source)
 
 
 def _glue_part(spec: GlueSpec, cfg: TaskConfig, seed: int, part: Part) -> Task:
@@ -205,6 +192,18 @@ def _glue_part(spec: GlueSpec, cfg: TaskConfig, seed: int, part: Part) -> Task:
         else:
             train = []
         source = cfg.data_dir
+    return _glue_task(spec, cfg, seed, train, evals, source)
+
+
+def _glue_task(
+    spec: GlueSpec,
+    cfg: TaskConfig,
+    seed: int,
+    train: list[Example],
+    evals: dict[str, list[Example]],
+    source: str,
+) -> Task:
+    """The `Task` of a GLUE-style spec from its loaded parts, subsampled as `cfg` says."""
     return Task(
         name=spec.name,
         kind=spec.kind,
