@@ -10,9 +10,11 @@ seeded subsample: the same MRs for every arm of one seed) with all their referen
 by beam search on the merged model.
 
 SplitLoRA's table (GPT2-S, r4): centralized 69.41 BLEU, SplitLoRA 68.79, FedLoRA 67.73.
-The claims decided here: splitfed does not trail centralized by more than its interval,
-and splitfed is ahead of fedlora. Intervals: across seeds, and the paired bootstrap over
-MRs (BLEU recomputed on each resample of MRs, corpus-level).
+The claims decided here: splitfed is close to centralized (it does not trail beyond its
+interval, and the interval lies within +-2 BLEU: holds; trails beyond it: does not hold;
+neither: cannot be decided at this budget), and splitfed is ahead of fedlora. Intervals:
+across seeds (Student t), and the paired bootstrap over MRs (BLEU recomputed on each
+resample of MRs, corpus-level); the wider decides.
 
     nice .venv/bin/python benchmarks/e2e_splitfed.py --parallel 2     # runs, resumable
     .venv/bin/python benchmarks/e2e_splitfed.py --summary-only         # JSON + table
@@ -66,6 +68,9 @@ def comparison(control: bool = False) -> Comparison:
 
 
 SEEDS_NEEDED = 2  # the bar: 2 seeds
+# "splitfed close to centralized": within this many BLEU either way (SplitLoRA's own
+# table has splitfed - centralized at -0.62 with GPT2-S and +0.31 with GPT2-M)
+CLOSE_BLEU = 2.0
 
 
 def verdict(diff: dict[str, Any]) -> str:
@@ -84,7 +89,13 @@ def _decide(diff: dict[str, Any], wide: dict[str, float]) -> str:
             return f"does not hold here: splitfed trails centralized beyond its interval ({span})"
         if lo > 0:
             return f"holds here, and more: splitfed is ahead of centralized ({span})"
-        return f"holds here: no difference beyond the interval ({span})"
+        if -CLOSE_BLEU <= lo and hi <= CLOSE_BLEU:
+            return f"holds here: within {CLOSE_BLEU:g} BLEU of centralized ({span})"
+        return (
+            f"cannot be decided at this budget: splitfed does not trail beyond the "
+            f"interval, but the interval is {hi - lo:.2f} BLEU wide, more than +-"
+            f"{CLOSE_BLEU:g} ({span})"
+        )
     if lo > 0:
         return f"{diff['a']} ahead ({span})"
     if hi < 0:
