@@ -108,11 +108,10 @@ def save_local(run_dir: str | Path, ckpt: LocalCheckpoint) -> Path:
 
 def load_local(run_dir: str | Path) -> LocalCheckpoint | None:
     """The run folder's local checkpoint, or None if it has none."""
-    if checkpoint_step(run_dir) is None:
-        return None
     state = state_file(run_dir)
-    assert state is not None
-    meta = json.loads(state.read_text())
+    meta = json.loads(state.read_text()) if state is not None else {}
+    if state is None or meta.get("kind") != "local":
+        return None
     tensors = torch.load(state.parent / TENSORS_FILE, weights_only=True)
     return LocalCheckpoint(
         step=int(meta["step"]), trainable=tensors["trainable"], optimizer=tensors["optimizer"],
