@@ -437,7 +437,8 @@ class MemoryBreakdown:
     counters: `transient` (heap in use at that moment beyond the step's start, other
     than saved activations and gradients: forward/backward temporaries, optimizer
     scratch) and `data_and_other` (heap in use at the step's start beyond rest,
-    parameters and optimizer state: data, tokenizer, Python objects). `peak_rss` is the kernel's exact high-water mark of the step;
+    parameters and optimizer state: data, tokenizer, Python objects). `peak_rss` is the
+    kernel's exact high-water mark of the step;
     `unexplained` = peak_rss - the parts (sampling misses the exact peak by up to a
     millisecond; RSS outside the heap can grow, heap pages can be untouched).
     """
