@@ -12,9 +12,13 @@ import pytest
 import torch
 
 from cotune.memory import kernels, pack_bits
-from cotune.memory.activation import dropout_mask
-from cotune.memory.attention import SparseAttentionFunction
-from cotune.memory.pack import Policy, Sparse, pack
+from cotune.memory.activation import dropout_keep, dropout_mask
+from cotune.memory.attention import (
+    SparseAttentionFunction,
+    _backward_dense,
+    _backward_kept_rows,
+)
+from cotune.memory.pack import Policy, Sparse, pack, pack_positive
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
 # (B, rows, F): F a multiple of 8 (the byte-aligned kernel) or not; n % 8 != 0 (a tail)
@@ -180,6 +184,52 @@ def test_attention_backward_follows_the_formulas(mode: str, p: float) -> None:
     # and a dropped share really is missing: not the dense gradient
     dense_dv = (probs * keep).transpose(2, 3) @ d_o
     assert not torch.allclose(v.grad, dense_dv, rtol=1e-2, atol=1e-3)
+
+
+@pytest.mark.parametrize("shape", [(4, 3, 64, 64), (7, 5), (1001,)])
+def test_dropout_keep_draws_what_the_float_mask_draws(shape: tuple[int, ...]) -> None:
+    """The bool mask the sparse attention draws is eager's float mask, and the generator
+    is left in the same state (later draws agree too)."""
+    x = torch.randn(shape)
+    torch.manual_seed(5)
+    floats, after_floats = dropout_mask(x, 0.1), torch.rand(4)
+    torch.manual_seed(5)
+    bools, after_bools = dropout_keep(x, 0.1), torch.rand(4)
+    assert bools.dtype == torch.bool and torch.equal(floats.bool(), bools)
+    assert torch.equal(after_floats, after_bools)
+    assert 0.8 < bools.float().mean() < 1.0 or x.numel() < 100
+
+
+@pytest.mark.parametrize("mode", ["random", "norm"])
+@pytest.mark.parametrize("p", [0.0, 0.2])
+@pytest.mark.parametrize("kv_heads", [4, 2])
+def test_attention_backward_on_kept_rows_equals_the_zero_filled_one(
+    mode: str, p: float, kv_heads: int
+) -> None:
+    """With P saved as kept query rows, the backward computed on those rows only gives
+    the gradients of the zero-filled (B, H, L, L) computation, grouped heads included."""
+    b, h, seq, d = 2, 4, 40, 8
+    g = torch.Generator().manual_seed(1)
+    q = torch.randn(b, h, seq, d, generator=g)
+    k, v = (torch.randn(b, kv_heads, seq, d, generator=g) for _ in range(2))
+    d_o = torch.randn(b, h, seq, d, generator=g)
+    n_rep = h // kv_heads
+    policy = Policy(mode, 0.3)  # type: ignore[arg-type]
+    probs = torch.softmax(q @ k.repeat_interleave(n_rep, 1).transpose(2, 3) * 0.3, dim=-1)
+    packs = [pack(t, policy) for t in (q, k, v, probs)]
+    assert packs[3].meta.kind == "rows"
+    sq, sk, sv, sp = (Sparse(x.meta, tuple(x.tensors)) for x in packs)
+    st = None
+    if p > 0:
+        keep = dropout_mask(probs, p)
+        bits = pack_positive(packs[3].select(keep))  # the mask where P is kept, as bits
+        st = Sparse(bits.meta, tuple(bits.tensors))
+    got = _backward_kept_rows(sp, sq, sk, sv, st, d_o, n_rep, 0.3, p)
+    want = _backward_dense(sp, sq, sk, sv, st, d_o, n_rep, 0.3, p)
+    for name, a, w in zip("qkv", got, want, strict=True):
+        assert a.shape == w.shape, name
+        assert torch.allclose(a, w, rtol=1e-5, atol=1e-6), name
+        assert a.abs().sum() > 0, name
 
 
 def test_the_extension_checks_its_buffers_and_stays_inside_them() -> None:

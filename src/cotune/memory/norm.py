@@ -54,13 +54,13 @@ class SparseNormFunction(torch.autograd.Function):
         if centered and _is_stock_layer_norm(stock_forward) and not _autocast(x):
             # the kernel F.layer_norm runs, which also returns the statistics backward needs
             y, mean, rstd = torch.native_layer_norm(x, (x.shape[-1],), weight, bias, eps)
-            x_hat = (xf - mean.float()) * rstd.float()
+            x_hat = (xf - mean.float()).mul_(rstd.float())  # one temporary, not two
             rstd = rstd.float()
         elif centered:
             y = stock_forward(x)
             mean = xf.mean(-1, keepdim=True)
             rstd = torch.rsqrt(xf.var(-1, unbiased=False, keepdim=True) + eps)
-            x_hat = (xf - mean) * rstd
+            x_hat = (xf - mean).mul_(rstd)
         else:
             y = stock_forward(x)
             rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)

@@ -133,7 +133,8 @@ def _row_priority(x: torch.Tensor, policy: Policy) -> torch.Tensor:
         return u.to(x.device)
     a = x.detach().float()
     if policy.norm == "linf":
-        return a.abs().amax(-1)
+        # one reduction, no |x| temporary the size of x (abs().amax() allocates one)
+        return torch.linalg.vector_norm(a, ord=math.inf, dim=-1)
     if policy.norm == "l1":
         return a.abs().sum(-1)
     return torch.linalg.vector_norm(a, dim=-1)
