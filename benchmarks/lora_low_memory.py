@@ -1,6 +1,7 @@
 """The low-memory LoRA device, decided on accuracy: does minilm LoRA with an int8 frozen
 base, activation checkpointing and `norm` keep 0.1 (the setting that peaks under 600
-MiB in `device_memory.py` on jemalloc) stay within 1 point of plain LoRA on SST-2?
+MiB in `device_memory.py` with the default allocator) stay within 1 point of plain LoRA
+on SST-2?
 
 One budget for both arms: examples/sst2-centralized.toml (LoRA r8 on query, key, value
 and the dense projections, 1,200 steps of 32, max 64 tokens, lr 1e-3), scored on the
@@ -8,6 +9,10 @@ and the dense projections, 1,200 steps of 32, max 64 tokens, lr 1e-3), scored on
 change what is computed, so the accuracy arm runs on the default one.
 
     nice .venv/bin/python benchmarks/lora_low_memory.py --parallel 2   # runs, resumable
+
+About 6 core-hours on this machine (measured: about 35 min per plain LoRA run and 80 min
+per low-memory run, which dequantises the int8 base per op and recomputes each layer);
+an interrupted run continues from its last checkpoint (every 10 minutes).
     .venv/bin/python benchmarks/lora_low_memory.py --summary-only       # JSON + table
 
 Writes benchmarks/results/lora_low_memory.json (+ .md); runs under
