@@ -97,6 +97,17 @@ def groups() -> dict[str, tuple[str, list[str], dict[str, list[str]]]]:
     }
 
 
+def step_seconds(summary: dict[str, Any]) -> float | None:
+    """Seconds per training step: the median a centralized run records, else training
+    time over steps (a split run: its device's own, as the device process measured it)."""
+    if summary.get("step_s_median"):
+        return float(summary["step_s_median"])
+    timed = (summary.get("devices") or [summary])[0]
+    if timed.get("train_s") and timed.get("steps"):
+        return float(timed["train_s"]) / int(timed["steps"])
+    return None
+
+
 def run_row(config: str, sets: list[str], out: Path, steps: int) -> dict[str, Any] | None:
     if not (out / "summary.json").is_file():
         args = [sys.executable, "-m", "cotune", "memory", config, "--steps", str(steps),
@@ -111,8 +122,7 @@ def run_row(config: str, sets: list[str], out: Path, steps: int) -> dict[str, An
         "peak_rss_mib": (b or {}).get("peak_rss", summary.get("device_peak_bytes", 0)) / MiB,
         "breakdown_mib": {k: v / MiB for k, v in (b or {}).items()},
         "saved_activation_mib": (summary.get("saved_activation_bytes") or 0) / MiB,
-        "step_s_median": summary.get("step_s_median")
-        or (summary.get("train_s", 0) / max(summary.get("steps", 1), 1)),
+        "step_s_median": step_seconds(summary),
         "trainable_device": summary["trainable_params"]["device"],
         "device_weight_bytes": summary.get("device_weight_bytes"),
     }
@@ -157,12 +167,12 @@ def main() -> None:
     data: dict[str, Any] = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
                             "steps": args.steps, "groups": {}}  # fmt: skip
     for group, (config, common, rows) in groups().items():
-        if args.only and group not in args.only:
-            continue
+        # a group left out of --only keeps its finished rows in the JSON and the table
+        collect_only = args.table or bool(args.only and group not in args.only)
         data["groups"][group] = {}
         for name, sets in rows.items():
             out = OUT / group / name.replace("/", "_").replace("@", "-").replace("+", "_")
-            if args.table and not (out / "summary.json").is_file():
+            if collect_only and not (out / "summary.json").is_file():
                 continue
             print(f"{group} / {name}", flush=True)
             data["groups"][group][name] = run_row(config, [*common, *sets], out, args.steps)
