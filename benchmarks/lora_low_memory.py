@@ -1,19 +1,29 @@
 """The low-memory LoRA device, decided on accuracy: does minilm LoRA with an int8 frozen
-base, activation checkpointing and `norm` keep 0.1 (the setting that peaks under 600
-MiB in `device_memory.py` with the default allocator) stay within 1 point of plain LoRA
-on SST-2?
+base and a memory mode that peaks under 600 MiB stay within 1 point of plain LoRA on
+SST-2?
 
-One budget for both arms: examples/sst2-centralized.toml (LoRA r8 on query, key, value
+Arms (peak RSS at 16 x 128 tokens from `device_memory.py` and `cotune memory`, default
+allocator):
+- `lora`: plain LoRA, fp32 base (1,299 MiB), the reference;
+- `lora-int8-ckpt-norm0.1`: int8 base, checkpointing, `norm` keep 0.1 (555 MiB);
+- `lora-int8-ckpt-norm0.5`: int8 base, checkpointing, `norm` keep 0.5 (581 MiB). With
+  checkpointing only the layer inputs are saved, so the keep fraction costs memory only
+  inside the recomputed layer: a larger keep for little memory;
+- `lora-int8`: int8 base, no memory mode (1,246 MiB), to tell the base's cost from the
+  memory mode's.
+
+One budget for every arm: examples/sst2-centralized.toml (LoRA r8 on query, key, value
 and the dense projections, 1,200 steps of 32, max 64 tokens, lr 1e-3), scored on the
 872-sentence dev set (the same examples for every seed), 3 seeds. The allocator does not
-change what is computed, so the accuracy arm runs on the default one.
+change what is computed, so the accuracy arms run on the default one.
 
     nice .venv/bin/python benchmarks/lora_low_memory.py --parallel 2   # runs, resumable
-
-About 6 core-hours on this machine (measured: about 35 min per plain LoRA run and 80 min
-per low-memory run, which dequantises the int8 base per op and recomputes each layer);
-an interrupted run continues from its last checkpoint (every 10 minutes).
+    nice .venv/bin/python benchmarks/lora_low_memory.py --only lora-int8-ckpt-norm0.5
     .venv/bin/python benchmarks/lora_low_memory.py --summary-only       # JSON + table
+
+Runs go seed by seed (seed 0 of every arm first). About 55 min per run of `lora` or
+`lora-int8` and 100 min per checkpointed run on this machine with two runs at a time;
+an interrupted run continues from its last checkpoint (every 10 minutes).
 
 Writes benchmarks/results/lora_low_memory.json (+ .md); runs under
 benchmarks/results/lora_low_memory/<arm>/seed-S with their per-example predictions.
@@ -39,18 +49,23 @@ from comparison import (
 )
 
 OUT = ROOT / "benchmarks" / "results"
-LOW_MEMORY = ('model.base_dtype="int8"', "memory.checkpoint=true", 'memory.backward="norm"',
-              "memory.keep=0.1")  # fmt: skip
+INT8 = ('model.base_dtype="int8"',)
+CHECKPOINT_NORM = ("memory.checkpoint=true", 'memory.backward="norm"')
+ARMS = {
+    "lora": (),
+    "lora-int8-ckpt-norm0.1": (*INT8, *CHECKPOINT_NORM, "memory.keep=0.1"),
+    "lora-int8-ckpt-norm0.5": (*INT8, *CHECKPOINT_NORM, "memory.keep=0.5"),
+    "lora-int8": INT8,
+}
 TARGET_POINTS = 1.0
 
 
-def comparison() -> Comparison:
+def comparison(only: set[str] | None = None) -> Comparison:
+    """Every arm against `lora`; with `only`, just those arms are run (all are summarised)."""
     config = ROOT / "examples" / "sst2-centralized.toml"
-    return Comparison(
-        "lora_low_memory",
-        [Arm("lora", config, ()), Arm("lora-int8-ckpt-norm0.1", config, LOW_MEMORY)],
-        [Pair("lora-int8-ckpt-norm0.1", "lora", "accuracy")],
-    )
+    arms = [Arm(name, config, sets) for name, sets in ARMS.items() if not only or name in only]
+    pairs = [Pair(name, "lora", "accuracy") for name in ARMS if name != "lora"]
+    return Comparison("lora_low_memory", arms, pairs)
 
 
 def verdict(diff: dict[str, Any]) -> str:
@@ -83,11 +98,15 @@ def main() -> None:
     p.add_argument("--parallel", type=int, default=2)
     p.add_argument("--summary-only", action="store_true", help="only summarise finished runs")
     p.add_argument("--out", type=Path, default=OUT)
+    p.add_argument("--only", default="", help="run only these arms (comma-separated)")
     args = p.parse_args()
+    only = {a for a in args.only.split(",") if a}
+    if unknown := only - set(ARMS):
+        p.error(f"unknown arm(s) {sorted(unknown)}; the arms are {', '.join(ARMS)}")
     os.chdir(ROOT)  # the configs' data paths are relative to the repository
     comp = comparison()
     runs = args.out / comp.name
-    failed = [] if args.summary_only else run(comp, runs, args.parallel)
+    failed = [] if args.summary_only else run(comparison(only), runs, args.parallel)
     data = summarise(comp, runs)
     data["verdict"] = [verdict(d) for d in data["differences"]]
     data["failed"] = failed
