@@ -37,6 +37,29 @@ def _run(args: list[str], capsys) -> tuple[int, str, str]:  # type: ignore[no-un
     return code, out, err
 
 
+def test_the_commit_is_read_before_training(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """summary.json's git_commit names the code the run started with: it is read (and
+    cached for the process) before the method trains, not when the summary is written."""
+    from cotune.runtime import experiment, provenance
+
+    seen: list[int] = []
+
+    def training(*args, **kwargs):  # type: ignore[no-untyped-def]
+        seen.append(provenance.git_commit.cache_info().currsize)
+        raise RuntimeError("stop before training")
+
+    monkeypatch.setattr(experiment, "run_method", training)
+    provenance.git_commit.cache_clear()
+    data = _sst2_dir(tmp_path)
+    cfg = experiment.load_experiment(
+        None, ["task.name=glue/sst2", f"task.data_dir={json.dumps(str(data))}",
+               "model.name=tiny-bert", "train.steps=2"],
+    )  # fmt: skip
+    with pytest.raises(RuntimeError, match="stop before training"):
+        experiment.run_experiment(cfg, tmp_path / "run")
+    assert seen == [1]
+
+
 def test_run_tiny_model_writes_contract_folder(tmp_path, capsys) -> None:
     data = _sst2_dir(tmp_path)
     out = tmp_path / "run"

@@ -35,7 +35,7 @@ from cotune.report import RunFolder, default_run_dir, finish_run, progress
 from cotune.report.trackers import check_trackers, open_trackers
 from cotune.runtime.launcher import process_env
 from cotune.runtime.memory_cap import apply_memory_cap
-from cotune.runtime.provenance import provenance
+from cotune.runtime.provenance import git_commit, provenance
 from cotune.training.resume import checkpoint_step
 
 log = logging.getLogger(__name__)
@@ -116,6 +116,9 @@ def run_experiment(cfg: Config, out: str | Path | None = None, resume: bool = Fa
     last checkpoint (methods whose spec is resumable: centralized and the federated ones).
     """
     process_env()
+    # the commit of the code this process loaded, read now: a commit made while a long
+    # run trains must not be recorded as the run's (git_commit is cached per process)
+    git_commit()
     resolve(cfg)
     allocator = tune_allocator(cfg.memory.allocator)
     mark_rest()  # the process at rest, for memory breakdowns (memory.report)
