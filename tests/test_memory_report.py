@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -22,6 +23,7 @@ from cotune.memory.measure import (
     SavedTensorMeter,
     breakdown,
     model_state_bytes,
+    resident_bytes,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -209,3 +211,27 @@ def test_cap_checked_after_each_step_stops_a_run_that_grows_past_it() -> None:
     finally:
         set_memory_cap(None)
     check_memory_cap(1 << 40)  # no cap: nothing to check
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="/proc/self/pagemap is Linux's")
+def test_a_mapped_weight_counts_only_its_resident_pages(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Weights mapped from a file (as transformers loads safetensors) count in the
+    breakdown's parameters only where they were read, as they count in RSS."""
+    n = 4 * 1024 * 1024  # 16 MiB of fp32
+    path = tmp_path / "weights.bin"
+    np.zeros(n, dtype=np.float32).tofile(path)
+    mapped = torch.from_file(str(path), shared=False, size=n, dtype=torch.float32)
+    module = nn.Module()
+    module.weight = nn.Parameter(mapped, requires_grad=False)
+    module.bias = nn.Parameter(torch.zeros(1000))  # on the heap: counted in full
+    mib = 1024 * 1024
+
+    untouched = model_state_bytes([module], None)
+    assert untouched["parameters_mapped"] < 1 * mib
+    assert untouched["parameters"] == untouched["parameters_mapped"] + 4000
+
+    assert float(mapped[: n // 2].sum()) == 0.0  # read the first half
+    half = model_state_bytes([module], None)
+    assert 8 * mib <= half["parameters_mapped"] <= 9 * mib
+    assert half["parameters"] == half["parameters_mapped"] + 4000
+    assert resident_bytes([mapped, mapped[: n // 4]]) == half["parameters_mapped"]  # once

@@ -26,6 +26,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from cotune.memory.allocator import HeapStats, heap_stats
@@ -398,13 +399,46 @@ def _file_mappings() -> list[tuple[int, int]]:
     return ranges
 
 
+_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+def resident_bytes(tensors: Iterable[torch.Tensor]) -> int:
+    """Bytes of the distinct storages among `tensors` that are resident in this process
+    (pages present in its page table: what RSS counts), from /proc/self/pagemap. A
+    weight mapped from a file (transformers loads safetensors with mmap) is resident
+    only where it was read: an embedding matrix, only the rows of tokens seen. Where
+    pagemap cannot be read, all bytes count."""
+    storages = {_storage_key(t) for t in tensors}
+    exact = sum(n for ptr, n in storages if ptr != 0)
+    ranges = sorted(
+        (ptr // _PAGE, -(-(ptr + n) // _PAGE)) for ptr, n in storages if ptr != 0 and n > 0
+    )
+    merged: list[list[int]] = []
+    for lo, hi in ranges:
+        if merged and lo <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], hi)
+        else:
+            merged.append([lo, hi])
+    try:
+        present = 0
+        with open("/proc/self/pagemap", "rb") as pagemap:
+            for lo, hi in merged:
+                pagemap.seek(lo * 8)
+                entries = np.frombuffer(pagemap.read((hi - lo) * 8), dtype=np.uint64)
+                present += int(((entries >> np.uint64(63)) & np.uint64(1)).sum())
+    except OSError:
+        return exact
+    # whole pages are present or not: a storage's first and last pages may hold others
+    return min(present * _PAGE, exact)
+
+
 def model_state_bytes(
     modules: Iterable[torch.nn.Module], optimizer: torch.optim.Optimizer | None
 ) -> dict[str, int]:
     """`parameters` (parameters and buffers of `modules`), of which `parameters_mapped`
-    are pages of a mapped file (weights loaded with mmap, outside the heap), `gradients`
-    (one gradient per trainable parameter: what backward allocates each step) and
-    `optimizer_state`."""
+    are pages of a mapped file (weights loaded with mmap, outside the heap; only their
+    resident pages count, `resident_bytes`), `gradients` (one gradient per trainable
+    parameter: what backward allocates each step) and `optimizer_state`."""
     mods = list(modules)
     tensors = [t for m in mods for t in (*m.parameters(), *m.buffers())]
     trainable = {id(p): p for m in mods for p in m.parameters() if p.requires_grad}
@@ -416,9 +450,12 @@ def model_state_bytes(
                 state += [v for v in optimizer.state.get(p, {}).values() if torch.is_tensor(v)]
     maps = _file_mappings()
     mapped = [t for t in tensors if any(lo <= t.data_ptr() < hi for lo, hi in maps)]
+    mapped_keys = {_storage_key(t) for t in mapped}
+    in_memory = [t for t in tensors if _storage_key(t) not in mapped_keys]
+    mapped_resident = resident_bytes(mapped)
     return {
-        "parameters": tensor_bytes(tensors),
-        "parameters_mapped": tensor_bytes(mapped),
+        "parameters": tensor_bytes(in_memory) + mapped_resident,
+        "parameters_mapped": mapped_resident,
         "gradients": sum(p.numel() * p.element_size() for p in trainable.values()),
         "optimizer_state": tensor_bytes(state),
     }
