@@ -219,7 +219,8 @@ def describe(arm: dict[str, Any], metric: str, scale: float = 100.0) -> str:
     text = mean_pm(arm, metric, scale)
     if text is None:
         return "not run yet"
-    return f"{text} ({len(arm['seeds'])} seeds, {arm['eval_size']} examples)"
+    n = len(arm["seeds"])
+    return f"{text} ({n} seed{'s' if n != 1 else ''}, {arm['eval_size']} examples)"
 
 
 def write(
