@@ -107,10 +107,8 @@ class SparseAttentionFunction(torch.autograd.Function):
             # is 0)
             saves.add(pack_positive(p_pack.select(keep).to(probs.dtype)))
             # P * mask * (1 / (1 - p)), as native_dropout computes it; in P's buffer when
-            # the pack holds copies of what it keeps, not P itself (keep < 1)
-            held = probs.untyped_storage().data_ptr()
-            copied = all(t.untyped_storage().data_ptr() != held for t in p_pack.tensors)
-            weights = probs.mul_(keep) if copied else probs * keep
+            # the pack holds copies of what it keeps (rows, elements), not P itself (dense)
+            weights = probs.mul_(keep) if p_pack.meta.kind != "dense" else probs * keep
             weights = weights.mul_(1.0 / (1.0 - p))
             del keep, probs
         else:
@@ -154,34 +152,7 @@ def _backward_dense(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """dQ, dK, dV with P saved dense (`softmax` not in `memory.ops`) or by element
     (backrazor): P and Pd as (B, H, L, L) tensors."""
-    probs = ps.dense().float()
-    # Pd = P * drop / (1 - p) is rebuilt from the kept entries of P times their dropout
-    # bits (one expansion; no dense dropout mask), and the softmax backward is written
-    # in terms of it: dS = P * (dPd * drop / (1 - p) - rowsum(...)) = Pd * dPd -
-    # P * rowsum(Pd * dPd), since dPd * drop / (1 - p) only meets P through Pd.
-    if p > 0:
-        assert st is not None
-        kept_w = st.where_set(ps.values.float())
-        probs_d = ps.place(kept_w.mul_(1.0 / (1.0 - p)))
-    else:
-        probs_d = probs
-    row_scale = ps.row_scale()
-    probs_w = probs_d if row_scale is None else probs_d * row_scale.float()
-    d_v = _sum_groups(probs_w.transpose(2, 3) @ d_o, n_rep)
-    del probs_w
-    v_w = _repeat_kv(vs.dense(scaled=True).float(), n_rep)
-    d_p = d_o @ v_w.transpose(2, 3)
-    del v_w
-    d_p = d_p.mul_(probs_d)
-    d_s = d_p.addcmul_(probs, d_p.sum(-1, keepdim=True), value=-1.0)
-    del d_p, probs, probs_d
-    if row_scale is not None:
-        d_s = d_s.mul_(row_scale.float())
-    # the softmax scale is applied to dQ and dK, which are L / head_dim times smaller
-    k_w = _repeat_kv(ks.dense(scaled=True).float(), n_rep)
-    d_q = (d_s @ k_w).mul_(scaling)
-    d_k = _sum_groups(d_s.transpose(2, 3) @ qs.dense(scaled=True).float(), n_rep)
-    return d_q, d_k.mul_(scaling), d_v
+    return _attention_backward(ps, qs, ks, vs, st, d_o, n_rep, scaling, p, kept_rows=False)
 
 
 def _backward_kept_rows(
@@ -199,30 +170,57 @@ def _backward_kept_rows(
     `_backward_dense` (a dropped query row of P is zero, so it adds nothing to dV and
     dK and gets a zero dQ row), computed on the k kept rows only, so no (B, H, L, L)
     tensor is built (12 MiB each for 16 x 12 heads x 128 x 128 in fp32)."""
-    probs = ps.values.float()  # (B, H, k, L)
+    return _attention_backward(ps, qs, ks, vs, st, d_o, n_rep, scaling, p, kept_rows=True)
+
+
+def _attention_backward(
+    ps: Sparse,
+    qs: Sparse,
+    ks: Sparse,
+    vs: Sparse,
+    st: Sparse | None,
+    d_o: torch.Tensor,
+    n_rep: int,
+    scaling: float,
+    p: float,
+    *,
+    kept_rows: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The formulas of the module docstring on the query rows P holds: all L of them
+    (P rebuilt dense), or with `kept_rows` the k rows a rows pack kept (P's values as
+    they are; dO and Q taken at those rows, dQ scattered back to L rows)."""
+    probs = ps.values.float() if kept_rows else ps.dense().float()  # (B, H, R, L)
+    # Pd = P * drop / (1 - p) is rebuilt from the kept entries of P times their dropout
+    # bits (no dense dropout mask), and the softmax backward is written in terms of it:
+    # dS = P * (dPd * drop / (1 - p) - rowsum(...)) = Pd * dPd - P * rowsum(Pd * dPd),
+    # since dPd * drop / (1 - p) only meets P through Pd.
     if p > 0:
         assert st is not None
-        probs_d = st.where_set(probs).mul_(1.0 / (1.0 - p))
+        kept_w = st.where_set(probs if kept_rows else ps.values.float()).mul_(1.0 / (1.0 - p))
+        probs_d = kept_w if kept_rows else ps.place(kept_w)
+        del kept_w
     else:
         probs_d = probs
     row_scale = ps.row_scale()  # (B, H, 1, 1) or None
-    d_o_kept = ps.gather_rows(d_o)  # (B, H, k, D)
+    d_o_rows = ps.gather_rows(d_o) if kept_rows else d_o  # (B, H, R, D)
     probs_w = probs_d if row_scale is None else probs_d * row_scale.float()
-    d_v = _sum_groups(probs_w.transpose(2, 3) @ d_o_kept, n_rep)
+    d_v = _sum_groups(probs_w.transpose(2, 3) @ d_o_rows, n_rep)
     del probs_w
     v_w = _repeat_kv(vs.dense(scaled=True).float(), n_rep)
-    d_p = d_o_kept @ v_w.transpose(2, 3)  # (B, H, k, L)
-    del v_w, d_o_kept
+    d_p = d_o_rows @ v_w.transpose(2, 3)  # (B, H, R, L)
+    del v_w, d_o_rows
     d_p = d_p.mul_(probs_d)
     d_s = d_p.addcmul_(probs, d_p.sum(-1, keepdim=True), value=-1.0)
     del d_p, probs, probs_d
     if row_scale is not None:
         d_s = d_s.mul_(row_scale.float())
+    # the softmax scale is applied to dQ and dK, which are L / head_dim times smaller
     k_w = _repeat_kv(ks.dense(scaled=True).float(), n_rep)
-    d_q_kept = (d_s @ k_w).mul_(scaling)
-    d_q = ps.scatter_rows(d_q_kept, d_q_kept.new_zeros(d_o.shape))
-    q_kept = ps.gather_rows(qs.dense(scaled=True).float())
-    d_k = _sum_groups(d_s.transpose(2, 3) @ q_kept, n_rep)
+    d_q = (d_s @ k_w).mul_(scaling)
+    if kept_rows:
+        d_q = ps.scatter_rows(d_q, d_q.new_zeros(d_o.shape))
+    q_w = qs.dense(scaled=True).float()
+    d_k = _sum_groups(d_s.transpose(2, 3) @ (ps.gather_rows(q_w) if kept_rows else q_w), n_rep)
     return d_q, d_k.mul_(scaling), d_v
 
 

@@ -450,11 +450,9 @@ def model_state_bytes(
                 state += [v for v in optimizer.state.get(p, {}).values() if torch.is_tensor(v)]
     maps = _file_mappings()
     mapped = [t for t in tensors if any(lo <= t.data_ptr() < hi for lo, hi in maps)]
-    mapped_keys = {_storage_key(t) for t in mapped}
-    in_memory = [t for t in tensors if _storage_key(t) not in mapped_keys]
     mapped_resident = resident_bytes(mapped)
     return {
-        "parameters": tensor_bytes(in_memory) + mapped_resident,
+        "parameters": tensor_bytes(tensors) - tensor_bytes(mapped) + mapped_resident,
         "parameters_mapped": mapped_resident,
         "gradients": sum(p.numel() * p.element_size() for p in trainable.values()),
         "optimizer_state": tensor_bytes(state),

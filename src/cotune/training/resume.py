@@ -109,8 +109,10 @@ def save_local(run_dir: str | Path, ckpt: LocalCheckpoint) -> Path:
 def load_local(run_dir: str | Path) -> LocalCheckpoint | None:
     """The run folder's local checkpoint, or None if it has none."""
     state = state_file(run_dir)
-    meta = json.loads(state.read_text()) if state is not None else {}
-    if state is None or meta.get("kind") != "local":
+    if state is None:
+        return None
+    meta = json.loads(state.read_text())
+    if meta.get("kind") != "local":
         return None
     tensors = torch.load(state.parent / TENSORS_FILE, weights_only=True)
     return LocalCheckpoint(
