@@ -15,8 +15,10 @@ from torch import nn
 from cotune.cli.main import main
 from cotune.config import ModelConfig, build_config, to_toml
 from cotune.errors import ConfigError
+from cotune.memory import apply_memory_option, dense_embedding_grads, sparse_embedding_grads
+from cotune.memory.measure import HeapSampler
 from cotune.models import build_classifier
-from cotune.training import ModelStep, make_optimizer, make_schedule
+from cotune.training import ModelStep, make_optimizer, make_schedule, optim
 from cotune.training.optim import StepInBackward
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -65,6 +67,69 @@ def test_updates_equal_the_plain_optimiser(optimizer: str, lora: bool) -> None:
     assert moved > 0  # training changed the weights: the comparison is not vacuous
     for p in inside.parameters():
         assert p.grad is None  # every gradient was freed as its parameter stepped
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "sgd"])
+def test_sparse_embedding_gradients_step_as_the_dense_ones(optimizer: str, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """With step_in_backward the embedding tables get sparse gradients (the rows the
+    batch used); AdamW steps them block of rows by block of rows (here 100 rows a block,
+    so several blocks), SGD takes them as they are: the parameters end where the plain
+    optimiser's dense steps put them, rows the batches never used included (AdamW's
+    weight decay and moments move them too). The tables are compared tightly; the other
+    weights get a looser bound, because the sparse gradient sums a repeated token's rows
+    in another order and, from the second step on, AdamW amplifies that rounding in
+    weights whose exact gradient is zero (the key bias)."""
+    base = _model()
+    tables = [m for m in base.modules() if isinstance(m, nn.Embedding)]
+    width = tables[0].weight.shape[1]
+    monkeypatch.setattr(optim, "SPARSE_BLOCK_ELEMS", 100 * width)
+    assert tables[0].weight.shape[0] > 300  # the word table spans several blocks
+    plain = _train(copy.deepcopy(base), optimizer, in_backward=False)
+    model = copy.deepcopy(base)
+    assert sparse_embedding_grads(model) == len(tables) >= 2
+    assert sparse_embedding_grads(model) == 0  # once
+    seen: list[bool] = []
+    for m in model.modules():
+        if isinstance(m, nn.Embedding):
+            m.weight.register_post_accumulate_grad_hook(lambda p: seen.append(p.grad.is_sparse))
+    inside = _train(model, optimizer, in_backward=True)
+    assert len(seen) == 4 * len(tables) and all(seen)
+    shapes = {tuple(t.weight.shape) for t in tables}
+    for (name, a), (_, b) in zip(plain.named_parameters(), inside.named_parameters(), strict=True):
+        tight = tuple(a.shape) in shapes
+        torch.testing.assert_close(b, a, rtol=1e-6 if tight else 1e-3,
+                                   atol=1e-7 if tight else 1e-4, msg=name)  # fmt: skip
+        assert b.grad is None
+    word = tables[0].weight
+    used = torch.cat([batch_for("bert", b=4, length=12, seed=i)["input_ids"] for i in range(4)])
+    unused = torch.ones(word.shape[0], dtype=torch.bool)
+    unused[used.unique()] = False
+    if optimizer == "adamw":  # decay moves the rows no batch used, as in the dense step
+        start = dict(base.named_parameters())
+        name = next(n for n, p in inside.named_parameters() if p.shape == word.shape)
+        moved = dict(inside.named_parameters())[name][unused] != start[name][unused]
+        assert moved.all()
+    dense_embedding_grads(inside)
+    assert not any(m.sparse for m in inside.modules() if isinstance(m, nn.Embedding))
+
+
+def test_step_in_backward_makes_trainable_tables_sparse_and_counts_their_bytes() -> None:
+    cfg = _cfg(in_backward=True)
+    model = _model()
+    apply_memory_option(model, cfg.memory)
+    tables = [m for m in model.modules() if isinstance(m, nn.Embedding)]
+    assert tables and all(m.sparse for m in tables)
+    frozen = _model(lora=True)  # LoRA freezes the tables: nothing to make sparse
+    assert sparse_embedding_grads(frozen) == 0
+    word = tables[0].weight
+    sampler = HeapSampler([word])
+    batch = batch_for("bert", b=2, length=5, seed=0)
+    with sampler:
+        model(**batch).loss.backward()
+    rows = word.grad._values().shape[0]
+    assert word.grad.is_sparse and rows <= 2 * 5
+    # the sampler counts the sparse gradient's own bytes, not the table's
+    assert sampler._grads == rows * word.shape[1] * 4 + rows * 8
 
 
 def test_gradients_of_layers_backward_has_left_are_gone_while_it_goes_on() -> None:

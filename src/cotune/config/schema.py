@@ -447,10 +447,15 @@ class MemoryConfig(_Section):
     checkpoint: bool = False
     """Recompute each transformer layer's forward during backward (activation
     checkpointing), combinable with any `backward`."""
+    checkpoint_chunks: int = Field(default=1, ge=1)
+    """With checkpoint: run each checkpointed layer over this many slices of the batch,
+    so forward and recomputation hold one slice's temporaries (the same gradients up to
+    float rounding; dropout masks are drawn slice by slice)."""
     step_in_backward: bool = False
     """Step the optimiser inside backward: each parameter is updated, and its gradient
     freed, as soon as its gradient is complete, so the model's gradients never all exist
-    at once (the same updates; needs train.max_grad_norm = 0: no global-norm clipping)."""
+    at once (the same updates; needs train.max_grad_norm = 0: no global-norm clipping).
+    Trainable embedding tables then get sparse gradients, stepped in blocks of rows."""
 
     @model_validator(mode="after")
     def _checkpoint_shorthand(self) -> MemoryConfig:
@@ -467,6 +472,16 @@ class MemoryConfig(_Section):
         object.__setattr__(self, "backward", "none")
         object.__setattr__(self, "checkpoint", True)
         self.model_fields_set.add("checkpoint")
+        return self
+
+    @model_validator(mode="after")
+    def _chunks_need_checkpoint(self) -> MemoryConfig:
+        if self.checkpoint_chunks > 1 and not self.checkpoint:
+            raise ValueError(
+                f"checkpoint_chunks = {self.checkpoint_chunks} slices the batch of "
+                "checkpointed layers, but checkpointing is off; set checkpoint = true "
+                '(or backward = "checkpoint"), or checkpoint_chunks = 1'
+            )
         return self
 
 

@@ -15,6 +15,7 @@ from torch import nn
 from cotune.config import MemoryConfig
 from cotune.memory.allocator import heap_stats, release_free_memory, tune_allocator
 from cotune.memory.checkpoint import checkpoint_layers, checkpointed_layers, uncheckpoint_layers
+from cotune.memory.embedding import dense_embedding_grads, sparse_embedding_grads
 from cotune.memory.measure import (
     MemoryBreakdown,
     PeakRSS,
@@ -45,7 +46,11 @@ def apply_memory_option(
     RNG stream, and hence dropout, is the same as without the option.
 
     `memory.checkpoint`: every transformer layer is checkpointed (recomputed in
-    backward); combined with a sparse mode, the recomputed layer saves sparsely.
+    backward), over `memory.checkpoint_chunks` slices of the batch; combined with a
+    sparse mode, the recomputed layer saves sparsely.
+
+    `memory.step_in_backward`: trainable embedding tables get sparse gradients (the rows
+    the batch used), which the optimiser steps in row blocks (`sparse_embedding_grads`).
 
     Raises `ModelError` if nothing in `model` can be made sparse (a sparse mode) or
     checkpointed (`checkpoint`).
@@ -54,7 +59,9 @@ def apply_memory_option(
     if memory.backward not in ("none", "checkpoint"):
         swap_in(model, make_policy(memory, seed))
     if memory.checkpoint or memory.backward == "checkpoint":
-        checkpoint_layers(model)
+        checkpoint_layers(model, memory.checkpoint_chunks)
+    if memory.step_in_backward:
+        sparse_embedding_grads(model)
     return model
 
 
@@ -63,6 +70,7 @@ def remove_memory_option(model: nn.Module) -> nn.Module:
     and no layer is checkpointed any more."""
     swap_out(model)
     uncheckpoint_layers(model)
+    dense_embedding_grads(model)
     return model
 
 
@@ -75,6 +83,7 @@ __all__ = [
     "heap_stats",
     "checkpoint_layers",
     "checkpointed_layers",
+    "dense_embedding_grads",
     "make_policy",
     "mark_rest",
     "model_state_bytes",
@@ -82,6 +91,7 @@ __all__ = [
     "release_free_memory",
     "remove_memory_option",
     "report_saved_bytes",
+    "sparse_embedding_grads",
     "sparse_op_counts",
     "token_mask",
     "tune_allocator",

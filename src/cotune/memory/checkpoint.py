@@ -17,10 +17,24 @@ inputs, the private generator of `random` and `backrazor` (the same rows, the sa
 thresholds) and the token mask (which rows are padding). So checkpointing changes no
 gradient, with or without a sparse mode. The layer's forward also counts its saves for
 `SavedTensorMeter` (`measure.recompute_region`).
+
+With `chunks > 1` (`memory.checkpoint_chunks`) a checkpointed layer runs over the batch
+in that many slices, each checkpointed on its own, and the outputs are concatenated.
+The forward pass and each recomputation then hold one slice's temporaries (attention
+scores, FFN intermediates) instead of the whole batch's; the autograd engine runs one
+slice's recomputation and backward before the next, and a parameter's gradient is still
+accumulated once (its contributions are summed before its accumulation node runs, so
+`memory.step_in_backward` steps it once). Every per-example computation is unchanged and
+the sparse modes rank rows per sequence, so gradients equal the unchunked ones up to
+float summation order; what changes is the order of random draws (dropout masks and the
+`random` mode's rows are drawn slice by slice: the same distribution, other values).
+Tensors of the call whose first dimension is the batch are sliced (positional ones, the
+layer's keyword ones and those inside tuples and lists), and so is the token mask.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, ExitStack, contextmanager
 from typing import Any
@@ -105,14 +119,48 @@ class _Reenterable(AbstractContextManager[None]):
         return bool(self._stacks.pop().__exit__(*exc))
 
 
+def _take(value: Any, batch: int, rows: slice) -> Any:
+    """`value` with its batch rows `rows` when its first dimension is the batch (tensors
+    of 2 or more dimensions; tuples, lists and dicts element by element), else as it is."""
+    if isinstance(value, torch.Tensor):
+        return value[rows] if value.dim() >= 2 and value.shape[0] == batch else value
+    if isinstance(value, dict):
+        return {k: _take(v, batch, rows) for k, v in value.items()}
+    if isinstance(value, (tuple, list)):
+        return type(value)(_take(v, batch, rows) for v in value)
+    return value
+
+
+def _concat(outs: list[Any], sizes: list[int], layer: nn.Module) -> Any:
+    """The slices' outputs joined along the batch: tensors concatenated, tuples element
+    by element, None kept."""
+    first = outs[0]
+    if first is None:
+        return None
+    if isinstance(first, torch.Tensor):
+        if first.dim() >= 1 and all(o.shape[0] == n for o, n in zip(outs, sizes, strict=True)):
+            return torch.cat(outs)
+    elif isinstance(first, (tuple, list)):
+        return type(first)(_concat(list(parts), sizes, layer) for parts in zip(*outs, strict=True))
+    raise ModelError(
+        f"memory.checkpoint_chunks cannot join the outputs of {type(layer).__name__} over "
+        f"the batch (a {type(first).__name__} that is not one row per example); "
+        "set memory.checkpoint_chunks = 1 for this model"
+    )
+
+
 class CheckpointFunction:
     """The `_gradient_checkpointing_func` cotune gives a layer: non-reentrant
-    `torch.utils.checkpoint` with the contexts that replay the sparse ops' draws."""
+    `torch.utils.checkpoint` with the contexts that replay the sparse ops' draws, over
+    `chunks` slices of the batch."""
 
-    def __init__(self, layer: nn.Module) -> None:
+    def __init__(self, layer: nn.Module, chunks: int = 1) -> None:
+        if chunks < 1:
+            raise ValueError(f"chunks must be at least 1, got {chunks}")
         self.layer = layer
+        self.chunks = chunks
 
-    def __call__(self, function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    def _checkpoint(self, function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         replay = _Replay(self.layer)
 
         def contexts() -> tuple[AbstractContextManager[None], AbstractContextManager[None]]:
@@ -120,14 +168,34 @@ class CheckpointFunction:
 
         return checkpoint(function, *args, use_reentrant=False, context_fn=contexts, **kwargs)
 
+    def __call__(self, function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        first = args[0] if args else None
+        batch = first.shape[0] if isinstance(first, torch.Tensor) and first.dim() >= 2 else 1
+        if self.chunks == 1 or batch < 2:
+            return self._checkpoint(function, *args, **kwargs)
+        mask = current_token_mask()
+        outs, sizes = [], []
+        for idx in torch.arange(batch).tensor_split(min(self.chunks, batch)):
+            rows = slice(int(idx[0]), int(idx[-1]) + 1)
+            part: Callable[..., Any] = function
+            if isinstance(function, functools.partial):  # transformers' forward + kwargs
+                part = functools.partial(function.func, *_take(function.args, batch, rows),
+                                         **_take(function.keywords, batch, rows))  # fmt: skip
+            with token_mask(mask[rows] if mask is not None and mask.shape[0] == batch else mask):
+                outs.append(self._checkpoint(part, *_take(args, batch, rows),
+                                             **_take(kwargs, batch, rows)))  # fmt: skip
+            sizes.append(rows.stop - rows.start)
+        return _concat(outs, sizes, self.layer)
+
 
 def _owns_flag(module: nn.Module, layer_cls: type[nn.Module]) -> bool:
     return isinstance(module, layer_cls) or _FLAG in module.__dict__
 
 
-def checkpoint_layers(model: nn.Module) -> int:
+def checkpoint_layers(model: nn.Module, chunks: int = 1) -> int:
     """Turn on activation checkpointing for every transformer layer in `model` (any
-    module subtree, in place); returns how many layers are checkpointed.
+    module subtree, in place), each layer run over `chunks` slices of the batch; returns
+    how many layers are checkpointed.
 
     Like transformers' `gradient_checkpointing_enable`, modules of the subtree that
     carry their own `gradient_checkpointing` flag (e.g. GPT2Model, which then passes no
@@ -145,7 +213,7 @@ def checkpoint_layers(model: nn.Module) -> int:
                 k: module.__dict__[k] for k in (_FLAG, _FUNC) if k in module.__dict__
             }
         setattr(module, _FLAG, True)
-        setattr(module, _FUNC, CheckpointFunction(module))
+        setattr(module, _FUNC, CheckpointFunction(module, chunks))
         n += isinstance(module, layer_cls)
     if n == 0:
         uncheckpoint_layers(model)

@@ -311,7 +311,13 @@ class HeapSampler(AbstractContextManager["HeapSampler"]):
     def _grad_filled(self, p: torch.Tensor) -> None:
         if id(p) not in self._counted and p.grad is not None:
             self._counted.add(id(p))
-            self._grads += p.grad.numel() * p.grad.element_size()
+            g = p.grad
+            if g.is_sparse:  # an embedding's rows (memory.step_in_backward)
+                self._grads += sum(
+                    t.numel() * t.element_size() for t in (g._indices(), g._values())
+                )
+            else:
+                self._grads += g.numel() * g.element_size()
 
     def _sample(self) -> None:
         rss = current_rss_bytes()

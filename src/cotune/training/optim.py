@@ -121,7 +121,11 @@ class StepInBackward(torch.optim.Optimizer):
             _OWNER[p] = me
 
     def _step_one(self, p: torch.Tensor) -> None:
-        self.inner[p].step()
+        opt = self.inner[p]
+        if p.grad is not None and p.grad.is_sparse:
+            _step_sparse(opt, p)
+        else:
+            opt.step()
         p.grad = None
 
     @torch.no_grad()
@@ -155,6 +159,50 @@ class StepInBackward(torch.optim.Optimizer):
             ref = _OWNER.get(p)
             if ref is not None and ref() is self:
                 del _OWNER[p]
+
+
+SPARSE_BLOCK_ELEMS = 1 << 20  # a block of rows densified at a time: 4 MiB of fp32
+
+
+@torch.no_grad()
+def _step_sparse(opt: torch.optim.Optimizer, p: torch.Tensor) -> None:
+    """Step `p`, whose gradient is sparse (an embedding table's rows), as `opt` steps
+    the dense gradient: fused AdamW block of rows by block of rows (AdamW is
+    element-wise, so each element gets the same update; rows the batch did not use get
+    a zero gradient, as in the dense one); SGD takes the sparse gradient itself; any
+    other optimiser gets it densified."""
+    grad = p.grad
+    assert grad is not None
+    group = opt.param_groups[0]
+    fused_adamw = isinstance(opt, torch.optim.AdamW) and group.get("fused") and not group["amsgrad"]
+    if isinstance(opt, torch.optim.SGD) or not fused_adamw or p.dim() != 2:
+        if not isinstance(opt, torch.optim.SGD):
+            p.grad = grad.to_dense()
+        opt.step()
+        return
+    state = opt.state[p]
+    if not state:  # as AdamW initialises it on its first step
+        state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+        state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+    state["step"] += 1  # fused AdamW reads the step, the optimiser counts it
+    grad = grad.coalesce()
+    rows, values = grad.indices()[0], grad.values()
+    p.grad = None
+    lr = group["lr"]
+    block = max(1, SPARSE_BLOCK_ELEMS // max(p.shape[1], 1))
+    for start in range(0, p.shape[0], block):
+        stop = min(start + block, p.shape[0])
+        inside = (rows >= start) & (rows < stop)
+        dense = torch.zeros((stop - start, p.shape[1]), dtype=p.dtype, device=p.device)
+        dense.index_copy_(0, rows[inside] - start, values[inside])
+        torch._fused_adamw_(
+            [p[start:stop]], [dense], [state["exp_avg"][start:stop]],
+            [state["exp_avg_sq"][start:stop]], [], [state["step"]],
+            lr=lr, beta1=group["betas"][0], beta2=group["betas"][1],
+            weight_decay=group["weight_decay"], eps=group["eps"], amsgrad=False,
+            maximize=group["maximize"], grad_scale=None, found_inf=None,
+        )  # fmt: skip
 
 
 def lr_factor(step: int, total: int, warmup: int, kind: str) -> float:
