@@ -15,7 +15,9 @@ data, allocator retention. Settings:
   `none` and the best mode once more with glibc's default allocator settings, and the
   main modes on jemalloc (`memory.allocator = "jemalloc"`); for full fine-tuning also
   the optimiser stepped inside backward (`memory.step_in_backward`, "+step-in-bwd":
-  each parameter's gradient freed once it has stepped; no gradient clipping).
+  each parameter's gradient freed once it has stepped; no gradient clipping; embedding
+  tables with sparse gradients), alone and with the checkpointed layers run over 4 or 8
+  slices of the batch ("/chunksN", `memory.checkpoint_chunks`).
 
 Step time is the median step of the row's run, its ratio taken against `none` of the
 same group; rows run one after another, but the machine is shared, so the ratios are
@@ -61,6 +63,13 @@ DEFAULT_ALLOCATOR = ['memory.allocator="default"']
 JEMALLOC = ['memory.allocator="jemalloc"']
 # the optimiser stepped inside backward (no global-norm clipping: the norm is never known)
 IN_BACKWARD = ["memory.step_in_backward=true", "train.max_grad_norm=0"]
+
+
+# checkpointed layers run over n slices of the batch (memory.checkpoint_chunks)
+def CHUNKS(n: int) -> list[str]:  # noqa: N802
+    return [f"memory.checkpoint_chunks={n}"]
+
+
 MINILM = ["train.batch_size=16", "train.max_seq_len=128", "train.threads=1"]
 LORA = ['model.lora={r = 8, alpha = 16, dropout = 0.1, target_modules = ["query", "key", "value", "dense"]}',
         "train.lr=2e-3"]  # fmt: skip
@@ -78,7 +87,10 @@ def groups() -> dict[str, tuple[str, list[str], dict[str, list[str]]]]:
                     for m in ("none", "checkpoint", "norm@0.1", "backrazor@0.1",
                               "checkpoint+norm@0.1")},
                  **{f"{m}+step-in-bwd/jemalloc": [*MODES[m], *IN_BACKWARD, *JEMALLOC]
-                    for m in ("norm@0.1", "checkpoint+norm@0.1")}}  # fmt: skip
+                    for m in ("norm@0.1", "checkpoint+norm@0.1")},
+                 **{f"{m}/chunks{n}+step-in-bwd": [*MODES[m], *IN_BACKWARD, *CHUNKS(n)]
+                    for m in ("checkpoint", "checkpoint+norm@0.1", "checkpoint+backrazor@0.1")
+                    for n in (4, 8)}}  # fmt: skip
     lora_rows: dict[str, list[str]] = {}
     for dtype in ("fp32", "bf16", "int8"):
         for mode in ("none", "checkpoint", "norm@0.1", "backrazor@0.3", "checkpoint+norm@0.1"):

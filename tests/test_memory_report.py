@@ -235,3 +235,18 @@ def test_a_mapped_weight_counts_only_its_resident_pages(tmp_path) -> None:  # ty
     assert 8 * mib <= half["parameters_mapped"] <= 9 * mib
     assert half["parameters"] == half["parameters_mapped"] + 4000
     assert resident_bytes([mapped, mapped[: n // 4]]) == half["parameters_mapped"]  # once
+
+
+def test_the_cap_offers_slicing_the_batch_of_checkpointed_layers() -> None:
+    from cotune.config import build_config
+    from cotune.runtime.memory_cap import alternatives
+
+    on = build_config({"memory": {"checkpoint": True}, "train": {"batch_size": 16}})
+    options = alternatives(on)
+    assert options["memory.checkpoint_chunks = 4"] == ["memory.checkpoint_chunks=4"]
+    for sets in options.values():  # every alternative is a valid config
+        build_config({"memory": {"checkpoint": True}, "train": {"batch_size": 16}}, sets)
+    off = alternatives(build_config({"train": {"batch_size": 16}}))
+    assert "memory.checkpoint_chunks = 4" not in off  # chunks need checkpointing on
+    done = build_config({"memory": {"checkpoint": True, "checkpoint_chunks": 4}})
+    assert "memory.checkpoint_chunks = 4" not in alternatives(done)

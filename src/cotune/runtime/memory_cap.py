@@ -4,8 +4,9 @@ would not fit, and say what would.
 The need is measured, not estimated: `cotune memory` on the same config, in a process of
 its own (so this process's imports and history do not count), for a few steps of full
 batches. Above the cap, a handful of alternatives (sparse saving, activation
-checkpointing, both, half the batch, an int8 frozen base for LoRA) are measured the same
-way, two at a time, and the message lists those that fit. Under the cap, a process that
+checkpointing, both, checkpointed layers over 4 slices of the batch, half the batch, an
+int8 frozen base for LoRA) are measured the same way, two at a time, and the message
+lists those that fit. Under the cap, a process that
 is the device alone (a centralized run, a split device process) gets the cap for `fit`,
 which checks every step's peak; where devices share a process with a cloud or a server
 (in-process split, federated simulation) only the measurement before training applies.
@@ -57,6 +58,8 @@ def alternatives(cfg: Config) -> dict[str, list[str]]:
     if m.backward == "none" and not m.checkpoint:
         out['memory.checkpoint = true with memory.backward = "norm", keep 0.1'] = [
             "memory.checkpoint=true", 'memory.backward="norm"', "memory.keep=0.1"]  # fmt: skip
+    if m.checkpoint and m.checkpoint_chunks == 1 and cfg.train.batch_size >= 4:
+        out["memory.checkpoint_chunks = 4"] = ["memory.checkpoint_chunks=4"]
     if cfg.model.lora is not None and cfg.model.base_dtype == "fp32" and cfg.method != "fedpft":
         out['model.base_dtype = "int8"'] = ['model.base_dtype="int8"']
     if cfg.train.batch_size >= 2:
