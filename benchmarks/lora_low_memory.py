@@ -10,7 +10,15 @@ allocator):
   checkpointing only the layer inputs are saved, so the keep fraction costs memory only
   inside the recomputed layer: a larger keep for little memory;
 - `lora-int8`: int8 base, no memory mode (1,246 MiB), to tell the base's cost from the
-  memory mode's.
+  memory mode's;
+- `lora-bf16`: bf16 base, no memory mode (1,267 MiB): the other low-memory base;
+- `lora-int8-backrazor0.3`: int8 base, `backrazor` keep 0.3 (674 MiB): BackRazor's own
+  mode on the int8 base.
+
+Together they give an accuracy to every LoRA row of `device_memory.py`: a row's
+accuracy is set by its base dtype and its sparse mode, because checkpointing changes no
+gradient (the recomputation replays the forward exactly; tests/test_memory_checkpoint.py),
+so e.g. the `norm@0.1/int8` row trains as `lora-int8-ckpt-norm0.1` does.
 
 One budget for every arm: examples/sst2-centralized.toml (LoRA r8 on query, key, value
 and the dense projections, 1,200 steps of 32, max 64 tokens, lr 1e-3), scored on the
@@ -56,6 +64,8 @@ ARMS = {
     "lora-int8-ckpt-norm0.1": (*INT8, *CHECKPOINT_NORM, "memory.keep=0.1"),
     "lora-int8-ckpt-norm0.5": (*INT8, *CHECKPOINT_NORM, "memory.keep=0.5"),
     "lora-int8": INT8,
+    "lora-bf16": ('model.base_dtype="bf16"',),
+    "lora-int8-backrazor0.3": (*INT8, 'memory.backward="backrazor"', "memory.keep=0.3"),
 }
 TARGET_POINTS = 1.0
 
