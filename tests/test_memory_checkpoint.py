@@ -432,3 +432,16 @@ def test_checkpoint_chunks_need_checkpointing() -> None:
     with pytest.raises(ValidationError):
         MemoryConfig(checkpoint=True, checkpoint_chunks=0)
     assert MemoryConfig(backward="checkpoint", checkpoint_chunks=4).checkpoint_chunks == 4
+
+
+def test_outputs_that_are_not_one_row_per_example_cannot_be_joined() -> None:
+    from cotune.memory.checkpoint import CheckpointFunction
+
+    layer = nn.Linear(4, 4)
+    x = torch.randn(4, 3, 4, requires_grad=True)
+    rows = CheckpointFunction(layer, chunks=2)(lambda h: (layer(h), None), x)
+    assert rows[0].shape == (4, 3, 4) and rows[1] is None
+    with pytest.raises(ModelError, match="checkpoint_chunks = 1"):
+        CheckpointFunction(layer, chunks=2)(lambda h: layer(h).sum(), x)
+    with pytest.raises(ValueError, match="at least 1"):
+        CheckpointFunction(layer, chunks=0)
