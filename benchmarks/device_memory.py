@@ -95,6 +95,12 @@ def groups() -> dict[str, tuple[str, list[str], dict[str, list[str]]]]:
     for dtype in ("fp32", "bf16", "int8"):
         for mode in ("none", "checkpoint", "norm@0.1", "backrazor@0.3", "checkpoint+norm@0.1"):
             lora_rows[f"{mode}/{dtype}"] = [*MODES[mode], f'model.base_dtype="{dtype}"']
+    for dtype in ("fp32", "int8"):
+        lora_rows[f"checkpoint+norm@0.1/{dtype}/chunks4"] = [
+            *MODES["checkpoint+norm@0.1"],
+            f'model.base_dtype="{dtype}"',
+            *CHUNKS(4),
+        ]
     for mode in ("none", "norm@0.1", "checkpoint+norm@0.1"):
         lora_rows[f"{mode}/int8/jemalloc"] = [*MODES[mode], 'model.base_dtype="int8"', *JEMALLOC]
     split_rows = {m: MODES[m] for m in ("none", "checkpoint", "norm@0.1", "backrazor@0.1",
