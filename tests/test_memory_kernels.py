@@ -15,8 +15,7 @@ from cotune.memory import kernels, pack_bits
 from cotune.memory.activation import dropout_keep, dropout_mask
 from cotune.memory.attention import (
     SparseAttentionFunction,
-    _backward_dense,
-    _backward_kept_rows,
+    _attention_backward,
 )
 from cotune.memory.pack import Policy, Sparse, pack, pack_positive
 
@@ -224,8 +223,8 @@ def test_attention_backward_on_kept_rows_equals_the_zero_filled_one(
         keep = dropout_mask(probs, p)
         bits = pack_positive(packs[3].select(keep))  # the mask where P is kept, as bits
         st = Sparse(bits.meta, tuple(bits.tensors))
-    got = _backward_kept_rows(sp, sq, sk, sv, st, d_o, n_rep, 0.3, p)
-    want = _backward_dense(sp, sq, sk, sv, st, d_o, n_rep, 0.3, p)
+    got = _attention_backward(sp, sq, sk, sv, st, d_o, n_rep, 0.3, p, kept_rows=True)
+    want = _attention_backward(sp, sq, sk, sv, st, d_o, n_rep, 0.3, p, kept_rows=False)
     for name, a, w in zip("qkv", got, want, strict=True):
         assert a.shape == w.shape, name
         assert torch.allclose(a, w, rtol=1e-5, atol=1e-6), name

@@ -132,45 +132,9 @@ class SparseAttentionFunction(torch.autograd.Function):
         n_rep, scaling, p = ctx.n_rep, ctx.scaling, ctx.p
         q_dtype, k_dtype, v_dtype = ctx.dtypes
         d_o = dout.transpose(1, 2).float()
-        if ps.kind == "rows":
-            d_q, d_k, d_v = _backward_kept_rows(ps, qs, ks, vs, st, d_o, n_rep, scaling, p)
-        else:
-            d_q, d_k, d_v = _backward_dense(ps, qs, ks, vs, st, d_o, n_rep, scaling, p)
+        d_q, d_k, d_v = _attention_backward(ps, qs, ks, vs, st, d_o, n_rep, scaling, p,
+                                            kept_rows=ps.kind == "rows")  # fmt: skip
         return d_q.to(q_dtype), d_k.to(k_dtype), d_v.to(v_dtype), None, None, None, None
-
-
-def _backward_dense(
-    ps: Sparse,
-    qs: Sparse,
-    ks: Sparse,
-    vs: Sparse,
-    st: Sparse | None,
-    d_o: torch.Tensor,
-    n_rep: int,
-    scaling: float,
-    p: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """dQ, dK, dV with P saved dense (`softmax` not in `memory.ops`) or by element
-    (backrazor): P and Pd as (B, H, L, L) tensors."""
-    return _attention_backward(ps, qs, ks, vs, st, d_o, n_rep, scaling, p, kept_rows=False)
-
-
-def _backward_kept_rows(
-    ps: Sparse,
-    qs: Sparse,
-    ks: Sparse,
-    vs: Sparse,
-    st: Sparse | None,
-    d_o: torch.Tensor,
-    n_rep: int,
-    scaling: float,
-    p: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """dQ, dK, dV with P saved as kept query rows: the same gradients as
-    `_backward_dense` (a dropped query row of P is zero, so it adds nothing to dV and
-    dK and gets a zero dQ row), computed on the k kept rows only, so no (B, H, L, L)
-    tensor is built (12 MiB each for 16 x 12 heads x 128 x 128 in fp32)."""
-    return _attention_backward(ps, qs, ks, vs, st, d_o, n_rep, scaling, p, kept_rows=True)
 
 
 def _attention_backward(
