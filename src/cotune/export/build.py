@@ -42,6 +42,7 @@ from cotune.export.state import TrainedState, pop_sft_factors
 from cotune.models import SequenceClassifier, apply_lora, resolve
 from cotune.models.base_dtype import FrozenEmbedding, FrozenLinear, apply_base_dtype
 from cotune.models.causal_lm import CompletionLM
+from cotune.models.lora import describe_mismatch
 from cotune.models.span import SpanExtractor
 from cotune.training import adapter_for
 
@@ -231,14 +232,9 @@ def _load_trained(
             "`cotune cloud --out`) into the run folder, then run `cotune export` on it"
         )
     if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"missing {len(missing)} (e.g. {', '.join(missing[:3])})")
-        if unexpected:
-            parts.append(f"unexpected {len(unexpected)} (e.g. {', '.join(unexpected[:3])})")
         raise ExportError(
             "the saved weights do not match the model the run's config.toml builds: "
-            + "; ".join(parts)
+            + describe_mismatch(missing, unexpected)
             + ". Was config.toml changed after the run?"
         )
     with torch.no_grad():

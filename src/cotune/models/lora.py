@@ -113,6 +113,17 @@ def adapter_state_dict(model: nn.Module) -> dict[str, Tensor]:
     return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
+def describe_mismatch(missing: Sequence[str], unexpected: Sequence[str]) -> str:
+    """'missing 2 (e.g. a, b); unexpected 1 (e.g. c)': tensor names a state lacks or
+    has beyond a model's, for error messages."""
+    parts = []
+    if missing:
+        parts.append(f"missing {len(missing)} (e.g. {', '.join(missing[:3])})")
+    if unexpected:
+        parts.append(f"unexpected {len(unexpected)} (e.g. {', '.join(unexpected[:3])})")
+    return "; ".join(parts)
+
+
 def load_adapter_state_dict(model: nn.Module, state: dict[str, Tensor]) -> None:
     """Copy `state` into the trainable tensors of `model`; the names and shapes must be
     exactly those of `adapter_state_dict(model)`, else ModelError."""
@@ -120,14 +131,9 @@ def load_adapter_state_dict(model: nn.Module, state: dict[str, Tensor]) -> None:
     missing = sorted(set(params) - set(state))
     unexpected = sorted(set(state) - set(params))
     if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"missing {len(missing)} (e.g. {', '.join(missing[:3])})")
-        if unexpected:
-            parts.append(f"unexpected {len(unexpected)} (e.g. {', '.join(unexpected[:3])})")
         raise ModelError(
             "the adapter state does not match this model's trainable tensors: "
-            + "; ".join(parts)
+            + describe_mismatch(missing, unexpected)
             + ". Was it saved from a model with the same name, LoRA rank and targets?"
         )
     wrong = [
