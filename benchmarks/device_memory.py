@@ -50,6 +50,7 @@ MiB = float(1 << 20)
 SPARSE = {
     "norm@0.1": ['memory.backward="norm"', "memory.keep=0.1"],
     "norm@0.3": ['memory.backward="norm"', "memory.keep=0.3"],
+    "norm@0.5": ['memory.backward="norm"', "memory.keep=0.5"],
     "backrazor@0.1": ['memory.backward="backrazor"', "memory.keep=0.1"],
     "backrazor@0.3": ['memory.backward="backrazor"', "memory.keep=0.3"],
 }
@@ -101,6 +102,18 @@ def groups() -> dict[str, tuple[str, list[str], dict[str, list[str]]]]:
             f'model.base_dtype="{dtype}"',
             *CHUNKS(4),
         ]
+    # keep 0.5 under checkpointing: only layer inputs are saved, so the larger keep costs
+    # memory only inside the recomputed layer (the accuracy arm lora-int8-ckpt-norm0.5)
+    for dtype in ("fp32", "int8"):
+        lora_rows[f"checkpoint+norm@0.5/{dtype}"] = [
+            *MODES["checkpoint+norm@0.5"],
+            f'model.base_dtype="{dtype}"',
+        ]
+    lora_rows["checkpoint+norm@0.5/int8/chunks4"] = [
+        *MODES["checkpoint+norm@0.5"],
+        'model.base_dtype="int8"',
+        *CHUNKS(4),
+    ]
     for mode in ("none", "norm@0.1", "checkpoint+norm@0.1"):
         lora_rows[f"{mode}/int8/jemalloc"] = [*MODES[mode], 'model.base_dtype="int8"', *JEMALLOC]
     split_rows = {m: MODES[m] for m in ("none", "checkpoint", "norm@0.1", "backrazor@0.1",

@@ -15,10 +15,13 @@ allocator):
 - `lora-int8-backrazor0.3`: int8 base, `backrazor` keep 0.3 (674 MiB): BackRazor's own
   mode on the int8 base.
 
-Together they give an accuracy to every LoRA row of `device_memory.py`: a row's
-accuracy is set by its base dtype and its sparse mode, because checkpointing changes no
-gradient (the recomputation replays the forward exactly; tests/test_memory_checkpoint.py),
-so e.g. the `norm@0.1/int8` row trains as `lora-int8-ckpt-norm0.1` does.
+A LoRA row of `device_memory.py` trains as the arm with its base dtype and its sparse
+mode: checkpointing changes no gradient (the recomputation replays the forward exactly;
+tests/test_memory_checkpoint.py), nor does the allocator, so e.g. the `norm@0.1/int8`
+row trains as `lora-int8-ckpt-norm0.1` does (over slices of the batch, up to dropout
+masks drawn slice by slice). The table "device_memory LoRA rows" pairs every row with
+its peak and that arm; a sparse mode on the fp32 or bf16 base has no arm of its own, and
+the table names the int8 arm of the same mode as the nearest measured one and says so.
 
 One budget for every arm: examples/sst2-centralized.toml (LoRA r8 on query, key, value
 and the dense projections, 1,200 steps of 32, max 64 tokens, lr 1e-3), scored on the
@@ -40,6 +43,7 @@ benchmarks/results/lora_low_memory/<arm>/seed-S with their per-example predictio
 from __future__ import annotations
 
 import argparse
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -51,6 +55,7 @@ from comparison import (
     Pair,
     describe,
     differences_table,
+    mean_pm,
     run,
     summarise,
     write,
@@ -93,11 +98,53 @@ def verdict(diff: dict[str, Any]) -> str:
     )
 
 
+# (base dtype, sparse mode) -> the arm that trains so
+TRAINS_AS = {
+    ("fp32", ""): "lora",
+    ("bf16", ""): "lora-bf16",
+    ("int8", ""): "lora-int8",
+    ("int8", "norm@0.1"): "lora-int8-ckpt-norm0.1",
+    ("int8", "norm@0.5"): "lora-int8-ckpt-norm0.5",
+    ("int8", "backrazor@0.3"): "lora-int8-backrazor0.3",
+}
+DEVICE_MEMORY = OUT / "device_memory.json"
+
+
+def accuracy_arm(row: str) -> tuple[str | None, str]:
+    """The arm whose accuracy a `device_memory.py` LoRA row (`mode/dtype[/extra]`) has,
+    and how: the same training, or the nearest arm measured."""
+    mode, dtype, *extra = row.split("/")
+    sparse = next((p for p in mode.split("+") if p != "checkpoint" and p != "none"), "")
+    sliced = (
+        " (dropout masks drawn per slice)" if any(e.startswith("chunks") for e in extra) else ""
+    )
+    if (dtype, sparse) in TRAINS_AS:
+        return TRAINS_AS[dtype, sparse], "same training" + sliced
+    if ("int8", sparse) in TRAINS_AS:
+        return TRAINS_AS["int8", sparse], f"nearest: int8 base in place of {dtype}" + sliced
+    return None, f"no arm trains {sparse} on any base"
+
+
+def rows_table(data: dict[str, Any]) -> list[str]:
+    """Every LoRA row of device_memory.json: its peak and the accuracy it trains to."""
+    if not DEVICE_MEMORY.is_file():
+        return []
+    rows = json.loads(DEVICE_MEMORY.read_text())["groups"].get("minilm-lora", {})
+    lines = ["### device_memory LoRA rows", "",
+             "| row | peak RSS (MiB) | accuracy | arm | how |", "|---|---|---|---|---|"]  # fmt: skip
+    for name, row in rows.items():
+        arm, how = accuracy_arm(name)
+        peak = f"{row['peak_rss_mib']:,.0f}" if row and row.get("peak_rss_mib") else "failed"
+        acc = mean_pm(data["arms"][arm], "accuracy") if arm else None
+        lines.append(f"| {name} | {peak} | {acc or 'not run yet'} | {arm or '-'} | {how} |")
+    return ["", *lines]
+
+
 def render(data: dict[str, Any]) -> str:
     lines = [f"## {data['comparison']}", "", "| arm | accuracy (mean ± 95% t-interval) |",
              "|---|---|"]  # fmt: skip
     lines += [f"| {name} | {describe(arm, 'accuracy')} |" for name, arm in data["arms"].items()]
-    lines += ["", *differences_table(data["differences"], verdict)]
+    lines += ["", *differences_table(data["differences"], verdict), *rows_table(data)]
     return "\n".join(lines) + "\n"
 
 
