@@ -7,7 +7,7 @@ finished run is kept, an interrupted federated run continues from its last round
 
 - `squad`: all-MiniLM-L6-v2 with LoRA r8 and a span head (`examples/squad-centralized.toml`:
   600 steps of 16 windows of 256 tokens, doc stride 128; trained on the 38 articles of
-  the offline dev file's by-article split, scored on 1,000 questions of the other 10).
+  the offline dev file's by-article split, scored on all 2,577 questions of the other 10).
   Arms: `centralized`; `split-sft` (cut 3, `sft` r8 with an int8 code: 8 bytes per
   token each way); `split-identity` (cut 3, the full-width fp32 cut, one seed: the bytes
   `sft` is measured against). Target: centralized F1 >= 50.
