@@ -13,7 +13,7 @@ finished run is kept, an interrupted federated run continues from its last round
   `sft` is measured against). Target: centralized F1 >= 50.
 - `fashion`: dinov2-small (DINOv2 ViT-S/14) with LoRA r8 on query/value and a linear
   head on CLS (`examples/fashion-mnist-lora.toml`: images upscaled to 56 x 56, 1,200
-  steps of 16 on a 20,000-image subsample, scored on 1,000 test images). Arms: `centralized`
+  steps of 16 on a 20,000-image subsample, scored on all 10,000 test images). Arms: `centralized`
   (target >= 0.90); `split-sft` and `split-int8` (cut 3); `backrazor-0.3` (centralized,
   `memory.backward = "backrazor"`, keep 0.3: saved-activation bytes against
   `centralized`'s); federated with 10 devices, all taking part in each of 10 rounds of
