@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from cotune.errors import ModelError
-from cotune.models.causal_lm import LMOutput, completion_loss
+from cotune.models.causal_lm import LMOutput, completion_loss, completion_mask
 from cotune.models.cut import (
     FAMILY_OPS,
     HFModule,
@@ -39,12 +39,16 @@ class LMHeadSegment(nn.Module):
     def forward(
         self, hidden: Tensor, labels: Tensor | None = None, mask: Tensor | None = None
     ) -> LMOutput:
-        """`mask` is unused: the labels are -100 wherever there is no loss."""
-        logits = self.lm_head(hidden)
+        """`mask` is unused: the labels are -100 wherever there is no loss. With labels the
+        head runs only at the completion positions the loss reads."""
+        kept = None if labels is None else completion_mask(labels)
+        logits = self.lm_head(hidden if kept is None else hidden[kept])
         if self.softcap is not None:
             logits = torch.tanh(logits / self.softcap) * self.softcap
-        loss = None if labels is None else completion_loss(logits, labels, self.label_smoothing)
-        return LMOutput(loss=loss, logits=logits)
+        if labels is None:
+            return LMOutput(loss=None, logits=logits)
+        loss = completion_loss(logits, labels, self.label_smoothing, kept)
+        return LMOutput(loss=loss, logits=logits, kept=kept)
 
 
 # the causal-LM families whose layout the cut knows
