@@ -248,6 +248,18 @@ def test_split_with_the_sft_codec_exports_the_joined_model(tmp_path: Path) -> No
     check_classifier_export(run, tmp_path / "load")
 
 
+def test_split_sft_with_lora_on_every_linear_layer_exports_the_joined_model(
+    tmp_path: Path,
+) -> None:
+    # the cut layer's FFN input matrix is a LoRA target too: the factors replace it and
+    # its adapter, and the export folds them into a trained copy of that matrix
+    run = _run(tmp_path, method="split", split={"cut": 2}, link={"codec": "sft", "rank": 8},
+               model={"lora": {"r": 4, "alpha": 8, "target_modules": ["all-linear"]}})  # fmt: skip
+    record = json.loads((run / "model" / "cotune_export.json").read_text())
+    assert any("folded" in n for n in record["notes"])
+    check_classifier_export(run, tmp_path / "load")
+
+
 def test_fedlora_exports_the_final_global_model_without_checkpoints(tmp_path: Path) -> None:
     run = _run(tmp_path, method="fedlora",
                federated={"clients": 2, "rounds": 2, "local_steps": 2},

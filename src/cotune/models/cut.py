@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
+from peft.tuners.lora import LoraLayer
 from torch import Tensor, nn
 from transformers import DynamicCache
 from transformers.masking_utils import (
@@ -149,6 +150,29 @@ class _Family:
 
 
 def _linear(module: nn.Module, where: str) -> nn.Linear:
+    """The matrix `module` computes with, as a plain `nn.Linear` ([out, in]) for SFT to
+    factorise: a bf16 / int8 base de-quantised, a LoRA-wrapped one with its adapters'
+    delta added (the trainable factors then replace both; the adapters of this one
+    matrix take no further part)."""
+    if isinstance(module, LoraLayer):
+        base: Any = module.get_base_layer()
+        conv = type(base).__name__ == "Conv1D"  # GPT-2 stores [in, out]
+        plain = None if conv else _linear(base, where)
+        weight: Tensor = base.weight.T if conv else plain.weight  # type: ignore[union-attr]
+        bias: Tensor | None = base.bias if conv else plain.bias  # type: ignore[union-attr]
+        # peft gives the delta as [in, out] under fan_in_fan_out (GPT-2's layout), even
+        # when an int8 / bf16 base replaced the Conv1D
+        transposed = bool(getattr(module, "fan_in_fan_out", False))
+        with torch.no_grad():
+            for adapter in module.active_adapters:
+                if adapter in module.lora_A:
+                    delta = module.get_delta_weight(adapter)  # type: ignore[operator]
+                    weight = weight + (delta.T if transposed else delta)
+            lin = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
+            lin.weight.copy_(weight)
+            if bias is not None:
+                lin.bias.copy_(bias)
+        return lin
     if isinstance(module, FrozenLinear):
         # a bf16 / int8 base (model.base_dtype): SFT factorises the weight it computes with
         lin = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
@@ -160,8 +184,8 @@ def _linear(module: nn.Module, where: str) -> nn.Linear:
     if type(module) is not nn.Linear:
         raise ModelError(
             f"split with link.codec = 'sft' factorises {where}, which is a "
-            f"{type(module).__name__} here (e.g. wrapped by LoRA); leave it out of "
-            "model.lora.target_modules or use another codec"
+            f"{type(module).__name__} here, not a linear layer (plain, LoRA-wrapped or "
+            "in model.base_dtype); use another codec"
         )
     return module
 
