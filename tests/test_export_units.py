@@ -148,6 +148,30 @@ def test_sft_factors_fold_into_the_dense_ffn_matrix(family: str, lora: bool) -> 
     assert not torch.allclose(logits, _split_state(tiny_cfg(family, model=model), family)[1])
 
 
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_sft_factors_fold_into_a_span_extractor(lora: bool) -> None:
+    model = {"lora": {"r": 4, "alpha": 8, "target_modules": ["all-linear"]}} if lora else {}
+    cfg = tiny_cfg("bert", link={"codec": "sft", "rank": 6}, model=model)
+    split, _ = build_split(cfg, 2, "span")
+    modules = split.device_modules() + split.cloud_modules()
+    for module in modules:
+        module.eval()
+    named = split.named_trainable(modules)
+    _perturb(list(named.values()))
+    x = _inputs("bert")
+    with torch.no_grad():
+        want = split.head(split.cloud(*split.device(**x)))
+    state = {n: p.detach().clone() for n, p in named.items()}
+    task = Task("squad", "qa", 2, [], [], {}, "f1")
+    exported = build_export(cfg, task, TrainedState(state, ["test"]))
+    assert isinstance(unwrap(exported.model), CotuneForQuestionAnswering)
+    assert any("folded" in note for note in exported.notes)
+    with torch.no_grad():
+        got = exported.model(**x)
+    torch.testing.assert_close(got.start_logits, want.start_logits, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(got.end_logits, want.end_logits, atol=2e-5, rtol=1e-4)
+
+
 @pytest.mark.parametrize("base_dtype", ["bf16", "int8"])
 def test_a_low_precision_base_exports_the_weights_the_run_computed_with(base_dtype: str) -> None:
     cfg = build_config(

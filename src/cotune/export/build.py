@@ -266,8 +266,8 @@ def build_export(cfg: Config, task: Task, trained: TrainedState) -> ExportModel:
         hf = hf_classifier(built, task, cut_layers)
     else:
         raise ExportError(f"cannot export a {type(built).__name__}")
-    if sft and kind not in ("sequence", "image"):
-        raise ExportError("SFT factors can only be folded into a classifier")
+    if sft and kind not in ("sequence", "image", "span"):
+        raise ExportError("SFT factors can only be folded into a classifier or a span extractor")
     del built
     tensors = {n.removeprefix(prefix): t for n, t in tensors.items()}
     notes = list(trained.notes)
