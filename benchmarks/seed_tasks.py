@@ -40,6 +40,7 @@ benchmarks/results/seed_tasks/<group>/<arm>/seed-S.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -51,6 +52,7 @@ from comparison import (
     Pair,
     differences_table,
     run,
+    seed_dir,
     summarise,
     write,
 )
@@ -156,7 +158,29 @@ def render(data: dict[str, Any]) -> str:
         )
     lines += ["", "Differences (accuracy in points x100, the other metrics on their own scales):",
               "", *differences_table(data["differences"], scale=scale)]  # fmt: skip
+    if data.get("curves"):
+        lines += ["", f"Learning curves ({metrics[0]} at each evaluation, by step or round):", ""]
+        for run_name, points in data["curves"].items():
+            text = ", ".join(f"{at} {scale(metrics[0]) * v:.2f}" for at, v in points)
+            lines.append(f"- {run_name}: {text}")
     return "\n".join(lines) + "\n"
+
+
+def curves(group: str, runs: Path, comp: Comparison) -> dict[str, list[tuple[str, float]]]:
+    """Every finished or running seed's evaluations of the group's first metric, from its
+    metrics.jsonl: ("step 300", 0.41) or ("round 10", 0.88) in order."""
+    metric, out = PRIMARY[group][0], {}
+    for arm in comp.arms:
+        for seed in arm.seeds if arm.seeds is not None else comp.seeds:
+            path = seed_dir(runs / arm.name, seed) / "metrics.jsonl"
+            if not path.is_file():
+                continue
+            records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+            points = [(f"step {r['step']}" if "step" in r else f"round {r['round']}", r[metric])
+                      for r in records if metric in r]  # fmt: skip
+            if points:
+                out[f"{arm.name} seed {seed}"] = points
+    return out
 
 
 def main() -> None:
@@ -182,6 +206,7 @@ def main() -> None:
         failed = [] if args.summary_only else run(todo, runs, args.parallel)
         data = summarise(comp, runs)
         data["failed"] = failed
+        data["curves"] = curves(group, runs, comp)
         write(data, args.out / f"{group}.json", render)
 
 
