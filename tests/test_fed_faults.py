@@ -163,7 +163,7 @@ def test_simulation_engine_survives_raised_and_timed_out_clients(tmp_path: Path,
     run_dir = tmp_path / "run"
     args = tiny_fedlora_run_args(
         tmp_path, run_dir, "federated.clients=4", "federated.rounds=1",
-        "federated.round_timeout=90", "federated.faults.fail_fraction=0.5",
+        "federated.round_timeout=45", "federated.faults.fail_fraction=0.5",
         "federated.faults.mode=mixed", "federated.faults.seed=1", "runtime.export=false",
     )  # fmt: skip
     code, err = main(args), capsys.readouterr().err
