@@ -228,6 +228,39 @@ def test_tied_lm_head_and_embeddings_stay_fp32_together() -> None:
     assert torch.isfinite(out.loss)
 
 
+def _mapped(path: Path) -> bool:
+    return str(path) in Path("/proc/self/maps").read_text()
+
+
+@pytest.mark.parametrize("base_dtype", ["fp32", "int8"])
+def test_a_low_precision_base_releases_the_checkpoints_memory_map(
+    tmp_path: Path, base_dtype: str
+) -> None:
+    # transformers loads safetensors over a memory map that lives while any tensor over
+    # it does; pages quantizing read stay resident while it is mapped (a SmolLM2 split
+    # device kept 405 MiB of them). A tied table kept it mapped before.
+    import gc
+
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from cotune.models.lora import apply_lora
+
+    config = LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=128,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
+                         tie_word_embeddings=True)  # fmt: skip
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "ckpt")
+    file = (tmp_path / "ckpt" / "model.safetensors").resolve()
+    lm = AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt")
+    assert _mapped(file)  # loaded over the map: the test can tell
+    lm = apply_base_dtype(apply_lora(lm, LoraConfig(r=4), "llama"), base_dtype)  # type: ignore[arg-type]
+    gc.collect()
+    assert _mapped(file) is (base_dtype == "fp32")
+    head, embed = lm.get_output_embeddings(), lm.get_input_embeddings()
+    assert head.weight is embed.weight  # still tied
+    ids = torch.randint(0, 300, (2, 6))
+    assert torch.isfinite(lm(input_ids=ids).logits).all()
+
+
 # ----------------------------------------------------------------------------- rules
 
 
