@@ -119,6 +119,10 @@ def groups() -> dict[str, tuple[str, list[str], dict[str, list[str]]]]:
     split_rows = {m: MODES[m] for m in ("none", "checkpoint", "norm@0.1", "backrazor@0.1",
                                         "backrazor@0.3", "checkpoint+norm@0.1")}  # fmt: skip
     split_rows.update({f"{m}/jemalloc": [*MODES[m], *JEMALLOC] for m in ("none", "norm@0.1")})
+    # the device segment's frozen base in bf16 / int8 (LoRA trains on top)
+    split_rows.update({f"{m}/{dtype}": [*MODES[m], f'model.base_dtype="{dtype}"']
+                       for dtype in ("bf16", "int8")
+                       for m in ("none", "norm@0.1", "checkpoint+norm@0.1")})  # fmt: skip
     split_sets = ['method="splitfed"', "split.cut=3", "train.batch_size=4", "train.max_seq_len=64",
                   "train.threads=1", "federated.clients=1"]  # fmt: skip
     return {
