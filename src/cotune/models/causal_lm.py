@@ -84,15 +84,12 @@ class CompletionLM(nn.Module):
     ) -> LMOutput:
         """Logits at every position, or with `labels` (where the model can) only at the
         completion positions the loss reads (`completion_mask`)."""
-        if labels is None or not self.masks_logits:
-            logits = self.lm(input_ids=input_ids, attention_mask=attention_mask).logits
-            loss = None if labels is None else completion_loss(logits, labels, self.label_smoothing)
-            return LMOutput(loss=loss, logits=logits)
-        kept = completion_mask(labels)
-        logits = self.lm(
-            input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=kept
-        ).logits
-        loss = completion_loss(logits, labels, self.label_smoothing, kept)
+        kept = completion_mask(labels) if labels is not None and self.masks_logits else None
+        only = {} if kept is None else {"logits_to_keep": kept}
+        logits = self.lm(input_ids=input_ids, attention_mask=attention_mask, **only).logits
+        loss = (
+            None if labels is None else completion_loss(logits, labels, self.label_smoothing, kept)
+        )
         return LMOutput(loss=loss, logits=logits, kept=kept)
 
 

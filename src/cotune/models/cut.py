@@ -149,17 +149,24 @@ class _Family:
         raise NotImplementedError
 
 
+def _from_weight(weight: Tensor, bias: Tensor | None) -> nn.Linear:
+    """A plain nn.Linear holding copies of `weight` ([out, in]) and `bias`."""
+    lin = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
+    with torch.no_grad():
+        lin.weight.copy_(weight)
+        if bias is not None:
+            lin.bias.copy_(bias)
+    return lin
+
+
 def _linear(module: nn.Module, where: str) -> nn.Linear:
     """The matrix `module` computes with, as a plain `nn.Linear` ([out, in]) for SFT to
     factorise: a bf16 / int8 base de-quantised, a LoRA-wrapped one with its adapters'
     delta added (the trainable factors then replace both; the adapters of this one
     matrix take no further part)."""
     if isinstance(module, LoraLayer):
-        base: Any = module.get_base_layer()
-        conv = type(base).__name__ == "Conv1D"  # GPT-2 stores [in, out]
-        plain = None if conv else _linear(base, where)
-        weight: Tensor = base.weight.T if conv else plain.weight  # type: ignore[union-attr]
-        bias: Tensor | None = base.bias if conv else plain.bias  # type: ignore[union-attr]
+        plain = _linear(module.get_base_layer(), where)
+        weight, bias = plain.weight, plain.bias
         # peft gives the delta as [in, out] under fan_in_fan_out (GPT-2's layout), even
         # when an int8 / bf16 base replaced the Conv1D
         transposed = bool(getattr(module, "fan_in_fan_out", False))
@@ -168,19 +175,12 @@ def _linear(module: nn.Module, where: str) -> nn.Linear:
                 if adapter in module.lora_A:
                     delta = module.get_delta_weight(adapter)  # type: ignore[operator]
                     weight = weight + (delta.T if transposed else delta)
-            lin = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
-            lin.weight.copy_(weight)
-            if bias is not None:
-                lin.bias.copy_(bias)
-        return lin
+        return _from_weight(weight, bias)
+    if type(module).__name__ == "Conv1D":  # GPT-2 stores [in, out]
+        return _from_weight(module.weight.T, module.bias)  # type: ignore[arg-type]
     if isinstance(module, FrozenLinear):
         # a bf16 / int8 base (model.base_dtype): SFT factorises the weight it computes with
-        lin = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
-        with torch.no_grad():
-            lin.weight.copy_(module.dequantized_weight())
-            if module.bias is not None:
-                lin.bias.copy_(module.bias)
-        return lin
+        return _from_weight(module.dequantized_weight(), module.bias)
     if type(module) is not nn.Linear:
         raise ModelError(
             f"split with link.codec = 'sft' factorises {where}, which is a "
@@ -448,10 +448,7 @@ class _Gpt2(_Family):
         return m["ln_2"](attn + hidden)
 
     def sft_ffn_in(self, layer: HFModule) -> tuple[Tensor, Tensor | None]:
-        conv = layer.mlp.c_fc
-        if type(conv).__name__ == "Conv1D":
-            return conv.weight.T, conv.bias  # Conv1D stores [d, d_ff]
-        lin = _linear(conv, "mlp.c_fc")  # a bf16 / int8 base: stored as [d_ff, d]
+        lin = _linear(layer.mlp.c_fc, "mlp.c_fc")  # Conv1D, LoRA-wrapped or low-precision
         return lin.weight, lin.bias
 
     def sft_cloud_modules(self, layer: HFModule) -> dict[str, nn.Module]:
