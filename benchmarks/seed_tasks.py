@@ -40,7 +40,6 @@ benchmarks/results/seed_tasks/<group>/<arm>/seed-S.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -56,6 +55,8 @@ from comparison import (
     summarise,
     write,
 )
+
+from cotune.report.run_folder import read_jsonl
 
 OUT = ROOT / "benchmarks" / "results" / "seed_tasks"
 EXAMPLES = ROOT / "examples"
@@ -175,7 +176,7 @@ def curves(group: str, runs: Path, comp: Comparison) -> dict[str, list[tuple[str
             path = seed_dir(runs / arm.name, seed) / "metrics.jsonl"
             if not path.is_file():
                 continue
-            records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+            records = read_jsonl(path)
             points = [(f"step {r['step']}" if "step" in r else f"round {r['round']}", r[metric])
                       for r in records if metric in r]  # fmt: skip
             if points:
