@@ -338,6 +338,35 @@ def test_split_device_segment_holds_the_int8_base_and_sends_only_adapters() -> N
     assert all(p.dtype == torch.float32 for p in named.values())
 
 
+def test_a_splitfed_device_stores_its_token_table_and_only_its_own_layers() -> None:
+    # The uncut model ties the token table to the LM head, so it stays fp32 there; the
+    # device segment holds the table alone and stores it in int8 like its layers. It
+    # converts nothing it drops (the cloud layers), and both sides still agree on every
+    # trainable tensor; the cloud keeps its LM head fp32, tied as in the uncut model.
+    from cotune.methods.splitfed import build_lm_split
+
+    cfg = tiny_cfg("llama", model={"lora": {"dropout": 0.0}, "base_dtype": "int8"})
+    device, *_ = build_lm_split(cfg, party="device")
+    cloud, *_ = build_lm_split(cfg)
+    tables = [m for m in device.device.modules() if isinstance(m, FrozenEmbedding)]
+    assert len(tables) == 1 and tables[0].stored_weight.dtype == torch.int8
+    assert not any(type(m) is nn.Embedding for m in device.device.modules())
+    assert frozen_linear_count(device.device) == 2 * 7  # layers 0, 1: q k v o gate up down
+    assert frozen_linear_count(device.cloud) == 0 and frozen_linear_count(device.head) == 0
+    head = cloud.head.lm_head
+    embed = next(m for m in cloud.device.modules() if type(m) is nn.Embedding)
+    assert type(head) is nn.Linear and head.weight is embed.weight
+    assert frozen_linear_count(cloud.cloud) == frozen_linear_count(cloud.device) == 2 * 7
+    torch.testing.assert_close(
+        tables[0].dequantized_weight(), embed.weight, atol=embed.weight.abs().max() / 254, rtol=0
+    )
+    ours = device.named_trainable([device.device])
+    theirs = cloud.named_trainable([cloud.device])
+    assert ours.keys() == theirs.keys() and ours
+    for name, p in ours.items():
+        torch.testing.assert_close(p, theirs[name], rtol=0, atol=0, msg=name)
+
+
 @pytest.mark.parametrize(
     ("family", "ffn_in"), [("bert", "intermediate.dense"), ("gpt2", "mlp.c_fc")]
 )

@@ -283,6 +283,12 @@ def build_export(cfg: Config, task: Task, trained: TrainedState) -> ExportModel:
                 f"the frozen base holds the weights the run computed with (stored in "
                 f"{cfg.model.base_dtype} during the run), in fp32"
             )
+            if kind == "causal" and cfg.method == "splitfed" and hf.config.tie_word_embeddings:
+                notes.append(
+                    f"the devices looked tokens up in a {cfg.model.base_dtype} copy of the "
+                    "token table; this model ties it to the LM head, which the cloud "
+                    "computed with in fp32, and keeps it fp32 for both"
+                )
         base_state = dict(hf.state_dict())  # peft keeps these tensors as the base's
         sft_modules = [
             f"{layer.removeprefix(PEFT_PREFIX)}.{rel}" for layer in sft for rel in FFN_IN[family]

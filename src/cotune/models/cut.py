@@ -51,7 +51,7 @@ from transformers.masking_utils import (
 )
 
 from cotune.errors import ModelError
-from cotune.models.base_dtype import FrozenLinear
+from cotune.models.base_dtype import BaseDtype, FrozenLinear, apply_base_dtype
 from cotune.models.classifier import SequenceClassifier
 from cotune.models.lora import unwrap
 from cotune.models.span import SpanExtractor, SpanOutput
@@ -778,6 +778,25 @@ class SplitClassifier:
                 if p.requires_grad:
                     out[self.names.get(id(p), name)] = p
         return out
+
+
+# which parts of a cut model a process keeps: a device its own segment (and the head when
+# U-shaped), the cloud (or a test holding both sides) every part
+Party = Literal["device", "all"]
+
+
+def store_base(split: SplitClassifier, base_dtype: BaseDtype, party: Party) -> None:
+    """Store the frozen base of the parts `party` keeps in `base_dtype` (in place), after
+    the cut: a device converts only its segment, never the layers it is about to drop, and
+    its token table, which the uncut model ties to the LM head (and so keeps fp32), is held
+    by the device segment alone and is stored in `base_dtype` too. "all" converts the whole
+    cut model, where the tie is seen and the table stays fp32 with the LM head, as in
+    centralized training. SFT's factors were built at the cut from the fp32 weights, on
+    both sides alike; they train, so they stay fp32."""
+    if base_dtype == "fp32":
+        return
+    parts = split.device_modules() if party == "device" else [split.device, split.cloud, split.head]
+    apply_base_dtype(nn.ModuleList(parts), base_dtype)
 
 
 def num_layers(model: nn.Module) -> int:

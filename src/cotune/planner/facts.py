@@ -118,7 +118,9 @@ class FactFinder:
         key = self._key(cfg, split)
         if key not in self._built:
             if split:
-                self._built[key] = build_split(cfg, self.num_labels, "classification")[0]
+                self._built[key] = build_split(
+                    cfg, self.num_labels, "classification", party="device"
+                )[0]
             else:
                 self._built[key] = build_classifier(cfg.model, self.num_labels, seed=cfg.seed)[0]
         built = self._built[key]

@@ -363,7 +363,7 @@ def train_device(
     tokenizer = load_tokenizer(cfg.model.name)
     # the head the cut model trains (an image classifier is a classifier; QA a span head)
     problem, num_labels = problem_for(task.kind, task.num_labels)
-    split, codec = build_split(cfg, num_labels, problem)
+    split, codec = build_split(cfg, num_labels, problem, party="device")
     trainable_cloud = sum(p.numel() for p in trainable(split.cloud_modules()))
     apply_memory_option(split.device, cfg.memory, seed=cfg.seed)  # before the optimiser
     device = SplitDevice(

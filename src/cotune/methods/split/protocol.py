@@ -12,7 +12,7 @@ import torch
 from cotune.config import Config
 from cotune.link.codecs import Codec, make_codec
 from cotune.models import build_classifier
-from cotune.models.cut import SplitClassifier, cut_classifier
+from cotune.models.cut import Party, SplitClassifier, cut_classifier, store_base
 from cotune.models.span import build_span_model
 
 PROTOCOL = "cotune-link/1"
@@ -45,14 +45,19 @@ def fingerprint(cfg: Config) -> str:
     return hashlib.sha256(blob).hexdigest()[:32]
 
 
-def build_split(cfg: Config, num_labels: int, problem: str) -> tuple[SplitClassifier, Codec]:
+def build_split(
+    cfg: Config, num_labels: int, problem: str, party: Party = "all"
+) -> tuple[SplitClassifier, Codec]:
     """The full model built from the seed, cut as the config says (both sides): a
-    classifier, or a span extractor for `problem = "span"` (extractive QA)."""
+    classifier, or a span extractor for `problem = "span"` (extractive QA). The frozen
+    base goes to `model.base_dtype` after the cut, in the parts `party` keeps
+    (`cotune.models.cut.store_base`)."""
+    fp32 = cfg.model.model_copy(update={"base_dtype": "fp32"})
     if problem == "span":
-        model, _, _ = build_span_model(cfg.model, seed=cfg.seed)
+        model, _, _ = build_span_model(fp32, seed=cfg.seed)
     else:
         model, _, _ = build_classifier(
-            cfg.model,
+            fp32,
             num_labels,
             problem=problem,
             label_smoothing=cfg.train.label_smoothing,
@@ -60,6 +65,7 @@ def build_split(cfg: Config, num_labels: int, problem: str) -> tuple[SplitClassi
         )
     codec = make_codec(cfg.link)
     split = cut_classifier(model, cfg.split.cut, labels=cfg.split.labels, sft_rank=codec.sft_rank)
+    store_base(split, cfg.model.base_dtype, party)
     return split, codec
 
 

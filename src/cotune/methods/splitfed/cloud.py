@@ -34,6 +34,7 @@ from cotune.link.wire import from_wire, to_wire
 from cotune.methods.federated.aggregation import check_update, weighted_average
 from cotune.methods.split.cloud import SplitCloud, SplitSession
 from cotune.methods.split.problems import PerToken, Problem
+from cotune.models.cut import Party, store_base
 from cotune.training import make_schedule
 
 log = logging.getLogger(__name__)
@@ -43,20 +44,23 @@ IGNORE = -100
 State = dict[str, np.ndarray]
 
 
-def build_lm_split(cfg: Config) -> tuple[Any, Any, Any, Any]:
+def build_lm_split(cfg: Config, party: Party = "all") -> tuple[Any, Any, Any, Any]:
     """(split, codec, model, tokenizer): the causal LM of `cfg` built from the seed and cut
-    at `split.cut` (the same on every device and on the cloud)."""
+    at `split.cut` (the same on every device and on the cloud). The frozen base goes to
+    `model.base_dtype` after the cut, in the parts `party` keeps: a device stores its
+    token table in it too, which the uncut model ties to the LM head
+    (`cotune.models.cut.store_base`)."""
     from cotune.link.codecs import make_codec
     from cotune.models.causal_lm import build_lm
     from cotune.models.cut_lm import cut_causal_lm
 
-    model, tokenizer, _ = build_lm(
-        cfg.model, seed=cfg.seed, label_smoothing=cfg.train.label_smoothing
-    )
+    fp32 = cfg.model.model_copy(update={"base_dtype": "fp32"})
+    model, tokenizer, _ = build_lm(fp32, seed=cfg.seed, label_smoothing=cfg.train.label_smoothing)
     codec = make_codec(cfg.link)
     split = cut_causal_lm(
         model, cfg.split.cut, label_smoothing=cfg.train.label_smoothing, sft_rank=codec.sft_rank
     )
+    store_base(split, cfg.model.base_dtype, party)
     return split, codec, model, tokenizer
 
 

@@ -90,7 +90,7 @@ def train_device(
     task = client_task(cfg)
     adapter = adapter_for(task, cfg)
     examples = client_examples(cfg, device_id)
-    split, codec, model, tokenizer = build_lm_split(cfg)
+    split, codec, model, tokenizer = build_lm_split(cfg, party="device")
     vocab = int(model.lm.get_output_embeddings().out_features)  # nn.Linear or FrozenLinear
     device = LMDevice(
         cfg, split, codec, connect(), num_labels=vocab, problem=PROBLEM,
