@@ -12,7 +12,8 @@ tied to the embeddings is shared: it stays as it is) by a `FrozenLinear` that st
 Embedding tables (`nn.Embedding`: token, position, token-type) that are frozen and not
 tied to an LM head become `FrozenEmbedding`s stored the same way (int8: one scale per
 row, i.e. per token); a lookup dequantizes only the rows it reads, and no gradient flows
-into a frozen table. A table tied to the LM head (GPT-2, tiny-llama) stays fp32 with it.
+into a frozen table. A table tied to the LM head (GPT-2, tiny-llama) stays fp32 with it
+(a split device's segment holds the table alone and stores it: `cotune.models.cut.store_base`).
 The trainable tensors (LoRA A/B, the head, biases left trainable) are untouched and stay
 fp32; so do norms and other parameters (ViT's patch projection and position vector).
 Training runs through the stored base: the forward
