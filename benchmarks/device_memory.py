@@ -19,11 +19,18 @@ data, allocator retention. Settings:
   tables with sparse gradients), alone and with the checkpointed layers run over 4 or 8
   slices of the batch ("/chunksN", `memory.checkpoint_chunks`).
 
+`--repeats N` runs every row of the selected groups N times (each a process of its own;
+repeats 2.. in `<row>-rep2`, ...): the table gives the median run (its breakdown) and the
+range of the peaks. The smollm2 device needs it: with an fp32 base its token table is a
+view over the memory-mapped checkpoint, and how much of it is resident depends on the
+rows the text touches and on the kernel's fault-around, not on the memory mode.
+
 Step time is the median step of the row's run, its ratio taken against `none` of the
 same group; rows run one after another, but the machine is shared, so the ratios are
 indicative (the step-time benchmark of record is memory_backward.py's interleaved one).
 
     nice .venv/bin/python benchmarks/device_memory.py [--steps 6] [--only minilm-full]
+    nice .venv/bin/python benchmarks/device_memory.py --only smollm2-split-device --repeats 3
     .venv/bin/python benchmarks/device_memory.py --table      # JSON + Markdown from finished rows
 
 Writes benchmarks/results/device_memory.json (+ .md); rows are resumable (a finished
@@ -163,6 +170,37 @@ def run_row(config: str, sets: list[str], out: Path, steps: int) -> dict[str, An
     }
 
 
+def repeat_dirs(out: Path, repeats: int) -> list[Path]:
+    """The row's run folders: `out`, then `out-rep2` .. `out-repN`, and any repeats an
+    earlier invocation left."""
+
+    def number(path: Path) -> int:
+        return int(path.name.rsplit("-rep", 1)[1])
+
+    earlier = [
+        d for d in out.parent.glob(f"{out.name}-rep*") if d.name.rsplit("-rep", 1)[1].isdigit()
+    ]
+    wanted = {out.with_name(f"{out.name}-rep{k}") for k in range(2, repeats + 1)}
+    return [out, *sorted(wanted | set(earlier), key=number)]
+
+
+def median_run(runs: list[dict[str, Any] | None]) -> dict[str, Any] | None:
+    """The run with the median peak (the lower middle one of an even count), with every
+    run's peak in `peak_rss_runs_mib` (in run order); None if a run failed."""
+    if not runs or any(r is None for r in runs):
+        return None  # a failed run fails the row
+    done = [r for r in runs if r is not None]
+    middle = sorted(done, key=lambda r: r["peak_rss_mib"])[(len(done) - 1) // 2]
+    return {**middle, "peak_rss_runs_mib": [r["peak_rss_mib"] for r in done]}
+
+
+def peak_cell(r: dict[str, Any]) -> str:
+    runs = r.get("peak_rss_runs_mib") or [r["peak_rss_mib"]]
+    if len(runs) == 1:
+        return f"{r['peak_rss_mib']:,.0f}"
+    return f"{r['peak_rss_mib']:,.0f} ({min(runs):,.0f}-{max(runs):,.0f}, {len(runs)} runs)"
+
+
 def table(data: dict[str, Any]) -> str:
     lines = []
     for group, rows in data["groups"].items():
@@ -182,7 +220,7 @@ def table(data: dict[str, Any]) -> str:
                 else float("nan")
             )
             lines.append(
-                f"| {name} | {r['peak_rss_mib']:,.0f} | {ratio:.2f} | {b.get('saved_activations', 0):,.0f} "
+                f"| {name} | {peak_cell(r)} | {ratio:.2f} | {b.get('saved_activations', 0):,.0f} "
                 f"| {b.get('gradients', 0):,.0f} | {b.get('optimizer_state', 0):,.0f} | {b.get('transient', 0):,.0f} "
                 f"| {b.get('allocator_retention', 0):,.0f} | {b.get('runtime_at_rest', 0):,.0f} | {t:.2f} |"
             )
@@ -197,6 +235,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=6)
     p.add_argument("--only", nargs="*", default=None, help="groups to run (default: all)")
     p.add_argument("--table", action="store_true", help="only collect finished rows")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="runs per row of the selected groups (median and range; default 1)")  # fmt: skip
     args = p.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     data: dict[str, Any] = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
@@ -210,7 +250,10 @@ def main() -> None:
             if collect_only and not (out / "summary.json").is_file():
                 continue
             print(f"{group} / {name}", flush=True)
-            data["groups"][group][name] = run_row(config, [*common, *sets], out, args.steps)
+            dirs = repeat_dirs(out, 1 if collect_only else args.repeats)
+            runs = [run_row(config, [*common, *sets], d, args.steps) for d in dirs
+                    if not collect_only or (d / "summary.json").is_file()]  # fmt: skip
+            data["groups"][group][name] = median_run(runs)
     path = OUT.parent / "device_memory.json"
     path.write_text(json.dumps(data, indent=1) + "\n")
     text = table(data)
