@@ -103,7 +103,14 @@ def groups() -> dict[str, tuple[str, list[str], dict[str, list[str]]]]:
                     for n in (4, 8)}}  # fmt: skip
     lora_rows: dict[str, list[str]] = {}
     for dtype in ("fp32", "bf16", "int8"):
-        for mode in ("none", "checkpoint", "norm@0.1", "backrazor@0.3", "checkpoint+norm@0.1"):
+        for mode in (
+            "none",
+            "checkpoint",
+            "norm@0.1",
+            "backrazor@0.1",
+            "backrazor@0.3",
+            "checkpoint+norm@0.1",
+        ):
             lora_rows[f"{mode}/{dtype}"] = [*MODES[mode], f'model.base_dtype="{dtype}"']
     for dtype in ("fp32", "int8"):
         lora_rows[f"checkpoint+norm@0.1/{dtype}/chunks4"] = [

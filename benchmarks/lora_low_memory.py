@@ -13,7 +13,9 @@ allocator):
   memory mode's;
 - `lora-bf16`: bf16 base, no memory mode (1,267 MiB): the other low-memory base;
 - `lora-int8-backrazor0.3`: int8 base, `backrazor` keep 0.3 (674 MiB): BackRazor's own
-  mode on the int8 base.
+  mode on the int8 base;
+- `lora-int8-backrazor0.1`: the same at keep 0.1, the other keep `device_memory.py`
+  measures for every group.
 
 A LoRA row of `device_memory.py` trains as the arm with its base dtype and its sparse
 mode: checkpointing changes no gradient (the recomputation replays the forward exactly;
@@ -71,6 +73,7 @@ ARMS = {
     "lora-int8": INT8,
     "lora-bf16": ('model.base_dtype="bf16"',),
     "lora-int8-backrazor0.3": (*INT8, 'memory.backward="backrazor"', "memory.keep=0.3"),
+    "lora-int8-backrazor0.1": (*INT8, 'memory.backward="backrazor"', "memory.keep=0.1"),
 }
 TARGET_POINTS = 1.0
 
@@ -106,6 +109,7 @@ TRAINS_AS = {
     ("int8", "norm@0.1"): "lora-int8-ckpt-norm0.1",
     ("int8", "norm@0.5"): "lora-int8-ckpt-norm0.5",
     ("int8", "backrazor@0.3"): "lora-int8-backrazor0.3",
+    ("int8", "backrazor@0.1"): "lora-int8-backrazor0.1",
 }
 DEVICE_MEMORY = OUT / "device_memory.json"
 
