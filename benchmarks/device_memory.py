@@ -45,10 +45,10 @@ import os
 import platform
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 from typing import Any
 
+from cotune.config import load_config
 from cotune.models.zoo import resolve
 from cotune.report.memory import device_breakdown
 
@@ -163,8 +163,7 @@ def prepare_model(config: str, sets: list[str]) -> None:
     """Convert a packaged model (SmolLM2's GGUF) into the cotune cache before the group's
     first row, so that no measured process converts it: on a fresh machine the first
     SmolLM2 row did, and peaked at 689 MiB against 572-580 in its other runs."""
-    names = [s.split("=", 1)[1].strip('"') for s in sets if s.startswith("model.name=")]
-    resolve(names[-1] if names else tomllib.loads(Path(config).read_text())["model"]["name"])
+    resolve(load_config(config, sets).model.name)
 
 
 def run_row(config: str, sets: list[str], out: Path, steps: int) -> dict[str, Any] | None:
