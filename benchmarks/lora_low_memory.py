@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -112,6 +113,62 @@ TRAINS_AS = {
     ("int8", "backrazor@0.1"): "lora-int8-backrazor0.1",
 }
 DEVICE_MEMORY = OUT / "device_memory.json"
+SHARE_BATCHES = 200
+
+
+def real_token_share(keeps: list[float], batches: int = SHARE_BATCHES) -> dict[str, Any]:
+    """The share of real (non-padding) token rows a sparse mode keeps on SST-2's training
+    batches, per keep.
+
+    `keep` is a share of the batch's padded length L (the longest sentence in the batch):
+    every sample keeps ceil(keep * L) rows, real ones first. A sentence shorter than that
+    keeps all its tokens, so on SST-2's uneven phrases the modes drop far less than
+    `keep` says; on `device_memory.py`'s batches of 128 real tokens they keep exactly
+    `keep`. (`backrazor` keeps the same share of a sample's elements, real rows first.)
+    Measured on the first `batches` batches drawn as the arms' config draws them."""
+    from cotune.config import load_config
+    from cotune.data import load_task
+    from cotune.training import adapter_for
+
+    config = ROOT / "examples" / "sst2-centralized.toml"
+    cfg = load_config(config)
+    here = Path.cwd()
+    os.chdir(config.parent)  # its data path is relative to its folder
+    try:
+        task = load_task(cfg.task, cfg.seed)
+    finally:
+        os.chdir(here)
+    adapter = adapter_for(task, cfg)
+    _, tokenizer = adapter.build_model()
+    count = batches * cfg.train.batch_size
+    loader = adapter.loader(adapter.encode(task.train[:count], tokenizer), tokenizer,
+                            shuffle=True, seed=cfg.seed)  # fmt: skip
+    kept = dict.fromkeys(keeps, 0)
+    real = lengths = seen = 0
+    for batch in loader:
+        mask = batch["attention_mask"]
+        padded, n = mask.shape[1], mask.sum(1).tolist()
+        for keep in keeps:
+            rows = max(1, math.ceil(keep * padded - 1e-9))
+            kept[keep] += sum(min(x, rows) for x in n)
+        real += sum(n)
+        lengths += padded * len(n)
+        seen += 1
+    return {"batches": seen, "mean_real_tokens": real / (seen * cfg.train.batch_size),
+            "mean_padded_length": lengths / (seen * cfg.train.batch_size),
+            "share_kept": {str(k): kept[k] / real for k in keeps}}  # fmt: skip
+
+
+def share_table(share: dict[str, Any]) -> list[str]:
+    lines = ["### Real tokens the sparse modes keep on these batches", "",
+             f"SST-2 training batches ({share['batches']} of them): "
+             f"{share['mean_real_tokens']:.1f} real tokens per sentence on average, padded "
+             f"to {share['mean_padded_length']:.1f}. `keep` is a share of the padded length, "
+             "so shorter sentences keep every token; at `device_memory.py`'s 16 x 128 real "
+             "tokens the share kept is `keep` itself.", "",
+             "| keep | share of real tokens kept on SST-2 |", "|---|---|"]  # fmt: skip
+    lines += [f"| {k} | {v:.3f} |" for k, v in share["share_kept"].items()]
+    return ["", *lines]
 
 
 def accuracy_arm(row: str) -> tuple[str | None, str]:
@@ -149,6 +206,8 @@ def render(data: dict[str, Any]) -> str:
              "|---|---|"]  # fmt: skip
     lines += [f"| {name} | {describe(arm, 'accuracy')} |" for name, arm in data["arms"].items()]
     lines += ["", *differences_table(data["differences"], verdict), *rows_table(data)]
+    if "real_token_share" in data:
+        lines += share_table(data["real_token_share"])
     return "\n".join(lines) + "\n"
 
 
@@ -170,6 +229,7 @@ def main() -> None:
     failed = [] if args.summary_only else run(comparison(only), runs, args.parallel)
     data = summarise(comp, runs)
     data["verdict"] = [verdict(d) for d in data["differences"]]
+    data["real_token_share"] = real_token_share([0.1, 0.3, 0.5])
     data["failed"] = failed
     write(data, args.out / f"{comp.name}.json", render)
 
