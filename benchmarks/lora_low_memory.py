@@ -31,7 +31,7 @@ and the dense projections, 1,200 steps of 32, max 64 tokens, lr 1e-3), scored on
 change what is computed, so the accuracy arms run on the default one.
 
 `--task bbc` runs the same arms on BBC News with `device_memory.py`'s minilm-lora batches
-(16 articles x 128 tokens, every one real; 150 steps, lr 2e-3, the 445 test articles;
+(16 articles x 128 tokens, every one real; 150 steps, lr 2e-3, the 444 test articles;
 results `lora_low_memory_bbc.{json,md}`). `keep` is a share of a batch's padded length,
 so on SST-2's short, uneven sentences the sparse modes keep most real tokens (keep 0.5:
 86%, the summary measures it) and drop far less than at the 16 x 128 batches where their
