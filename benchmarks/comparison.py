@@ -223,6 +223,27 @@ def describe(arm: dict[str, Any], metric: str, scale: float = 100.0) -> str:
     return f"{text} ({n} seed{'s' if n != 1 else ''}, {arm['eval_size']} examples)"
 
 
+def training_batches(config: Path, sets: Sequence[str], batches: int) -> tuple[Any, Any, Any]:
+    """(resolved config, model, loader): `config`'s model as its task adapter builds it, and
+    a loader over the first `batches` batches' worth of its training examples, drawn as the
+    config's seed draws them. The config's data paths are read relative to its folder."""
+    from cotune.config import load_config
+    from cotune.data import load_task
+    from cotune.training import adapter_for
+
+    cfg = load_config(config, list(sets))
+    here = Path.cwd()
+    os.chdir(config.parent)
+    try:
+        task = load_task(cfg.task, cfg.seed)
+    finally:
+        os.chdir(here)
+    adapter = adapter_for(task, cfg)
+    model, tokenizer = adapter.build_model()
+    ds = adapter.encode(task.train[: batches * cfg.train.batch_size], tokenizer)
+    return cfg, model, adapter.loader(ds, tokenizer, shuffle=True, seed=cfg.seed)
+
+
 def write(
     data: dict[str, Any], path: Path, render: Callable[[dict[str, Any]], str] | None = None
 ) -> None:

@@ -80,7 +80,8 @@ def CHUNKS(n: int) -> list[str]:  # noqa: N802
     return [f"memory.checkpoint_chunks={n}"]
 
 
-MINILM = ["train.batch_size=16", "train.max_seq_len=128", "train.threads=1"]
+MINILM_BATCHES = ["train.batch_size=16", "train.max_seq_len=128"]  # 16 x 128 real tokens
+MINILM = [*MINILM_BATCHES, "train.threads=1"]
 LORA = ['model.lora={r = 8, alpha = 16, dropout = 0.1, target_modules = ["query", "key", "value", "dense"]}',
         "train.lr=2e-3"]  # fmt: skip
 

@@ -69,8 +69,10 @@ from comparison import (
     mean_pm,
     run,
     summarise,
+    training_batches,
     write,
 )
+from device_memory import LORA, MINILM_BATCHES
 
 OUT = ROOT / "benchmarks" / "results"
 INT8 = ('model.base_dtype="int8"',)
@@ -94,14 +96,8 @@ TASKS: dict[str, tuple[str, Path, tuple[str, ...]]] = {
     "bbc": (
         "lora_low_memory_bbc",
         ROOT / "examples" / "bbc-news-centralized.toml",
-        (
-            "train.batch_size=16",
-            "train.max_seq_len=128",
-            "train.lr=2e-3",
-            'model.lora={r = 8, alpha = 16, dropout = 0.1, target_modules = ["query", "key", '
-            '"value", "dense"]}',
-        ),
-    ),  # fmt: skip
+        (*MINILM_BATCHES, *LORA),
+    ),
 }
 
 
@@ -153,23 +149,8 @@ def real_token_share(task: str, keeps: list[float], batches: int = SHARE_BATCHES
     `keep` says; on `device_memory.py`'s batches of 128 real tokens they keep exactly
     `keep`. (`backrazor` keeps the same share of a sample's elements, real rows first.)
     Measured on the first `batches` batches drawn as the arms' config draws them."""
-    from cotune.config import load_config
-    from cotune.data import load_task
-    from cotune.training import adapter_for
-
     _, config, shared = TASKS[task]
-    cfg = load_config(config, list(shared))
-    here = Path.cwd()
-    os.chdir(config.parent)  # its data path is relative to its folder
-    try:
-        loaded = load_task(cfg.task, cfg.seed)
-    finally:
-        os.chdir(here)
-    adapter = adapter_for(loaded, cfg)
-    _, tokenizer = adapter.build_model()
-    count = batches * cfg.train.batch_size
-    loader = adapter.loader(adapter.encode(loaded.train[:count], tokenizer), tokenizer,
-                            shuffle=True, seed=cfg.seed)  # fmt: skip
+    cfg, _, loader = training_batches(config, shared, batches)
     kept = dict.fromkeys(keeps, 0)
     real = lengths = seen = 0
     for batch in loader:

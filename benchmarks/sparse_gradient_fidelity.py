@@ -34,14 +34,13 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from comparison import ROOT, write  # noqa: E402
+from comparison import ROOT, training_batches, write  # noqa: E402
+from device_memory import LORA, MINILM_BATCHES  # noqa: E402
 from torch import nn  # noqa: E402
 
-from cotune.config import MemoryConfig, load_config  # noqa: E402
+from cotune.config import MemoryConfig  # noqa: E402
 from cotune.config.schema import MEMORY_OPS  # noqa: E402
-from cotune.data import load_task  # noqa: E402
 from cotune.memory import apply_memory_option  # noqa: E402
-from cotune.training import adapter_for  # noqa: E402
 
 OUT = ROOT / "benchmarks" / "results"
 MODELS = {  # name: (example config, overrides)
@@ -49,14 +48,8 @@ MODELS = {  # name: (example config, overrides)
     "minilm (SST-2, up to 64 tokens)": ("examples/sst2-centralized.toml", []),
     "minilm (BBC News, 16 x 128 real tokens)": (
         "examples/bbc-news-centralized.toml",
-        [
-            "train.batch_size=16",
-            "train.max_seq_len=128",
-            "train.lr=2e-3",
-            'model.lora={r = 8, alpha = 16, dropout = 0.1, target_modules = ["query", "key", '
-            '"value", "dense"]}',
-        ],
-    ),  # fmt: skip
+        [*MINILM_BATCHES, *LORA],
+    ),
 }
 SETTINGS: list[tuple[str, float, list[str]]] = [
     ("all ops, keep 0.5", 0.5, list(MEMORY_OPS)),
@@ -83,14 +76,8 @@ def _layer(name: str) -> str:
 
 def measure(config: str, sets: list[str], mode: str, warm_steps: int) -> dict[str, Any]:
     torch.manual_seed(0)
-    cfg = load_config(ROOT / config, [*sets, "model.lora.dropout=0.0"])
-    os.chdir((ROOT / config).parent)  # the configs' data paths are relative to their folder
-    task = load_task(cfg.task, cfg.seed)
-    adapter = adapter_for(task, cfg)
-    model, tokenizer = adapter.build_model()
-    ds = adapter.encode(task.train[: 4 * cfg.train.batch_size], tokenizer)
-    batch = next(iter(adapter.loader(ds, tokenizer, shuffle=True, seed=0)))
-    os.chdir(ROOT)
+    cfg, model, loader = training_batches(ROOT / config, [*sets, "model.lora.dropout=0.0"], 4)
+    batch = next(iter(loader))
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.train.lr or 2e-3)
     model.train()
