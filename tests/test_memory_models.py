@@ -233,3 +233,49 @@ def test_training_loop_measures_the_saving() -> None:
         stats[mode] = fit(ModelStep(model, opt, None), iter([batch, batch]), 2)
         assert stats[mode].peak_rss_bytes > 0
     assert stats["none"].saved_activation_bytes > 5 * stats["norm"].saved_activation_bytes > 0
+
+
+def _padded_batch(family: str) -> dict[str, torch.Tensor]:
+    """3 samples of 16 rows with 12, 10 and 6 real tokens."""
+    batch = _batch(family)
+    mask = torch.zeros(3, 16, dtype=torch.long)
+    for row, n in enumerate((12, 10, 6)):
+        mask[row, :n] = 1
+    batch["attention_mask"] = mask
+    batch["input_ids"] = batch["input_ids"] * mask
+    return batch
+
+
+@pytest.mark.parametrize("family", ["bert", "llama", "gpt2"])
+@pytest.mark.parametrize("mode", ["random", "norm"])
+def test_keep_of_real_padding_slots_carry_no_gradient(family: str, mode: str) -> None:
+    """keep_of = "real" at keep 0.92 keeps ceil(0.92 n) = n of every sample's real rows
+    (n <= 12) and fills the other slots of ceil(0.92 * 16) = 15 with padding rows: the
+    gradients are the dense ones, so padding rows add nothing anywhere in the model."""
+    batch = _padded_batch(family)
+    _, _, ref = _step(_model(family, attn="eager"), batch)
+    model = _model(family, attn="eager")
+    apply_memory_option(model, _mem(mode, 0.92, keep_of="real"))
+    _assert_same_grads(_step(model, batch)[2], ref)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_keep_of_real_changes_only_padded_batches(mode: str) -> None:
+    """keep 0.5: on a batch without padding "real" and "padded" are the same selection;
+    with padding "padded" keeps every real row of the short samples, "real" half."""
+    full = _batch("bert")
+    full["attention_mask"] = torch.ones_like(full["attention_mask"])
+    grads = {}
+    for batch_name, batch in (("full", full), ("padded", _padded_batch("bert"))):
+        for keep_of in ("padded", "real"):
+            model = _model("bert", attn="eager")
+            apply_memory_option(model, _mem(mode, 0.5, keep_of=keep_of))
+            grads[batch_name, keep_of] = _step(model, batch)[2]
+    for name, g in grads["full", "padded"].items():
+        assert torch.equal(g, grads["full", "real"][name]), name
+    differ = [
+        n
+        for n, g in grads["padded", "padded"].items()
+        if not torch.equal(g, grads["padded", "real"][n])
+    ]
+    assert len(differ) > 10, differ

@@ -35,8 +35,10 @@ def test_bit_order_is_lsb_first() -> None:
     assert pack_bits(mask).tolist() == [1, 2]
 
 
-def _policy(mode: str, keep: float, rescale: bool = True, seed: int = 0, norm="linf") -> Policy:
-    return Policy(mode=mode, keep=keep, rescale=rescale, norm=norm, seed=seed)  # type: ignore[arg-type]
+def _policy(
+    mode: str, keep: float, rescale: bool = True, seed: int = 0, norm="linf", keep_of="padded"
+) -> Policy:
+    return Policy(mode=mode, keep=keep, rescale=rescale, norm=norm, seed=seed, keep_of=keep_of)  # type: ignore[arg-type]
 
 
 class _Block(nn.Module):
@@ -187,6 +189,108 @@ def test_backrazor_threshold_on_large_samples_keeps_about_keep() -> None:
     assert torch.all((share - 0.1).abs() < 0.02), share
     flat = x.reshape(2, -1).abs()
     assert flat[0][mask[0]].min() >= flat[0][~mask[0]].max()
+
+
+def _short_and_long() -> tuple[torch.Tensor, torch.Tensor]:
+    """x (2, 20, 8): sample 0 has 6 real tokens of 20, sample 1 all 20."""
+    x = torch.randn(2, 20, 8, generator=torch.Generator().manual_seed(3))
+    real = torch.ones(2, 20, dtype=torch.bool)
+    real[0, 6:] = False
+    return x, real
+
+
+def test_norm_keep_of_padded_keeps_every_real_token_of_a_short_sample() -> None:
+    """keep 0.5 of 20 rows is 10 slots: all 6 of sample 0's real rows (and 4 padding)."""
+    x, real = _short_and_long()
+    with token_mask(real):
+        idx = pack(x, _policy("norm", 0.5)).index
+    assert idx.shape == (2, 10)
+    assert int(real[0, idx[0]].sum()) == 6
+
+
+def test_norm_keep_of_real_keeps_a_share_of_each_samples_real_tokens() -> None:
+    """keep_of = "real": ceil(0.5 * 6) = 3 real rows of sample 0, its 3 largest, the other
+    7 slots on padding rows; sample 1 (no padding) is unchanged. The bytes stay 10 rows."""
+    x, real = _short_and_long()
+    with token_mask(real):
+        packed = pack(x, _policy("norm", 0.5, keep_of="real"))
+        padded = pack(x, _policy("norm", 0.5))
+    idx = packed.index
+    assert idx.shape == (2, 10) and packed.tensors[0].shape == (2, 10, 8)
+    kept_real = sorted(int(i) for i in idx[0] if real[0, i])
+    top3 = x[0, :6].abs().amax(-1).topk(3).indices.sort().values.tolist()
+    assert kept_real == top3
+    assert len(set(idx[0].tolist())) == 10  # distinct rows
+    assert sorted(idx[1].tolist()) == sorted(padded.index[1].tolist())
+
+
+def test_keep_of_real_weight_gradient_is_that_of_the_kept_real_rows() -> None:
+    """The padding slots add nothing: dW equals the dense dW of x with only the kept real
+    rows (padding rows get no output gradient, as in a masked model)."""
+
+    class Masked(nn.Module):  # a model taking the mask, as swap_in's hooks expect
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(8, 5)
+
+        def forward(self, x: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+            return self.lin(x)
+
+    x, real = _short_and_long()
+    dy = torch.randn(2, 20, 5) * real.unsqueeze(-1)
+    model = Masked()
+    policy = _policy("norm", 0.3, keep_of="real")
+    with token_mask(real):
+        idx = pack(x, policy).index
+    swap_in(model, policy)
+    (model(x, attention_mask=real.long()) * dy).sum().backward()
+    layer = model.lin
+    kept = torch.zeros(2, 20, dtype=torch.bool).scatter_(1, idx, True) & real
+    assert kept.sum(1).tolist() == [2, 6]  # ceil(0.3 * 6), ceil(0.3 * 20)
+    expected = dy.reshape(-1, 5).t() @ (x * kept.unsqueeze(-1)).reshape(-1, 8)
+    torch.testing.assert_close(layer.weight.grad, expected)
+
+
+def test_random_keep_of_real_rescales_by_the_real_share() -> None:
+    x, real = _short_and_long()
+    with token_mask(real):
+        packed = pack(x, _policy("random", 0.5, keep_of="real"))
+    # sample 0: 3 of 6 real rows kept -> weight 2; sample 1: 10 of 20 -> 2
+    assert packed.tensors[2].tolist() == [2.0, 2.0]
+    assert int(real[0, packed.index[0]].sum()) == 3
+
+
+def test_backrazor_keep_of_real_keeps_a_share_of_each_samples_real_elements() -> None:
+    x, real = _short_and_long()
+    with token_mask(real):
+        bits = select_elems(x, _policy("backrazor", 0.25, keep_of="real"))
+        padded = select_elems(x, _policy("backrazor", 0.25))
+    mask = unpack_bits(bits, 20 * 8).reshape(2, 20, 8)
+    # ceil(0.25 * 6 * 8) = 12 of sample 0's real elements, none of its padding
+    assert mask.sum((1, 2)).tolist() == [12, 40]
+    assert not bool(mask[0, 6:].any())
+    top = x[0, :6].abs().flatten().topk(12).values.min()
+    assert float(x[0, :6][mask[0, :6]].abs().min()) >= float(top)
+    # padded: 40 elements of sample 0 (all 48 real ones compete for them)
+    assert int(unpack_bits(padded, 160)[0].sum()) == 40
+
+
+def test_backrazor_keep_of_real_threshold_on_large_samples() -> None:
+    """Above EXACT_TOPK_MAX the threshold is estimated on real elements only."""
+    x = torch.randn(2, 128, 256, generator=torch.Generator().manual_seed(1))
+    real = torch.ones(2, 128, dtype=torch.bool)
+    real[0, 32:] = False  # a quarter of sample 0 is real
+    with token_mask(real):
+        mask = unpack_bits(select_elems(x, _policy("backrazor", 0.1, keep_of="real")), 128 * 256)
+        padded = unpack_bits(select_elems(x, _policy("backrazor", 0.1)), 128 * 256)
+    mask = mask.reshape(2, 128, 256)
+    share_real = mask[0, :32].float().mean()
+    assert abs(float(share_real) - 0.1) < 0.02, share_real
+    assert not bool(mask[0, 32:].any())
+    assert abs(float(mask[1].float().mean()) - 0.1) < 0.02
+    # padded: about 0.1 of all 128 rows' elements, i.e. about 0.4 of the real ones
+    share_padded = padded.reshape(2, 128, 256)[0, :32].float().mean()
+    assert abs(float(share_padded) - 0.4) < 0.05, share_padded
 
 
 def test_saved_tensors_shrink_with_keep() -> None:

@@ -428,9 +428,16 @@ class MemoryConfig(_Section):
     """Which activations are saved sparsely for backward: none (all, dense) | random |
     norm | backrazor | checkpoint (shorthand for checkpoint = true)."""
     keep: float = Field(default=0.5, gt=0, le=1)
-    """The share of each saved activation kept (random, norm, backrazor)."""
+    """The share of each saved activation kept (random, norm, backrazor); of what, says
+    keep_of."""
+    keep_of: Literal["padded", "real"] = "padded"
+    """What keep is a share of: padded (each sample's token rows at the batch's padded
+    length, so a sample shorter than keep x length keeps every real token) | real (each
+    sample's real tokens: the same bytes per row mode, fewer kept values with backrazor).
+    The same without padding (full-length text, images)."""
     rescale: bool = True
-    """random / norm: rescale the kept values so the gradient stays unbiased."""
+    """random: weight the kept rows by 1 / P(kept), so the gradient stays unbiased (norm
+    and backrazor choose deterministically and are not rescaled)."""
     norm: Literal["linf", "l1", "l2"] = "linf"
     """norm: the norm that ranks what is kept: linf | l1 | l2."""
     ops: list[MemoryOp] = Field(default_factory=lambda: list(MEMORY_OPS))

@@ -13,6 +13,11 @@ of the weight gradients) of `F` features each. Three representations:
 - `elems` (mode `backrazor`): per sample, the `keep` share of elements of largest
   magnitude, as a bit-packed mask (1 bit per element) and the kept values in mask order.
 
+`keep` is a share of the padded length L by default (`keep_of = "padded"`): real rows
+are chosen first, so a sample with fewer than `keep * L` real tokens keeps all of them.
+With `keep_of = "real"` it is a share of each sample's real tokens (rows: the slots past
+that share point at padding rows, which carry no gradient; elems: per-sample top-k).
+
 `pack` returns the metadata and the tensors to hand to `ctx.save_for_backward` (so the
 saved-tensor hooks of `SavedTensorMeter` count exactly what is kept); `Sparse` rebuilds
 what backward needs from them.
@@ -35,6 +40,9 @@ from cotune.memory.kernels import pack_bits, unpack_bits
 
 Mode = Literal["random", "norm", "backrazor"]
 NormKind = Literal["linf", "l1", "l2"]
+# What `keep` is a share of: every token row of the batch's padded length ("padded"), or
+# each sample's real (non-padding) tokens ("real"). Without padding the two are the same.
+KeepOf = Literal["padded", "real"]
 
 # Beyond this many elements per sample, backrazor estimates the k-th largest magnitude
 # from a random sample of _THRESHOLD_SAMPLE elements instead of an exact top-k (which
@@ -53,6 +61,7 @@ class Policy:
     norm: NormKind = "linf"
     ops: frozenset[str] = frozenset({"linear", "matmul", "softmax", "layernorm", "activation"})
     seed: int = 0
+    keep_of: KeepOf = "padded"
     _generators: dict[str, torch.Generator] = field(default_factory=dict, repr=False)
     _last_pack: tuple | None = field(default=None, repr=False)
 
@@ -188,16 +197,41 @@ def select_rows(
     valid = _valid_rows(x)
     if valid is not None:
         priority = priority.masked_fill(~valid.expand_as(priority), -math.inf)
-    idx = priority.topk(k, dim=-1, sorted=False).indices
+    real = valid is not None and policy.keep_of == "real"
+    idx = priority.topk(k, dim=-1, sorted=real).indices
+    n_valid = (
+        valid.expand(priority.shape).sum(-1).float()
+        if valid is not None
+        else torch.full(priority.shape[:-1], float(x.shape[-2]), device=x.device)
+    )
+    k_real = None
+    if real:
+        assert valid is not None
+        idx, k_real = _real_share_rows(idx, valid.expand(priority.shape), n_valid, policy.keep)
     scale = None
     if policy.scaled:
-        n_valid = (
-            valid.expand(priority.shape).sum(-1).float()
-            if valid is not None
-            else torch.full(priority.shape[:-1], float(x.shape[-2]), device=x.device)
-        )
-        scale = (n_valid / k).clamp(min=1.0)
+        scale = (n_valid / (k if k_real is None else k_real.float())).clamp(min=1.0)
     return idx, scale
+
+
+def _real_share_rows(
+    ranked: torch.Tensor, valid: torch.Tensor, n_valid: torch.Tensor, keep: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`keep` of each slice's real rows, from `ranked` (..., k): the k rows of highest
+    priority, real rows first, in priority order. The slots past a slice's
+    ceil(keep * n_real) real rows go to padding rows (there are enough: k = ceil(keep * L)),
+    which no loss reads, so their output gradient is zero and they add nothing to any
+    gradient; the saved bytes stay those of k rows. Returns the rows and the real rows kept
+    per slice."""
+    k = ranked.shape[-1]
+    k_real = torch.ceil(n_valid * keep - 1e-6).clamp(min=1, max=k).long()
+    slot = torch.arange(k, device=ranked.device)
+    chosen = slot < k_real.unsqueeze(-1)
+    # 2: a kept real row; 1: padding; 0: a real row past the share
+    rank = (~valid).to(torch.int8)
+    rank.scatter_(-1, ranked, torch.where(chosen, 2, rank.gather(-1, ranked)).to(torch.int8))
+    idx = rank.topk(k, dim=-1, sorted=False).indices
+    return idx, k_real
 
 
 def pack_rows(x: torch.Tensor, idx: torch.Tensor, scale: torch.Tensor | None) -> Packed:
@@ -216,9 +250,19 @@ def _elem_threshold(x: torch.Tensor, policy: Policy, valid: torch.Tensor | None)
     b = x.shape[0]
     n = math.prod(x.shape[1:])
     gen = policy.generator(torch.device("cpu"))
-    probe = torch.randint(n, (b, _THRESHOLD_SAMPLE), generator=gen).to(x.device)
     rank = max(1, min(_THRESHOLD_SAMPLE, round((1 - policy.keep) * _THRESHOLD_SAMPLE)))
-    return kernels.threshold_keys(x, probe, valid, rank - 1)
+    if valid is None or policy.keep_of == "padded":
+        probe = torch.randint(n, (b, _THRESHOLD_SAMPLE), generator=gen).to(x.device)
+        return kernels.threshold_keys(x, probe, valid, rank - 1)
+    # `keep` of each sample's real elements: probe real rows only (a sample without any
+    # real row probes all of them)
+    rows = valid.shape[1]
+    f = n // rows
+    weights = valid.float().cpu()
+    weights[weights.sum(1) == 0] = 1.0
+    row = torch.multinomial(weights, _THRESHOLD_SAMPLE, replacement=True, generator=gen)
+    probe = row * f + torch.randint(f, (b, _THRESHOLD_SAMPLE), generator=gen)
+    return kernels.threshold_keys(x, probe.to(x.device), None, rank - 1)
 
 
 def _expected_share(keep: float) -> float:
@@ -242,8 +286,15 @@ def _exact_topk_mask(x: torch.Tensor, policy: Policy, valid: torch.Tensor | None
     if valid is not None:
         a = a.masked_fill(~valid.repeat_interleave(n // valid.shape[1], dim=1), -1.0)
     k = max(1, math.ceil(policy.keep * n - 1e-9))
-    idx = a.topk(k, dim=1, sorted=False).indices
-    return torch.zeros(a.shape, dtype=torch.bool, device=a.device).scatter_(1, idx, True)
+    if valid is None or policy.keep_of == "padded":
+        idx = a.topk(k, dim=1, sorted=False).indices
+        return torch.zeros(a.shape, dtype=torch.bool, device=a.device).scatter_(1, idx, True)
+    # `keep` of each sample's real elements: the top k_b of the sample, k_b its own
+    n_real = valid.sum(1) * (n // valid.shape[1])
+    k_b = torch.ceil(n_real * policy.keep - 1e-6).clamp(min=1).long()
+    idx = a.topk(int(k_b.max()), dim=1, sorted=True).indices
+    chosen = torch.arange(idx.shape[1], device=a.device) < k_b.unsqueeze(1)
+    return torch.zeros(a.shape, dtype=torch.bool, device=a.device).scatter_(1, idx, chosen)
 
 
 def pack_backrazor(x: torch.Tensor, policy: Policy) -> Packed:

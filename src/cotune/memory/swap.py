@@ -285,6 +285,7 @@ def make_policy(memory: Any, seed: int | None = None) -> Policy:
     return Policy(
         mode=memory.backward,
         keep=float(memory.keep),
+        keep_of=memory.keep_of,
         rescale=bool(memory.rescale),
         norm=memory.norm,
         ops=frozenset(memory.ops),
