@@ -167,3 +167,20 @@ def test_fedavg_rejects_lora_and_fedlora_defaults_it() -> None:
         resolve(build_config({"method": "fedavg", "model": {"lora": {"r": 4}}}))
     assert resolve(build_config({"method": "fedlora"})).model.lora is not None
     assert math.isclose(resolve(build_config({"method": "fedlora"})).resolved_lr(), 2e-3)
+
+
+def test_inline_engine_reports_no_device_peak() -> None:
+    """Inline clients train in the server's process: their measured peak is that
+    process's, so it is kept as `inline_process_peak_bytes`, not as a device's."""
+    from cotune.runtime.federated.engine import to_method_result
+
+    result = {"metrics": {"accuracy": 0.5}, "rounds": 2, "rounds_completed": 2,
+              "bytes_up": 10, "bytes_down": 20, "client_peak_rss_bytes": 123_000_000,
+              "client_saved_activation_bytes": 5, "trainable_device": 1,
+              "trainable_cloud": 0}  # fmt: skip
+    inline = to_method_result("inline", result)
+    assert inline.device_peak_bytes is None
+    assert inline.extra["inline_process_peak_bytes"] == 123_000_000
+    simulated = to_method_result("simulation", result)
+    assert simulated.device_peak_bytes == 123_000_000
+    assert "inline_process_peak_bytes" not in simulated.extra

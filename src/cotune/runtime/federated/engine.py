@@ -114,11 +114,16 @@ def read_result(run_dir: Path) -> dict[str, Any]:
 
 def to_method_result(engine: str, result: dict[str, Any]) -> MethodResult:
     rounds = max(int(result["rounds_completed"]), 1)
+    # the inline engine trains every client in the server's process: the peak a client
+    # step measured is that process's (the server's model, proxy and data included), not
+    # a device's, so it is kept apart and no device peak is reported
+    peak = result.get("client_peak_rss_bytes")
+    inline = engine == "inline"
     return MethodResult(
         metrics=dict(result["metrics"]),
         bytes_up=int(result["bytes_up"]),
         bytes_down=int(result["bytes_down"]),
-        device_peak_bytes=result.get("client_peak_rss_bytes"),
+        device_peak_bytes=None if inline else peak,
         saved_activation_bytes=result.get("client_saved_activation_bytes"),
         trainable_device=int(result["trainable_device"]),
         trainable_cloud=int(result["trainable_cloud"]),
@@ -128,6 +133,7 @@ def to_method_result(engine: str, result: dict[str, Any]) -> MethodResult:
             "rounds_completed": int(result["rounds_completed"]),
             "bytes_per_round": (int(result["bytes_up"]) + int(result["bytes_down"])) / rounds,
             "server_peak_rss_bytes": result.get("server_peak_rss_bytes"),
+            **({"inline_process_peak_bytes": peak} if inline else {}),
             "device_weight_bytes": result.get("device_weight_bytes"),
             "client_bytes": result.get("client_bytes"),
             "federated_wall_s": result.get("wall_s"),
