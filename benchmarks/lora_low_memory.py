@@ -15,7 +15,10 @@ allocator):
 - `lora-int8-backrazor0.3`: int8 base, `backrazor` keep 0.3 (674 MiB): BackRazor's own
   mode on the int8 base;
 - `lora-int8-backrazor0.1`: the same at keep 0.1, the other keep `device_memory.py`
-  measures for every group.
+  measures for every group;
+- `lora-int8-ckpt-chunks4`: int8 base, checkpointing alone over 4 slices of the batch
+  (557 MiB): exact gradients, so it trains as `lora-int8` up to dropout masks drawn
+  slice by slice; one seed, to confirm that.
 
 A LoRA row of `device_memory.py` trains as the arm with its base dtype and its sparse
 mode: checkpointing changes no gradient (the recomputation replays the forward exactly;
@@ -85,7 +88,12 @@ ARMS = {
     "lora-bf16": ('model.base_dtype="bf16"',),
     "lora-int8-backrazor0.3": (*INT8, 'memory.backward="backrazor"', "memory.keep=0.3"),
     "lora-int8-backrazor0.1": (*INT8, 'memory.backward="backrazor"', "memory.keep=0.1"),
+    "lora-int8-ckpt-chunks4": (*INT8, "memory.checkpoint=true", "memory.checkpoint_chunks=4"),
 }
+# arms run at fewer seeds than the comparison's: a confirmation of a row that trains as
+# another arm (checkpointing over 4 slices trains as lora-int8: exact gradients, dropout
+# masks drawn slice by slice)
+ARM_SEEDS: dict[str, tuple[int, ...]] = {"lora-int8-ckpt-chunks4": (0,)}
 TARGET_POINTS = 1.0
 
 
@@ -104,8 +112,8 @@ TASKS: dict[str, tuple[str, Path, tuple[str, ...]]] = {
 def comparison(task: str = "sst2", only: set[str] | None = None) -> Comparison:
     """Every arm against `lora`; with `only`, just those arms are run (all are summarised)."""
     name, config, shared = TASKS[task]
-    arms = [Arm(arm, config, (*shared, *sets)) for arm, sets in ARMS.items()
-            if not only or arm in only]  # fmt: skip
+    arms = [Arm(arm, config, (*shared, *sets), seeds=ARM_SEEDS.get(arm))
+            for arm, sets in ARMS.items() if not only or arm in only]  # fmt: skip
     pairs = [Pair(arm, "lora", "accuracy") for arm in ARMS if arm != "lora"]
     return Comparison(name, arms, pairs)
 
