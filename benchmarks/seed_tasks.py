@@ -142,6 +142,13 @@ def mib(x: float | None) -> str:
     return "-" if not x else f"{x / 2**20:,.0f}"
 
 
+def device_peak(arm: dict[str, Any]) -> str:
+    """The device peak, or in brackets the process's of an inline federated run (every
+    client in the server's process: not a device's)."""
+    inline = arm.get("inline_process_peak_bytes_mean")
+    return f"({mib(inline)})" if inline else mib(arm.get("device_peak_bytes_mean"))
+
+
 def render(data: dict[str, Any]) -> str:
     group = data["comparison"]
     metrics = PRIMARY[group]
@@ -157,10 +164,13 @@ def render(data: dict[str, Any]) -> str:
         lines.append(
             f"| {name} | {len(arm['seeds'])} | {arm.get('eval_size')} | "
             + " | ".join(fmt(arm, m) for m in metrics)
-            + f" | {f'{b / 1e6:,.1f}' if b else '0'} | {mib(arm.get('device_peak_bytes_mean'))}"
+            + f" | {f'{b / 1e6:,.1f}' if b else '0'} | {device_peak(arm)}"
             f" | {mib(arm.get('saved_activation_bytes_mean'))} | "
             f"{arm.get('wall_s_mean') or 0:,.0f} |"
         )
+    if any(arm.get("inline_process_peak_bytes_mean") for arm in data["arms"].values()):
+        lines += ["", "A device peak in brackets is the process's of a federated run on the inline "
+                  "engine, where every client trains in the server's process: not a device's."]  # fmt: skip
     lines += ["", "Differences (accuracy in points x100, the other metrics on their own scales):",
               "", *differences_table(data["differences"], scale=scale)]  # fmt: skip
     if data.get("curves"):
