@@ -309,14 +309,17 @@ def differences_table(
         f"| difference | per seed (points) | mean | seeds interval | examples interval |{extra}",
         "|---|---|---|---|---|" + ("---|" if verdict else ""),
     ]
+    # with several metrics in one table, each row names its metric
+    named = len({d.get("metric") for d in differences}) > 1
     for d in differences:
+        label = f"{d['a']} - {d['b']}" + (f" ({d.get('metric')})" if named else "")
         if "mean" not in d:
-            lines.append(f"| {d['a']} - {d['b']} | not run yet | | | |" + (" |" if verdict else ""))
+            lines.append(f"| {label} | not run yet | | | |" + (" |" if verdict else ""))
             continue
         k = scale(d.get("metric", ""))
         si, ei = d.get("seeds_interval"), d.get("examples_interval")
         lines.append(
-            f"| {d['a']} - {d['b']} | {', '.join(points(x, k) for x in d['per_seed'])} "
+            f"| {label} | {', '.join(points(x, k) for x in d['per_seed'])} "
             f"| {points(d['mean'], k)} "
             f"| {interval(si, k) if si else 'one seed'} | {interval(ei, k) if ei else '-'} |"
             + (f" {verdict(d)} |" if verdict else "")
