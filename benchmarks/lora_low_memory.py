@@ -18,7 +18,11 @@ allocator):
   measures for every group;
 - `lora-int8-ckpt-chunks4`: int8 base, checkpointing alone over 4 slices of the batch
   (557 MiB): exact gradients, so it trains as `lora-int8` up to dropout masks drawn
-  slice by slice; one seed, to confirm that.
+  slice by slice; one seed, to confirm that;
+- `lora-int8-norm0.5-real`, `lora-int8-backrazor0.3-real`: `norm` 0.5 (the training of
+  the 581-MiB checkpointed row) and `backrazor` 0.3 with `memory.keep_of = "real"`, so
+  `keep` is a share of each sentence's real tokens, as at the 16 x 128 batches where the
+  peaks are measured.
 
 A LoRA row of `device_memory.py` trains as the arm with its base dtype and its sparse
 mode: checkpointing changes no gradient (the recomputation replays the forward exactly;
@@ -89,7 +93,14 @@ ARMS = {
     "lora-int8-backrazor0.3": (*INT8, 'memory.backward="backrazor"', "memory.keep=0.3"),
     "lora-int8-backrazor0.1": (*INT8, 'memory.backward="backrazor"', "memory.keep=0.1"),
     "lora-int8-ckpt-chunks4": (*INT8, "memory.checkpoint=true", "memory.checkpoint_chunks=4"),
-}
+    # keep as a share of each sentence's real tokens (memory.keep_of = "real"): on SST-2
+    # the modes then drop what `keep` says, as at device_memory's full-length batches
+    # (checkpointing changes no gradient, so the norm arm runs without it, faster)
+    "lora-int8-norm0.5-real": (*INT8, 'memory.backward="norm"', "memory.keep=0.5",
+                               'memory.keep_of="real"'),
+    "lora-int8-backrazor0.3-real": (*INT8, 'memory.backward="backrazor"', "memory.keep=0.3",
+                                    'memory.keep_of="real"'),
+}  # fmt: skip
 # arms run at fewer seeds than the comparison's: a confirmation of a row that trains as
 # another arm (checkpointing over 4 slices trains as lora-int8: exact gradients, dropout
 # masks drawn slice by slice)
