@@ -120,19 +120,8 @@ def arm_summary(out: Path, arm: Arm, seeds: Sequence[int]) -> dict[str, Any]:
             "saved_activation_bytes_mean": agg["saved_activation_bytes"],
         }
     )
-    # federated runs on the inline engine: the clients' peak is the whole process's (the
-    # server's too), not a device's; runs from before cotune said so still carry it as
-    # device_peak_bytes
-    summaries = [
-        json.loads((seed_dir(out / arm.name, s) / "summary.json").read_text()) for s in done
-    ]
-    if any(x.get("engine") == "inline" for x in summaries):
-        peaks = [
-            x.get("inline_process_peak_bytes") or x.get("device_peak_bytes") for x in summaries
-        ]
-        known = [p for p in peaks if p]
-        entry["device_peak_bytes_mean"] = None
-        entry["inline_process_peak_bytes_mean"] = sum(known) / len(known) if known else None
+    if agg.get("inline_process_peak_bytes"):  # inline federated: not a device's peak
+        entry["inline_process_peak_bytes_mean"] = agg["inline_process_peak_bytes"]
     return entry
 
 

@@ -153,6 +153,11 @@ def rows_to_keep(x: torch.Tensor, keep: float) -> int:
     return min(x.shape[-2], max(1, math.ceil(keep * x.shape[-2] - 1e-9)))
 
 
+def _share_count(n: torch.Tensor, keep: float) -> torch.Tensor:
+    """ceil(keep * n), at least 1, per entry of n (real rows or elements of each slice)."""
+    return torch.ceil(n * keep - 1e-6).clamp(min=1).long()
+
+
 @dataclass(frozen=True)
 class PackMeta:
     kind: Literal["dense", "rows", "elems", "bits"]
@@ -199,18 +204,18 @@ def select_rows(
         priority = priority.masked_fill(~valid.expand_as(priority), -math.inf)
     real = valid is not None and policy.keep_of == "real"
     idx = priority.topk(k, dim=-1, sorted=real).indices
+    if not (real or policy.scaled):
+        return idx, None
     n_valid = (
         valid.expand(priority.shape).sum(-1).float()
         if valid is not None
         else torch.full(priority.shape[:-1], float(x.shape[-2]), device=x.device)
     )
-    k_real = None
+    kept: torch.Tensor | float = k
     if real:
         assert valid is not None
-        idx, k_real = _real_share_rows(idx, valid.expand(priority.shape), n_valid, policy.keep)
-    scale = None
-    if policy.scaled:
-        scale = (n_valid / (k if k_real is None else k_real.float())).clamp(min=1.0)
+        idx, kept = _real_share_rows(idx, valid.expand(priority.shape), n_valid, policy.keep)
+    scale = (n_valid / kept).clamp(min=1.0) if policy.scaled else None
     return idx, scale
 
 
@@ -224,7 +229,7 @@ def _real_share_rows(
     gradient; the saved bytes stay those of k rows. Returns the rows and the real rows kept
     per slice."""
     k = ranked.shape[-1]
-    k_real = torch.ceil(n_valid * keep - 1e-6).clamp(min=1, max=k).long()
+    k_real = _share_count(n_valid, keep).clamp(max=k)
     slot = torch.arange(k, device=ranked.device)
     chosen = slot < k_real.unsqueeze(-1)
     # 2: a kept real row; 1: padding; 0: a real row past the share
@@ -291,7 +296,7 @@ def _exact_topk_mask(x: torch.Tensor, policy: Policy, valid: torch.Tensor | None
         return torch.zeros(a.shape, dtype=torch.bool, device=a.device).scatter_(1, idx, True)
     # `keep` of each sample's real elements: the top k_b of the sample, k_b its own
     n_real = valid.sum(1) * (n // valid.shape[1])
-    k_b = torch.ceil(n_real * policy.keep - 1e-6).clamp(min=1).long()
+    k_b = _share_count(n_real, policy.keep)
     idx = a.topk(int(k_b.max()), dim=1, sorted=True).indices
     chosen = torch.arange(idx.shape[1], device=a.device) < k_b.unsqueeze(1)
     return torch.zeros(a.shape, dtype=torch.bool, device=a.device).scatter_(1, idx, chosen)

@@ -124,6 +124,8 @@ def aggregate_runs(
         },
         "wall_s": _mean([s.get("wall_s") for s in summaries]),
         "device_peak_bytes": _mean([s.get("device_peak_bytes") for s in summaries]),
+        # federated runs on the inline engine: the process's peak, not a device's
+        "inline_process_peak_bytes": _mean([s.get("inline_process_peak_bytes") for s in summaries]),
         "saved_activation_bytes": _mean([s.get("saved_activation_bytes") for s in summaries]),
     }
 
